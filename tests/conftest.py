@@ -1,0 +1,53 @@
+"""Shared test fixtures: small raw-count h5ad files built here, not by the code under test."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from superweights.data.vocab import load_vocab
+
+
+@pytest.fixture(scope="session")
+def vocab():
+    return load_vocab()
+
+
+@pytest.fixture(scope="session")
+def vocab_genes(vocab):
+    """300 ordinary gene symbols of the vocabulary, plus a mitochondrial gene and AD genes."""
+    plain = [g for g in vocab if g.isalnum() and g.isupper() and not g.startswith("LINC")]
+    return plain[:300] + ["MT-CO1", "APP", "MAPT", "APOE"]
+
+
+@pytest.fixture
+def counts_adata(vocab_genes):
+    """2,000 cells x 304 genes, 4 cell types with distinct programmes, 6 donors."""
+    rng = np.random.default_rng(1)
+    n = 2000
+    types = rng.integers(0, 4, n)
+    means = rng.gamma(0.5, 1.0, (4, len(vocab_genes))) * 3
+    counts = rng.poisson(means[types]).astype(np.float32)
+    obs = pd.DataFrame(
+        {
+            "Subclass": pd.Categorical([f"type{t}" for t in types]),
+            "Donor ID": [f"H20.33.{i % 6:03d}" for i in range(n)],
+            "Used in analysis": np.arange(n) % 50 != 0,
+        },
+        index=[f"cell{i}" for i in range(n)],
+    )
+    norm = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    return ad.AnnData(
+        X=sp.csr_matrix(norm),
+        obs=obs,
+        var=pd.DataFrame(index=vocab_genes),
+        layers={"UMIs": sp.csr_matrix(counts)},
+    )
+
+
+@pytest.fixture
+def counts_h5ad(tmp_path, counts_adata):
+    path = tmp_path / "counts.h5ad"
+    counts_adata.write_h5ad(path)
+    return path

@@ -1,0 +1,191 @@
+"""Preprocessing: binning, QC, gene selection, donor split, chunking, bad input."""
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from superweights.data.preprocess import (
+    PreprocessSettings,
+    bin_row,
+    preprocess,
+    split_donors,
+)
+
+
+def settings(**changes):
+    base = dict(min_genes=10, n_hvg=50, min_cells_per_type=20, chunk_size=500)
+    return PreprocessSettings(**(base | changes))
+
+
+def test_bin_row_follows_scgpt_quantile_bins():
+    rng = np.random.default_rng(0)
+    values = np.round(rng.gamma(1.0, 2.0, 400), 1)  # many ties
+    bins = bin_row(values, 51, np.random.default_rng(3))
+    edges = np.quantile(values, np.linspace(0, 1, 50))
+    assert bins.min() >= 1 and bins.max() <= 50
+    low = np.maximum(np.digitize(values, edges, right=True), 1)
+    high = np.digitize(values, edges)
+    assert np.all((bins >= low) & (bins <= high))
+    order = np.argsort(values)
+    assert np.all(np.diff(bins[order]) >= -1)  # monotone up to random tie-breaks inside a tie
+    assert bins[values.argmax()] == 50
+    assert bins[values.argmin()] == 1
+
+
+def test_preprocess_outputs(counts_h5ad, counts_adata):
+    tok, qc = preprocess(counts_h5ad, settings())
+    assert tok.X.max() <= 50 and tok.X.min() >= 0
+    # QC flag: every 50th cell is flagged unused and must be gone
+    assert not any(int(c.removeprefix("cell")) % 50 == 0 for c in tok.obs_names)
+    # counts layer is the input counts of the chosen cells and genes
+    expected = counts_adata[tok.obs_names, tok.var_names].layers["UMIs"].toarray()
+    np.testing.assert_array_equal(tok.layers["counts"].toarray(), expected)
+    # a bin is present exactly where a count is
+    np.testing.assert_array_equal(tok.X.toarray() > 0, expected > 0)
+    # genes of interest kept whatever their variance; token ids from the vocabulary
+    assert {"APP", "MAPT", "APOE"} <= set(tok.var_names)
+    assert tok.var.loc[["APP", "MAPT", "APOE"], "gene_of_interest"].all()
+    assert tok.var["highly_variable"].sum() == 50
+    # donors never cross splits; every split has cells
+    per_donor = tok.obs.groupby("donor", observed=True)["split"].nunique()
+    assert (per_donor == 1).all()
+    assert set(tok.obs["split"]) == {"train", "val", "test"}
+    assert list(tok.obs["label"].cat.categories) == ["type0", "type1", "type2", "type3"]
+    kept = qc.set_index("step").loc["cell_types_and_caps", "count"]
+    assert kept == tok.n_obs
+
+
+def test_preprocess_is_chunk_size_invariant_and_seeded(counts_h5ad):
+    a, _ = preprocess(counts_h5ad, settings(chunk_size=97))
+    b, _ = preprocess(counts_h5ad, settings(chunk_size=5000))
+    assert (a.X != b.X).nnz == 0
+    c, _ = preprocess(counts_h5ad, settings(chunk_size=97, seed=5))
+    assert (a.X != c.X).nnz > 0
+
+
+def test_caps_and_rare_types(tmp_path, counts_adata, caplog):
+    labels = counts_adata.obs["Subclass"].astype(str).to_numpy()
+    labels[:10] = "rare"
+    counts_adata.obs["Subclass"] = pd.Categorical(labels)
+    path = tmp_path / "rare.h5ad"
+    counts_adata.write_h5ad(path)
+    tok, _ = preprocess(path, settings(max_cells_per_type=100))
+    assert "rare" not in set(tok.obs["label"])
+    assert tok.obs["label"].value_counts().max() == 100
+    assert "rare" in caplog.text
+
+
+def test_split_donors_disjoint_and_seeded():
+    donors = [f"d{i}" for i in range(10)]
+    split = split_donors(donors, 0.2, 0.2, seed=1)
+    assert sorted(split) == donors
+    assert sorted(split.values()).count("test") == 2
+    assert split == split_donors(donors, 0.2, 0.2, seed=1)
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "superweights.cli", "preprocess", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def check_fails(result, out, needle):
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert needle in error_lines[0]
+    assert not out.exists()
+    assert not list(out.parent.glob("*tok*"))
+
+
+def write(adata, path):
+    adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "result" / "tok.h5ad"
+
+
+def test_cli_works(counts_h5ad, out):
+    result = run_cli(counts_h5ad, "--out", out, "--min-genes", 10)
+    assert result.returncode == 0, result.stderr
+    assert ad.read_h5ad(out).n_obs > 0
+    assert out.with_suffix(".qc.png").stat().st_size > 0
+
+
+def test_missing_file(tmp_path, out):
+    check_fails(run_cli(tmp_path / "nope.h5ad", "--out", out), out, "not found")
+
+
+def test_not_hdf5(tmp_path, out):
+    path = tmp_path / "bad.h5ad"
+    path.write_text("hello")
+    check_fails(run_cli(path, "--out", out), out, "not an HDF5")
+
+
+def test_truncated(tmp_path, counts_h5ad, out):
+    path = tmp_path / "truncated.h5ad"
+    path.write_bytes(counts_h5ad.read_bytes()[: counts_h5ad.stat().st_size // 2])
+    result = run_cli(path, "--out", out)
+    check_fails(result, out, "")
+    assert "truncated" in result.stderr or "cannot be read" in result.stderr
+
+
+@pytest.mark.parametrize("column", ["Subclass", "Donor ID"])
+def test_missing_column(tmp_path, counts_adata, out, column):
+    del counts_adata.obs[column]
+    path = write(counts_adata, tmp_path / "x.h5ad")
+    check_fails(run_cli(path, "--out", out), out, f"'{column}' is not in obs")
+
+
+def test_negative_counts(tmp_path, counts_adata, out):
+    counts_adata.layers["UMIs"].data[0] = -3
+    path = write(counts_adata, tmp_path / "x.h5ad")
+    check_fails(run_cli(path, "--out", out, "--min-genes", 10), out, "negative")
+
+
+def test_non_integer_counts(tmp_path, counts_adata, out):
+    counts_adata.layers["UMIs"].data[5] = 0.5
+    path = write(counts_adata, tmp_path / "x.h5ad")
+    check_fails(run_cli(path, "--out", out, "--min-genes", 10), out, "non-integer")
+
+
+def test_only_normalised_values(tmp_path, counts_adata, out):
+    del counts_adata.layers["UMIs"]
+    path = write(counts_adata, tmp_path / "x.h5ad")
+    check_fails(run_cli(path, "--out", out), out, "no raw counts")
+
+
+def test_no_vocabulary_overlap(tmp_path, counts_adata, out):
+    counts_adata.var_names = [f"notagene{i}" for i in range(counts_adata.n_vars)]
+    path = write(counts_adata, tmp_path / "x.h5ad")
+    check_fails(run_cli(path, "--out", out), out, "vocabulary")
+
+
+def test_duplicated_genes(tmp_path, counts_adata, out):
+    names = list(counts_adata.var_names)
+    names[1] = names[0]
+    counts_adata.var_names = names
+    path = write(counts_adata, tmp_path / "x.h5ad")
+    check_fails(run_cli(path, "--out", out), out, "duplicated gene names")
+
+
+def test_all_cells_removed(counts_h5ad, out):
+    check_fails(run_cli(counts_h5ad, "--out", out, "--min-genes", 100000), out, "removed by QC")
+
+
+def test_dense_integer_x_is_used_as_counts(tmp_path, counts_adata):
+    counts_adata.X = counts_adata.layers.pop("UMIs").toarray()
+    path = write(counts_adata, tmp_path / "dense.h5ad")
+    tok, _ = preprocess(path, settings())
+    assert tok.uns["preprocess"]["counts_source"] == "X"
+    assert sp.issparse(tok.X)

@@ -1,0 +1,134 @@
+"""Project-level checks: conda envs vs pins, config vs defaults, lint and formatting."""
+
+import dataclasses
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from superweights.config import validate_config
+from superweights.data.preprocess import PreprocessSettings
+from superweights.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDA_NAMES = {"pyyaml": "pyyaml"}
+
+
+def pyproject_pins() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for spec in project["dependencies"] + sum(project["optional-dependencies"].values(), []):
+        name, version = re.split(r"==", spec)
+        pins[re.sub(r"\[.*\]", "", name).lower()] = version
+    return pins
+
+
+def env_pins(env: dict) -> dict[str, str]:
+    pins = {}
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            for spec in dep["pip"]:
+                name, version = spec.split("==")
+                pins[name.lower()] = version
+        elif "=" in dep:
+            name, version = dep.split("=")
+            pins[name.lower()] = version
+    return pins
+
+
+@pytest.mark.parametrize("env_file", sorted((ROOT / "envs").glob("*.yaml")), ids=lambda p: p.name)
+def test_conda_env_parses_is_used_and_matches_pins(env_file):
+    env = yaml.safe_load(env_file.read_text())
+    rules = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
+    assert f'"../../envs/{env_file.name}"' in rules, f"{env_file.name} is used by no rule"
+    pins = pyproject_pins()
+    found = env_pins(env)
+    assert found, "no pinned packages"
+    for name, version in found.items():
+        if name == "python":
+            continue
+        assert name in pins, f"{name} is pinned in {env_file.name} but not in pyproject.toml"
+        assert pins[name] == version, f"{name}: {env_file.name} {version} vs pyproject {pins[name]}"
+
+
+def test_every_rule_references_an_existing_env():
+    for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
+        for ref in re.findall(r'conda:\s*\n\s*"([^"]+)"', smk.read_text()):
+            assert (smk.parent / ref).resolve().is_file(), f"{smk.name}: {ref} missing"
+
+
+def test_config_defaults_match_library_defaults():
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(PreprocessSettings)
+    }
+    assert config["preprocess"] == defaults
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_config_files_validate(preset):
+    base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    validate_config(deep_merge(base, yaml.safe_load(preset.read_text())))
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Merge as Snakemake merges --configfile into the config: dicts recursively."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = deep_merge(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def test_config_documentation_covers_every_key():
+    doc = (ROOT / "config" / "README.md").read_text()
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    for section, value in config.items():
+        assert f"`{section}`" in doc
+        if isinstance(value, dict) and section != "datasets":
+            for key in value:
+                assert f"`{key}`" in doc, f"{section}.{key} is not documented"
+
+
+def test_wrong_config_type_is_rejected():
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["preprocess"]["min_genes"] = "many"
+    with pytest.raises(UserError, match="preprocess/min_genes"):
+        validate_config(config)
+
+
+def run(*cmd):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def test_snakemake_rejects_bad_config_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preprocess:\n  n_hvg: lots\n")
+    result = run(sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad))
+    assert result.returncode != 0
+    assert "n_hvg" in result.stdout + result.stderr
+    assert "lots" in result.stdout + result.stderr
+
+
+def test_snakemake_lint_is_clean():
+    result = run(sys.executable, "-m", "snakemake", "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_snakefmt_check():
+    files = ["Snakefile", *map(str, (ROOT / "workflow" / "rules").glob("*.smk"))]
+    result = run("snakefmt", "--check", *files)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_is_clean():
+    result = run("ruff", "check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run("ruff", "format", "--check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr

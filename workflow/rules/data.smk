@@ -1,0 +1,49 @@
+rule fetch:
+    output:
+        "results/{dataset}/raw/data.h5ad",
+    log:
+        "results/{dataset}/logs/fetch.log",
+    benchmark:
+        "results/{dataset}/benchmarks/fetch.tsv"
+    conda:
+        "../../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=240,
+    params:
+        source=dataset_source,
+        cache_dir="results/cache",
+    script:
+        "../scripts/fetch.py"
+
+
+rule preprocess:
+    input:
+        "results/{dataset}/raw/data.h5ad",
+    output:
+        h5ad="results/{dataset}/preprocess/tokenised.h5ad",
+        qc=report(
+            "results/{dataset}/preprocess/qc.tsv",
+            caption="../report/qc_table.rst",
+            category="1. Data",
+        ),
+        figure=report(
+            "results/{dataset}/preprocess/qc.png",
+            caption="../report/qc_figure.rst",
+            category="1. Data",
+        ),
+    log:
+        "results/{dataset}/logs/preprocess.log",
+    benchmark:
+        "results/{dataset}/benchmarks/preprocess.tsv"
+    conda:
+        "../../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        settings=config["preprocess"],
+    script:
+        "../scripts/preprocess.py"

@@ -1,0 +1,352 @@
+"""Streaming preprocessing to scGPT tokens: QC, vocabulary mapping, HVG, binning, donor split.
+
+The output h5ad (cells x selected genes) holds:
+- `X`: scGPT expression bins per cell (0 = not expressed, 1..n_bins-1), CSR float32;
+- `layers["counts"]`: the raw counts of the selected genes;
+- `obs`: the input columns plus `label`, `donor`, `split` (train/val/test, by donor),
+  `n_genes`, `total_counts`, `mito_fraction`;
+- `var`: `token_id` (vocabulary id), `highly_variable`, `gene_of_interest`, `mean_counts`,
+  `dispersion_norm`;
+- `uns["preprocess"]`: the settings, vocabulary match rate, dropped cell types, label order.
+"""
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from ..errors import UserError
+from .h5ad_stream import check_counts, find_counts, open_h5ad, read_frame
+from .vocab import load_vocab
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GENES_OF_INTEREST = ("APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2")
+QC_FLAG_COLUMN = "Used in analysis"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PreprocessSettings:
+    """Preprocessing settings; the names and defaults match config.yaml's `preprocess:`."""
+
+    label_column: str = "Subclass"
+    donor_column: str = "Donor ID"
+    counts_layer: str = "auto"
+    use_qc_flag: bool = True
+    min_genes: int = 200
+    max_mito_fraction: float = 0.2
+    n_hvg: int = 1200
+    genes_of_interest: list[str] = field(default_factory=lambda: list(DEFAULT_GENES_OF_INTEREST))
+    min_vocab_match: float = 0.5
+    n_bins: int = 51
+    max_cells_per_type: int = 1000
+    min_cells_per_type: int = 30
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    chunk_size: int = 10000
+    seed: int = 0
+
+
+def bin_row(values: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
+    """scGPT binning of one cell's non-zero values into 1..n_bins-1 (random tie-break)."""
+    edges = np.quantile(values, np.linspace(0, 1, n_bins - 1))
+    left = np.digitize(values, edges)
+    right = np.digitize(values, edges, right=True)
+    return np.ceil(rng.random(values.size) * (right - left) + left)
+
+
+def bin_rows(matrix: sp.csr_matrix, n_bins: int, rng: np.random.Generator) -> sp.csr_matrix:
+    """Bin every row of a CSR matrix of normalised values; zeros stay zero."""
+    binned = matrix.astype(np.float32, copy=True)
+    for i in range(binned.shape[0]):
+        lo, hi = binned.indptr[i], binned.indptr[i + 1]
+        if hi > lo:
+            binned.data[lo:hi] = bin_row(binned.data[lo:hi], n_bins, rng)
+    return binned
+
+
+def normalise(counts: sp.csr_matrix, totals: np.ndarray) -> sp.csr_matrix:
+    """ln(counts per 10k + 1), with library sizes over all genes."""
+    scale = 1e4 / np.maximum(totals, 1)
+    out = sp.csr_matrix(sp.diags(scale) @ counts, dtype=np.float32)
+    out.data = np.log1p(out.data)
+    return out
+
+
+def gene_symbols(var: pd.DataFrame, vocab: dict[str, int]) -> pd.Index:
+    """Gene symbols of the data: the var index, or `feature_name` when that matches better."""
+    names = pd.Index(var.index.astype(str))
+    if "feature_name" in var.columns:
+        alt = pd.Index(var["feature_name"].astype(str))
+        if alt.isin(list(vocab)).sum() > names.isin(list(vocab)).sum():
+            names = alt
+    duplicated = names[names.duplicated()].unique()
+    if len(duplicated):
+        raise UserError(
+            f"duplicated gene names in var ({len(duplicated)}, e.g. {list(duplicated[:3])}); "
+            "make them unique before preprocessing"
+        )
+    return names
+
+
+def split_donors(donors: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Assign whole donors to train/val/test (seeded); each split gets at least one donor."""
+    if len(donors) < 3:
+        raise UserError(
+            f"a donor split needs at least 3 donors, the data has {len(donors)}; "
+            "add donors or check preprocess.donor_column"
+        )
+    order = np.random.default_rng(seed).permutation(sorted(donors))
+    n_test = max(1, round(test_fraction * len(order)))
+    n_val = max(1, round(val_fraction * len(order)))
+    if n_test + n_val >= len(order):
+        n_test, n_val = 1, 1
+    split = {d: "test" for d in order[:n_test]}
+    split |= {d: "val" for d in order[n_test : n_test + n_val]}
+    split |= {d: "train" for d in order[n_test + n_val :]}
+    return split
+
+
+def normalised_dispersion(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np.ndarray:
+    """log dispersion (var/mean of counts), z-scored within bins of mean expression."""
+    expressed = mean > 0
+    disp = np.full(mean.shape, -np.inf)
+    log_disp = np.log(np.maximum(var[expressed], 1e-12) / mean[expressed])
+    bins = pd.qcut(np.log1p(mean[expressed]), n_bins, labels=False, duplicates="drop")
+    frame = pd.DataFrame({"d": log_disp, "bin": bins})
+    centre = frame.groupby("bin")["d"].transform("median")
+    spread = frame.groupby("bin")["d"].transform(lambda d: (d - d.median()).abs().median())
+    disp[expressed] = ((frame["d"] - centre) / spread.replace(0, 1.0)).to_numpy()
+    return disp
+
+
+def first_pass(matrix, source, in_vocab, mito, flag, settings):
+    """Per-cell QC metrics and per-gene count moments over the cells passing QC."""
+    n_cells, n_genes = matrix.shape
+    n_expr = np.zeros(n_cells, np.int64)
+    totals = np.zeros(n_cells, np.float64)
+    mito_counts = np.zeros(n_cells, np.float64)
+    gene_sum = np.zeros(n_genes, np.float64)
+    gene_sq = np.zeros(n_genes, np.float64)
+    passed = np.zeros(n_cells, bool)
+    chunks = matrix.chunks(settings.chunk_size)
+    for start, chunk in tqdm(chunks, total=-(-n_cells // settings.chunk_size), desc="QC pass"):
+        check_counts(chunk, source)
+        rows = slice(start, start + chunk.shape[0])
+        n_expr[rows] = np.diff(chunk.indptr)
+        totals[rows] = np.asarray(chunk.sum(axis=1)).ravel()
+        mito_counts[rows] = np.asarray(chunk[:, mito].sum(axis=1)).ravel() if mito.size else 0
+        frac = mito_counts[rows] / np.maximum(totals[rows], 1)
+        ok = (n_expr[rows] >= settings.min_genes) & (frac <= settings.max_mito_fraction)
+        ok &= flag[rows]
+        passed[rows] = ok
+        kept = chunk[ok]
+        gene_sum += np.asarray(kept.sum(axis=0)).ravel()
+        gene_sq += np.asarray(kept.multiply(kept).sum(axis=0)).ravel()
+    n_pass = max(int(passed.sum()), 1)
+    mean = gene_sum / n_pass
+    var = np.maximum(gene_sq / n_pass - mean**2, 0)
+    mean[~in_vocab] = 0
+    metrics = pd.DataFrame(
+        {
+            "n_genes": n_expr,
+            "total_counts": totals,
+            "mito_fraction": mito_counts / np.maximum(totals, 1),
+        }
+    )
+    return metrics, passed, mean, var
+
+
+def choose_cells(obs: pd.DataFrame, passed: np.ndarray, settings) -> tuple[np.ndarray, dict]:
+    """Drop rare cell types, cap large ones (seeded) and return sorted row indices + report."""
+    labels = obs[settings.label_column].astype("string")
+    keep = passed & labels.notna().to_numpy() & obs[settings.donor_column].notna().to_numpy()
+    counts = labels[keep].value_counts()
+    rare = sorted(counts[counts < settings.min_cells_per_type].index)
+    if rare:
+        log.warning(
+            "dropping %d cell types with fewer than %d cells: %s",
+            len(rare),
+            settings.min_cells_per_type,
+            ", ".join(f"{t} ({counts[t]})" for t in rare),
+        )
+    kept_types = sorted(counts[counts >= settings.min_cells_per_type].index)
+    if len(kept_types) < 2:
+        raise UserError(
+            f"only {len(kept_types)} cell type in '{settings.label_column}' has at least "
+            f"{settings.min_cells_per_type} cells after QC; a classifier needs two or more"
+        )
+    rng = np.random.default_rng(settings.seed)
+    chosen = []
+    for cell_type in kept_types:
+        rows = np.flatnonzero(keep & (labels == cell_type).to_numpy())
+        if rows.size > settings.max_cells_per_type:
+            rows = rng.choice(rows, settings.max_cells_per_type, replace=False)
+        chosen.append(rows)
+    return np.sort(np.concatenate(chosen)), {"dropped_cell_types": rare, "cell_types": kept_types}
+
+
+def second_pass(matrix, rows, genes, totals, settings):
+    """Counts and scGPT bins of the chosen cells and genes, read chunk by chunk."""
+    rng = np.random.default_rng(settings.seed)
+    counts_parts, bin_parts = [], []
+    bounds = range(0, matrix.shape[0], settings.chunk_size)
+    for start in tqdm(bounds, desc="tokenise"):
+        stop = min(start + settings.chunk_size, matrix.shape[0])
+        local = rows[(rows >= start) & (rows < stop)] - start
+        if local.size == 0:
+            continue
+        chunk = matrix.rows(start, stop)[local]
+        norm = normalise(chunk, totals[local + start])[:, genes]
+        counts_parts.append(sp.csr_matrix(chunk[:, genes], dtype=np.float32))
+        bin_parts.append(bin_rows(norm, settings.n_bins, rng))
+    return sp.vstack(counts_parts, format="csr"), sp.vstack(bin_parts, format="csr")
+
+
+def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
+    """Preprocess an h5ad into a tokenised AnnData and a QC table; reads the input in chunks."""
+    vocab = load_vocab(vocab_path)
+    with open_h5ad(path) as handle:
+        obs = read_frame(handle, "obs")
+        var = read_frame(handle, "var")
+        for key, column in (("label", settings.label_column), ("donor", settings.donor_column)):
+            if column not in obs.columns:
+                raise UserError(
+                    f"{key} column '{column}' is not in obs (columns: {', '.join(obs.columns)}); "
+                    f"set preprocess.{key}_column"
+                )
+        symbols = gene_symbols(var, vocab)
+        in_vocab = np.asarray(symbols.isin(list(vocab)))
+        match = float(in_vocab.mean()) if len(symbols) else 0.0
+        log.info(
+            "%d of %d genes (%.1f%%) are in the vocabulary",
+            in_vocab.sum(),
+            len(symbols),
+            100 * match,
+        )
+        if not in_vocab.any():
+            raise UserError("no gene of the data is in the scGPT vocabulary; are these symbols?")
+        if match < settings.min_vocab_match:
+            raise UserError(
+                f"only {match:.1%} of genes are in the vocabulary (min_vocab_match "
+                f"{settings.min_vocab_match:.0%}); map gene ids to HGNC symbols first"
+            )
+        source, matrix = find_counts(handle, settings.counts_layer)
+        if matrix.shape != (len(obs), len(var)):
+            raise UserError(f"counts '{source}' shape {matrix.shape} does not match obs x var")
+        use_flag = settings.use_qc_flag and QC_FLAG_COLUMN in obs.columns
+        flag = obs[QC_FLAG_COLUMN].astype(bool).to_numpy() if use_flag else np.ones(len(obs), bool)
+        mito = np.flatnonzero(symbols.str.upper().str.startswith("MT-"))
+        metrics, passed, mean, variance = first_pass(matrix, source, in_vocab, mito, flag, settings)
+        if not passed.any():
+            raise UserError(
+                f"every cell was removed by QC (min_genes={settings.min_genes}, "
+                f"max_mito_fraction={settings.max_mito_fraction}, use_qc_flag={use_flag})"
+            )
+        rows, report = choose_cells(obs, passed, settings)
+        genes, var_out = select_genes(symbols, in_vocab, mean, variance, vocab, settings)
+        counts, bins = second_pass(
+            matrix, rows, genes, metrics["total_counts"].to_numpy(), settings
+        )
+
+    obs_out = obs.iloc[rows].copy()
+    obs_out["label"] = pd.Categorical(
+        obs_out[settings.label_column].astype(str), categories=report["cell_types"]
+    )
+    obs_out["donor"] = obs_out[settings.donor_column].astype(str)
+    donor_split = split_donors(
+        sorted(obs_out["donor"].unique()),
+        settings.val_fraction,
+        settings.test_fraction,
+        settings.seed,
+    )
+    obs_out["split"] = pd.Categorical(obs_out["donor"].map(donor_split), categories=SPLITS)
+    for column in metrics.columns:
+        obs_out[column] = metrics[column].to_numpy()[rows]
+    obs_out.index = obs_out.index.astype(str)
+
+    tokenised = ad.AnnData(X=bins, obs=obs_out, var=var_out, layers={"counts": counts})
+    tokenised.uns["preprocess"] = {
+        **{k: v for k, v in asdict(settings).items()},
+        "input": str(path),
+        "counts_source": source,
+        "vocab_match_rate": match,
+        "qc_flag_used": use_flag,
+        "labels": report["cell_types"],
+        "dropped_cell_types": report["dropped_cell_types"],
+    }
+    qc = qc_table(obs, flag, metrics, passed, rows, tokenised, report, settings)
+    return tokenised, qc
+
+
+def select_genes(symbols, in_vocab, mean, variance, vocab, settings):
+    """Highly variable in-vocabulary genes plus the genes of interest, in input order."""
+    dispersion = normalised_dispersion(mean, variance)
+    order = np.argsort(-dispersion, kind="stable")
+    hvg = np.zeros(len(symbols), bool)
+    hvg[[i for i in order[: settings.n_hvg] if np.isfinite(dispersion[i])]] = True
+    interest = np.asarray(symbols.isin(settings.genes_of_interest)) & in_vocab
+    missing = sorted(set(settings.genes_of_interest) - set(symbols[interest]))
+    if missing:
+        log.warning("genes of interest not in the data or vocabulary: %s", ", ".join(missing))
+    genes = np.flatnonzero((hvg | interest) & in_vocab)
+    var_out = pd.DataFrame(
+        {
+            "token_id": [vocab[s] for s in symbols[genes]],
+            "highly_variable": hvg[genes],
+            "gene_of_interest": interest[genes],
+            "mean_counts": mean[genes],
+            "dispersion_norm": np.where(np.isfinite(dispersion[genes]), dispersion[genes], np.nan),
+        },
+        index=pd.Index(symbols[genes], name="gene"),
+    )
+    return genes, var_out
+
+
+def qc_table(obs, flag, metrics, passed, rows, tokenised, report, settings) -> pd.DataFrame:
+    """Cells kept at each step, then cells per split and cell type."""
+    n_genes_ok = metrics["n_genes"].to_numpy() >= settings.min_genes
+    steps = [
+        ("input", "all", len(obs)),
+        ("qc_flag", "pass", int(flag.sum())),
+        ("min_genes", "pass", int((flag & n_genes_ok).sum())),
+        ("max_mito_fraction", "pass", int(passed.sum())),
+        ("cell_types_and_caps", "kept", len(rows)),
+        ("dropped_cell_types", ";".join(report["dropped_cell_types"]) or "none", 0),
+        ("genes", "selected", tokenised.n_vars),
+    ]
+    frame = pd.DataFrame(steps, columns=["step", "group", "count"])
+    composition = (
+        tokenised.obs.groupby(["split", "label"], observed=False).size().reset_index(name="count")
+    )
+    composition = pd.DataFrame(
+        {
+            "step": "split_" + composition["split"].astype(str),
+            "group": composition["label"].astype(str),
+            "count": composition["count"],
+        }
+    )
+    donors = tokenised.obs.groupby("split", observed=False)["donor"].nunique().reset_index()
+    donors = pd.DataFrame(
+        {"step": "donors", "group": donors["split"].astype(str), "count": donors["donor"]}
+    )
+    return pd.concat([frame, composition, donors], ignore_index=True)
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
+    """Write an h5ad under a temporary name and rename it when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""scGPT-compatible model, checkpoint IO and training loops."""

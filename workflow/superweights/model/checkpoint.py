@@ -1,0 +1,283 @@
+"""Read and write scGPT checkpoint folders, refusing any weight that does not fit.
+
+A folder holds `args.json` (scGPT's keys, plus our `n_cls` and `norm_scheme`),
+`vocab.json` (`{gene: id}`), and the weights as `model.safetensors` and/or `best_model.pt`
+(a plain state_dict). Released scGPT folders have only `best_model.pt`, saved with
+flash-attention names, which are mapped to PyTorch's.
+
+Matching rule, key by key, after renaming:
+- a file key the model has, with the model's shape, is loaded;
+- a file key the model lacks is ignored only when it belongs to a head that reads the
+  encoder output and that this configuration does not build (`cls_decoder.` when
+  n_cls = 0, `mvc_decoder.` without MVC, zero-probability heads, the batch
+  discriminator); anything else, e.g. batch or domain encoders that would change the
+  hidden states, is an error;
+- a model key the file lacks, or holds with another shape, may stay at its fresh
+  initialisation only if it matches a pattern in `allow_missing` and is not part of the
+  embeddings or the transformer encoder (those, attention included, are never dropped).
+Every decision is logged with counts.
+"""
+
+import fnmatch
+import json
+import logging
+import pickle
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..data.vocab import load_vocab
+from ..errors import UserError
+from .scgpt import ScGPTConfig, ScGPTModel
+
+log = logging.getLogger(__name__)
+
+ARGS_FILE, VOCAB_FILE = "args.json", "vocab.json"
+TORCH_FILE, SAFETENSORS_FILE = "best_model.pt", "model.safetensors"
+
+# flash-attn (released checkpoints) and upstream "_impl" names -> PyTorch names.
+_RENAMES = (
+    ("self_attn._impl.", "self_attn."),
+    ("self_attn.Wqkv.weight", "self_attn.in_proj_weight"),
+    ("self_attn.Wqkv.bias", "self_attn.in_proj_bias"),
+)
+_NEVER_FRESH = ("encoder.", "value_encoder.", "transformer_encoder.")
+_OPTIONAL_HEADS = (
+    "decoder.zero_logit.",
+    "mvc_decoder.W_zero_logit.",
+    "grad_reverse_discriminator.",
+)
+
+
+def load_checkpoint(
+    folder: str | Path,
+    *,
+    n_cls: int | None = None,
+    allow_missing: Iterable[str] = (),
+    device: str | torch.device = "cpu",
+) -> tuple[ScGPTModel, ScGPTConfig, dict[str, int]]:
+    """Build the model that args.json describes and load its weights (eval mode).
+
+    `n_cls`: classes of the classifier head; None keeps the saved value (0 = no head).
+    `allow_missing`: glob patterns of model keys that may stay freshly initialised,
+    e.g. `("cls_decoder.*",)` to fine-tune a classifier from a pretrained checkpoint.
+    """
+    folder = Path(folder)
+    args = _read_args(folder)
+    vocab = load_vocab(folder / VOCAB_FILE)
+    pad_token = args.get("pad_token", "<pad>")
+    if pad_token not in vocab:
+        raise UserError(f"{folder / VOCAB_FILE} lacks the pad token {pad_token!r} of args.json")
+    config = ScGPTConfig.from_args(
+        args,
+        ntoken=len(vocab),
+        n_cls=int(args.get("n_cls", 0)) if n_cls is None else n_cls,
+        pad_token_id=vocab[pad_token],
+    )
+    model = ScGPTModel(config)
+    state = rename_keys(read_state_dict(folder))
+    model.load_state_dict(
+        match_state_dict(model.state_dict(), state, config, allow_missing, folder), strict=False
+    )
+    return model.to(device).eval(), config, vocab
+
+
+def read_state_dict(folder: Path) -> dict[str, Tensor]:
+    """Tensors of `model.safetensors` if present, else of `best_model.pt`."""
+    for name, reader in ((SAFETENSORS_FILE, _read_safetensors), (TORCH_FILE, _read_torch)):
+        path = folder / name
+        if path.is_file():
+            try:
+                state = reader(path)
+            except (
+                OSError,
+                RuntimeError,
+                ValueError,
+                EOFError,
+                pickle.UnpicklingError,
+                SafetensorError,
+            ) as err:
+                first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise UserError(f"cannot read weights {path}: {first_line}") from None
+            if not isinstance(state, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+            ):
+                raise UserError(f"{path} is not a plain state_dict of named tensors")
+            log.info("read %d tensors from %s", len(state), path)
+            return dict(state)
+    raise UserError(f"checkpoint folder {folder} has neither {SAFETENSORS_FILE} nor {TORCH_FILE}")
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    return load_file(path, device="cpu")
+
+
+def _read_torch(path: Path) -> dict[str, Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rename_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Map flash-attention names (`self_attn.Wqkv.*`, `self_attn._impl.*`) to PyTorch's."""
+    renamed: dict[str, Tensor] = {}
+    for key, value in state.items():
+        new = key
+        for old, replacement in _RENAMES:
+            new = new.replace(old, replacement)
+        if new in renamed:
+            raise UserError(f"weights hold both {key} and an equivalent of {new}; keep one")
+        renamed[new] = value
+    changed = sum(a != b for a, b in zip(state, renamed, strict=True))
+    if changed:
+        log.info("renamed %d flash-attention keys to PyTorch names", changed)
+    return renamed
+
+
+def match_state_dict(
+    model_state: Mapping[str, Tensor],
+    file_state: Mapping[str, Tensor],
+    config: ScGPTConfig,
+    allow_missing: Iterable[str] = (),
+    source: str | Path = "checkpoint",
+) -> dict[str, Tensor]:
+    """The file tensors to load, after checking every key by the rule in this module's docstring.
+
+    Raises UserError listing missing, unexpected and wrong-shape keys that the rule
+    does not excuse.
+    """
+    patterns = tuple(allow_missing)
+    unused = list(_OPTIONAL_HEADS)
+    if config.n_cls == 0:
+        unused.append("cls_decoder.")
+    if not config.do_mvc:
+        unused.append("mvc_decoder.")
+    unused = tuple(unused)
+
+    load, ignored, unexpected, wrong_shape = {}, [], [], []
+    for key, value in file_state.items():
+        if key not in model_state:
+            (ignored if key.startswith(unused) else unexpected).append(key)
+        elif value.shape != model_state[key].shape:
+            wrong_shape.append(key)
+        else:
+            load[key] = value
+    not_loaded = [k for k in model_state if k not in load]
+    fresh = [k for k in not_loaded if _may_stay_fresh(k, patterns)]
+    missing = [k for k in not_loaded if k not in fresh and k not in wrong_shape]
+    wrong_shape = [
+        f"{k} {tuple(file_state[k].shape)}!={tuple(model_state[k].shape)}"
+        for k in wrong_shape
+        if k not in fresh
+    ]
+    if missing or unexpected or wrong_shape:
+        problems = [
+            f"{len(keys)} {what} ({_summary(keys)})"
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("with the wrong shape", wrong_shape),
+            )
+            if keys
+        ]
+        raise UserError(
+            f"weights in {source} do not fit the model of its args.json: "
+            + "; ".join(problems)
+            + ". Check that args.json and vocab.json belong to these weights (heads to be"
+            " trained from scratch may be named in allow_missing)"
+        )
+    log.info("loaded %d of %d model tensors", len(load), len(model_state))
+    if ignored:
+        log.info(
+            "ignored %d tensors of heads this model does not build (%s)",
+            len(ignored),
+            _summary(ignored),
+        )
+    if fresh:
+        log.info(
+            "left %d tensors at fresh initialisation (allowed by %s): %s",
+            len(fresh),
+            patterns,
+            _summary(fresh),
+        )
+    return load
+
+
+def _may_stay_fresh(key: str, patterns: tuple[str, ...]) -> bool:
+    if key.startswith(_NEVER_FRESH):
+        return False
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
+def _summary(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _read_args(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise UserError(f"checkpoint folder {folder} does not exist")
+    for name in (ARGS_FILE, VOCAB_FILE):
+        if not (folder / name).is_file():
+            raise UserError(f"checkpoint folder {folder} lacks {name}")
+    try:
+        args = json.loads((folder / ARGS_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{folder / ARGS_FILE} is not valid JSON: {err}") from None
+    if not isinstance(args, dict):
+        raise UserError(f"{folder / ARGS_FILE} must hold a JSON object")
+    return args
+
+
+def save_checkpoint(
+    model: ScGPTModel,
+    config: ScGPTConfig,
+    vocab: Mapping[str, int],
+    folder: str | Path,
+    *,
+    extra_args: Mapping | None = None,
+) -> Path:
+    """Write args.json, vocab.json, best_model.pt and model.safetensors, all or nothing.
+
+    `extra_args` (e.g. the source checkpoint's args.json) are kept in args.json unless
+    the config sets the same key. An existing folder is replaced only once the new one
+    is complete.
+    """
+    if len(vocab) != config.ntoken:
+        raise ValueError(f"vocabulary has {len(vocab)} tokens, config.ntoken={config.ntoken}")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        args = {**(extra_args or {}), **config.to_args()}
+        (tmp / ARGS_FILE).write_text(json.dumps(args, indent=2) + "\n")
+        (tmp / VOCAB_FILE).write_text(json.dumps(dict(vocab), indent=1) + "\n")
+        torch.save(state, tmp / TORCH_FILE)
+        save_file(state, tmp / SAFETENSORS_FILE)
+        _replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %d tensors to %s", len(state), folder)
+    return folder
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an old `target` is moved aside first and removed last."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()
+    target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old)

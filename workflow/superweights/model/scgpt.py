@@ -1,0 +1,328 @@
+"""scGPT's TransformerModel, written out in one file with the same parameter names.
+
+The state_dict keys and the maths match `scgpt.model.TransformerModel` (scgpt 0.2.4) for
+the released configuration: continuous value encoding, `<cls>` cell embedding, no batch
+labels, no domain-specific batch norm, no explicit zero probabilities. Attention goes
+through `scaled_dot_product_attention`, so forward hooks on any submodule (in particular
+`transformer_encoder.layers.N.linear2`, the MLP down-projection) always see ordinary
+dense tensors, in train and eval mode, with or without padding.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+LAYER_NORM_EPS = 1e-5
+
+
+@dataclass
+class ScGPTConfig:
+    """Architecture of an scGPT model; `from_args`/`to_args` speak scGPT's args.json."""
+
+    ntoken: int
+    d_model: int = 512
+    nhead: int = 8
+    d_hid: int = 512
+    nlayers: int = 12
+    nlayers_cls: int = 3
+    n_cls: int = 0
+    dropout: float = 0.2
+    pad_token_id: int = 60694
+    pad_value: float = -2
+    pre_norm: bool = False
+    do_mvc: bool = False
+    max_value: float = 512.0
+
+    def __post_init__(self):
+        if self.d_model % self.nhead:
+            raise UserError(f"embsize {self.d_model} is not divisible by nheads {self.nhead}")
+        if not 0 <= self.pad_token_id < self.ntoken:
+            raise UserError(
+                f"pad token id {self.pad_token_id} is outside the vocabulary of {self.ntoken} "
+                "tokens; check vocab.json"
+            )
+        if self.nlayers_cls < 1 or self.n_cls < 0 or not 0.0 <= self.dropout < 1.0:
+            raise UserError(
+                f"invalid classifier/dropout settings: n_layers_cls={self.nlayers_cls}, "
+                f"n_cls={self.n_cls}, dropout={self.dropout}"
+            )
+
+    @classmethod
+    def from_args(
+        cls, args: dict, ntoken: int, n_cls: int = 0, pad_token_id: int | None = None
+    ) -> "ScGPTConfig":
+        """Build from scGPT's args.json keys; unsupported architecture values raise UserError.
+
+        `pad_token_id` defaults to `ntoken - 3`, where scGPT's vocabulary puts `<pad>`.
+        """
+        _check_supported(args)
+        return cls(
+            ntoken=ntoken,
+            d_model=int(args.get("embsize", 512)),
+            nhead=int(args.get("nheads", 8)),
+            d_hid=int(args.get("d_hid", 512)),
+            nlayers=int(args.get("nlayers", 12)),
+            nlayers_cls=int(args.get("n_layers_cls", 3)),
+            n_cls=n_cls,
+            dropout=float(args.get("dropout", 0.2)),
+            pad_token_id=ntoken - 3 if pad_token_id is None else pad_token_id,
+            pad_value=args.get("pad_value", -2),
+            pre_norm=_norm_scheme(args) == "pre",
+            do_mvc=bool(args.get("MVC", False)),
+        )
+
+    def to_args(self) -> dict:
+        """scGPT args.json keys for this architecture (plus `n_cls` and `norm_scheme`)."""
+        return {
+            "embsize": self.d_model,
+            "nheads": self.nhead,
+            "d_hid": self.d_hid,
+            "nlayers": self.nlayers,
+            "n_layers_cls": self.nlayers_cls,
+            "n_cls": self.n_cls,
+            "dropout": self.dropout,
+            "pad_token": "<pad>",
+            "pad_value": self.pad_value,
+            "input_emb_style": "continuous",
+            "cell_emb_style": "cls",
+            "MVC": self.do_mvc,
+            "fast_transformer": False,
+            "pre_norm": self.pre_norm,
+            "norm_scheme": "pre" if self.pre_norm else "post",
+        }
+
+
+# args.json settings this model reproduces: key -> (default, allowed values).
+_SUPPORTED = {
+    "input_emb_style": ("continuous", {"continuous"}),
+    "cell_emb_style": ("cls", {"cls"}),
+    "mvc_decoder_style": ("inner product", {"inner product"}),
+    "fast_transformer_backend": ("flash", {"flash"}),
+    "use_batch_labels": (False, {False}),
+    "USE_BATCH_LABELS": (False, {False}),
+    "INPUT_BATCH_LABELS": (False, {False}),
+    "DSBN": (False, {False}),
+    "domain_spec_batchnorm": (False, {False}),
+}
+
+
+def _check_supported(args: dict) -> None:
+    for key, (default, allowed) in _SUPPORTED.items():
+        value = args.get(key, default)
+        if value not in allowed:
+            raise UserError(
+                f"args.json has {key}={value!r}, which this scGPT re-implementation does not "
+                f"support (supported: {sorted(map(str, allowed))}); use a checkpoint trained "
+                "with the released configuration"
+            )
+
+
+def _norm_scheme(args: dict) -> str:
+    """'post' or 'pre' (standard pre-LN), from our `norm_scheme` key or scGPT's flags."""
+    if "norm_scheme" in args:
+        scheme = args["norm_scheme"]
+        if scheme not in ("post", "pre"):
+            raise UserError(f"args.json has norm_scheme={scheme!r}; use 'post' or 'pre'")
+        return scheme
+    # scGPT honours pre_norm only in its flash-attention layer, and that layer normalises
+    # the residual stream itself (x = norm1(x); x = x + attn(x)), which is not pre-LN.
+    if args.get("pre_norm", False) and args.get("fast_transformer", False):
+        raise UserError(
+            "args.json has pre_norm=true with fast_transformer=true: scGPT's flash pre-norm "
+            "layer is not supported; use a post-norm checkpoint (all released ones are)"
+        )
+    return "post"
+
+
+class GeneEncoder(nn.Module):
+    """Gene token embedding followed by LayerNorm."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(
+            config.ntoken, config.d_model, padding_idx=config.pad_token_id
+        )
+        self.enc_norm = nn.LayerNorm(config.d_model, eps=LAYER_NORM_EPS)
+
+    def forward(self, gene_ids: Tensor) -> Tensor:
+        return self.enc_norm(self.embedding(gene_ids))
+
+
+class ContinuousValueEncoder(nn.Module):
+    """Expression value -> vector: clamp(max), linear 1->D, ReLU, linear D->D, LayerNorm."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.max_value = config.max_value
+        self.linear1 = nn.Linear(1, config.d_model)
+        self.linear2 = nn.Linear(config.d_model, config.d_model)
+        self.norm = nn.LayerNorm(config.d_model, eps=LAYER_NORM_EPS)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, values: Tensor) -> Tensor:
+        x = values.unsqueeze(-1).clamp(max=self.max_value)
+        x = self.linear2(F.relu(self.linear1(x)))
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with packed q/k/v weights, named as nn.MultiheadAttention."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        d = config.d_model
+        self.nhead = config.nhead
+        self.dropout = config.dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
+        self.out_proj = nn.Linear(d, d)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        """x [B, L, D]; keep [B, 1, 1, L] is True for keys that may be attended to."""
+        B, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(B, L, 3, self.nhead, D // self.nhead).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class EncoderLayer(nn.Module):
+    """Transformer encoder layer with ReLU MLP; post-LN (scGPT) or pre-LN."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        d = config.d_model
+        self.pre_norm = config.pre_norm
+        self.self_attn = SelfAttention(config)
+        self.linear1 = nn.Linear(d, config.d_hid)
+        self.linear2 = nn.Linear(config.d_hid, d)
+        self.norm1 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+        self.dropout = nn.Dropout(config.dropout)
+        self.dropout1 = nn.Dropout(config.dropout)
+        self.dropout2 = nn.Dropout(config.dropout)
+
+    def _attn(self, x: Tensor, keep: Tensor) -> Tensor:
+        return self.dropout1(self.self_attn(x, keep))
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        if self.pre_norm:
+            x = x + self._attn(self.norm1(x), keep)
+            return x + self._mlp(self.norm2(x))
+        x = self.norm1(x + self._attn(x, keep))
+        return self.norm2(x + self._mlp(x))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of encoder layers, kept in `.layers` as in nn.TransformerEncoder."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.nlayers))
+
+    def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
+        keep = ~padding_mask[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, keep)
+        return x
+
+
+class ExprDecoder(nn.Module):
+    """Per-gene expression prediction: MLP D->D->D->1 with LeakyReLU."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        d = config.d_model
+        self.fc = nn.Sequential(
+            nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, d), nn.LeakyReLU(), nn.Linear(d, 1)
+        )
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.fc(hidden).squeeze(-1)
+
+
+class ClsDecoder(nn.Module):
+    """Cell classifier: (nlayers_cls - 1) x [Linear, ReLU, LayerNorm], then a linear output."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        d = config.d_model
+        blocks = [
+            (nn.Linear(d, d), nn.ReLU(), nn.LayerNorm(d, eps=LAYER_NORM_EPS))
+            for _ in range(config.nlayers_cls - 1)
+        ]
+        self._decoder = nn.ModuleList(m for block in blocks for m in block)
+        self.out_layer = nn.Linear(d, config.n_cls)
+
+    def forward(self, cell_emb: Tensor) -> Tensor:
+        x = cell_emb
+        for module in self._decoder:
+            x = module(x)
+        return self.out_layer(x)
+
+
+class MVCDecoder(nn.Module):
+    """Expression from the cell embedding: (W sigmoid(gene2query(gene_emb))) . cell_emb."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        d = config.d_model
+        self.gene2query = nn.Linear(d, d)
+        self.W = nn.Linear(d, d, bias=False)
+
+    def forward(self, cell_emb: Tensor, gene_emb: Tensor) -> Tensor:
+        query = torch.sigmoid(self.gene2query(gene_emb))
+        return torch.einsum("bld,bd->bl", self.W(query), cell_emb)
+
+
+class ScGPTModel(nn.Module):
+    """scGPT TransformerModel: gene + value embeddings, encoder, and output heads."""
+
+    def __init__(self, config: ScGPTConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = GeneEncoder(config)
+        self.value_encoder = ContinuousValueEncoder(config)
+        self.transformer_encoder = TransformerEncoder(config)
+        self.decoder = ExprDecoder(config)
+        if config.n_cls > 0:
+            self.cls_decoder = ClsDecoder(config)
+        if config.do_mvc:
+            self.mvc_decoder = MVCDecoder(config)
+        nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)
+
+    def forward(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor) -> dict[str, Tensor]:
+        """gene_ids [B, L] long, values [B, L] float, padding_mask [B, L] bool (True = pad).
+
+        Returns "hidden" [B, L, D], "cell_emb" [B, D] (output at `<cls>`, position 0),
+        "expr" [B, L], and "cls_logits" [B, n_cls] / "mvc" [B, L] when those heads exist.
+        """
+        if gene_ids.shape != values.shape or gene_ids.shape != padding_mask.shape:
+            raise ValueError(
+                f"gene_ids {tuple(gene_ids.shape)}, values {tuple(values.shape)} and "
+                f"padding_mask {tuple(padding_mask.shape)} must have the same [B, L] shape"
+            )
+        gene_emb = self.encoder(gene_ids)
+        x = gene_emb + self.value_encoder(values.to(gene_emb.dtype))
+        hidden = self.transformer_encoder(x, padding_mask.bool())
+        cell_emb = hidden[:, 0, :]
+        out = {"hidden": hidden, "cell_emb": cell_emb, "expr": self.decoder(hidden)}
+        if self.config.n_cls > 0:
+            out["cls_logits"] = self.cls_decoder(cell_emb)
+        if self.config.do_mvc:
+            out["mvc"] = self.mvc_decoder(cell_emb, gene_emb)
+        return out
+
+    def down_projections(self) -> list[nn.Linear]:
+        """The MLP down-projection (`linear2`) of every layer, in order."""
+        return [layer.linear2 for layer in self.transformer_encoder.layers]

@@ -1,0 +1,32 @@
+"""Glue for the workflow's rule scripts: logging to the rule's log, one-line user errors."""
+
+import logging
+import sys
+from contextlib import contextmanager
+
+from .errors import UserError
+
+
+def setup_logging(stream=None) -> None:
+    """Log INFO and above as 'time level message' lines."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=stream or sys.stderr,
+        force=True,
+    )
+
+
+@contextmanager
+def rule_log(snakemake):
+    """Send stderr and logging to the rule's log; a UserError becomes one line and exit 1."""
+    with open(snakemake.log[0], "w", buffering=1) as log_file:
+        sys.stderr = log_file
+        setup_logging(log_file)
+        try:
+            yield
+        except UserError as err:
+            print(f"error: {err}", file=log_file)
+            sys.exit(1)
+        finally:
+            sys.stderr = sys.__stderr__
