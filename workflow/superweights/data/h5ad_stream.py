@@ -86,7 +86,7 @@ def is_integer_valued(values: np.ndarray) -> bool:
     """True when every value is a whole number."""
     if np.issubdtype(values.dtype, np.integer):
         return True
-    return bool(np.all(np.mod(values, 1) == 0))
+    return bool(np.array_equal(values, np.rint(values)))
 
 
 def find_counts(handle: h5py.File, counts_layer: str) -> tuple[str, RowChunks]:
