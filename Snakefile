@@ -1,12 +1,19 @@
 # Find and explain super weights in scGPT models of Alzheimer's disease brain cells.
 # Run: snakemake --cores N   (config/config.yaml = offline demo; see README.md)
+import os
 
 
-configfile: "config/config.yaml"
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/probe.smk"
+include: "workflow/rules/ablate.smk"
+include: "workflow/rules/enrich.smk"
+include: "workflow/rules/quantize.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -1,5 +1,9 @@
 """Shared test fixtures: small raw-count h5ad files built here, not by the code under test."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -51,3 +55,23 @@ def counts_h5ad(tmp_path, counts_adata):
     path = tmp_path / "counts.h5ad"
     counts_adata.write_h5ad(path)
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_CONFIG = ROOT / "tests" / "data" / "small_workflow.yaml"
+
+
+def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the workflow on the small test config in `workdir`."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
+    cmd += ["--directory", str(workdir), "--configfile", str(SMALL_CONFIG), *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """The whole pipeline on the small config, run locally once per test session."""
+    workdir = tmp_path_factory.mktemp("local_run")
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir / "results" / "small"

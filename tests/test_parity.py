@@ -1,44 +1,23 @@
 """Numerical parity with scGPT's own TransformerModel (scgpt 0.2.4, PyTorch attention path).
 
-`import scgpt` fails with current torch (its __init__ imports torchtext), so the model file
-and its two sibling modules are loaded from the installed package without running any
-package __init__.
+scGPT's model file is loaded by `load_reference_module`, without running `import scgpt`
+(which fails with current torch).
 """
-
-import importlib.util
-import sys
-import types
-import warnings
 
 import pytest
 import torch
 
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+from superweights.model.scgpt_reference import load_reference_module
 
 NTOKEN, PAD_ID, N_CLS = 100, 97, 5
 
 
 def _load_scgpt_model_module():
-    spec = importlib.util.find_spec("scgpt")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scgpt is not installed (pip install --no-deps scgpt==0.2.4)")
-    model_dir = f"{list(spec.submodule_search_locations)[0]}/model"
-    package = "_scgpt_parity"
-    if f"{package}.model" in sys.modules:
-        return sys.modules[f"{package}.model"]
-    parent = types.ModuleType(package)
-    parent.__path__ = [model_dir]
-    sys.modules[package] = parent
-    for name in ("dsbn", "grad_reverse", "model"):
-        file_spec = importlib.util.spec_from_file_location(
-            f"{package}.{name}", f"{model_dir}/{name}.py"
-        )
-        module = importlib.util.module_from_spec(file_spec)
-        sys.modules[f"{package}.{name}"] = module
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "flash_attn is not installed"
-            file_spec.loader.exec_module(module)
-    return sys.modules[f"{package}.model"]
+    try:
+        return load_reference_module()
+    except ImportError as err:
+        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")

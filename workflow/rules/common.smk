@@ -22,8 +22,22 @@ def all_outputs():
     """Final outputs of every configured dataset."""
     return expand(
         [
-            "results/{dataset}/preprocess/tokenised.h5ad",
-            "results/{dataset}/preprocess/qc.png",
+            "results/{dataset}/report.html",
         ],
         dataset=DATASETS,
     )
+
+
+def init_checkpoint(wildcards):
+    """Fine-tuning starts from the configured checkpoint, else from our pretrained model."""
+    return (
+        config["model"]["checkpoint"]
+        or f"results/{wildcards.dataset}/pretrain/checkpoint"
+    )
+
+
+def gene_set_settings():
+    """Gene-set settings with the shipped resource folder resolved against the workflow."""
+    settings = dict(config["gene_sets"])
+    settings["resource_dir"] = os.path.join(workflow.basedir, settings["resource_dir"])
+    return settings

@@ -1,5 +1,6 @@
-from superweights.data.preprocess import PreprocessSettings, preprocess, write_h5ad_atomic
+from superweights.data.preprocess import PreprocessSettings, preprocess
 from superweights.data.qc_plot import plot_qc
+from superweights.outputs import write_h5ad, write_tsv
 from superweights.rule_io import rule_log
 
 with rule_log(snakemake):  # noqa: F821
@@ -8,6 +9,6 @@ with rule_log(snakemake):  # noqa: F821
         snakemake.input[0],  # noqa: F821
         PreprocessSettings(**snakemake.params.settings),  # noqa: F821
     )
-    qc.to_csv(out.qc, sep="\t", index=False)
+    write_tsv(out.qc, qc)
     plot_qc(qc, out.figure)
-    write_h5ad_atomic(tokenised, out.h5ad)
+    write_h5ad(tokenised, out.h5ad)

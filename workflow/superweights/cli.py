@@ -66,16 +66,15 @@ def cmd_fetch(args) -> None:
 
 
 def cmd_preprocess(args) -> None:
-    from .data.preprocess import PreprocessSettings, preprocess, write_h5ad_atomic
+    from .data.preprocess import PreprocessSettings, preprocess
     from .data.qc_plot import plot_qc
+    from .outputs import write_h5ad, write_tsv
 
     tokenised, qc = preprocess(args.input, settings_from(args, PreprocessSettings), args.vocab)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    qc_path = out.with_suffix(".qc.tsv")
-    qc.to_csv(qc_path, sep="\t", index=False)
+    qc_path = write_tsv(out.with_suffix(".qc.tsv"), qc)
     plot_qc(qc, out.with_suffix(".qc.png"))
-    write_h5ad_atomic(tokenised, out)
+    write_h5ad(tokenised, out)
     print(f"wrote {out} ({tokenised.n_obs} cells x {tokenised.n_vars} genes) and {qc_path}")
 
 

@@ -21,7 +21,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from ..errors import UserError
-from .download import atomic_path
+from ..outputs import write_h5ad
 from .vocab import load_vocab
 
 GENERATOR_VERSION = "1"
@@ -411,12 +411,7 @@ def make_demo_seaad(
 
 def write_demo_seaad(path: str | Path, **kwargs) -> Path:
     """Write `make_demo_seaad(**kwargs)` to an h5ad file, appearing only when complete."""
-    path = Path(path)
-    adata = make_demo_seaad(**kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
-    return path
+    return write_h5ad(make_demo_seaad(**kwargs), path)
 
 
 # --- ROSMAP (Mathys et al. 2019) layout ---------------------------------------------------

@@ -1,4 +1,4 @@
-"""Resumable, verified HTTP downloads and atomic placement of output files."""
+"""Resumable, verified HTTP downloads and atomic placement of downloaded files."""
 
 import hashlib
 import logging
@@ -6,8 +6,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,6 +14,7 @@ import urllib3
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..outputs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +41,6 @@ def public_url(url: str) -> str:
     """The URL without user info or query string, safe to show in messages."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
-@contextmanager
-def atomic_path(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `out` (same suffix); rename it to `out` on success."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
-    tmp.unlink(missing_ok=True)
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def link_or_copy(src: str | Path, dest: str | Path) -> Path:

@@ -11,7 +11,6 @@ The output h5ad (cells x selected genes) holds:
 """
 
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -338,15 +337,3 @@ def qc_table(obs, flag, metrics, passed, rows, tokenised, report, settings) -> p
         {"step": "donors", "group": donors["split"].astype(str), "count": donors["donor"]}
     )
     return pd.concat([frame, composition, donors], ignore_index=True)
-
-
-def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
-    """Write an h5ad under a temporary name and rename it when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -6,6 +6,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..outputs import save_figure  # noqa: E402
+
 
 def plot_qc(qc: pd.DataFrame, path) -> None:
     """Two panels: the QC funnel and the composition of the train/val/test splits."""
@@ -27,5 +29,4 @@ def plot_qc(qc: pd.DataFrame, path) -> None:
     ax2.set_xlabel("")
     ax2.set_title("Cells per type and split (split by donor)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

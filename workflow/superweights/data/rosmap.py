@@ -12,7 +12,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from ..errors import UserError
-from .download import atomic_path
+from ..outputs import write_h5ad
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,6 @@ def fetch_rosmap(
         )
     folder = Path(path) if path else download_from_synapse(Path(cache_dir) / "mathys2019")
     adata = read_mathys2019(folder)
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        adata.write_h5ad(tmp)
+    out = write_h5ad(adata, out)
     log.info("ROSMAP: %d cells × %d genes written to %s", adata.n_obs, adata.n_vars, out)
     return out

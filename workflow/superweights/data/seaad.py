@@ -13,7 +13,8 @@ import pandas as pd
 from anndata.experimental import concat_on_disk
 
 from ..errors import UserError
-from .download import atomic_path, download, get_text, link_or_copy
+from ..outputs import atomic_path
+from .download import download, get_text, link_or_copy
 
 log = logging.getLogger(__name__)
 

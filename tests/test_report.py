@@ -1,0 +1,389 @@
+"""The HTML report: sections, statements, tables, embedded figures, missing inputs, browser."""
+
+import base64
+import html
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from superweights.errors import UserError  # noqa: E402
+from superweights.quantize_plots import CAPTION  # noqa: E402
+from superweights.report import REQUIRED, build_report, fmt, make_table  # noqa: E402
+
+DATASET = "demo"
+SECTIONS = ("summary", "data", "probe", "pruning", "genes", "pathways", "quantization", "methods")
+CHROMIUM = Path("/usr/bin/chromium")
+CONFIG = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+FIGURES = (
+    "preprocess/qc.png", "finetune/confusion.png", "finetune/training_curve.png",
+    "probe/layer_spikes.png", "probe/cell_spikes.png", "ablate/ll_by_condition.png",
+    "ablate/scaling.png", "ablate/prediction_shift.png", "ablate/celltype_collapse.png",
+    "quantize/quantize.png", "enrich/L1_12_40/dotplot.png", "enrich/L1_12_40/gsea_top1.png",
+    "enrich/L1_12_40/gsea_top2.png", "enrich/L1_12_40/gsea_ad1.png",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def png() -> bytes:
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1, 2], [1, 0, 2])
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=60)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def tsv(root: Path, rel: str, frame: pd.DataFrame | dict) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(frame).to_csv(path, sep="\t", index=False)
+
+
+def write_json(root: Path, rel: str, obj: dict) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
+    """A small, consistent set of stage outputs: 3 cell types, 2 probe rows, 1 confirmed."""
+    root = results / DATASET
+    types = ["Astrocyte", "Microglia-PVM", "L2/3 IT"]
+    steps = [("input", "all", 900), ("qc_flag", "pass", 880), ("min_genes", "pass", 860),
+             ("max_mito_fraction", "pass", 850), ("cell_types_and_caps", "kept", 849),
+             ("dropped_cell_types", "VLMC", 0), ("genes", "selected", 1201)]  # fmt: skip
+    for split, n in (("train", 180), ("val", 60), ("test", 40)):
+        steps += [(f"split_{split}", t, n + i) for i, t in enumerate(types)]
+    steps += [("donors", "train", 6), ("donors", "val", 2), ("donors", "test", 2)]
+    tsv(root, "preprocess/qc.tsv", pd.DataFrame(steps, columns=["step", "group", "count"]))
+    write_json(root, "finetune/metrics.json", {
+        "accuracy": 0.912345, "macro_f1": 0.8766, "mean_log_likelihood": -0.31234,
+        "per_class_f1": {"Astrocyte": 0.95, "Microglia-PVM": 0.81, "L2/3 IT": None},
+        "n_cells": 123, "classes": types, "confusion": [[40, 1, 0], [2, 39, 0], [0, 0, 41]],
+        "epochs_run": 4, "best_epoch": 3,
+    })  # fmt: skip
+    write_json(root, "finetune/checkpoint/args.json", {
+        "embsize": 64, "nheads": 4, "d_hid": 128, "nlayers": 4, "n_layers_cls": 3, "n_cls": 3,
+        "dropout": 0.1, "norm_scheme": "post", "finetuned_from": "results/demo/pretrain",
+    })  # fmt: skip
+    tsv(root, "probe/candidates.tsv", {
+        "module": ["transformer_encoder.layers.1.linear2", "transformer_encoder.layers.2.linear2"],
+        "layer": [1, 2], "row": [12, 3], "col": [40, 5], "weight": [-2.5, 0.4],
+        "input_ratio": [512.3, 40.1], "output_ratio": [320.7, 22.2], "contribution": [0.93, 0.2],
+        "cell_type": ["Astrocyte", "Microglia-PVM"], "token_gene": ["<cls>", "APOE"],
+        "accepted": [accepted, False],
+        "reason": ["accepted" if accepted else "output ratio 320.7 < 1000",
+                   "spikes on different tokens (input 3:5, output 4:7); input ratio 40.1 < 100; "
+                   "output ratio 22.2 < 100"],
+        "n_cells_same_channel": [140, 3], "n_cells": [150, 150],
+        "top_genes": ["<cls>:140", "APOE:3"],
+    })  # fmt: skip
+    write_json(root, "probe/summary.json", {"found": accepted, "statement": "PROBE STATEMENT X"})
+    tsv(root, "probe/layernorm.tsv", {
+        "module": ["transformer_encoder.layers.1.norm2"], "layer": [1], "channel": [12],
+        "gain": [7.5], "robust_z": [9.1], "median_abs_gain": [1.0], "mad": [0.1],
+    })  # fmt: skip
+    tested = ["L1[12,40]", "L2[3,5]"]
+    kinds = [
+        ("original", "original", ""),
+        ("prune L1[12,40]", "prune", tested[0]),
+        ("prune L2[3,5]", "prune", tested[1]),
+        ("top-8 pruned, candidates kept", "topk", ""),
+    ]
+    kinds += [(f"random {tested[0]} #{i}", "random", tested[0]) for i in range(30)]  # fmt: skip
+    tsv(root, "ablate/collapse.tsv", {
+        "condition": [k[0] for k in kinds], "kind": [k[1] for k in kinds],
+        "candidate": [k[2] for k in kinds],
+        "log_likelihood": [-0.31, -4.2, -0.32, -0.4] + [-0.311] * 30,
+        "collapse": [0.0, 3.89, 0.01, 0.09] + [0.001] * 30,
+        "accuracy": [0.91, 0.12, 0.9, 0.88] + [0.91] * 30,
+        "macro_f1": [0.88, 0.05, 0.87, 0.85] + [0.88] * 30,
+    })  # fmt: skip
+    tsv(root, "ablate/controls.tsv", {
+        "candidate": tested, "control": ["random", "random"], "n": [20, 20],
+        "collapse_mean": [0.001, 0.002], "collapse_sd": [0.002, 0.002],
+        "candidate_collapse": [3.89, 0.01], "z": [1944.5, 4.0], "recovered": [np.nan, np.nan],
+    })  # fmt: skip
+    tsv(root, "ablate/confirmed.tsv", {
+        "candidate": tested, "module": ["transformer_encoder.layers.1.linear2",
+                                        "transformer_encoder.layers.2.linear2"],
+        "layer": [1, 2], "row": [12, 3], "col": [40, 5], "weight": [-2.5, 0.4],
+        "source": ["probe: accepted" if accepted else "probe: strongest spike, not accepted"] * 2,
+        "collapse": [3.89, 0.01], "random_mean": [0.001, 0.002], "random_sd": [0.002, 0.002],
+        "z_random": [1944.5, 4.0], "topk_k": [8, 8], "topk_collapse": [0.09, 0.09],
+        "confirmed": [accepted, False],
+        "reason": ["confirmed: REASON ONE" if accepted else "rejected: REASON ONE",
+                   "rejected: drop 0.01 does not exceed pruning the top-8 weights (0.09)"],
+    })  # fmt: skip
+    genes = ["GFAP", "AQP4", "APOE", "CLU", "SLC1A2"] + [f"GENE{i}" for i in range(25)]
+    tsv(root, "channels/genes.tsv", {
+        "candidate": tested[0], "confirmed": accepted, "stratum_type": "all", "stratum": "all",
+        "gene": genes, "n_cells": 50, "input_act": np.linspace(9, 1, 30),
+        "output_act": np.linspace(-5, -1, 30), "resid_act": 0.5, "ablation_effect": -0.01,
+        "score": np.linspace(22.5, 2.5, 30), "rank": np.arange(1, 31),
+        "percentile": np.linspace(100, 0, 30),
+    })  # fmt: skip
+    interest = ["APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2", "CLU", "BIN1"]
+    tsv(root, "channels/genes_of_interest.tsv", {
+        "candidate": tested[0], "confirmed": accepted,
+        "stratum_type": ["all"] * 8 + ["cell type"], "stratum": ["all"] * 8 + ["Astrocyte"],
+        "gene": interest + ["APOE"],
+        "status": ["ranked", "not in these cells", "not in vocabulary", "ranked", "ranked",
+                   "ranked", "ranked", "not in these cells", "ranked"],
+        "n_cells": [12, 0, 0, 50, 9, 4, 50, 0, 20],
+        "score": [3.1, np.nan, np.nan, 19.9, 2.6, 2.5, 18.0, np.nan, 19.0],
+        "rank": [20, np.nan, np.nan, 3, 28, 30, 4, np.nan, 2],
+        "percentile": [34.5, np.nan, np.nan, 93.1, 6.9, 0, 89.7, np.nan, 96.0],
+        "n_ranked": 30,
+    })  # fmt: skip
+    tsv(root, "enrich/summary.tsv", {
+        "candidate": [tested[0]], "confirmed": [accepted], "folder": ["L1_12_40"],
+        "n_genes": [30], "n_sets": [120], "n_significant": [4], "n_ad_significant": [1],
+        "top_term": ["astrocyte differentiation (GO:0048708)"], "top_library": ["GO_BP"],
+        "top_NES": [2.345], "top_FDR": [0.0012], "top_ad_term": ["Alzheimer disease"],
+        "top_ad_library": ["KEGG_2021_Human"], "top_ad_NES": [1.9], "top_ad_FDR": [0.03],
+    })  # fmt: skip
+    tsv(root, "enrich/L1_12_40/prerank.tsv", {
+        "library": ["GO_BP", "KEGG_2021_Human"],
+        "term": ["astrocyte differentiation (GO:0048708)", "Alzheimer disease"],
+        "size": [18, 25], "ES": [0.8, 0.6], "NES": [2.345, 1.9], "p": [1e-5, 1e-3],
+        "FDR": [0.0012, 0.03], "leading_edge": ["GFAP;AQP4", "APOE;APP"],
+    })  # fmt: skip
+    tsv(root, "enrich/L1_12_40/ad_terms.tsv", {
+        "analysis": ["prerank"], "library": ["KEGG_2021_Human"], "term": ["Alzheimer disease"],
+        "size": [25], "NES": [1.9], "FDR": [0.03], "odds_ratio": [np.nan],
+    })  # fmt: skip
+    tsv(root, "enrich/L1_12_40/ora.tsv", {
+        "library": ["alzheimers_curated"], "term": ["ORA TERM amyloid clearance"], "size": [12],
+        "overlap": [3], "odds_ratio": [8.2], "combined_score": [40.1], "p": [2e-4],
+        "FDR": [0.004], "genes": ["APOE;CLU;TREM2"],
+    })  # fmt: skip
+    rows = [("fp32", "none", 32, "none", -0.31, 0.91, 0.88, 0.0, 0)]
+    for block in ("64", "tensor"):
+        rows += [("weight", "naive", 4, block, -2.0, 0.41 if block == "tensor" else 0.85, 0.3,
+                  0.1, 0), ("weight", "holdout", 4, block, -0.5, 0.87, 0.8, 0.08, 12)]  # fmt: skip
+    rows += [("w8a8", "naive", 8, "channel", -0.4, 0.9, 0.86, 0.01, 0)]
+    columns = ["scheme", "method", "bits", "block_size", "mean_log_likelihood", "accuracy",
+               "macro_f1", "weight_error", "n_clipped"]  # fmt: skip
+    quantized = pd.DataFrame(rows, columns=columns)
+    tsv(root, "quantize/quantize.tsv", quantized.assign(n_cells=123, n_super_weights=int(accepted)))
+    for rel in FIGURES:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(png)
+    return root
+
+
+@pytest.fixture
+def results(tmp_path, png) -> Path:
+    write_results(tmp_path / "results", png)
+    return tmp_path / "results"
+
+
+def build(results: Path, config: dict = CONFIG) -> str:
+    out = build_report(results, DATASET, config, results.parent / "report" / "demo.html")
+    return out.read_text()
+
+
+def section(page: str, name: str) -> str:
+    """The HTML of one <section> (up to the next one)."""
+    start = page.index(f'<section id="{name}">')
+    return page[start : page.index("</section>", start)]
+
+
+def test_every_section_has_an_id_a_heading_and_a_toc_entry(results):
+    page = build(results)
+    for name in SECTIONS:
+        assert re.search(rf'<section id="{name}">\s*<h2>', page), name
+        assert f'href="#{name}"' in page
+    assert "(not set)" not in page  # every config key the Methods use exists in config.yaml
+
+
+def test_summary_states_what_was_found_from_the_outputs(results):
+    text = html.unescape(section(build(results), "summary"))
+    assert "1 confirmed super weight: layer 1, W[12, 40]." in text
+    assert "The probe accepted 1 candidate super weight; pruning confirmed 1 of the 2" in text
+    assert "lowers the mean log-likelihood of the true cell type by 3.89" in text
+    assert "accuracy 0.912 and macro F1 0.877" in text
+    assert "demo (demo): 849 cells of 3 cell types from 10 donors after QC, 1,201 genes" in text
+    assert "APOE ranks 3 of 30 on L1[12,40]" in text
+    assert "MAPT" not in text.split("Genes of interest in the top 10%")[1].split("</dd>")[0]
+    assert "L1[12,40]: 4 gene sets of 120 at FDR < 0.05" in text
+    assert "INT4 with one block per matrix, accuracy 0.41 plain vs 0.87 with holdout" in text
+
+
+def test_no_super_weight_is_stated_plainly(tmp_path, png):
+    write_results(tmp_path / "results", png, accepted=False)
+    page = html.unescape(build(tmp_path / "results"))
+    summary = section(page, "summary")
+    assert "No confirmed super weight." in summary
+    assert (
+        "No super weight passed the probe's thresholds; the 2 strongest spikes were tested by "
+        "pruning and none collapsed the cell-type log-likelihood beyond the random and top-k "
+        "controls." in summary
+    )
+    assert "no confirmed super weight was held out" in summary
+    assert 'class="headline none"' in page
+
+
+def test_sections_show_the_stage_outputs(results):
+    page = html.unescape(build(results))
+    data = section(page, "data")
+    for value in ("0.912", "0.877", "-0.312", "Astrocyte", "cell types dropped (too few cells)",
+                  "VLMC", "results/demo/pretrain"):  # fmt: skip
+        assert value in data
+    assert "<pre>" in data and "input_ratio: 100.0" in data  # the config as YAML
+    probe = section(page, "probe")
+    assert "PROBE STATEMENT X" in probe and "512" in probe
+    assert "transformer_encoder.layers.1.norm2" in probe  # LayerNorm outliers
+    assert "<strong>layer 2, W[3, 5]</strong>: spikes on different tokens" in probe
+    pruning = section(page, "pruning")
+    assert "confirmed: REASON ONE" in pruning and "top-8 pruned, candidates kept" in pruning
+    assert "<strong>L2[3,5] (probe: accepted)</strong>: rejected: drop 0.01" in pruning
+    assert "random L1[12,40] #0" not in pruning  # random draws are summarised, not listed
+    pathways = section(page, "pathways")
+    assert "astrocyte differentiation (GO:0048708)" in pathways
+    assert "ORA TERM amyloid clearance" in pathways and "Alzheimer disease" in pathways
+    quantization = section(page, "quantization")
+    assert CAPTION in quantization and "holdout" in quantization
+    methods = " ".join(section(page, "methods").split())
+    assert "at least 100 and 100 times the layer median" in methods
+    assert "at least 3 standard deviations above the random-weight drops" in methods
+
+
+def test_genes_of_interest_are_highlighted(results):
+    genes = section(build(results), "genes")
+    for gene in ("APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2"):
+        assert f'<td><strong class="goi">{gene}</strong></td>' in genes
+    top = genes.split("Top 20 genes")[1]
+    assert re.search(r'<tr class="goi"><td class="num">3</td><td><strong class="goi">APOE', top)
+    assert "<td>GFAP</td>" in top and "<td>GENE14</td>" in top
+    assert "GENE15" not in genes  # rank 21: only the top 20 per candidate
+    others = genes.split("Other genes of interest")[1]
+    assert "CLU" in others and "BIN1" not in others  # only ranked ones
+
+
+def test_figures_are_embedded_and_nothing_is_fetched(results, png):
+    page = build(results)
+    sources = re.findall(r'\bsrc="([^"]*)"', page)
+    assert len(sources) == len(FIGURES)
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert base64.b64decode(sources[0].split(",", 1)[1]) == png
+    refs = re.findall(r'\b(?:src|href)="([^"]*)"', page)
+    assert not [r for r in refs if re.match(r"(?i)\s*(https?:)?//", r)]
+    assert all(r.startswith(("#", "data:")) for r in refs)
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+
+
+def test_numbers_are_formatted_to_three_significant_digits():
+    assert fmt(0.123456) == "0.123"
+    assert fmt(-4.56789) == "-4.57"
+    assert fmt(1234.5) == "1,230"
+    assert fmt(12.0) == "12" and fmt(np.int64(1201)) == "1,201"
+    assert fmt(1.234e-5) == "1.23e-05" and fmt(2.5e7) == "2.5e+07"
+    assert fmt(float("nan")) == "–" and fmt(None) == "–"
+    assert fmt(True) == "yes" and fmt(np.bool_(False)) == "no"
+    assert fmt(float("inf")) == "∞"
+
+
+def test_long_tables_are_cut_with_a_note():
+    frame = pd.DataFrame({"gene": [f"G{i}" for i in range(30)], "score": np.arange(30) / 7})
+    table = make_table(frame, source="results/demo/x.tsv", max_rows=25)
+    assert len(table.rows) == 25
+    assert table.note == "Showing the first 25 of 30 rows; the full table is results/demo/x.tsv."
+    assert table.rows[1]["cells"] == [("G1", ""), ("0.143", "num")]
+    assert make_table(frame.head(3)).note == ""
+
+
+def test_missing_optional_outputs_become_sentences(results):
+    root = results / DATASET
+    for rel in ("enrich", "quantize", "channels"):
+        shutil.rmtree(root / rel)
+    for rel in ("probe/layernorm.tsv", "probe/summary.json", "ablate/scaling.png",
+                "ablate/controls.tsv", "finetune/checkpoint/args.json"):  # fmt: skip
+        (root / rel).unlink()
+    page = html.unescape(build(results))
+    assert "No candidate reached enrichment." in section(page, "pathways")
+    assert "Quantization was not run." in section(page, "summary")
+    assert "No quantization results (results/demo/quantize/quantize.tsv is missing)." in page
+    assert "Figure not available (results/demo/ablate/scaling.png is missing)." in page
+    assert "No channel was mapped to genes" in section(page, "genes")
+    assert "results/demo/probe/layernorm.tsv is missing" in section(page, "probe")
+    assert "The probe accepted 1 candidate and listed 2 spikes in all." in page
+    assert "results/demo/finetune/checkpoint/args.json is missing" in page
+
+
+def test_enrich_folder_without_candidates_says_so(results):
+    shutil.rmtree(results / DATASET / "enrich" / "L1_12_40")
+    page = build(results)
+    assert "No candidate reached enrichment." in section(page, "pathways")
+    assert "No candidate reached enrichment." in section(page, "summary")
+
+
+@pytest.mark.parametrize("rel", list(REQUIRED))
+def test_missing_required_input_is_a_user_error(results, rel):
+    (results / DATASET / rel).unlink()
+    out = results.parent / "report" / "demo.html"
+    with pytest.raises(UserError, match=re.escape(rel)):
+        build_report(results, DATASET, CONFIG, out)
+    assert not out.exists()
+
+
+def test_report_is_written_atomically_and_replaced(results):
+    out = results.parent / "report" / "demo.html"
+    out.parent.mkdir()
+    out.write_text("old")
+    build_report(results, DATASET, CONFIG, out)
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["demo.html"]
+
+
+# --- headless browser -------------------------------------------------------------------
+
+PAGE_ERROR = re.compile(r":CONSOLE[:(\]]|Uncaught|Failed to load resource")
+
+
+def chromium(tmp_path: Path, name: str, page: Path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile-{name}"
+    profile.mkdir()
+    command = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+        *args, page.resolve().as_uri(),
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+
+
+def page_errors(stderr: str) -> list[str]:
+    """Console messages and failed loads of the page; Chromium's own dbus/GPU noise is not."""
+    return [line for line in stderr.splitlines() if PAGE_ERROR.search(line)]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs headless Chromium at /usr/bin/chromium")
+def test_report_renders_in_a_browser(results, tmp_path):
+    out = build_report(results, DATASET, CONFIG, tmp_path / "demo.html")
+    broken = tmp_path / "broken.html"
+    broken.write_text("<html><body><script>notDefined();</script></body></html>")
+    assert page_errors(chromium(tmp_path, "broken", broken, "--dump-dom").stderr)
+    dom = chromium(tmp_path, "dom", out, "--dump-dom")
+    assert page_errors(dom.stderr) == []
+    for name in SECTIONS:
+        assert re.search(rf'<section id="{name}">\s*<h2>', dom.stdout), name
+    assert "1 confirmed super weight" in dom.stdout
+    shot = tmp_path / "report.png"
+    run = chromium(tmp_path, "shot", out, f"--screenshot={shot}", "--window-size=1280,4000")
+    assert page_errors(run.stderr) == []
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000

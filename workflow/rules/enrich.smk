@@ -1,0 +1,51 @@
+rule map_channels:
+    input:
+        data="results/{dataset}/preprocess/tokenised.h5ad",
+        checkpoint="results/{dataset}/finetune/checkpoint",
+        candidates="results/{dataset}/ablate/confirmed.tsv",
+    output:
+        genes="results/{dataset}/channels/genes.tsv",
+        genes_of_interest=report(
+            "results/{dataset}/channels/genes_of_interest.tsv",
+            caption="../report/channels_goi.rst",
+            category="5. Genes and pathways",
+        ),
+        channels="results/{dataset}/channels/channels.tsv",
+        summary="results/{dataset}/channels/summary.json",
+    log:
+        "results/{dataset}/logs/map_channels.log",
+    benchmark:
+        "results/{dataset}/benchmarks/map_channels.tsv"
+    conda:
+        "../../envs/model.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    params:
+        settings=config["channels"],
+    script:
+        "../scripts/map_channels.py"
+
+
+rule enrich:
+    input:
+        genes="results/{dataset}/channels/genes.tsv",
+    output:
+        directory("results/{dataset}/enrich"),
+    log:
+        "results/{dataset}/logs/enrich.log",
+    benchmark:
+        "results/{dataset}/benchmarks/enrich.tsv"
+    conda:
+        "../../envs/enrich.yaml"
+    threads: config["enrich"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        gene_sets=gene_set_settings(),
+        settings=config["enrich"],
+    script:
+        "../scripts/enrich.py"

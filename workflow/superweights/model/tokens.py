@@ -1,0 +1,151 @@
+"""Cells of a tokenised AnnData as scGPT input sequences, batching and value masking.
+
+A cell becomes `<cls>` (value 0) followed by its expressed genes (token id, bin value).
+A cell with more genes than fit is represented by a random subset of them, drawn again
+each epoch and reproducible from (seed, epoch, cell index). Batches are padded with
+`<pad>` and the pad value -2; masked expression values become -1.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+CLS_VALUE = 0.0
+PAD_VALUE = -2.0
+MASK_VALUE = -1.0
+
+
+def gene_token_ids(genes, vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Columns of the genes found in `vocab` and their token ids; logs how many were dropped."""
+    columns = np.array([i for i, g in enumerate(genes) if g in vocab], dtype=np.int64)
+    if columns.size == 0:
+        raise UserError(
+            "none of the data's genes is in the model vocabulary; are the genes symbols, and "
+            "does the checkpoint's vocab.json belong to a human scGPT model?"
+        )
+    dropped = len(genes) - columns.size
+    if dropped:
+        log.warning("dropped %d of %d genes missing from the model vocabulary", dropped, len(genes))
+    ids = np.array([vocab[genes[i]] for i in columns], dtype=np.int64)
+    return columns, ids
+
+
+class CellDataset(Dataset):
+    """One scGPT sequence per cell of a (cells x genes) bin matrix.
+
+    `token_ids[j]` is the token of column j; `labels` (optional) are integer classes.
+    Call `set_epoch` before each epoch so long cells get a fresh gene subset.
+    """
+
+    def __init__(
+        self,
+        bins: sp.spmatrix,
+        token_ids: np.ndarray,
+        cls_id: int,
+        max_seq_len: int,
+        labels: np.ndarray | None = None,
+        seed: int = 0,
+    ):
+        if max_seq_len < 2:
+            raise UserError(f"max_seq_len must be at least 2 (<cls> + one gene), not {max_seq_len}")
+        matrix = sp.csr_matrix(bins)
+        matrix.eliminate_zeros()
+        self.indptr = matrix.indptr
+        self.indices = matrix.indices
+        self.values = matrix.data.astype(np.float32)
+        self.token_ids = np.asarray(token_ids, dtype=np.int64)
+        self.cls_id = cls_id
+        self.max_seq_len = max_seq_len
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        lo, hi = self.indptr[index], self.indptr[index + 1]
+        columns, values = self.indices[lo:hi], self.values[lo:hi]
+        room = self.max_seq_len - 1
+        if columns.size > room:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            keep = np.sort(rng.choice(columns.size, room, replace=False))
+            columns, values = columns[keep], values[keep]
+        item = {
+            "gene_ids": torch.from_numpy(np.concatenate([[self.cls_id], self.token_ids[columns]])),
+            "values": torch.from_numpy(np.concatenate([[CLS_VALUE], values]).astype(np.float32)),
+        }
+        if self.labels is not None:
+            item["label"] = torch.tensor(self.labels[index])
+        return item
+
+
+@dataclass
+class Collate:
+    """Pad a list of cells to the longest one: gene_ids, values, padding_mask (True = pad)."""
+
+    pad_id: int
+    pad_value: float = PAD_VALUE
+
+    def __call__(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        length = max(len(item["gene_ids"]) for item in items)
+        gene_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        values = torch.full((len(items), length), self.pad_value, dtype=torch.float32)
+        for row, item in enumerate(items):
+            n = len(item["gene_ids"])
+            gene_ids[row, :n] = item["gene_ids"]
+            values[row, :n] = item["values"]
+        batch = {"gene_ids": gene_ids, "values": values, "padding_mask": gene_ids == self.pad_id}
+        if "label" in items[0]:
+            batch["labels"] = torch.stack([item["label"] for item in items])
+        return batch
+
+
+def mask_values(
+    values: Tensor, padding_mask: Tensor, mask_ratio: float, seed: int, mask_value=MASK_VALUE
+) -> tuple[Tensor, Tensor]:
+    """Mask floor(mask_ratio x n) of each cell's n gene positions (not `<cls>`, not padding).
+
+    Returns the masked values and the boolean mask; the targets are the original `values`.
+    """
+    if not 0.0 <= mask_ratio < 1.0:
+        raise UserError(f"mask_ratio must be in [0, 1), not {mask_ratio}")
+    eligible = ~padding_mask.bool()
+    eligible[:, 0] = False
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(values.shape, generator=generator).to(values.device)
+    scores = scores.masked_fill(~eligible, 2.0)
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    n_mask = (eligible.sum(dim=1) * mask_ratio).floor().long()
+    mask = ranks < n_mask[:, None]
+    return values.masked_fill(mask, mask_value), mask
+
+
+class EpochSampler(Sampler[int]):
+    """Indices in a seeded order, reshuffled per epoch (`set_epoch`, as DistributedSampler)."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())

@@ -1,0 +1,630 @@
+"""Pretraining (masked expression) and cell-type fine-tuning of scGPT models.
+
+Both loops share one resumable trainer: AdamW, linear warm-up then cosine decay, gradient
+clipping, early stopping on the validation loss and the best epoch kept. After every
+epoch the whole training state (weights, optimiser, scheduler, RNG, history) is written
+atomically to a state file; a run started while that file exists continues from it and,
+on CPU, ends with the same model as an uninterrupted run. Cells are split by
+`obs["split"]`: train to learn, val to stop early, test (fine-tuning only) to report.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from ..data.vocab import SPECIAL_TOKENS
+from ..errors import UserError
+from .checkpoint import load_checkpoint, save_checkpoint
+from .scgpt import ScGPTConfig, ScGPTModel
+from .tokens import CellDataset, Collate, EpochSampler, gene_token_ids, mask_values
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds")
+
+
+@dataclass
+class ModelSettings:
+    """Architecture of a model pretrained here (post-LN like scGPT unless pre_norm).
+
+    `do_mvc`: also train scGPT's GEPC objective (masked values predicted from the `<cls>`
+    cell embedding), which teaches the cell embedding that fine-tuning starts from.
+    """
+
+    d_model: int = 64
+    nhead: int = 4
+    d_hid: int = 128
+    nlayers: int = 4
+    dropout: float = 0.0
+    pre_norm: bool = False
+    do_mvc: bool = True
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings of one training run (pretraining or fine-tuning).
+
+    `mask_ratio`: share of each cell's genes whose value is masked for the expression
+    objective; `mlm_weight`: weight of that objective when fine-tuning (0 = off).
+    `patience`: epochs without a lower validation loss before stopping.
+    """
+
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 16
+    max_seq_len: int = 192
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    patience: int = 3
+    mask_ratio: float = 0.4
+    mlm_weight: float = 0.0
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.lr <= 0:
+            raise UserError(
+                f"training needs epochs, batch_size, patience >= 1 and lr > 0 (got epochs="
+                f"{self.epochs}, batch_size={self.batch_size}, patience={self.patience}, "
+                f"lr={self.lr})"
+            )
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise UserError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
+
+
+def pick_device() -> torch.device:
+    """CUDA (the first visible GPU) when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _deterministic(seed: int):
+    """Seed torch and ask for deterministic kernels; the previous mode is restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def read_tokenised(tokenised: ad.AnnData | str | Path) -> ad.AnnData:
+    """The tokenised AnnData (read from a path if needed), checked for `label` and `split`."""
+    adata = tokenised if isinstance(tokenised, ad.AnnData) else ad.read_h5ad(tokenised)
+    missing = [c for c in ("label", "split") if c not in adata.obs.columns]
+    if missing:
+        raise UserError(f"tokenised data lacks obs column(s) {missing}; run preprocess first")
+    return adata
+
+
+def class_names(adata: ad.AnnData) -> list[str]:
+    """Class order of `obs["label"]`; at least two classes must occur in training cells."""
+    labels = adata.obs["label"].astype("category")
+    classes = [str(c) for c in labels.cat.categories]
+    in_train = labels[(adata.obs["split"] == "train").to_numpy()].nunique()
+    if len(classes) < 2 or in_train < 2:
+        raise UserError(
+            f"cell-type classification needs two or more classes in the training cells, "
+            f"found {in_train} ({', '.join(classes)}); check preprocess.label_column"
+        )
+    return classes
+
+
+def split_datasets(
+    adata: ad.AnnData, vocab: dict[str, int], settings: TrainSettings, labelled: bool
+) -> dict[str, CellDataset]:
+    """A CellDataset per split (train/val/test) over the genes that `vocab` knows."""
+    columns, token_ids = gene_token_ids(list(map(str, adata.var_names)), vocab)
+    bins = adata.X[:, columns]
+    split = adata.obs["split"].astype(str).to_numpy()
+    codes = adata.obs["label"].astype("category").cat.codes.to_numpy() if labelled else None
+    datasets = {}
+    for name in ("train", "val", "test"):
+        rows = np.flatnonzero(split == name)
+        datasets[name] = CellDataset(
+            bins[rows],
+            token_ids,
+            cls_id=vocab["<cls>"],
+            max_seq_len=settings.max_seq_len,
+            labels=None if codes is None else codes[rows],
+            seed=settings.seed,
+        )
+    for name in ("train", "val"):
+        if len(datasets[name]) == 0:
+            raise UserError(f"no cells in split '{name}'; preprocess needs more donors")
+    return datasets
+
+
+def data_vocab(genes: list[str], vocab: dict[str, int]) -> dict[str, int]:
+    """The genes of `genes` that `vocab` knows, in vocab order, then `<pad>`, `<cls>`, `<eoc>`.
+
+    Ids are renumbered from 0 (special tokens last, as in scGPT's vocabulary), so a model
+    pretrained here has an embedding row for every token it can see and no others.
+    """
+    known = sorted((vocab[g], g) for g in set(genes) if g in vocab)
+    if not known:
+        gene_token_ids(genes, vocab)  # raises the UserError
+    names = [g for _, g in known] + list(SPECIAL_TOKENS)
+    return {name: i for i, name in enumerate(names)}
+
+
+def make_loader(
+    dataset: CellDataset,
+    settings: TrainSettings,
+    pad_id: int,
+    shuffle: bool,
+    sampler: Sampler | Iterable[int] | None = None,
+) -> DataLoader:
+    """Batches of padded cells; the sampler (default: seeded EpochSampler) is replaceable."""
+    if sampler is None:
+        sampler = EpochSampler(len(dataset), shuffle, settings.seed)
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        collate_fn=Collate(pad_id),
+        num_workers=settings.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _mask_seed(*keys: int) -> int:
+    """A mask seed from non-negative keys: (seed, 0, epoch, step) train, (seed, 1, step) val."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+# --- objectives -------------------------------------------------------------------------
+
+
+def _masked_squared_error(pred: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, int]:
+    """Sum of squared errors over masked positions and their number."""
+    diff = pred.float()[mask] - target[mask]
+    return (diff * diff).sum(), int(mask.sum())
+
+
+def _expression_loss(model, batch: dict[str, Tensor], ratio: float, seed: int):
+    """GEP (+ GEPC when the model has an MVC head) squared error on masked values."""
+    masked, mask = mask_values(batch["values"], batch["padding_mask"], ratio, seed)
+    out = model(batch["gene_ids"], masked, batch["padding_mask"])
+    total, n = _masked_squared_error(out["expr"], batch["values"], mask)
+    if "mvc" in out:
+        total = total + _masked_squared_error(out["mvc"], batch["values"], mask)[0]
+    return total, n
+
+
+def _pretrain_loss(settings: TrainSettings):
+    def loss(model, batch, seed):
+        total, n = _expression_loss(model, batch, settings.mask_ratio, seed)
+        return total / max(n, 1)
+
+    return loss
+
+
+def _finetune_loss(settings: TrainSettings):
+    def loss(model, batch, seed):
+        values, mask = batch["values"], None
+        if settings.mlm_weight > 0:
+            values, mask = mask_values(values, batch["padding_mask"], settings.mask_ratio, seed)
+        out = model(batch["gene_ids"], values, batch["padding_mask"])
+        total = F.cross_entropy(out["cls_logits"].float(), batch["labels"])
+        if mask is not None:
+            squared, n = _masked_squared_error(out["expr"], batch["values"], mask)
+            total = total + settings.mlm_weight * squared / max(n, 1)
+        return total
+
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model: ScGPTModel, loader: DataLoader, device) -> tuple[np.ndarray, np.ndarray]:
+    """Classifier logits [N, C] (float32) and labels [N] of every cell the loader yields."""
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        batch = _to(batch, device)
+        with _autocast(torch.device(device)):
+            out = model(batch["gene_ids"], batch["values"], batch["padding_mask"])
+        logits.append(out["cls_logits"].float().cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def classification_metrics(logits, labels, classes: list[str]) -> dict:
+    """Accuracy, macro and per-class F1, mean log-likelihood, confusion (rows = true class).
+
+    A class with neither cells nor predictions has F1 None and is left out of the macro
+    mean (as scikit-learn does without explicit labels).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise UserError("no cells to evaluate; the test split is empty")
+    predicted = logits.argmax(axis=1)
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    hits = np.diag(confusion)
+    both = confusion.sum(axis=1) + confusion.sum(axis=0)
+    f1 = np.where(both > 0, 2 * hits / np.maximum(both, 1), np.nan)
+    return {
+        "accuracy": float(hits.sum() / len(labels)),
+        "macro_f1": float(np.nanmean(f1)),
+        "per_class_f1": {
+            c: None if np.isnan(v) else float(v) for c, v in zip(classes, f1, strict=True)
+        },
+        "mean_log_likelihood": float(_log_softmax(logits)[np.arange(len(labels)), labels].mean()),
+        "n_cells": int(len(labels)),
+        "classes": list(classes),
+        "confusion": confusion.tolist(),
+    }
+
+
+def _classifier_validation(loader: DataLoader, device):
+    def validate(model) -> dict:
+        logits, labels = evaluate(model, loader, device)
+        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+        return {"val_loss": float(loss), "val_accuracy": float((logits.argmax(1) == labels).mean())}
+
+    return validate
+
+
+def _expression_validation(loader: DataLoader, settings: TrainSettings, device):
+    @torch.no_grad()
+    def validate(model) -> dict:
+        model.eval()
+        total, count = 0.0, 0
+        for step, batch in enumerate(loader):
+            batch = _to(batch, device)
+            with _autocast(torch.device(device)):
+                squared, n = _expression_loss(
+                    model, batch, settings.mask_ratio, _mask_seed(settings.seed, 1, step)
+                )
+            total, count = total + float(squared), count + n
+        return {"val_loss": total / max(count, 1)}
+
+    return validate
+
+
+# --- the resumable trainer --------------------------------------------------------------
+
+
+def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = int(warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def train_step(model, batch, loss_fn, seed: int, optimizer, scheduler, settings, device) -> float:
+    """One optimiser step on one batch; returns the loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(device):
+        loss = loss_fn(model, _to(batch, device), seed)
+    loss.backward()
+    if settings.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+def _fingerprint(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_state(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an unreadable state only costs a restart
+        log.warning("ignoring unreadable training state %s (%s); starting over", path, err)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("training state %s is from other data or settings; starting over", path)
+        return None
+    log.info("resuming from %s after epoch %d", path, state["epoch"])
+    return state
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int
+    epochs_run: int
+
+
+def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not on biases, norms, embeddings:
+    rows of genes absent from the data would otherwise shrink without ever being used)."""
+    groups: dict[bool, list] = {True: [], False: []}
+    for name, param in model.named_parameters():
+        groups[param.ndim >= 2 and "embedding" not in name].append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": groups[True], "weight_decay": settings.weight_decay},
+            {"params": groups[False]},
+        ],
+        lr=settings.lr,
+        weight_decay=0.0,
+    )
+
+
+def _fit(model, train_loader, loss_fn, validate, settings, device, state_file, fingerprint, name):
+    """Train with early stopping; leaves the best epoch's weights in `model`."""
+    optimizer = _optimizer(model, settings)
+    total = settings.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(total, settings.warmup_fraction)
+    )
+    run = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
+    run |= {"history": [], "best_model": _copy(model)}
+    state = _load_state(state_file, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        run = {k: state[k] for k in run}
+
+    while run["epoch"] < settings.epochs and run["bad_epochs"] < settings.patience:
+        epoch, start = run["epoch"], time.perf_counter()
+        for part in (train_loader.sampler, train_loader.dataset):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+        losses = []
+        bar = tqdm(train_loader, desc=f"{name} epoch {epoch + 1}/{settings.epochs}", leave=False)
+        for step, batch in enumerate(bar):
+            seed = _mask_seed(settings.seed, 0, epoch, step)
+            losses.append(
+                train_step(model, batch, loss_fn, seed, optimizer, scheduler, settings, device)
+            )
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **validate(model)}
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        run["history"].append(row)
+        if row["val_loss"] < run["best_val_loss"]:
+            run |= {"best_val_loss": row["val_loss"], "best_epoch": epoch + 1, "bad_epochs": 0}
+            run["best_model"] = _copy(model)
+        else:
+            run["bad_epochs"] += 1
+        run["epoch"] = epoch + 1
+        _save_state(
+            {
+                **run,
+                "fingerprint": fingerprint,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+            },
+            state_file,
+        )
+        log.info("%s epoch %d: %s", name, epoch + 1, _describe(row))
+    model.load_state_dict(run["best_model"])
+    log.info("%s: best epoch %d (val loss %.4f)", name, run["best_epoch"], run["best_val_loss"])
+    return FitResult(run["history"], run["best_epoch"], run["epoch"])
+
+
+def _describe(row: dict) -> str:
+    parts = [f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds")]
+    return ", ".join([*parts, f"{row['seconds']:.1f} s"])
+
+
+def _copy(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# --- outputs ----------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    frame = pd.DataFrame(history).reindex(columns=list(HISTORY_COLUMNS))
+    _write_atomic(path, frame.dropna(axis=1, how="all").to_csv(sep="\t", index=False))
+
+
+# --- entry points -----------------------------------------------------------------------
+
+
+def pretrain(
+    tokenised: ad.AnnData | str | Path,
+    out_dir: str | Path,
+    model_settings: ModelSettings,
+    train_settings: TrainSettings,
+    vocab: dict[str, int],
+    state_file: str | Path | None = None,
+) -> Path:
+    """Masked expression modelling (GEP, + GEPC with do_mvc) from scratch on train/val cells.
+
+    The model's vocabulary is `data_vocab` of the data's genes; it is saved as the
+    checkpoint's vocab.json (map genes through it, not through `var["token_id"]`).
+    Writes `out_dir/checkpoint/` (best epoch by val masked MSE) and `out_dir/history.tsv`;
+    returns the checkpoint folder. `state_file` defaults to `out_dir/train_state.pt`.
+    """
+    settings, out_dir = train_settings, Path(out_dir)
+    if settings.mask_ratio <= 0:
+        raise UserError("pretraining needs mask_ratio > 0 (share of values to predict)")
+    adata = read_tokenised(tokenised)
+    vocab = data_vocab(list(map(str, adata.var_names)), vocab)
+    device = pick_device()
+    state_file = Path(state_file) if state_file else out_dir / STATE_FILE
+    with _deterministic(settings.seed):
+        config = ScGPTConfig(
+            ntoken=len(vocab),
+            d_model=model_settings.d_model,
+            nhead=model_settings.nhead,
+            d_hid=model_settings.d_hid,
+            nlayers=model_settings.nlayers,
+            dropout=model_settings.dropout,
+            pad_token_id=vocab["<pad>"],
+            pre_norm=model_settings.pre_norm,
+            do_mvc=model_settings.do_mvc,
+        )
+        model = ScGPTModel(config).to(device)
+        data = split_datasets(adata, vocab, settings, labelled=False)
+        # Start the expression decoder at the mean bin, not at 0, so the first steps are
+        # not spent (and the hidden states not distorted) learning the output scale.
+        with torch.no_grad():
+            model.decoder.fc[-1].bias.fill_(float(data["train"].values.mean()))
+        pad = vocab["<pad>"]
+        result = _fit(
+            model,
+            make_loader(data["train"], settings, pad, shuffle=True),
+            _pretrain_loss(settings),
+            _expression_validation(
+                make_loader(data["val"], settings, pad, False), settings, device
+            ),
+            settings,
+            device,
+            state_file,
+            _fingerprint(
+                kind="pretrain",
+                model=asdict(model_settings),
+                train=asdict(settings),
+                shape=adata.shape,
+                genes=list(adata.var_names),
+                vocab=vocab,
+            ),
+            "pretrain",
+        )
+    folder = save_checkpoint(model, config, vocab, out_dir / "checkpoint")
+    write_history(result.history, out_dir / "history.tsv")
+    state_file.unlink(missing_ok=True)
+    return folder
+
+
+def finetune(
+    tokenised: ad.AnnData | str | Path,
+    out_dir: str | Path,
+    train_settings: TrainSettings,
+    init_checkpoint: str | Path,
+    state_file: str | Path | None = None,
+) -> dict:
+    """Cell-type classification from a checkpoint folder; returns the test metrics.
+
+    Writes `out_dir/checkpoint/` (best epoch by val cross-entropy, classes in args.json),
+    `out_dir/history.tsv` and `out_dir/metrics.json` (test donors). `state_file` defaults
+    to `out_dir/train_state.pt`.
+    """
+    settings, out_dir = train_settings, Path(out_dir)
+    if settings.mlm_weight > 0 and settings.mask_ratio <= 0:
+        raise UserError("mlm_weight > 0 needs mask_ratio > 0 (share of values to predict)")
+    adata = read_tokenised(tokenised)
+    classes = class_names(adata)
+    device = pick_device()
+    state_file = Path(state_file) if state_file else out_dir / STATE_FILE
+    with _deterministic(settings.seed):
+        model, config, vocab = load_checkpoint(
+            init_checkpoint, n_cls=len(classes), allow_missing=("cls_decoder.*",), device=device
+        )
+        data = split_datasets(adata, vocab, settings, labelled=True)
+        if len(data["test"]) == 0:
+            raise UserError("no cells in split 'test'; preprocess needs more donors")
+        pad = config.pad_token_id
+
+        def loader(name: str, shuffle: bool = False) -> DataLoader:
+            return make_loader(data[name], settings, pad, shuffle)
+
+        result = _fit(
+            model,
+            loader("train", shuffle=True),
+            _finetune_loss(settings),
+            _classifier_validation(loader("val"), device),
+            settings,
+            device,
+            state_file,
+            _fingerprint(
+                kind="finetune",
+                train=asdict(settings),
+                init=Path(init_checkpoint).resolve(),
+                shape=adata.shape,
+                genes=list(adata.var_names),
+                classes=classes,
+            ),
+            "finetune",
+        )
+        logits, labels = evaluate(model, loader("test"), device)
+    metrics = classification_metrics(logits, labels, classes)
+    metrics |= {
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+    }
+    log.info(
+        "test: accuracy %.4f, macro F1 %.4f over %d cells",
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        metrics["n_cells"],
+    )
+    save_checkpoint(
+        model,
+        config,
+        vocab,
+        out_dir / "checkpoint",
+        extra_args={"classes": classes, "finetuned_from": str(init_checkpoint)},
+    )
+    write_history(result.history, out_dir / "history.tsv")
+    _write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    state_file.unlink(missing_ok=True)
+    return metrics

@@ -1,0 +1,644 @@
+"""Find super weights (Yu et al. 2024) in any model with MLP down-projections.
+
+A down-projection computes ``Y = X · Wᵀ`` with ``W`` of shape (D, H). A super weight
+``W[j, k]`` shows up as an input spike ``X[t, k]`` and an output spike ``Y[t, j]`` on the
+same token ``t``, with ``Y[t, j]`` coming mostly from ``X[t, k] · W[j, k]``. The probe hooks
+every down-projection, records each layer's largest |input| and |output| with their
+location and compares them with the layer's median magnitude (an absolute cut-off alone
+never fires on post-LayerNorm models). Layers passing every test give candidates; those
+weights are zeroed and the model is run again until no spike is left. The model's weights
+and train/eval modes are restored before returning.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from superweights.errors import UserError
+from superweights.outputs import to_jsonable, write_json, write_tsv
+
+DOWN_PROJ_PATTERNS = {
+    "scgpt": r"^transformer_encoder\.layers\.(\d+)\.linear2$",
+    "hf_decoder": r"^(?:model\.)?layers\.(\d+)\.mlp\.down_proj$",
+}
+"""Built-in down-projection names (scGPT; Llama, Mistral, OLMo, Phi-3, Qwen); group 1 is the
+layer index."""
+
+NORM_SIBLING = "norm2"
+"""Default post-LN norm, found next to the down-projection (scGPT's ``layers.N.norm2``)."""
+
+_PAD_TRUE_KEYS = ("padding_mask", "src_key_padding_mask", "key_padding_mask")
+
+
+@dataclass
+class Spike:
+    """Largest |activation| a hook saw in one round, where it was, and the median |x| > 0.
+
+    ``item`` is the sequence index over all sequences of the round (3-D activations) or the
+    forward-call index (2-D activations); ``token`` is the position inside it.
+    """
+
+    value: float
+    magnitude: float
+    median: float
+    item: int
+    token: int
+    channel: int
+
+    @property
+    def ratio(self) -> float:
+        if self.median > 0:
+            return self.magnitude / self.median
+        return math.inf if self.magnitude > 0 else 0.0
+
+
+@dataclass
+class Candidate:
+    """An accepted super weight ``W[row, col]`` of ``module`` and the spikes it explains."""
+
+    module: str
+    layer: int
+    row: int
+    col: int
+    weight: float
+    input_value: float
+    output_value: float
+    input_ratio: float
+    output_ratio: float
+    contribution: float
+    item: int
+    token: int
+    round: int
+
+
+@dataclass
+class LayerStat:
+    """One layer in one round: spikes, medians, ratios and the decision with its reason."""
+
+    round: int
+    layer: int
+    module: str
+    max_in: float
+    median_in: float
+    ratio_in: float
+    item_in: int
+    token_in: int
+    channel_in: int
+    max_out: float
+    median_out: float
+    ratio_out: float
+    item_out: int
+    token_out: int
+    channel_out: int
+    contribution: float
+    decision: str
+    reason: str
+    resid_max: float | None = None
+    resid_median: float | None = None
+    resid_ratio: float | None = None
+    resid_channel: int | None = None
+
+
+@dataclass
+class ProbeResult:
+    """Accepted candidates, per-round per-layer statistics, and why the search stopped."""
+
+    candidates: list[Candidate]
+    layer_stats: list[LayerStat]
+    rounds: int
+    stopped: str
+    settings: dict
+
+    @property
+    def found(self) -> bool:
+        return bool(self.candidates)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Candidates as a table (one row per super weight; columns even when empty)."""
+        return _frame(self.candidates, Candidate)
+
+    def layers_frame(self) -> pd.DataFrame:
+        """Per-round, per-layer statistics as a table."""
+        return _frame(self.layer_stats, LayerStat)
+
+    def strongest(self, n: int = 5) -> pd.DataFrame:
+        """The ``n`` strongest first-round output spikes, with ratios and the verdict."""
+        first = self.layers_frame().query("round == 1")
+        cols = ["layer", "module", "ratio_in", "ratio_out", "max_in", "max_out"]
+        cols += ["token_in", "token_out", "channel_in", "channel_out", "decision", "reason"]
+        return first.sort_values("ratio_out", ascending=False).head(n)[cols]
+
+    def summary(self) -> str:
+        """One line saying what was found, or that nothing was and what came closest."""
+        if self.found:
+            where = ", ".join(f"({c.layer}, {c.row}, {c.col})" for c in self.candidates)
+            return f"{len(self.candidates)} super weight(s) (layer, row, col): {where}"
+        top = self.strongest(1)
+        if top.empty:
+            return "no super weight found; no layer was probed"
+        s = top.iloc[0]
+        return (
+            f"no super weight found; strongest spike layer {s.layer}: output ratio "
+            f"{s.ratio_out:.1f}, input ratio {s.ratio_in:.1f} ({s.reason})"
+        )
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict (non-finite numbers become null)."""
+        return to_jsonable(
+            {
+                "found": self.found,
+                "summary": self.summary(),
+                "rounds": self.rounds,
+                "stopped": self.stopped,
+                "settings": self.settings,
+                "candidates": [asdict(c) for c in self.candidates],
+                "layers": [asdict(s) for s in self.layer_stats],
+            }
+        )
+
+    def write(self, out_dir: str | Path) -> None:
+        """Write ``candidates.tsv``, ``candidates.json`` and ``layers.tsv`` to ``out_dir``."""
+        out = Path(out_dir)
+        write_tsv(out / "candidates.tsv", self.to_frame())
+        write_tsv(out / "layers.tsv", self.layers_frame())
+        write_json(out / "candidates.json", self.to_json())
+
+
+def down_projections(
+    model: nn.Module, pattern: str | None = None
+) -> dict[int, tuple[str, nn.Module]]:
+    """Map layer index → (name, module) of the down-projections matching ``pattern``.
+
+    ``pattern`` is a key of ``DOWN_PROJ_PATTERNS`` or a regex whose first group is the layer
+    index; ``None`` tries the built-in patterns in order and uses the first that matches.
+    """
+    if pattern is None:
+        for regex in DOWN_PROJ_PATTERNS.values():
+            if found := _match(model, regex):
+                return found
+        raise UserError(
+            f"no down-projection found by the built-in patterns {list(DOWN_PROJ_PATTERNS.values())}"
+            "; pass pattern= a regex over module names whose first group is the layer index"
+        )
+    regex = DOWN_PROJ_PATTERNS.get(pattern, pattern)
+    if found := _match(model, regex):
+        return found
+    raise UserError(f"no module name matches the down-projection pattern {regex!r}")
+
+
+def find_super_weights(
+    model: nn.Module,
+    inputs: Mapping[str, Tensor] | Tensor | Callable[[nn.Module], object],
+    pattern: str | None = None,
+    *,
+    input_ratio: float = 100.0,
+    output_ratio: float = 100.0,
+    min_abs: float = 0.0,
+    contribution_min: float = 0.5,
+    max_rounds: int = 10,
+    residual: bool = True,
+    norm_pattern: str | None = None,
+    median_sample: int = 16384,
+    seed: int = 0,
+) -> ProbeResult:
+    """Find super weights by hooking the down-projections and iterating as Yu et al. do.
+
+    ``inputs``: a batch (dict → ``model(**inputs)``, tensor → ``model(inputs)``) or a callable
+    ``run(model)`` doing the forward pass(es). Padding tokens are ignored when the model is
+    called with ``padding_mask``/``src_key_padding_mask`` (True = pad) or a 2-D
+    ``attention_mask`` (0 = pad). A layer gives a candidate when input and output spike on
+    the same token, both ratios to the layer median reach ``input_ratio``/``output_ratio``,
+    both magnitudes reach ``min_abs`` and ``X[t,k]·W[j,k] / Y[t,j] ≥ contribution_min``.
+    Accepted weights are zeroed and the model rerun, for at most ``max_rounds`` rounds.
+    With ``residual``, the input of each post-LN norm (regex ``norm_pattern`` with the layer
+    as group 1; default the down-projection's sibling ``norm2``) is recorded too.
+    Medians are of the non-zero |x| (exact zeros are ReLU outputs or padding) in about
+    ``median_sample`` entries (whole random rows, ``seed``) per forward call, pooled over
+    the round's calls (every other call's sample is dropped whenever more than 32 are held).
+    The probe runs in eval mode without autograd and without PyTorch's fused attention fast
+    path; weights, modes and the fast-path setting are restored exactly on return.
+    """
+    if max_rounds < 1:
+        raise UserError(f"max_rounds must be at least 1, got {max_rounds}")
+    down = down_projections(model, pattern)
+    norms = _norm_modules(model, down, norm_pattern) if residual else {}
+    settings = {
+        "pattern": pattern,
+        "modules": [name for name, _ in down.values()],
+        "input_ratio": input_ratio,
+        "output_ratio": output_ratio,
+        "min_abs": min_abs,
+        "contribution_min": contribution_min,
+        "max_rounds": max_rounds,
+        "norm_modules": [name for name, _ in norms.values()],
+        "median_sample": median_sample,
+    }
+    thresholds = {
+        "input_ratio": input_ratio,
+        "output_ratio": output_ratio,
+        "min_abs": min_abs,
+        "contribution_min": contribution_min,
+    }
+    zeroed: dict[tuple[str, int, int], Tensor] = {}
+    candidates: list[Candidate] = []
+    stats: list[LayerStat] = []
+    stopped, rnd = "max_rounds reached", 0
+    sample_rows = _SampleRows(median_sample, seed)
+    try:
+        with _probe_mode(model), _Hooks(model, down, norms, sample_rows) as hooks:
+            for rnd in range(1, max_rounds + 1):
+                hooks.reset()
+                _forward(model, inputs)
+                found = hooks.spikes()
+                for layer, (name, module) in down.items():
+                    spike_in, spike_out, resid = found[layer]
+                    stat = _judge(rnd, layer, name, module.weight, spike_in, spike_out, thresholds)
+                    if resid is not None:
+                        stat.resid_max, stat.resid_median = resid.magnitude, resid.median
+                        stat.resid_ratio, stat.resid_channel = resid.ratio, resid.channel
+                    stats.append(stat)
+                    if stat.decision == "accepted":
+                        candidates.append(_candidate(stat, module.weight, spike_in, spike_out))
+                accepted = [c for c in candidates if c.round == rnd]
+                if not accepted:
+                    stopped = "no spike left"
+                    break
+                if rnd < max_rounds:
+                    for c in accepted:
+                        weight = down[c.layer][1].weight
+                        zeroed.setdefault((c.module, c.row, c.col), weight[c.row, c.col].clone())
+                        weight[c.row, c.col] = 0
+    finally:
+        _restore(model, zeroed)
+    return ProbeResult(candidates, stats, rnd, stopped, settings)
+
+
+def layernorm_outliers(model: nn.Module, z: float = 3.5) -> pd.DataFrame:
+    """Normalisation gains ``γ_j`` whose |γ_j| is unusually large within their own module.
+
+    Robust z-score ``0.6745 · (|γ_j| − median) / MAD`` over one module's |γ| (Iglewicz &
+    Hoaglin); a channel is listed when it reaches ``z`` (infinite when MAD is 0 and |γ_j|
+    differs from the median). Any module whose class name contains "Norm" and that has a
+    1-D ``weight`` counts (LayerNorm, RMSNorm, ...). Rows are sorted by module, then z.
+    """
+    rows = []
+    for name, module in model.named_modules():
+        gain = getattr(module, "weight", None)
+        if "norm" not in type(module).__name__.lower() or not isinstance(gain, Tensor):
+            continue
+        if gain.dim() != 1:
+            continue
+        gain = gain.detach().float().cpu()
+        median = gain.abs().median()
+        dev = gain.abs() - median
+        mad = dev.abs().median()
+        if mad > 0:
+            scores = 0.6745 * dev / mad
+        else:
+            scores = torch.where(dev > 0, math.inf, 0.0)
+        for channel in torch.nonzero(scores >= z).flatten().tolist():
+            rows.append(
+                {
+                    "module": name,
+                    "channel": channel,
+                    "gain": float(gain[channel]),
+                    "robust_z": float(scores[channel]),
+                    "median_abs_gain": float(median),
+                    "mad": float(mad),
+                }
+            )
+    cols = ["module", "channel", "gain", "robust_z", "median_abs_gain", "mad"]
+    frame = pd.DataFrame(rows, columns=cols)
+    return frame.sort_values(["module", "robust_z"], ascending=[True, False], ignore_index=True)
+
+
+def _match(model: nn.Module, regex: str) -> dict[int, tuple[str, nn.Module]]:
+    compiled = re.compile(regex)
+    found = {}
+    for name, module in model.named_modules():
+        if m := compiled.search(name):
+            found[int(m.group(1))] = (name, module)
+    return dict(sorted(found.items()))
+
+
+def _norm_modules(model, down, norm_pattern):
+    if norm_pattern is not None:
+        return {layer: item for layer, item in _match(model, norm_pattern).items() if layer in down}
+    modules = dict(model.named_modules())
+    found = {}
+    for layer, (name, _) in down.items():
+        sibling = f"{name.rpartition('.')[0]}.{NORM_SIBLING}"
+        if sibling in modules:
+            found[layer] = (sibling, modules[sibling])
+    return found
+
+
+class _SampleRows:
+    """Fixed random rows (tokens) at which activations of one shape are read for the median.
+
+    Whole rows are read (coalesced memory access): ``size // width`` of them, at least
+    ``MIN_ROWS``, or every row when there are no more. Their padding flags are computed
+    once per forward call and shared by all hooks.
+    """
+
+    MIN_ROWS = 8
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.picks: dict[tuple[int, int, torch.device], Tensor] = {}
+        self.pad: Tensor | None = None
+        self.picked_pad: dict[tuple[int, int, torch.device], Tensor] = {}
+
+    def __call__(self, rows: Tensor, pad_rows: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        n, width = rows.shape
+        key = (n, width, rows.device)
+        if key not in self.picks:
+            k = max(self.size // width, self.MIN_ROWS)
+            picks = torch.arange(n) if n <= k else torch.randperm(n, generator=self.generator)[:k]
+            self.picks[key] = picks.sort().values.to(rows.device)
+        if pad_rows is None:
+            return self.picks[key], None
+        if pad_rows is not self.pad:
+            self.pad, self.picked_pad = pad_rows, {}
+        if key not in self.picked_pad:
+            self.picked_pad[key] = pad_rows.index_select(0, self.picks[key])
+        return self.picks[key], self.picked_pad[key]
+
+
+class _Tracker:
+    """What one hook saw in one round: the row holding the largest |x|, and samples of |x|.
+
+    Per forward call only a per-row abs-max and small gathers run, with no copy of the
+    activations; memory stays bounded however many calls there are (only the best row is
+    kept every ``2 * KEEP`` calls; samples of every other call are dropped when more than
+    ``KEEP`` are held). ``spike()`` does the rest once per round.
+    """
+
+    KEEP = 32
+
+    def __init__(self, sample_rows: _SampleRows):
+        self.sample_rows = sample_rows
+        self.reset()
+
+    def reset(self) -> None:
+        self.peaks: list[Tensor] = []  # largest |x| of each call
+        self.calls: list[int] = []  # index of that call
+        self.rows: list[Tensor] = []  # row of that |x|
+        self.tops: list[Tensor] = []  # that row
+        self.samples: list[tuple[Tensor, Tensor | None]] = []  # x on fixed rows, padding
+        self.layout: list[tuple[tuple[int, ...], int]] = []  # shape and first item per call
+        self.items = 0
+        self.stride = 1
+
+    def update(self, t: Tensor, pad_rows: Tensor | None) -> None:
+        """Record ``t`` ([..., H]); ``pad_rows`` flags padding rows of ``t.view(-1, H)``."""
+        if t.requires_grad:  # a run(model) callable may have turned autograd back on
+            t = t.detach()
+        if t.is_nested:
+            t = t.to_padded_tensor(0.0)
+        call, offset = len(self.layout), self.items
+        if t.dim() >= 3:
+            self.items += t.shape[0]
+        if t.numel() == 0:
+            return
+        self.layout.append((tuple(t.shape), offset))
+        rows = t.reshape(-1, t.shape[-1])
+        if pad_rows is not None and pad_rows.shape[0] != rows.shape[0]:
+            pad_rows = None
+        peak = _row_peaks(rows)
+        if pad_rows is not None:
+            peak.masked_fill_(pad_rows, 0)
+        magnitude, row = peak.max(0, keepdim=True)
+        self.peaks.append(magnitude)
+        self.calls.append(call)
+        self.rows.append(row)
+        self.tops.append(rows.index_select(0, row))
+        if len(self.peaks) >= 2 * self.KEEP:  # keep the best so far (one sync per 64 calls)
+            best = int(torch.cat(self.peaks).argmax())
+            for kept in (self.peaks, self.calls, self.rows, self.tops):
+                kept[:] = kept[best : best + 1]
+        if call % self.stride == 0:
+            picks, picked_pad = self.sample_rows(rows, pad_rows)
+            self.samples.append((rows.index_select(0, picks), picked_pad))
+            if len(self.samples) > self.KEEP:
+                self.samples = self.samples[::2]
+                self.stride *= 2
+
+    def spike(self) -> Spike | None:
+        """The largest |x| of the round, where it was, and the median of |x| > 0."""
+        if not self.peaks:
+            return None
+        peaks = torch.cat(self.peaks).float().cpu()
+        best = int(peaks.argmax())
+        call, row = self.calls[best], int(self.rows[best])
+        top = self.tops[best].view(-1).float().cpu()
+        channel = int(top.abs().argmax())
+        shape, offset = self.layout[call]
+        if len(shape) == 2:
+            item, token = call, row
+        else:
+            per_item = math.prod(shape[1:-1])
+            item, token = offset + row // per_item, row % per_item
+        sample = torch.cat([_unpadded(x, pad) for x, pad in self.samples]).float().abs()
+        sample = sample[sample > 0]
+        median = float(sample.median()) if sample.numel() else 0.0
+        return Spike(float(top[channel]), float(peaks[best]), median, item, token, channel)
+
+
+def _unpadded(sample: Tensor, pad: Tensor | None) -> Tensor:
+    """The entries of a [rows, H] sample outside padding rows, flattened."""
+    return sample.view(-1) if pad is None else sample[~pad].view(-1)
+
+
+def _row_peaks(rows: Tensor) -> Tensor:
+    """max |x| of each row: amax/amin is fastest on CPUs, vector_norm(inf) on GPUs."""
+    if rows.device.type == "cpu":
+        return torch.maximum(rows.amax(-1), rows.amin(-1).neg_())
+    return torch.linalg.vector_norm(rows, math.inf, dim=-1)
+
+
+class _Hooks:
+    """Forward hooks on the down-projections (input and output), the norms and the model."""
+
+    def __init__(self, model, down, norms, sample_rows):
+        self.pad: Tensor | None = None  # padding flag of each token of the current call
+        self.trackers = {
+            (layer, part): _Tracker(sample_rows) for layer in down for part in ("in", "out")
+        }
+        self.trackers |= {(layer, "resid"): _Tracker(sample_rows) for layer in norms}
+        self.names = {layer: name for layer, (name, _) in down.items()}
+        self.signature = inspect.signature(model.forward)
+        self.handles = [model.register_forward_pre_hook(self._watch_mask, with_kwargs=True)]
+        for layer, (_, module) in down.items():
+            self.handles.append(module.register_forward_hook(self._down_hook(layer)))
+        for layer, (_, module) in norms.items():
+            self.handles.append(module.register_forward_pre_hook(self._norm_hook(layer)))
+
+    def __enter__(self) -> _Hooks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def reset(self) -> None:
+        for tracker in self.trackers.values():
+            tracker.reset()
+
+    def spikes(self) -> dict[int, tuple[Spike, Spike, Spike | None]]:
+        found = {}
+        for layer, name in self.names.items():
+            spike_in = self.trackers[layer, "in"].spike()
+            spike_out = self.trackers[layer, "out"].spike()
+            if spike_in is None or spike_out is None:
+                raise RuntimeError(
+                    f"the forward hook on {name} saw no activations; the forward pass skipped "
+                    "it (fused fast path or nested tensors?) or ran on empty input"
+                )
+            resid = self.trackers.get((layer, "resid"))
+            found[layer] = (spike_in, spike_out, resid.spike() if resid else None)
+        return found
+
+    def _watch_mask(self, module, args, kwargs) -> None:
+        try:
+            named = self.signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            named = dict(kwargs)
+        pad = _padding_mask(named)
+        self.pad = None if pad is None else pad.reshape(-1)  # one flag per token row
+
+    def _down_hook(self, layer):
+        def hook(module, args, output):
+            self.trackers[layer, "in"].update(args[0], self.pad)
+            self.trackers[layer, "out"].update(output, self.pad)
+
+        return hook
+
+    def _norm_hook(self, layer):
+        def hook(module, args):
+            self.trackers[layer, "resid"].update(args[0], self.pad)
+
+        return hook
+
+
+def _padding_mask(named: dict) -> Tensor | None:
+    for key in _PAD_TRUE_KEYS:
+        mask = named.get(key)
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            return mask.bool()
+    mask = named.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        return mask == 0
+    return None
+
+
+@contextmanager
+def _probe_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no autograd, no fused attention fast path (it skips hooks); then restore."""
+    modes = [(module, module.training) for module in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for module, training in modes:
+            module.training = training
+
+
+def _forward(model: nn.Module, inputs) -> None:
+    if isinstance(inputs, Mapping):
+        model(**inputs)
+    elif isinstance(inputs, Tensor):
+        model(inputs)
+    elif callable(inputs):
+        inputs(model)
+    else:
+        raise TypeError(f"inputs must be a dict, a tensor or a callable, not {type(inputs)}")
+
+
+def _judge(rnd, layer, name, weight, spike_in, spike_out, th) -> LayerStat:
+    """Test one layer's spikes against every threshold and say why it fails, if it does."""
+    reasons = []
+    contribution = math.nan
+    same_token = (spike_in.item, spike_in.token) == (spike_out.item, spike_out.token)
+    if not same_token:
+        reasons.append(
+            f"spikes on different tokens (input {spike_in.item}:{spike_in.token}, "
+            f"output {spike_out.item}:{spike_out.token})"
+        )
+    elif spike_out.value != 0:
+        w = float(weight[spike_out.channel, spike_in.channel])
+        contribution = spike_in.value * w / spike_out.value
+    if spike_in.ratio < th["input_ratio"]:
+        reasons.append(f"input ratio {spike_in.ratio:.1f} < {th['input_ratio']:g}")
+    if spike_out.ratio < th["output_ratio"]:
+        reasons.append(f"output ratio {spike_out.ratio:.1f} < {th['output_ratio']:g}")
+    if spike_in.magnitude < th["min_abs"]:
+        reasons.append(f"|input| {spike_in.magnitude:.3g} < min_abs {th['min_abs']:g}")
+    if spike_out.magnitude < th["min_abs"]:
+        reasons.append(f"|output| {spike_out.magnitude:.3g} < min_abs {th['min_abs']:g}")
+    if same_token and not contribution >= th["contribution_min"]:
+        reasons.append(f"contribution {contribution:.2f} < {th['contribution_min']:g}")
+    return LayerStat(
+        round=rnd,
+        layer=layer,
+        module=name,
+        max_in=spike_in.magnitude,
+        median_in=spike_in.median,
+        ratio_in=spike_in.ratio,
+        item_in=spike_in.item,
+        token_in=spike_in.token,
+        channel_in=spike_in.channel,
+        max_out=spike_out.magnitude,
+        median_out=spike_out.median,
+        ratio_out=spike_out.ratio,
+        item_out=spike_out.item,
+        token_out=spike_out.token,
+        channel_out=spike_out.channel,
+        contribution=contribution,
+        decision="rejected" if reasons else "accepted",
+        reason="; ".join(reasons) or "accepted",
+    )
+
+
+def _candidate(stat: LayerStat, weight: Tensor, spike_in: Spike, spike_out: Spike) -> Candidate:
+    return Candidate(
+        module=stat.module,
+        layer=stat.layer,
+        row=spike_out.channel,
+        col=spike_in.channel,
+        weight=float(weight[spike_out.channel, spike_in.channel]),
+        input_value=spike_in.value,
+        output_value=spike_out.value,
+        input_ratio=spike_in.ratio,
+        output_ratio=spike_out.ratio,
+        contribution=stat.contribution,
+        item=spike_out.item,
+        token=spike_out.token,
+        round=stat.round,
+    )
+
+
+def _restore(model: nn.Module, zeroed: dict[tuple[str, int, int], Tensor]) -> None:
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for (name, row, col), value in zeroed.items():
+            modules[name].weight[row, col] = value
+
+
+def _frame(records: list, cls: type) -> pd.DataFrame:
+    return pd.DataFrame([asdict(r) for r in records], columns=[f.name for f in fields(cls)])

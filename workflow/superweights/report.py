@@ -1,0 +1,814 @@
+"""One self-contained HTML report per dataset: what was found, how, and the evidence.
+
+`build_report` reads the stage outputs under `results/<dataset>/`, turns them into plain
+statements, formatted tables and figures embedded as base64 PNG, and renders
+`templates/report.html.j2`. The page makes no network request and needs no JavaScript.
+Missing optional outputs become a sentence; a missing required one is a `UserError`.
+"""
+
+import base64
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import pandas as pd
+import yaml
+
+from . import __version__
+from .errors import UserError
+from .outputs import write_text
+from .quantize_plots import CAPTION as QUANTIZE_CAPTION
+
+TEMPLATE = "report.html.j2"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+CORE_GENES = ("APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2")
+REQUIRED = {
+    "preprocess/qc.tsv": "preprocess",
+    "finetune/metrics.json": "finetune",
+    "probe/candidates.tsv": "probe",
+    "ablate/collapse.tsv": "ablate",
+}
+MAX_ROWS = 25
+MAX_TEXT = 90
+LONG_TEXT = 40
+TOP_GENES = 20
+TOP_TERMS = 15
+TOP_PERCENTILE = 90.0
+CONTROL_KINDS = ("random", "same_row", "same_col", "scale")
+CANDIDATE_COLUMNS = [
+    "accepted", "layer", "row", "col", "weight", "input_ratio", "output_ratio", "contribution",
+    "cell_type", "token_gene", "n_cells_same_channel", "n_cells", "top_genes",
+]  # fmt: skip
+LAYERNORM_COLUMNS = ["module", "layer", "channel", "gain", "robust_z", "median_abs_gain"]
+CONFIRMED_COLUMNS = [
+    "candidate", "confirmed", "layer", "row", "col", "weight", "collapse", "random_mean",
+    "random_sd", "z_random", "topk_k", "topk_collapse", "restore_recovered",
+    "restore_spike_recovered",
+]  # fmt: skip
+CONDITION_COLUMNS = [
+    "condition", "log_likelihood", "collapse", "accuracy", "macro_f1", "expr_ll_drop"
+]  # fmt: skip
+CONTROL_COLUMNS = [
+    "candidate", "control", "n", "collapse_mean", "collapse_sd", "candidate_collapse", "z",
+    "recovered",
+]  # fmt: skip
+INTEREST_COLUMNS = [
+    "candidate", "confirmed", "gene", "status", "n_cells", "rank", "n_ranked", "percentile",
+    "score",
+]  # fmt: skip
+GENE_COLUMNS = [
+    "rank", "gene", "score", "n_cells", "input_act", "output_act", "resid_act", "ablation_effect"
+]  # fmt: skip
+ENRICH_SUMMARY_COLUMNS = [
+    "candidate", "confirmed", "n_genes", "n_sets", "n_significant", "n_ad_significant",
+    "top_term", "top_NES", "top_FDR", "top_ad_term", "top_ad_FDR",
+]  # fmt: skip
+ENRICH_TABLES = {
+    "prerank": ["library", "term", "size", "NES", "FDR", "leading_edge"],
+    "ad_terms": ["analysis", "library", "term", "size", "NES", "odds_ratio", "FDR"],
+    "ora": ["library", "term", "size", "overlap", "odds_ratio", "FDR", "genes"],
+}
+QUANTIZE_COLUMNS = [
+    "scheme", "method", "bits", "block_size", "mean_log_likelihood", "accuracy", "macro_f1",
+    "weight_error", "n_clipped",
+]  # fmt: skip
+ABLATE_FIGURES = {
+    "ll_by_condition": "Mean log-likelihood of the true cell type with each candidate pruned, "
+    "next to its controls (bars: mean ± sd over random draws) and the original model.",
+    "scaling": "Mean log-likelihood of the true cell type as each candidate weight is "
+    "multiplied by 0 to 3 (1 = original).",
+    "prediction_shift": "How the mean predicted probability of each cell type changes when a "
+    "candidate is pruned.",
+    "celltype_collapse": "Drop in the log-likelihood of the true cell type, per cell type and "
+    "condition.",
+}
+LABELS = {
+    "n_cells": "cells",
+    "n_genes": "genes",
+    "input_ratio": "input spike / median",
+    "output_ratio": "output spike / median",
+    "contribution": "share of output from W",
+    "token_gene": "gene at spike",
+    "n_cells_same_channel": "cells spiking on it",
+    "n_cell_types_same_channel": "cell types spiking on it",
+    "top_genes": "genes at spikes (cells)",
+    "log_likelihood": "mean log p(true type)",
+    "collapse": "drop in log p(true type)",
+    "macro_f1": "macro F1",
+    "expr_ll_drop": "drop in expression log-lik.",
+    "random_mean": "random drop (mean)",
+    "random_sd": "random drop (sd)",
+    "z_random": "z vs random",
+    "topk_k": "top-k k",
+    "topk_collapse": "top-k drop",
+    "restore_recovered": "recovered (restore all)",
+    "restore_spike_recovered": "recovered (restore spike)",
+    "collapse_mean": "control drop (mean)",
+    "collapse_sd": "control drop (sd)",
+    "candidate_collapse": "candidate drop",
+    "robust_z": "robust z",
+    "n_ranked": "genes ranked",
+    "input_act": "mean input act.",
+    "output_act": "mean output act.",
+    "resid_act": "mean residual act.",
+    "ablation_effect": "pruning effect on expr.",
+    "mean_log_likelihood": "mean log p(true type)",
+    "weight_error": "relative weight error",
+    "n_clipped": "weights clipped",
+    "n_sets": "sets tested",
+    "n_significant": "significant sets",
+    "n_ad_significant": "significant AD sets",
+    "leading_edge": "leading-edge genes",
+    "odds_ratio": "odds ratio",
+}
+
+
+@dataclass
+class Table:
+    """A table ready to render: header labels, rows of (text, css class) cells, a note."""
+
+    columns: list[str]
+    rows: list[dict]
+    note: str = ""
+
+
+@dataclass
+class Figure:
+    """An embedded figure (`src` a data URI, "" when the file is missing)."""
+
+    src: str
+    caption: str
+    path: str
+
+
+@dataclass
+class Section:
+    """Content of one report section; `missing` holds sentences for absent optional outputs."""
+
+    tables: dict[str, Table] = field(default_factory=dict)
+    figures: dict[str, Figure] = field(default_factory=dict)
+    text: dict[str, str] = field(default_factory=dict)
+    lists: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+# --- formatting -------------------------------------------------------------------------
+
+
+def fmt(value) -> str:
+    """A cell as text: 3 significant digits, integers with separators, yes/no, – for missing."""
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
+        return "–"
+    if isinstance(value, int | np.integer):
+        return f"{int(value):,}"
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        if math.isinf(v):
+            return "∞" if v > 0 else "−∞"
+        if v.is_integer() and abs(v) < 1e6:
+            return f"{int(v):,}"
+        if 1e3 <= abs(v) < 1e6:
+            return f"{float(f'{v:.3g}'):,.0f}"
+        return f"{v:.3g}"
+    return str(value)
+
+
+def _clip(text: str, limit: int = MAX_TEXT) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def make_table(
+    frame: pd.DataFrame,
+    columns: list[str] | None = None,
+    source: str = "",
+    max_rows: int = MAX_ROWS,
+    full_text: tuple[str, ...] = (),
+    highlight: frozenset[str] = frozenset(),
+    row_class=None,
+) -> Table:
+    """Render `frame` (its `columns` that exist, in that order) as a `Table`.
+
+    Rows whose `gene` is in `highlight` get class "goi"; `row_class(row)` may add another.
+    Cells are classed "num" (numbers) or "long" (text longer than `LONG_TEXT`).
+    Text is cut at `MAX_TEXT` characters except in `full_text` columns; more than
+    `max_rows` rows are cut with a note naming `source`.
+    """
+    columns = [c for c in (columns or list(frame.columns)) if c in frame.columns]
+    rows = []
+    for record in frame.head(max_rows).to_dict("records"):
+        cells = []
+        for column in columns:
+            value = record[column]
+            numeric = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+            text = fmt(value) if column in full_text else _clip(fmt(value))
+            cls = "num" if numeric else "long" if len(text) > LONG_TEXT else ""
+            cells.append((text, cls))
+        classes = ["goi" if record.get("gene") in highlight else ""]
+        classes.append(row_class(record) if row_class else "")
+        rows.append({"cells": cells, "cls": " ".join(c for c in classes if c)})
+    note = ""
+    if len(frame) > max_rows:
+        note = f"Showing the first {max_rows} of {len(frame):,} rows; the full table is {source}."
+    labels = [LABELS.get(c, c.replace("_", " ")) for c in columns]
+    return Table(labels, rows, note)
+
+
+def key_value_table(pairs: list[tuple[str, object]]) -> Table:
+    """A two-column table of labelled values."""
+    frame = pd.DataFrame({"measure": [k for k, _ in pairs], "value": [v for _, v in pairs]})
+    return make_table(frame.astype(object), max_rows=len(frame))
+
+
+def flags(series: pd.Series) -> pd.Series:
+    """Booleans from a column of True/False (bools or their text)."""
+    return series.map(
+        lambda v: bool(v) if isinstance(v, bool | np.bool_) else str(v).strip().lower() == "true"
+    ).astype(bool)
+
+
+def _plural(n: int, word: str, plural: str = "") -> str:
+    return f"{n:,} {word if n == 1 else plural or word + 's'}"
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+class Results:
+    """The outputs of one dataset, read on demand; `label(rel)` is how the report names them."""
+
+    def __init__(self, results_dir: Path, dataset: str):
+        self.root = Path(results_dir) / dataset
+        self.prefix = f"{Path(results_dir).name}/{dataset}"
+
+    def label(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}"
+
+    def _check(self, rel: str, required: bool) -> bool:
+        if (self.root / rel).is_file():
+            return True
+        if required:
+            raise UserError(
+                f"the report needs {self.root / rel}, which is missing; "
+                f"run the {REQUIRED.get(rel, 'producing')} stage first"
+            )
+        return False
+
+    def tsv(self, rel: str, required: bool = False) -> pd.DataFrame | None:
+        if not self._check(rel, required):
+            return None
+        try:
+            return pd.read_csv(self.root / rel, sep="\t")
+        except pd.errors.EmptyDataError:
+            if required:
+                raise UserError(f"the report needs {self.root / rel}, which is empty") from None
+            return pd.DataFrame()
+
+    def json(self, rel: str, required: bool = False) -> dict | None:
+        if not self._check(rel, required):
+            return None
+        try:
+            return json.loads((self.root / rel).read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{self.root / rel} is not valid JSON ({err})") from None
+
+    def figure(self, rel: str, caption: str) -> Figure:
+        path = self.root / rel
+        src = ""
+        if path.is_file():
+            src = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        return Figure(src, caption, self.label(rel))
+
+    def missing(self, rel: str, what: str) -> str:
+        return f"{what} ({self.label(rel)} is missing)."
+
+
+def _need_columns(frame: pd.DataFrame, columns: tuple[str, ...], where: str) -> None:
+    absent = [c for c in columns if c not in frame.columns]
+    if absent:
+        raise UserError(f"{where} lacks column(s) {absent}; rerun the stage that writes it")
+
+
+# --- sections ---------------------------------------------------------------------------
+
+
+def _split_summary(qc: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Cells per split and cell type, a per-split overview, and the number of genes."""
+    split_rows = qc[qc["step"].str.startswith("split_")]
+    composition = split_rows.assign(split=split_rows["step"].str.removeprefix("split_")).pivot(
+        index="group", columns="split", values="count"
+    )
+    composition = composition.reindex(
+        columns=[s for s in ("train", "val", "test") if s in composition]
+    )
+    composition = composition.fillna(0).astype(int)
+    donors = qc[qc["step"] == "donors"].set_index("group")["count"]
+    genes = qc.loc[qc["step"] == "genes", "count"]
+    n_genes = int(genes.iloc[0]) if len(genes) else 0
+    overview = pd.DataFrame(
+        {
+            "split": composition.columns,
+            "cells": [int(composition[s].sum()) for s in composition],
+            "cell types": [int((composition[s] > 0).sum()) for s in composition],
+            "donors": [donors.get(s, np.nan) for s in composition],
+            "genes": n_genes,
+        }
+    )
+    composition = composition.rename_axis("cell type").reset_index()
+    composition["all"] = composition.drop(columns="cell type").sum(axis=1)
+    return composition, overview, n_genes
+
+
+def _qc_steps(qc: pd.DataFrame, settings: dict) -> pd.DataFrame:
+    names = {
+        "input": "cells in the input",
+        "qc_flag": "cells passing the source's QC flag",
+        "min_genes": f"cells with at least {settings.get('min_genes', '?')} genes detected",
+        "max_mito_fraction": "cells with a mitochondrial fraction of at most "
+        f"{fmt(settings.get('max_mito_fraction', math.nan))}",
+        "cell_types_and_caps": "cells kept after dropping rare cell types and capping large ones",
+        "dropped_cell_types": "cell types dropped (too few cells)",
+        "genes": "genes selected (highly variable + genes of interest)",
+    }
+    steps = qc[~qc["step"].str.startswith("split_") & (qc["step"] != "donors")]
+    dropped = steps["step"] == "dropped_cell_types"
+    return pd.DataFrame(
+        {
+            "step": steps["step"].map(names).fillna(steps["step"]),
+            "count": steps["count"].where(~dropped, steps["group"]).astype(object),
+        }
+    )
+
+
+def data_section(res: Results, dataset: str, config: dict) -> tuple[Section, dict]:
+    """Dataset, QC, splits, model architecture, test metrics and the config."""
+    qc = res.tsv("preprocess/qc.tsv", required=True)
+    _need_columns(qc, ("step", "group", "count"), res.label("preprocess/qc.tsv"))
+    metrics = res.json("finetune/metrics.json", required=True)
+    absent = [k for k in ("accuracy", "macro_f1", "mean_log_likelihood") if k not in metrics]
+    if absent:
+        raise UserError(f"{res.label('finetune/metrics.json')} lacks {absent}; rerun finetune")
+    composition, overview, n_genes = _split_summary(qc)
+    sec = Section()
+    sec.tables["steps"] = make_table(_qc_steps(qc, config.get("preprocess", {})), max_rows=50)
+    sec.tables["splits"] = make_table(overview)
+    sec.tables["composition"] = make_table(composition, max_rows=60)
+    classes = metrics.get("classes", [])
+    confusion = np.asarray(metrics.get("confusion", []))
+    support = dict(zip(classes, confusion.sum(axis=1), strict=False)) if confusion.ndim == 2 else {}
+    per_class = pd.DataFrame(
+        [(c, f, support.get(c, np.nan)) for c, f in metrics.get("per_class_f1", {}).items()],
+        columns=["cell type", "F1", "test cells"],
+    ).astype(object)
+    sec.tables["metrics"] = key_value_table(
+        [
+            ("accuracy", metrics["accuracy"]),
+            ("macro F1", metrics["macro_f1"]),
+            ("mean log p(true cell type)", metrics["mean_log_likelihood"]),
+            ("test cells", metrics.get("n_cells")),
+            (
+                "epochs run (best epoch)",
+                f"{metrics.get('epochs_run')} ({metrics.get('best_epoch')})",
+            ),
+        ]
+    )
+    sec.tables["per_class"] = make_table(per_class, max_rows=100)
+    args = res.json("finetune/checkpoint/args.json")
+    if args is None:
+        sec.missing["model"] = res.missing("finetune/checkpoint/args.json", "No model description")
+    else:
+        sec.tables["model"] = key_value_table(
+            [
+                ("transformer layers", args.get("nlayers")),
+                ("embedding size", args.get("embsize")),
+                ("attention heads", args.get("nheads")),
+                ("feed-forward size", args.get("d_hid")),
+                ("layer norm", args.get("norm_scheme", "post")),
+                ("classifier layers", args.get("n_layers_cls")),
+                ("cell types (classes)", args.get("n_cls")),
+                ("dropout", args.get("dropout")),
+                ("fine-tuned from", args.get("finetuned_from", "–")),
+            ]
+        )
+    sec.figures["qc"] = res.figure(
+        "preprocess/qc.png", "Cells kept at each QC step (left) and cell types per split (right)."
+    )
+    sec.figures["confusion"] = res.figure(
+        "finetune/confusion.png",
+        "Confusion matrix on the test donors; each row (true cell type) sums to 1.",
+    )
+    sec.figures["curve"] = res.figure(
+        "finetune/training_curve.png", "Training and validation loss per fine-tuning epoch."
+    )
+    sec.text["config"] = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    facts = {
+        "cells": int(overview["cells"].sum()),
+        "cell_types": len(composition),
+        "donors": int(pd.to_numeric(overview["donors"], errors="coerce").fillna(0).sum()),
+        "genes": n_genes,
+        "metrics": metrics,
+    }
+    return sec, facts
+
+
+def probe_section(res: Results, config: dict) -> tuple[Section, pd.DataFrame]:
+    """The probe's statement, candidates, figures and LayerNorm outliers."""
+    rel = "probe/candidates.tsv"
+    cands = res.tsv(rel, required=True)
+    _need_columns(cands, ("layer", "row", "col"), res.label(rel))
+    cands["accepted"] = flags(cands["accepted"]) if "accepted" in cands else True
+    sec = Section()
+    summary = res.json("probe/summary.json") or {}
+    n_accepted = int(cands["accepted"].sum())
+    sec.text["statement"] = summary.get("statement") or (
+        f"The probe accepted {_plural(n_accepted, 'candidate')} and listed "
+        f"{_plural(len(cands), 'spike')} in all."
+    )
+    sec.tables["candidates"] = make_table(
+        cands,
+        CANDIDATE_COLUMNS,
+        res.label(rel),
+        row_class=lambda r: "sig" if r["accepted"] else "",
+    )
+    if "reason" in cands:
+        sec.lists["reasons"] = [
+            (f"layer {r.layer}, W[{r.row}, {r.col}]", str(r.reason))
+            for r in cands[~cands["accepted"]].itertuples()
+        ]
+    sec.figures["layers"] = res.figure(
+        "probe/layer_spikes.png",
+        "Largest |input| and |output| of each layer's MLP down-projection over the probed "
+        "cells, relative to the layer's median; candidate layers are marked.",
+    )
+    sec.figures["cells"] = res.figure(
+        "probe/cell_spikes.png",
+        "Output spike ratio per cell and layer, cells grouped by cell type.",
+    )
+    ln = res.tsv("probe/layernorm.tsv")
+    z = config.get("probe", {}).get("ln_z", "?")
+    if ln is None:
+        sec.missing["layernorm"] = res.missing("probe/layernorm.tsv", "No LayerNorm outliers")
+    elif ln.empty:
+        sec.missing["layernorm"] = f"No LayerNorm gain reached a robust z of {z}."
+    else:
+        sec.tables["layernorm"] = make_table(
+            ln, LAYERNORM_COLUMNS, res.label("probe/layernorm.tsv")
+        )
+    return sec, cands
+
+
+def pruning_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
+    """Conditions, controls, decisions and figures of the pruning test."""
+    collapse = res.tsv("ablate/collapse.tsv", required=True)
+    _need_columns(
+        collapse, ("condition", "kind", "log_likelihood"), res.label("ablate/collapse.tsv")
+    )
+    sec = Section()
+    confirmed = res.tsv("ablate/confirmed.tsv")
+    if confirmed is None:
+        sec.missing["confirmed"] = res.missing("ablate/confirmed.tsv", "No pruning decisions")
+    else:
+        if "confirmed" in confirmed:
+            confirmed["confirmed"] = flags(confirmed["confirmed"])
+        sec.tables["confirmed"] = make_table(
+            confirmed,
+            CONFIRMED_COLUMNS,
+            res.label("ablate/confirmed.tsv"),
+            row_class=lambda r: "sig" if r.get("confirmed") else "",
+        )
+        if {"candidate", "reason"} <= set(confirmed.columns):
+            source = confirmed.get("source", pd.Series("", index=confirmed.index))
+            sec.lists["reasons"] = [
+                (f"{c} ({s})" if s else str(c), str(r))
+                for c, s, r in zip(confirmed["candidate"], source, confirmed["reason"], strict=True)
+            ]
+    main = collapse[~collapse["kind"].isin(CONTROL_KINDS)]
+    sec.tables["conditions"] = make_table(
+        main, CONDITION_COLUMNS, res.label("ablate/collapse.tsv"), max_rows=40
+    )
+    controls = res.tsv("ablate/controls.tsv")
+    if controls is None:
+        sec.missing["controls"] = res.missing("ablate/controls.tsv", "No control summary")
+    else:
+        sec.tables["controls"] = make_table(
+            controls, CONTROL_COLUMNS, res.label("ablate/controls.tsv"), max_rows=40
+        )
+    for name, caption in ABLATE_FIGURES.items():
+        sec.figures[name] = res.figure(f"ablate/{name}.png", caption)
+    return sec, confirmed
+
+
+def _interest_frames(goi: pd.DataFrame, core: tuple[str, ...]):
+    overall = goi[goi["stratum_type"] == "all"] if "stratum_type" in goi else goi
+    in_core = overall["gene"].isin(core)
+    order = {g: i for i, g in enumerate(core)}
+    core_rows = overall[in_core].sort_values(
+        ["candidate", "gene"], key=lambda s: s.map(order) if s.name == "gene" else s, kind="stable"
+    )
+    others = overall[~in_core]
+    if "status" in others:
+        others = others[others["status"] == "ranked"]
+    if "percentile" in others:
+        others = others.sort_values("percentile", ascending=False, kind="stable")
+    return core_rows, others
+
+
+def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.DataFrame | None]:
+    """Ranks of the genes of interest and the top genes of each mapped channel."""
+    sec = Section()
+    highlight = frozenset(core)
+    goi = res.tsv("channels/genes_of_interest.tsv")
+    core_rows = None
+    if goi is None or goi.empty:
+        sec.missing["goi"] = res.missing(
+            "channels/genes_of_interest.tsv", "No channel was mapped to genes"
+        )
+    else:
+        core_rows, others = _interest_frames(goi, core)
+        label = res.label("channels/genes_of_interest.tsv")
+        sec.tables["core"] = make_table(
+            core_rows, INTEREST_COLUMNS, label, max_rows=60, highlight=highlight
+        )
+        if len(others):
+            sec.tables["others"] = make_table(others, INTEREST_COLUMNS, label, max_rows=30)
+    genes = res.tsv("channels/genes.tsv")
+    if genes is None or genes.empty:
+        sec.missing["genes"] = res.missing("channels/genes.tsv", "No gene ranking")
+    else:
+        overall = genes[genes["stratum_type"] == "all"] if "stratum_type" in genes else genes
+        for candidate, part in overall.groupby("candidate", sort=False):
+            top = part.sort_values("rank").head(TOP_GENES)
+            sec.tables[str(candidate)] = make_table(
+                top, GENE_COLUMNS, max_rows=TOP_GENES, highlight=highlight
+            )
+            confirmed = "confirmed" in top and flags(top["confirmed"]).any()
+            sec.text[str(candidate)] = "confirmed super weight" if confirmed else "unconfirmed"
+    return sec, core_rows
+
+
+def _gsea_number(path: Path) -> int:
+    found = re.search(r"(\d+)$", path.stem)
+    return int(found.group(1)) if found else 0
+
+
+def pathways_section(res: Results) -> tuple[Section, list[dict], pd.DataFrame | None]:
+    """Per candidate: top prerank terms, AD rows, ORA, dot plot and GSEA plots."""
+    sec = Section()
+    summary = res.tsv("enrich/summary.tsv")
+    if summary is not None and not summary.empty:
+        sec.tables["summary"] = make_table(
+            summary, ENRICH_SUMMARY_COLUMNS, res.label("enrich/summary.tsv")
+        )
+    names = {}
+    if summary is not None and {"folder", "candidate"} <= set(summary.columns):
+        names = dict(zip(summary["folder"].astype(str), summary["candidate"], strict=True))
+    enrich_dir = res.root / "enrich"
+    folders = sorted(p.parent for p in enrich_dir.glob("*/prerank.tsv"))
+    candidates = []
+    for folder in folders:
+        rel = f"enrich/{folder.name}"
+        parts = {}
+        for name, columns in ENRICH_TABLES.items():
+            frame = res.tsv(f"{rel}/{name}.tsv")
+            if frame is not None and not frame.empty:
+                parts[name] = make_table(frame, columns, res.label(f"{rel}/{name}.tsv"), TOP_TERMS)
+        plots = sorted(folder.glob("gsea_top*.png"), key=_gsea_number)
+        plots += sorted(folder.glob("gsea_ad*.png"), key=_gsea_number)
+        candidates.append(
+            {
+                "name": names.get(folder.name, folder.name),
+                "tables": parts,
+                "dotplot": res.figure(
+                    f"{rel}/dotplot.png",
+                    "Top gene sets of the preranked GSEA: normalised enrichment score (NES) "
+                    "on x, colour −log10 FDR, dot size = genes of the set in the ranking.",
+                ),
+                "gsea": [
+                    res.figure(f"{rel}/{p.name}", "Running enrichment score of one gene set.")
+                    for p in plots
+                ],
+            }
+        )
+    return sec, candidates, summary
+
+
+def quantize_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
+    """The quantization table and figure."""
+    sec = Section()
+    table = res.tsv("quantize/quantize.tsv")
+    if table is None or table.empty:
+        sec.missing["table"] = res.missing("quantize/quantize.tsv", "No quantization results")
+    else:
+        sec.tables["table"] = make_table(
+            table, QUANTIZE_COLUMNS, res.label("quantize/quantize.tsv"), max_rows=60
+        )
+    sec.figures["figure"] = res.figure("quantize/quantize.png", QUANTIZE_CAPTION)
+    return sec, table
+
+
+# --- summary statements -----------------------------------------------------------------
+
+
+def super_weight_statements(cands: pd.DataFrame, confirmed: pd.DataFrame | None) -> list[str]:
+    """The headline (what was found), how the probe and pruning got there, and each finding."""
+    n_accepted = int(cands["accepted"].sum())
+    if n_accepted:
+        probe = f"The probe accepted {_plural(n_accepted, 'candidate super weight')}"
+    elif len(cands):
+        probe = "No super weight passed the probe's thresholds"
+    else:
+        probe = "The probe listed no spike at all"
+    if confirmed is None or confirmed.empty or "confirmed" not in confirmed:
+        return ["Pruning results are missing: no super weight could be confirmed.", probe + "."]
+    hits = confirmed[confirmed["confirmed"]]
+    n_tested, n_hits = len(confirmed), len(hits)
+    if n_accepted:
+        pruning = f"; pruning confirmed {n_hits} of the {_plural(n_tested, 'tested weight')}"
+    else:
+        tested = (
+            f"the {_plural(n_tested, 'strongest spike')}"
+            if len(cands)
+            else f"the {_plural(n_tested, 'largest down-projection weight')}"
+        )
+        verb = "was" if n_tested == 1 else "were"
+        outcome = (
+            "none collapsed the cell-type log-likelihood beyond the random and top-k controls"
+            if not n_hits
+            else f"{n_hits} collapsed it beyond the controls"
+        )
+        pruning = f"; {tested} {verb} tested by pruning and {outcome}"
+    if not n_hits:
+        return ["No confirmed super weight.", probe + pruning + "."]
+    where = "; ".join(f"layer {r.layer}, W[{r.row}, {r.col}]" for r in hits.itertuples())
+    lines = [f"{_plural(n_hits, 'confirmed super weight')}: {where}.", probe + pruning + "."]
+    for r in hits.itertuples():
+        lines.append(
+            f"Layer {r.layer}, W[{r.row}, {r.col}] = {fmt(r.weight)} ({r.module}): pruning this "
+            f"single weight lowers the mean log-likelihood of the true cell type by "
+            f"{fmt(r.collapse)}, {fmt(r.z_random)} sd beyond random weights of the same matrix."
+        )
+    return lines
+
+
+def gene_statement(core_rows: pd.DataFrame | None, core: tuple[str, ...]) -> str:
+    if core_rows is None:
+        return "No channel was mapped to genes."
+    ranked = core_rows
+    if "percentile" in ranked:
+        ranked = ranked[pd.to_numeric(ranked["percentile"], errors="coerce") >= TOP_PERCENTILE]
+    if ranked.empty:
+        return (
+            f"None of {', '.join(core)} ranks in the top {100 - TOP_PERCENTILE:g}% of genes "
+            "on any mapped channel."
+        )
+    parts = [
+        f"{r.gene} ranks {fmt(r.rank)} of {fmt(r.n_ranked)} on {r.candidate}"
+        for r in ranked.itertuples()
+    ]
+    return f"Genes of interest in the top {100 - TOP_PERCENTILE:g}%: " + "; ".join(parts) + "."
+
+
+def pathway_statement(summary: pd.DataFrame | None, n_folders: int, fdr: float) -> str:
+    if summary is None or summary.empty or not n_folders:
+        return "No candidate reached enrichment."
+    parts = []
+    for r in summary.itertuples():
+        if r.n_significant:
+            text = (
+                f"{r.candidate}: {_plural(int(r.n_significant), 'gene set')} of {fmt(r.n_sets)} "
+                f"at FDR < {fmt(fdr)} (top: {r.top_term}, NES {fmt(r.top_NES)})"
+            )
+        else:
+            text = f"{r.candidate}: no gene set at FDR < {fmt(fdr)} among {fmt(r.n_sets)} tested"
+        if getattr(r, "n_ad_significant", 0):
+            text += f", {_plural(int(r.n_ad_significant), 'AD-related set')} significant"
+        parts.append(text)
+    return "; ".join(parts) + "."
+
+
+def quantize_statement(table: pd.DataFrame | None) -> str:
+    if table is None or table.empty:
+        return "Quantization was not run."
+    weight = table[table["scheme"] == "weight"]
+    fp32 = table.loc[table["scheme"] == "fp32", "accuracy"]
+    if weight.empty:
+        return "No weight-quantization setting was evaluated."
+    pivot = weight.pivot_table(
+        index=["bits", "block_size"], columns="method", values="accuracy", aggfunc="first"
+    )
+    if not {"naive", "holdout"} <= set(pivot.columns):
+        return "Quantization ran without the naive vs holdout comparison."
+    gap = (pivot["holdout"] - pivot["naive"]).sort_values(ascending=False, kind="stable")
+    bits, block = gap.index[0]
+    row = pivot.loc[(bits, block)]
+    block_text = "one block per matrix" if str(block) == "tensor" else f"blocks of {block} weights"
+    text = (
+        f"Largest gain from super-weight holdout: INT{bits} with {block_text}, accuracy "
+        f"{fmt(row['naive'])} plain vs {fmt(row['holdout'])} with holdout"
+    )
+    if len(fp32):
+        text += f" (unquantized {fmt(fp32.iloc[0])})"
+    if "n_super_weights" in table and int(table["n_super_weights"].max()) == 0:
+        text += "; no confirmed super weight was held out, so holdout only clipped outliers"
+    return text + "."
+
+
+# --- rendering --------------------------------------------------------------------------
+
+
+def _setting(value) -> str:
+    """A config value in prose: lists comma-joined, absent values marked."""
+    if isinstance(value, jinja2.Undefined):
+        return "(not set)"
+    if isinstance(value, list | tuple):
+        return ", ".join(_setting(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_setting(v)}" for k, v in value.items()) or "none"
+    return value if isinstance(value, str) else fmt(value)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        autoescape=True,
+        undefined=jinja2.ChainableUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["setting"] = _setting
+    return env
+
+
+def build_report(results_dir: Path, dataset: str, config: dict, out_path: Path) -> Path:
+    """Write the HTML report of `dataset` (outputs under `results_dir/dataset/`) to `out_path`.
+
+    Raises `UserError` naming the file when qc.tsv, metrics.json, candidates.tsv or
+    collapse.tsv is missing; any other missing output is stated in the page.
+    """
+    res = Results(Path(results_dir), dataset)
+    core = tuple(config.get("preprocess", {}).get("genes_of_interest") or CORE_GENES)
+    data, facts = data_section(res, dataset, config)
+    probe, cands = probe_section(res, config)
+    pruning, confirmed = pruning_section(res)
+    genes, core_rows = genes_section(res, core)
+    pathways, candidates, enrich_summary = pathways_section(res)
+    if not candidates:
+        pathways.missing["enrich"] = "No candidate reached enrichment."
+    quantize, quantize_table = quantize_section(res)
+    sources = {d.get("name"): d.get("source") for d in config.get("datasets", [])}
+    source = sources.get(dataset) or "unknown source"
+    metrics = facts["metrics"]
+    found = super_weight_statements(cands, confirmed)
+    fdr = config.get("enrich", {}).get("fdr_threshold", 0.05)
+    summary = {
+        "headline": found[0],
+        "found": confirmed is not None and bool(confirmed.get("confirmed", pd.Series()).any()),
+        "facts": [
+            ("Super weights", " ".join(found[1:])),
+            (
+                "Data",
+                f"{dataset} ({source}): {facts['cells']:,} cells of "
+                f"{_plural(facts['cell_types'], 'cell type')} from "
+                f"{_plural(facts['donors'], 'donor')} after QC, {facts['genes']:,} genes, "
+                "split by donor into training, validation and test sets.",
+            ),
+            (
+                "Classifier",
+                f"On {fmt(metrics.get('n_cells'))} test cells the fine-tuned scGPT model "
+                f"reaches accuracy {fmt(metrics['accuracy'])} and macro F1 "
+                f"{fmt(metrics['macro_f1'])} (mean log p(true cell type) "
+                f"{fmt(metrics['mean_log_likelihood'])}).",
+            ),
+            ("Genes", gene_statement(core_rows, core)),
+            ("Pathways", pathway_statement(enrich_summary, len(candidates), fdr)),
+            ("Quantization", quantize_statement(quantize_table)),
+        ],
+    }
+    html = (
+        _environment()
+        .get_template(TEMPLATE)
+        .render(
+            dataset=dataset,
+            source=source,
+            version=__version__,
+            core_genes=core,
+            summary=summary,
+            data=data,
+            probe=probe,
+            pruning=pruning,
+            genes=genes,
+            pathways=pathways,
+            enrich_candidates=candidates,
+            quantize=quantize,
+            cfg=config,
+            top_genes=TOP_GENES,
+        )
+    )
+    out_path = Path(out_path)
+    write_text(out_path, html)
+    return out_path
