@@ -27,6 +27,10 @@ def vocab_genes(vocab):
 
 @pytest.fixture
 def counts_adata(vocab_genes):
+    return make_counts_adata(vocab_genes)
+
+
+def make_counts_adata(vocab_genes):
     """2,000 cells x 304 genes, 4 cell types with distinct programmes, 6 donors."""
     rng = np.random.default_rng(1)
     n = 2000

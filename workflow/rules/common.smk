@@ -1,3 +1,6 @@
+import shlex
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -41,3 +44,27 @@ def gene_set_settings():
     settings = dict(config["gene_sets"])
     settings["resource_dir"] = os.path.join(workflow.basedir, settings["resource_dir"])
     return settings
+
+
+def cli_options(settings):
+    """Command-line options of `superweights <stage>` for a config section."""
+    options = []
+    for key, value in settings.items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            options.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, list):
+            options += [f"--{name}", *map(str, value)]
+        else:
+            options += [f"--{name}", str(value)]
+    return " ".join(shlex.quote(o) for o in options)
+
+
+def launcher(wildcards, resources):
+    """`superweights` in this Python; under torchrun, one process per GPU, when given several."""
+    if resources.gpu > 1:
+        return (
+            f"{shlex.quote(sys.executable)} -m torch.distributed.run --standalone "
+            f"--nproc_per_node={resources.gpu} -m superweights.cli"
+        )
+    return f"{shlex.quote(sys.executable)} -m superweights.cli"

@@ -16,10 +16,11 @@ rule pretrain:
         runtime=240,
         gpu=1,
     params:
-        architecture=config["model"]["architecture"],
-        settings=config["pretrain"],
-    script:
-        "../scripts/pretrain.py"
+        launcher=launcher,
+        out_dir=subpath(output.history, parent=True),
+        options=cli_options(config["model"]["architecture"] | config["pretrain"]),
+    shell:
+        "{params.launcher} pretrain {input:q} --out-dir {params.out_dir:q} {params.options} 2> {log:q}"
 
 
 rule finetune:
@@ -56,6 +57,9 @@ rule finetune:
         runtime=240,
         gpu=1,
     params:
-        settings=config["finetune"],
-    script:
-        "../scripts/finetune.py"
+        launcher=launcher,
+        out_dir=subpath(output.metrics, parent=True),
+        options=cli_options(config["finetune"]),
+    shell:
+        "{params.launcher} finetune {input.data:q} --init {input.init:q}"
+        " --out-dir {params.out_dir:q} {params.options} 2> {log:q}"

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -18,8 +19,11 @@ def settings_arguments(parser: argparse.ArgumentParser, settings_class) -> None:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, list):
-            parser.add_argument(flag, nargs="*", default=default, metavar="X")
+        elif isinstance(default, list | tuple) or default is None:
+            item = type(default[0]) if default else str
+            parser.add_argument(flag, nargs="*", type=item, default=default, metavar="X")
+        elif isinstance(default, dict):
+            parser.add_argument(flag, type=json.loads, default=default, metavar="JSON")
         else:
             parser.add_argument(flag, type=type(default), default=default, metavar=f.name.upper())
 
@@ -78,8 +82,45 @@ def cmd_preprocess(args) -> None:
     print(f"wrote {out} ({tokenised.n_obs} cells x {tokenised.n_vars} genes) and {qc_path}")
 
 
+def cmd_pretrain(args) -> None:
+    from .data.vocab import load_vocab
+    from .model.train import ModelSettings, TrainSettings, pretrain
+
+    pretrain(
+        args.input,
+        args.out_dir,
+        settings_from(args, ModelSettings),
+        settings_from(args, TrainSettings),
+        load_vocab(),
+    )
+
+
+def cmd_finetune(args) -> None:
+    from .model.distributed import init_world
+    from .model.train import TrainSettings, finetune
+    from .model.train_plots import plot_confusion, plot_training_curves
+
+    metrics = finetune(args.input, args.out_dir, settings_from(args, TrainSettings), args.init)
+    if init_world().main:
+        out = Path(args.out_dir)
+        plot_confusion(metrics, out / "confusion.png")
+        plot_training_curves(metrics["history"], out / "training_curve.png")
+
+
+def cmd_probe(args) -> None:
+    from .probe_cells import ProbeSettings, probe_checkpoint, write_outputs
+    from .probe_plots import write_figures
+
+    result = probe_checkpoint(args.data, args.checkpoint, settings_from(args, ProbeSettings))
+    write_outputs(result, args.out)
+    write_figures(result, args.out)
+    print(result.summary["statement"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.preprocess import PreprocessSettings
+    from .model.train import ModelSettings, TrainSettings
+    from .probe_cells import ProbeSettings
 
     parser = argparse.ArgumentParser(prog="superweights", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -107,6 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", help="vocab.json (default: scGPT's census vocabulary)")
     settings_arguments(p, PreprocessSettings)
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("pretrain", help="masked-expression pretraining from scratch")
+    p.add_argument("input", help="tokenised .h5ad from preprocess")
+    p.add_argument("--out-dir", required=True, help="writes checkpoint/ and history.tsv here")
+    settings_arguments(p, ModelSettings)
+    settings_arguments(p, TrainSettings)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="cell-type classifier from a checkpoint folder")
+    p.add_argument("input", help="tokenised .h5ad from preprocess")
+    p.add_argument("--init", required=True, help="checkpoint folder (released scGPT or ours)")
+    p.add_argument("--out-dir", required=True, help="writes checkpoint/, metrics.json, figures")
+    settings_arguments(p, TrainSettings)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("probe", help="super-weight probe of a fine-tuned checkpoint")
+    p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
+    p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+    p.add_argument("--out", required=True, help="output folder")
+    settings_arguments(p, ProbeSettings)
+    p.set_defaults(func=cmd_probe)
     return parser
 
 

@@ -25,12 +25,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ..data.vocab import SPECIAL_TOKENS
 from ..errors import UserError
 from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import SINGLE, RankSlices, World, init_world, loss_weight
 from .scgpt import ScGPTConfig, ScGPTModel
 from .tokens import CellDataset, Collate, EpochSampler, gene_token_ids, mask_values
 
@@ -66,7 +68,7 @@ class TrainSettings:
     `patience`: epochs without a lower validation loss before stopping.
     """
 
-    epochs: int = 5
+    epochs: int = 8
     lr: float = 1e-3
     batch_size: int = 16
     max_seq_len: int = 192
@@ -182,10 +184,21 @@ def make_loader(
     pad_id: int,
     shuffle: bool,
     sampler: Sampler | Iterable[int] | None = None,
+    world: World = SINGLE,
 ) -> DataLoader:
-    """Batches of padded cells; the sampler (default: seeded EpochSampler) is replaceable."""
-    if sampler is None:
-        sampler = EpochSampler(len(dataset), shuffle, settings.seed)
+    """Batches of padded cells; the sampler (default: seeded EpochSampler) is replaceable.
+
+    With several data-parallel processes, each gets its slice of every global batch.
+    """
+    sampler = sampler or EpochSampler(len(dataset), shuffle, settings.seed)
+    if world.size > 1:
+        return DataLoader(
+            dataset,
+            batch_sampler=RankSlices(sampler, settings.batch_size, world),
+            collate_fn=Collate(pad_id),
+            num_workers=settings.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
     return DataLoader(
         dataset,
         batch_size=settings.batch_size,
@@ -336,13 +349,15 @@ def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float
     return factor
 
 
-def train_step(model, batch, loss_fn, seed: int, optimizer, scheduler, settings, device) -> float:
-    """One optimiser step on one batch; returns the loss."""
+def train_step(
+    model, batch, loss_fn, seed: int, optimizer, scheduler, settings, device, world=SINGLE
+) -> float:
+    """One optimiser step on one batch (this rank's slice of it); returns the loss."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device):
         loss = loss_fn(model, _to(batch, device), seed)
-    loss.backward()
+    (loss * loss_weight(len(batch["gene_ids"]), world, device)).backward()
     if settings.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
@@ -399,8 +414,18 @@ def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
     )
 
 
-def _fit(model, train_loader, loss_fn, validate, settings, device, state_file, fingerprint, name):
-    """Train with early stopping; leaves the best epoch's weights in `model`."""
+def _fit(
+    model, train_loader, loss_fn, validate, settings, device, state_file, fingerprint, name, world
+):
+    """Train with early stopping; leaves the best epoch's weights in `model`.
+
+    With several processes, steps run through DistributedDataParallel (gradients averaged);
+    every rank validates on all validation cells, so all take the same decisions.
+    """
+    trained = model
+    if world.size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     optimizer = _optimizer(model, settings)
     total = settings.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -420,7 +445,7 @@ def _fit(model, train_loader, loss_fn, validate, settings, device, state_file, f
 
     while run["epoch"] < settings.epochs and run["bad_epochs"] < settings.patience:
         epoch, start = run["epoch"], time.perf_counter()
-        for part in (train_loader.sampler, train_loader.dataset):
+        for part in (train_loader.sampler, train_loader.batch_sampler, train_loader.dataset):
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
         losses = []
@@ -428,7 +453,9 @@ def _fit(model, train_loader, loss_fn, validate, settings, device, state_file, f
         for step, batch in enumerate(bar):
             seed = _mask_seed(settings.seed, 0, epoch, step)
             losses.append(
-                train_step(model, batch, loss_fn, seed, optimizer, scheduler, settings, device)
+                train_step(
+                    trained, batch, loss_fn, seed, optimizer, scheduler, settings, device, world
+                )
             )
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **validate(model)}
@@ -440,20 +467,21 @@ def _fit(model, train_loader, loss_fn, validate, settings, device, state_file, f
         else:
             run["bad_epochs"] += 1
         run["epoch"] = epoch + 1
-        _save_state(
-            {
-                **run,
-                "fingerprint": fingerprint,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        if world.main:
+            _save_state(
+                {
+                    **run,
+                    "fingerprint": fingerprint,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": {
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    },
                 },
-            },
-            state_file,
-        )
+                state_file,
+            )
         log.info("%s epoch %d: %s", name, epoch + 1, _describe(row))
     model.load_state_dict(run["best_model"])
     log.info("%s: best epoch %d (val loss %.4f)", name, run["best_epoch"], run["best_val_loss"])
@@ -507,7 +535,8 @@ def pretrain(
         raise UserError("pretraining needs mask_ratio > 0 (share of values to predict)")
     adata = read_tokenised(tokenised)
     vocab = data_vocab(list(map(str, adata.var_names)), vocab)
-    device = pick_device()
+    world = init_world()
+    device = world.device()
     state_file = Path(state_file) if state_file else out_dir / STATE_FILE
     with _deterministic(settings.seed):
         config = ScGPTConfig(
@@ -530,7 +559,7 @@ def pretrain(
         pad = vocab["<pad>"]
         result = _fit(
             model,
-            make_loader(data["train"], settings, pad, shuffle=True),
+            make_loader(data["train"], settings, pad, shuffle=True, world=world),
             _pretrain_loss(settings),
             _expression_validation(
                 make_loader(data["val"], settings, pad, False), settings, device
@@ -547,10 +576,14 @@ def pretrain(
                 vocab=vocab,
             ),
             "pretrain",
+            world,
         )
-    folder = save_checkpoint(model, config, vocab, out_dir / "checkpoint")
-    write_history(result.history, out_dir / "history.tsv")
-    state_file.unlink(missing_ok=True)
+    folder = out_dir / "checkpoint"
+    if world.main:
+        save_checkpoint(model, config, vocab, folder)
+        write_history(result.history, out_dir / "history.tsv")
+        state_file.unlink(missing_ok=True)
+    world.barrier()
     return folder
 
 
@@ -572,7 +605,8 @@ def finetune(
         raise UserError("mlm_weight > 0 needs mask_ratio > 0 (share of values to predict)")
     adata = read_tokenised(tokenised)
     classes = class_names(adata)
-    device = pick_device()
+    world = init_world()
+    device = world.device()
     state_file = Path(state_file) if state_file else out_dir / STATE_FILE
     with _deterministic(settings.seed):
         model, config, vocab = load_checkpoint(
@@ -588,7 +622,7 @@ def finetune(
 
         result = _fit(
             model,
-            loader("train", shuffle=True),
+            make_loader(data["train"], settings, pad, shuffle=True, world=world),
             _finetune_loss(settings),
             _classifier_validation(loader("val"), device),
             settings,
@@ -603,6 +637,7 @@ def finetune(
                 classes=classes,
             ),
             "finetune",
+            world,
         )
         logits, labels = evaluate(model, loader("test"), device)
     metrics = classification_metrics(logits, labels, classes)
@@ -617,14 +652,16 @@ def finetune(
         metrics["macro_f1"],
         metrics["n_cells"],
     )
-    save_checkpoint(
-        model,
-        config,
-        vocab,
-        out_dir / "checkpoint",
-        extra_args={"classes": classes, "finetuned_from": str(init_checkpoint)},
-    )
-    write_history(result.history, out_dir / "history.tsv")
-    _write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    state_file.unlink(missing_ok=True)
+    if world.main:
+        save_checkpoint(
+            model,
+            config,
+            vocab,
+            out_dir / "checkpoint",
+            extra_args={"classes": classes, "finetuned_from": str(init_checkpoint)},
+        )
+        write_history(result.history, out_dir / "history.tsv")
+        _write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        state_file.unlink(missing_ok=True)
+    world.barrier()
     return metrics

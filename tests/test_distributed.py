@@ -1,0 +1,82 @@
+"""Data-parallel fine-tuning: 2 CPU processes (gloo) give the single-process result."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from superweights.data.preprocess import PreprocessSettings, preprocess
+from superweights.data.vocab import load_vocab
+from superweights.model.distributed import SINGLE, RankSlices, World
+from superweights.model.tokens import EpochSampler
+from superweights.model.train import ModelSettings, TrainSettings, pretrain
+from superweights.outputs import write_h5ad
+
+
+def test_rank_slices_partition_each_global_batch():
+    base = EpochSampler(23, shuffle=True, seed=3)
+    single = [list(base)[i : i + 8] for i in range(0, 23, 8)]
+    ranks = [list(RankSlices(base, 8, World(rank, 3, rank))) for rank in range(3)]
+    assert all(len(r) == len(single) for r in ranks)
+    for step, batch in enumerate(single):
+        assert sum((r[step] for r in ranks), []) == batch
+    assert list(RankSlices(base, 8, SINGLE)) == single
+
+
+def test_a_last_batch_smaller_than_the_world_is_dropped():
+    base = EpochSampler(9, shuffle=False)
+    assert len(RankSlices(base, 8, World(0, 2, 0))) == 1
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, request):
+    counts = request.getfixturevalue("counts_h5ad_module")
+    folder = tmp_path_factory.mktemp("ddp")
+    tokenised, _ = preprocess(counts, PreprocessSettings(min_genes=10, n_hvg=60, seed=0))
+    write_h5ad(tokenised, folder / "tok.h5ad")
+    model = ModelSettings(d_model=32, nhead=2, d_hid=32, nlayers=2, dropout=0.0)
+    train = TrainSettings(epochs=1, batch_size=32, max_seq_len=32)
+    pretrain(folder / "tok.h5ad", folder / "pre", model, train, load_vocab())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def counts_h5ad_module(tmp_path_factory, vocab_genes):
+    from conftest import make_counts_adata
+
+    path = tmp_path_factory.mktemp("counts") / "counts.h5ad"
+    make_counts_adata(vocab_genes).write_h5ad(path)
+    return path
+
+
+def finetune(folder, out, processes):
+    launcher = [sys.executable, "-m", "superweights.cli"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        launcher += [f"--nproc_per_node={processes}", "-m", "superweights.cli"]
+    args = ["finetune", str(folder / "tok.h5ad"), "--init", str(folder / "pre" / "checkpoint")]
+    args += ["--out-dir", str(out), "--epochs", "2", "--batch-size", "16", "--max-seq-len", "32"]
+    result = subprocess.run(launcher + args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_processes_match_one(pretrained):
+    finetune(pretrained, pretrained / "one", 1)
+    finetune(pretrained, pretrained / "two", 2)
+    one = json.loads((pretrained / "one" / "metrics.json").read_text())
+    two = json.loads((pretrained / "two" / "metrics.json").read_text())
+    assert one["accuracy"] == two["accuracy"]
+    assert one["mean_log_likelihood"] == pytest.approx(two["mean_log_likelihood"], abs=1e-4)
+    a = torch.load(pretrained / "one" / "checkpoint" / "best_model.pt", weights_only=True)
+    b = torch.load(pretrained / "two" / "checkpoint" / "best_model.pt", weights_only=True)
+    for key in a:
+        x, y = a[key], b[key]
+        if key.endswith("in_proj_bias"):
+            # The key bias gets no gradient (softmax ignores a per-query constant): Adam turns
+            # its float noise into lr-sized steps, so it differs by design. Compare q and v.
+            d = x.numel() // 3
+            x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3)
+    assert not (pretrained / "two" / "train_state.pt").exists()
