@@ -70,6 +70,31 @@ def test_config_defaults_match_library_defaults():
     assert config["preprocess"] == defaults
 
 
+def test_config_sections_have_exactly_the_library_settings():
+    from superweights.ablate import AblateSettings
+    from superweights.channels import ChannelSettings
+    from superweights.enrich import EnrichSettings, GeneSetSettings
+    from superweights.model.train import ModelSettings, TrainSettings
+    from superweights.probe_cells import ProbeSettings
+    from superweights.quantize import QuantizeSettings
+
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    sections = {
+        "pretrain": TrainSettings,
+        "finetune": TrainSettings,
+        "probe": ProbeSettings,
+        "ablate": AblateSettings,
+        "channels": ChannelSettings,
+        "enrich": EnrichSettings,
+        "gene_sets": GeneSetSettings,
+        "quantize": QuantizeSettings,
+    }
+    for name, settings in sections.items():
+        assert set(config[name]) == {f.name for f in dataclasses.fields(settings)}, name
+    fields = {f.name for f in dataclasses.fields(ModelSettings)}
+    assert set(config["model"]["architecture"]) == fields
+
+
 @pytest.mark.parametrize("preset", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 def test_config_files_validate(preset):
     base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())

@@ -190,7 +190,8 @@ def make_loader(
 
     With several data-parallel processes, each gets its slice of every global batch.
     """
-    sampler = sampler or EpochSampler(len(dataset), shuffle, settings.seed)
+    if sampler is None:
+        sampler = EpochSampler(len(dataset), shuffle, settings.seed)
     if world.size > 1:
         return DataLoader(
             dataset,
