@@ -352,33 +352,47 @@ def select_targets(
     else:
         log.warning("the candidates table is empty; testing the largest down-projection weights")
         return _largest_down_projection_weights(model, settings.n_strongest)
-    modules = dict(model.named_modules())
     targets = []
     for r in rows.itertuples(index=False):
         module, row, col = str(r.module), int(r.row), int(r.col)
-        weight = getattr(modules.get(module), "weight", None)
-        if not _LAYER.match(module + ".") or weight is None or weight.ndim != 2:
-            raise UserError(
-                f"candidate module {module!r} is not a linear layer of this model's encoder; "
-                "were the candidates found in another checkpoint?"
-            )
-        if not (0 <= row < weight.shape[0] and 0 <= col < weight.shape[1]):
-            raise UserError(
-                f"candidate {module}[{row}, {col}] is outside the weight of shape "
-                f"{tuple(weight.shape)}; were the candidates found in another checkpoint?"
-            )
-        value = float(weight.detach()[row, col])
-        listed = getattr(r, "weight", math.nan)
-        if math.isfinite(listed) and abs(listed - value) > 1e-3 * max(1.0, abs(value)):
-            raise UserError(
-                f"candidate {module}[{row}, {col}] is listed as {listed:.6g} but the model holds "
-                f"{value:.6g}; the candidates belong to another checkpoint"
-            )
+        layer, value = candidate_weight(model, module, row, col, getattr(r, "weight", math.nan))
         accepted_flag = bool(r.accepted) and source == "probe: accepted"
-        targets.append(
-            Target(module, _layer_of(module + "."), row, col, value, accepted_flag, source)
-        )
+        targets.append(Target(module, layer, row, col, value, accepted_flag, source))
     return targets
+
+
+def candidate_weight(
+    model: nn.Module,
+    module: str,
+    row: int,
+    col: int,
+    listed: float = math.nan,
+    kind: str = "linear layer of this model's encoder",
+) -> tuple[int, float]:
+    """(layer, value) of `module.weight[row, col]`, checked against the candidates table.
+
+    A module that is not an encoder linear layer, coordinates outside its weight, or a
+    listed weight the model does not hold mean the table belongs to another checkpoint.
+    """
+    weight = getattr(dict(model.named_modules()).get(module), "weight", None)
+    if not _LAYER.match(module + ".") or weight is None or weight.ndim != 2:
+        raise UserError(
+            f"candidate module {module!r} is not a {kind}; "
+            "were the candidates found in another checkpoint?"
+        )
+    if not (0 <= row < weight.shape[0] and 0 <= col < weight.shape[1]):
+        raise UserError(
+            f"candidate {module}[{row}, {col}] is outside its weight of shape "
+            f"{tuple(weight.shape)}; were the candidates found in another checkpoint?"
+        )
+    value = float(weight.detach()[row, col])
+    listed = float(listed)
+    if math.isfinite(listed) and abs(listed - value) > 1e-3 * max(1.0, abs(value)):
+        raise UserError(
+            f"candidate {module}[{row}, {col}] is listed as {listed:.6g} but the model holds "
+            f"{value:.6g}; the candidates belong to another checkpoint"
+        )
+    return _layer_of(module + "."), value
 
 
 def _largest_down_projection_weights(model: ScGPTModel, n: int) -> list[Target]:

@@ -22,7 +22,6 @@ least `min_cells` cells of a stratum are ranked there.
 
 import logging
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .ablate import forward_from
+from .ablate import candidate_weight, forward_from
 from .enrich import RESOURCE_DIR, read_gmt
 from .errors import UserError
 from .model.checkpoint import load_checkpoint
@@ -58,7 +57,6 @@ INTEREST_COLUMNS = [
     "candidate", "confirmed", "stratum_type", "stratum", "gene", "status", "n_cells", "score",
     "rank", "percentile", "n_ranked",
 ]  # fmt: skip
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def default_genes_of_interest() -> tuple[str, ...]:
@@ -155,30 +153,13 @@ def select_channels(
     others = frame.assign(strength=strength)[~frame["confirmed"]]
     others = others.sort_values("strength", ascending=False, kind="stable")
     chosen = pd.concat([frame[frame["confirmed"]], others.head(n_unconfirmed)])
-    modules = dict(model.named_modules())
     channels = []
     for r in chosen.itertuples(index=False):
         module, row, col = str(r.module), int(r.row), int(r.col)
-        weight = getattr(modules.get(module), "weight", None)
-        match = _LAYER.search(f".{module}.")
-        if weight is None or weight.ndim != 2 or match is None:
-            raise UserError(
-                f"candidate module {module!r} is not a down-projection of this model; "
-                "were the candidates found in another checkpoint?"
-            )
-        if not (0 <= row < weight.shape[0] and 0 <= col < weight.shape[1]):
-            raise UserError(
-                f"candidate {module}[{row}, {col}] is outside its weight of shape "
-                f"{tuple(weight.shape)}; were the candidates found in another checkpoint?"
-            )
-        value = weight.detach()[row, col].item()
-        listed = float(getattr(r, "weight", math.nan))
-        if math.isfinite(listed) and abs(listed - value) > 1e-3 * max(1.0, abs(value)):
-            raise UserError(
-                f"candidate {module}[{row}, {col}] is listed as {listed:.6g} but the model holds "
-                f"{value:.6g}; the candidates belong to another checkpoint"
-            )
-        layer = int(match.group(1))
+        listed = getattr(r, "weight", math.nan)
+        layer, value = candidate_weight(
+            model, module, row, col, listed, kind="down-projection of this model"
+        )
         name = str(getattr(r, "candidate", "") or f"L{layer}[{row},{col}]")
         channels.append(Channel(name, module, layer, row, col, value, bool(r.confirmed)))
     if not any(c.confirmed for c in channels):
