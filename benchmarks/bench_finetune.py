@@ -6,9 +6,10 @@ cell lengths uniform from --min-genes to --seq-len tokens):
   scgpt  scGPT 0.2.4's TransformerModel (PyTorch attention path), fp16 autocast +
          GradScaler, Adam, every batch padded to --seq-len, as in its annotation tutorial;
   same   ScGPTModel, bf16 autocast, otherwise the same recipe and batches;
-  opt    ScGPTModel, bf16 autocast, fused AdamW, torch.compile, length-bucketed batches
-         (cells sorted by length, each batch padded only to its longest cell, rounded up
-         to --pad-multiple), the largest --opt-batch that fits in memory.
+  packed ScGPTModel as `superweights finetune` trains on a GPU: packed batches (only real
+         tokens computed, FlashAttention per cell; consecutive cells until --tokens real
+         tokens, default --batch x --seq-len, the scgpt row's padded batch), only the
+         classifier head computed, fused AdamW.
 
 Every row takes --warmup untimed steps (compilation included), then trains once over the
 same timed cells (--steps x --batch). Cells/s and tokens/s count real cells and
@@ -17,7 +18,7 @@ non-padding tokens. MFU = model FLOPs (6 x per-token parameters x real tokens +
 attention) per second over a bf16 matmul peak measured in the same run.
 
     PYTHONPATH=workflow python benchmarks/bench_finetune.py --device cpu --layers 2 \\
-        --d-model 64 --seq-len 128 --steps 4 --no-compile     # CPU smoke test
+        --d-model 64 --seq-len 128 --steps 4     # CPU smoke test
     PYTHONPATH=workflow:DEPS python benchmarks/bench_finetune.py  # released size, GPU
 
 DEPS holds scgpt 0.2.4 and tqdm (`pip install --no-deps --target DEPS <wheels>`).
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+from superweights.model.scgpt import Packing, ScGPTConfig, ScGPTModel
 from superweights.model.scgpt_reference import load_reference_module
 
 LR, ADAM_EPS, CLIP_NORM = 1e-4, 1e-4, 1.0  # scGPT's annotation tutorial (eps 1e-4 with AMP)
@@ -56,8 +57,7 @@ class Recipe:
     amp_dtype: torch.dtype
     grad_scaler: bool = False
     fused_adamw: bool = False
-    compile: bool = False
-    bucketed: bool = False
+    packed: bool = False
 
 
 @dataclass
@@ -77,16 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
-    p.add_argument("--rows", default="scgpt,same,opt", help="comma-separated: scgpt,same,opt")
+    p.add_argument("--rows", default="scgpt,same,packed", help="comma-separated row keys")
     p.add_argument("--steps", type=int, default=64, help="timed steps at --batch")
     p.add_argument("--cells", type=int, default=None, help="timed cells (default steps x batch)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per row")
     p.add_argument("--batch", type=int, default=32, help="batch of the scgpt and same rows")
-    p.add_argument(
-        "--opt-batch", default="128,64", help="opt row batches, tried in turn on out-of-memory"
-    )
-    p.add_argument("--pad-multiple", type=int, default=64, help="opt row: pad lengths up to this")
-    p.add_argument("--no-compile", action="store_true", help="opt row without torch.compile")
+    p.add_argument("--tokens", type=int, default=None, help="packed rows: tokens per batch")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-hid", type=int, default=None, help="MLP width (default: d-model)")
@@ -104,10 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.min_genes = args.min_genes or max(2, args.seq_len // 4)
     args.cells = args.cells or args.steps * args.batch
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    args.opt_batch = [int(b) for b in args.opt_batch.split(",")]
+    args.tokens = args.tokens or args.batch * args.seq_len
     unknown = set(args.rows) - set(RECIPES)
-    if unknown or not 2 <= args.min_genes <= args.seq_len:
-        p.error(f"unknown rows {sorted(unknown)} or --min-genes outside 2..--seq-len")
+    if unknown or not 2 <= args.min_genes <= args.seq_len or args.tokens < args.seq_len:
+        p.error(
+            f"unknown rows {sorted(unknown)}, --min-genes outside 2..--seq-len or --tokens "
+            "below --seq-len"
+        )
     return args
 
 
@@ -125,31 +124,37 @@ def make_cells(n: int, args: argparse.Namespace, g: torch.Generator) -> Cells:
 
 
 def make_batches(
-    cells: Cells, batch: int, bucketed: bool, args: argparse.Namespace, device: torch.device
+    cells: Cells, args: argparse.Namespace, device: torch.device, packed: bool
 ) -> list[dict]:
-    """Batches on `device`: in order, padded to seq_len; or bucketed by length, shuffled."""
-    n = len(cells.lengths)
-    order = torch.argsort(cells.lengths) if bucketed else torch.arange(n)
+    """Batches on `device`, cells in order: --batch cells padded to --seq-len; or, packed,
+    consecutive cells up to --tokens real tokens, padded to their longest, with a Packing."""
+    n, lengths = len(cells.lengths), cells.lengths.tolist()
+    bounds, start = [], 0
+    while start < n:
+        stop = start + 1
+        if packed:
+            total = lengths[start]
+            while stop < n and total + lengths[stop] <= args.tokens:
+                total, stop = total + lengths[stop], stop + 1
+        else:
+            stop = min(n, start + args.batch)
+        bounds.append((start, stop))
+        start = stop
     batches = []
-    for start in range(0, n, batch):
-        idx = order[start : start + batch]
-        lengths = cells.lengths[idx]
-        width = args.seq_len
-        if bucketed:
-            longest = int(lengths.max())
-            width = min(args.seq_len, -(-longest // args.pad_multiple) * args.pad_multiple)
-        tensors = {
-            "gene_ids": cells.gene_ids[idx, :width],
-            "values": cells.values[idx, :width],
-            "padding_mask": torch.arange(width) >= lengths[:, None],
-            "labels": cells.labels[idx],
+    for start, stop in bounds:
+        width = max(lengths[start:stop]) if packed else args.seq_len
+        padding = torch.arange(width) >= cells.lengths[start:stop, None]
+        batch = {
+            "gene_ids": cells.gene_ids[start:stop, :width],
+            "values": cells.values[start:stop, :width],
+            "padding_mask": padding,
+            "labels": cells.labels[start:stop],
         }
-        batch_dict = {k: v.to(device) for k, v in tensors.items()}
-        batch_dict.update(cells=len(idx), tokens=int(lengths.sum()))
-        batches.append(batch_dict)
-    if bucketed:
-        shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(args.seed))
-        batches = [batches[i] for i in shuffle]
+        if packed:
+            batch["packing"] = Packing.from_padding(padding)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch.update(cells=stop - start, tokens=int(cells.lengths[start:stop].sum()))
+        batches.append(batch)
     return batches
 
 
@@ -198,7 +203,8 @@ def build_ours(args: argparse.Namespace):
     )
 
     def forward(m: nn.Module, b: dict) -> Tensor:
-        return m(b["gene_ids"], b["values"], b["padding_mask"])["cls_logits"]
+        out = m(b["gene_ids"], b["values"], b["padding_mask"], b.get("packing"), ("cls_logits",))
+        return out["cls_logits"]
 
     return ScGPTModel(config), forward
 
@@ -206,14 +212,7 @@ def build_ours(args: argparse.Namespace):
 RECIPES = {
     "scgpt": Recipe("scGPT 0.2.4", build_scgpt, torch.float16, grad_scaler=True),
     "same": Recipe("ours, same recipe", build_ours, torch.bfloat16),
-    "opt": Recipe(
-        "ours, optimised",
-        build_ours,
-        torch.bfloat16,
-        fused_adamw=True,
-        compile=True,
-        bucketed=True,
-    ),
+    "packed": Recipe("ours, packed", build_ours, torch.bfloat16, fused_adamw=True, packed=True),
 }
 
 
@@ -265,19 +264,11 @@ def train_step(model, forward, batch, optimizer, scaler, recipe, device) -> Tens
     return loss.detach()
 
 
-def compiled_graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-def measure(recipe, batch_size, args, device, warm_cells, timed_cells) -> dict:
-    """Build, warm up and time one row at one batch size."""
+def measure(recipe, args, device, warm_cells, timed_cells) -> dict:
+    """Build, warm up and time one row."""
     torch.manual_seed(args.seed)
     model, forward = recipe.build(args)
     model.to(device).train()
-    notes = []
-    eager_model = model
-    if recipe.compile and not args.no_compile:
-        model = torch.compile(model, dynamic=True)
     if recipe.fused_adamw:
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=LR, eps=ADAM_EPS, weight_decay=0.0, fused=True
@@ -285,40 +276,28 @@ def measure(recipe, batch_size, args, device, warm_cells, timed_cells) -> dict:
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=LR, eps=ADAM_EPS)
     scaler = torch.amp.GradScaler(device.type) if recipe.grad_scaler else None
-    warm = make_batches(warm_cells, batch_size, recipe.bucketed, args, device)[: args.warmup]
-    timed = make_batches(timed_cells, batch_size, recipe.bucketed, args, device)
+    warm = make_batches(warm_cells, args, device, recipe.packed)[: args.warmup]
+    timed = make_batches(timed_cells, args, device, recipe.packed)
 
     sync(device)
     start = time.perf_counter()
     for batch in warm:
-        try:
-            train_step(model, forward, batch, optimizer, scaler, recipe, device)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:  # a compiler failure: fall back to eager, as promised
-            if model is eager_model:
-                raise
-            notes.append(f"compile failed ({type(err).__name__}: {err}); ran eager")
-            print(f"  note: {notes[-1][:300]}", flush=True)
-            model = eager_model
-            train_step(model, forward, batch, optimizer, scaler, recipe, device)
+        train_step(model, forward, batch, optimizer, scaler, recipe, device)
     sync(device)
     warmup_s = time.perf_counter() - start
-    graphs = compiled_graphs()
     start = time.perf_counter()
     for batch in timed:
         loss = train_step(model, forward, batch, optimizer, scaler, recipe, device)
     sync(device)
     seconds = time.perf_counter() - start
-    if compiled_graphs() != graphs:
-        notes.append("recompiled during timed steps: timing includes compilation")
     cells = sum(b["cells"] for b in timed)
     tokens = sum(b["tokens"] for b in timed)
     padded_tokens = sum(b["gene_ids"].numel() for b in timed)
     return {
-        "batch": batch_size,
+        "batch": f"≤ {args.tokens:,} tokens ({cells / len(timed):.0f} cells)"
+        if recipe.packed
+        else str(args.batch),
         "steps": len(timed),
-        "compiled": model is not eager_model,
         "cells": cells,
         "real_tokens": tokens,
         "padded_tokens": padded_tokens,
@@ -326,46 +305,33 @@ def measure(recipe, batch_size, args, device, warm_cells, timed_cells) -> dict:
         "warmup_s": warmup_s,
         "cells_per_s": cells / seconds,
         "tokens_per_s": tokens / seconds,
-        "model_flops": model_flops(eager_model, timed_cells, args),
+        "model_flops": model_flops(model, timed_cells, args),
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device)
         if device.type == "cuda"
         else None,
         "final_loss": float(loss),
-        "notes": notes,
     }
 
 
 def free_memory(device: torch.device) -> None:
     gc.collect()
-    torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def run_row(key, args, device, warm_cells, timed_cells) -> dict:
-    """One row; an exception becomes an error row, out-of-memory first tries smaller batches."""
+    """One row; an exception becomes an error row."""
     recipe = RECIPES[key]
-    sizes = args.opt_batch if key == "opt" else [args.batch]
-    row = {"row": key, "label": recipe.label, "error": None, "notes": []}
-    for i, batch_size in enumerate(sizes):
-        free_memory(device)
-        print(f"running {recipe.label} (batch {batch_size}) ...", flush=True)
-        error, out_of_memory = None, False
-        try:
-            result = measure(recipe, batch_size, args, device, warm_cells, timed_cells)
-        except Exception as err:
-            out_of_memory = isinstance(err, torch.OutOfMemoryError)
-            error = " ".join(f"{type(err).__name__}: {err}".split())
-            traceback.print_exc()
-        if error is None:
-            row.update(result, notes=row["notes"] + result["notes"])
-            break
-        if out_of_memory and i + 1 < len(sizes):
-            row["notes"].append(f"batch {batch_size}: out of memory, trying a smaller batch")
-        else:
-            row["error"] = error
-            break
+    row = {"row": key, "label": recipe.label, "error": None}
+    free_memory(device)
+    print(f"running {recipe.label} ...", flush=True)
+    try:
+        result = measure(recipe, args, device, warm_cells, timed_cells)
+        row.update(result)
+    except Exception as err:
+        row["error"] = " ".join(f"{type(err).__name__}: {err}".split())
+        traceback.print_exc()
     free_memory(device)
     return row
 
@@ -393,10 +359,9 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"| {r['label']}: failed: {r['error'][:160]} |" + " — |" * 8)
             continue
         mem = r["peak_mem_bytes"]
-        label = r["label"] + ("" if r["compiled"] or r["row"] != "opt" else " (eager)")
         cells = [
-            label,
-            str(r["batch"]),
+            r["label"],
+            r["batch"],
             str(r["steps"]),
             f"{r['cells_per_s']:,.1f}",
             f"{r['tokens_per_s']:,.0f}",
@@ -419,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     flops_peak = matmul_peak(device, peak_n)
     g = torch.Generator().manual_seed(args.seed)
     timed_cells = make_cells(args.cells, args, g)
-    warm_cells = make_cells(args.warmup * max([args.batch, *args.opt_batch]), args, g)
+    warm_cells = make_cells(args.warmup * max(args.batch, args.tokens // args.min_genes), args, g)
     real = float(timed_cells.lengths.float().mean())
     header = (
         f"Fine-tuning throughput, CLS objective: {args.layers} layers, d_model {args.d_model}, "
@@ -433,8 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [run_row(key, args, device, warm_cells, timed_cells) for key in args.rows]
     add_ratios(rows, flops_peak)
     table = format_table(rows)
-    notes = [f"- {r['label']}: {note}" for r in rows for note in r["notes"]]
-    report = "\n\n".join(p for p in (header, table, "\n".join(notes)) if p) + "\n"
+    report = f"{header}\n\n{table}\n"
     print("\n" + report, flush=True)
     if args.out_dir:
         out = Path(args.out_dir)

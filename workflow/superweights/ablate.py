@@ -157,17 +157,7 @@ def forward_from(
     Returns the same keys; "mvc" needs `gene_emb` (the gene encoder's output). `heads`
     limits which of "expr", "cls_logits", "mvc" are computed (None: all the model has).
     """
-    hidden = run_layers(model, hidden, padding_mask, start_layer)
-    cell_emb = hidden[:, 0, :]
-    out = {"hidden": hidden, "cell_emb": cell_emb}
-    wanted = set(heads) if heads is not None else {"expr", "cls_logits", "mvc"}
-    if "expr" in wanted:
-        out["expr"] = model.decoder(hidden)
-    if "cls_logits" in wanted and model.config.n_cls > 0:
-        out["cls_logits"] = model.cls_decoder(cell_emb)
-    if "mvc" in wanted and model.config.do_mvc and gene_emb is not None:
-        out["mvc"] = model.mvc_decoder(cell_emb, gene_emb)
-    return out
+    return model.decode(run_layers(model, hidden, padding_mask, start_layer), gene_emb, heads)
 
 
 # --- conditions -------------------------------------------------------------------------

@@ -91,3 +91,12 @@ def loss_weight(n_local: int, world: World, device: torch.device) -> torch.Tenso
     total = n.clone()
     dist.all_reduce(total)
     return world.size * n / total
+
+
+def all_sum(values: list[float], world: World, device: torch.device) -> list[float]:
+    """Each value summed over all ranks (float64); the values themselves in one process."""
+    if world.size == 1:
+        return [float(v) for v in values]
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()

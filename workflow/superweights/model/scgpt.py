@@ -6,9 +6,15 @@ labels, no domain-specific batch norm, no explicit zero probabilities. Attention
 through `scaled_dot_product_attention`, so forward hooks on any submodule (in particular
 `transformer_encoder.layers.N.linear2`, the MLP down-projection) always see ordinary
 dense tensors, in train and eval mode, with or without padding.
+
+For training on a GPU, a batch can also run *packed* (`Packing`): only the real tokens of
+the cells go through the model, laid end to end, and attention runs per cell through
+FlashAttention's variable-length kernel, so padding costs neither compute nor memory.
+Hooks then see [tokens, D] tensors; the outputs come back in the padded [B, L] layout.
 """
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,60 @@ from torch import Tensor, nn
 from ..errors import UserError
 
 LAYER_NORM_EPS = 1e-5
+HEADS = ("expr", "cls_logits", "mvc")
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where the real tokens of a padded [B, L] batch go when laid end to end.
+
+    `index` [T]: positions of the real tokens in the flattened batch (row-major);
+    `cu_seqlens` [B+1] int32: where each cell starts among them; `max_len`: the longest
+    cell; `width`: L. Padding must follow each cell's tokens (as `Collate` makes it).
+    """
+
+    index: Tensor
+    cu_seqlens: Tensor
+    max_len: int
+    width: int
+
+    @classmethod
+    def from_padding(cls, padding_mask: Tensor) -> "Packing":
+        keep = ~padding_mask.bool()
+        lengths = keep.sum(dim=1)
+        starts = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        index = keep.flatten().nonzero().squeeze(1)
+        return cls(index, starts, int(lengths.max()), keep.shape[1])
+
+    def to(self, device, non_blocking: bool = False) -> "Packing":
+        move = {"device": device, "non_blocking": non_blocking}
+        return replace(self, index=self.index.to(**move), cu_seqlens=self.cu_seqlens.to(**move))
+
+    def pin_memory(self) -> "Packing":
+        return replace(self, index=self.index.pin_memory(), cu_seqlens=self.cu_seqlens.pin_memory())
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    def cell_of_token(self) -> Tensor:
+        """[T] the cell (batch row) of each packed token."""
+        return torch.div(self.index, self.width, rounding_mode="floor")
+
+    def pack(self, x: Tensor) -> Tensor:
+        """[B, L, ...] -> [T, ...]."""
+        return x.flatten(0, 1)[self.index]
+
+    def unpack(self, x: Tensor, fill: float = 0.0) -> Tensor:
+        """[T, ...] -> [B, L, ...], padding positions set to `fill`."""
+        out = x.new_full((self.n_cells * self.width, *x.shape[1:]), fill)
+        out = out.index_copy(0, self.index, x)
+        return out.view(self.n_cells, self.width, *x.shape[1:])
+
+    def padding_mask(self) -> Tensor:
+        """[B, L] bool, True at padding."""
+        keep = torch.zeros(self.n_cells * self.width, dtype=torch.bool, device=self.index.device)
+        return ~keep.index_fill(0, self.index, True).view(self.n_cells, self.width)
 
 
 @dataclass
@@ -183,14 +243,36 @@ class SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
-        """x [B, L, D]; keep [B, 1, 1, L] is True for keys that may be attended to."""
-        B, L, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(B, L, 3, self.nhead, D // self.nhead).permute(2, 0, 3, 1, 4)
+    def forward(self, x: Tensor, keep: Tensor | None, packing: Packing | None = None) -> Tensor:
+        """x [B, L, D] with keep [B, 1, 1, L] (True for keys that may be attended to), or
+        x [T, D] packed as `packing` says (keep unused)."""
         p = self.dropout if self.training else 0.0
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if packing is not None:
+            T, D = x.shape
+            q, k, v = qkv.view(T, 3, self.nhead, D // self.nhead).unbind(1)
+            return self.out_proj(_packed_attention(q, k, v, packing, p).reshape(T, D))
+        B, L, D = x.shape
+        q, k, v = qkv.view(B, L, 3, self.nhead, D // self.nhead).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+def _packed_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, dropout: float):
+    """Attention within each packed cell; q, k, v and the result are [T, heads, head_dim].
+
+    FlashAttention's variable-length kernel on a GPU in half precision; elsewhere the cells
+    are padded again for `scaled_dot_product_attention` (same maths, no speed-up).
+    """
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        cu, n = packing.cu_seqlens, packing.max_len
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, n, n, dropout, False, False
+        )[0]
+    q, k, v = (packing.unpack(t).transpose(1, 2) for t in (q, k, v))
+    keep = ~packing.padding_mask()[:, None, None, :]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
+    return packing.pack(y.transpose(1, 2))
 
 
 class EncoderLayer(nn.Module):
@@ -209,17 +291,17 @@ class EncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(config.dropout)
         self.dropout2 = nn.Dropout(config.dropout)
 
-    def _attn(self, x: Tensor, keep: Tensor) -> Tensor:
-        return self.dropout1(self.self_attn(x, keep))
+    def _attn(self, x: Tensor, keep: Tensor | None, packing: Packing | None) -> Tensor:
+        return self.dropout1(self.self_attn(x, keep, packing))
 
     def _mlp(self, x: Tensor) -> Tensor:
         return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
-    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None, packing: Packing | None = None) -> Tensor:
         if self.pre_norm:
-            x = x + self._attn(self.norm1(x), keep)
+            x = x + self._attn(self.norm1(x), keep, packing)
             return x + self._mlp(self.norm2(x))
-        x = self.norm1(x + self._attn(x, keep))
+        x = self.norm1(x + self._attn(x, keep, packing))
         return self.norm2(x + self._mlp(x))
 
 
@@ -230,10 +312,10 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.nlayers))
 
-    def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
-        keep = ~padding_mask[:, None, None, :]
+    def forward(self, x: Tensor, padding_mask: Tensor, packing: Packing | None = None) -> Tensor:
+        keep = None if packing is not None else ~padding_mask[:, None, None, :]
         for layer in self.layers:
-            x = layer(x, keep)
+            x = layer(x, keep, packing)
         return x
 
 
@@ -280,9 +362,12 @@ class MVCDecoder(nn.Module):
         self.gene2query = nn.Linear(d, d)
         self.W = nn.Linear(d, d, bias=False)
 
-    def forward(self, cell_emb: Tensor, gene_emb: Tensor) -> Tensor:
-        query = torch.sigmoid(self.gene2query(gene_emb))
-        return torch.einsum("bld,bd->bl", self.W(query), cell_emb)
+    def forward(self, cell_emb: Tensor, gene_emb: Tensor, cells: Tensor | None = None) -> Tensor:
+        """gene_emb [B, L, D] -> [B, L]; or packed [T, D] with `cells` [T] -> [T]."""
+        query = self.W(torch.sigmoid(self.gene2query(gene_emb)))
+        if cells is not None:
+            return (query * cell_emb[cells]).sum(-1)
+        return torch.einsum("bld,bd->bl", query, cell_emb)
 
 
 class ScGPTModel(nn.Module):
@@ -301,26 +386,55 @@ class ScGPTModel(nn.Module):
             self.mvc_decoder = MVCDecoder(config)
         nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)
 
-    def forward(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self,
+        gene_ids: Tensor,
+        values: Tensor,
+        padding_mask: Tensor,
+        packing: Packing | None = None,
+        heads: Sequence[str] | None = None,
+    ) -> dict[str, Tensor]:
         """gene_ids [B, L] long, values [B, L] float, padding_mask [B, L] bool (True = pad).
 
-        Returns "hidden" [B, L, D], "cell_emb" [B, D] (output at `<cls>`, position 0),
-        "expr" [B, L], and "cls_logits" [B, n_cls] / "mvc" [B, L] when those heads exist.
+        Returns "hidden" [B, L, D], "cell_emb" [B, D] (output at `<cls>`, position 0) and the
+        heads among "expr" [B, L], "cls_logits" [B, n_cls], "mvc" [B, L] that the model has
+        and `heads` asks for (None: all). With `packing`, only the real tokens are computed
+        (see `Packing`); outputs at padding positions are then 0.
         """
         if gene_ids.shape != values.shape or gene_ids.shape != padding_mask.shape:
             raise ValueError(
                 f"gene_ids {tuple(gene_ids.shape)}, values {tuple(values.shape)} and "
                 f"padding_mask {tuple(padding_mask.shape)} must have the same [B, L] shape"
             )
+        if packing is not None:
+            gene_ids, values = packing.pack(gene_ids), packing.pack(values)
         gene_emb = self.encoder(gene_ids)
         x = gene_emb + self.value_encoder(values.to(gene_emb.dtype))
-        hidden = self.transformer_encoder(x, padding_mask.bool())
-        cell_emb = hidden[:, 0, :]
-        out = {"hidden": hidden, "cell_emb": cell_emb, "expr": self.decoder(hidden)}
-        if self.config.n_cls > 0:
+        hidden = self.transformer_encoder(x, padding_mask.bool(), packing)
+        return self.decode(hidden, gene_emb, heads, packing)
+
+    def decode(
+        self,
+        hidden: Tensor,
+        gene_emb: Tensor | None,
+        heads: Sequence[str] | None = None,
+        packing: Packing | None = None,
+    ) -> dict[str, Tensor]:
+        """The outputs of `forward` from the encoder's output (and the gene encoder's, which
+        "mvc" needs: without it, "mvc" is left out)."""
+        wanted = set(HEADS if heads is None else heads)
+        if packing is None:
+            cell_emb, unpack, cells = hidden[:, 0, :], (lambda t: t), None
+        else:
+            cell_emb, unpack = hidden[packing.cu_seqlens[:-1].long()], packing.unpack
+            cells = packing.cell_of_token()
+        out = {"hidden": unpack(hidden), "cell_emb": cell_emb}
+        if "expr" in wanted:
+            out["expr"] = unpack(self.decoder(hidden))
+        if "cls_logits" in wanted and self.config.n_cls > 0:
             out["cls_logits"] = self.cls_decoder(cell_emb)
-        if self.config.do_mvc:
-            out["mvc"] = self.mvc_decoder(cell_emb, gene_emb)
+        if "mvc" in wanted and self.config.do_mvc and gene_emb is not None:
+            out["mvc"] = unpack(self.mvc_decoder(cell_emb, gene_emb, cells))
         return out
 
     def down_projections(self) -> list[nn.Linear]:

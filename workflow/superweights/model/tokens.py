@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import UserError
+from .scgpt import Packing
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,14 @@ class CellDataset(Dataset):
 
 @dataclass
 class Collate:
-    """Pad a list of cells to the longest one: gene_ids, values, padding_mask (True = pad)."""
+    """Pad a list of cells to the longest one: gene_ids, values, padding_mask (True = pad).
+
+    With `pack`, the batch also holds its `Packing` (for the model's packed forward pass).
+    """
 
     pad_id: int
     pad_value: float = PAD_VALUE
+    pack: bool = False
 
     def __call__(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         length = max(len(item["gene_ids"]) for item in items)
@@ -110,6 +115,8 @@ class Collate:
         batch = {"gene_ids": gene_ids, "values": values, "padding_mask": gene_ids == self.pad_id}
         if "label" in items[0]:
             batch["labels"] = torch.stack([item["label"] for item in items])
+        if self.pack:
+            batch["packing"] = Packing.from_padding(batch["padding_mask"])
         return batch
 
 

@@ -32,14 +32,15 @@ from tqdm import tqdm
 from ..data.vocab import SPECIAL_TOKENS
 from ..errors import UserError
 from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import SINGLE, RankSlices, World, init_world, loss_weight
+from .distributed import SINGLE, RankSlices, World, all_sum, init_world, loss_weight
 from .scgpt import ScGPTConfig, ScGPTModel
 from .tokens import CellDataset, Collate, EpochSampler, gene_token_ids, mask_values
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds")
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds", "seconds")
+PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each waits for the GPU)
 
 
 @dataclass
@@ -103,12 +104,20 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def packs(device: torch.device) -> bool:
+    """Whether batches run packed (`Packing`): on a GPU, where FlashAttention takes them."""
+    return device.type == "cuda"
+
+
 @contextlib.contextmanager
-def _deterministic(seed: int):
-    """Seed torch and ask for deterministic kernels; the previous mode is restored after."""
+def _deterministic(seed: int, device: torch.device):
+    """Seed torch and, on CPU, ask for deterministic kernels; the previous mode is restored.
+
+    GPU runs are left to the fast kernels (bf16 training is not bit-reproducible anyway).
+    """
     previous = torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(device.type == "cpu" or previous, warn_only=True)
     try:
         yield
     finally:
@@ -185,33 +194,37 @@ def make_loader(
     shuffle: bool,
     sampler: Sampler | Iterable[int] | None = None,
     world: World = SINGLE,
+    pack: bool = False,
 ) -> DataLoader:
     """Batches of padded cells; the sampler (default: seeded EpochSampler) is replaceable.
 
     With several data-parallel processes, each gets its slice of every global batch.
+    `pack`: batches also carry their `Packing` (see `packs`).
     """
     if sampler is None:
         sampler = EpochSampler(len(dataset), shuffle, settings.seed)
+    common = {
+        "collate_fn": Collate(pad_id, pack=pack),
+        "num_workers": settings.num_workers,
+        "pin_memory": torch.cuda.is_available(),
+    }
     if world.size > 1:
         return DataLoader(
-            dataset,
-            batch_sampler=RankSlices(sampler, settings.batch_size, world),
-            collate_fn=Collate(pad_id),
-            num_workers=settings.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            dataset, batch_sampler=RankSlices(sampler, settings.batch_size, world), **common
         )
-    return DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        sampler=sampler,
-        collate_fn=Collate(pad_id),
-        num_workers=settings.num_workers,
-        pin_memory=torch.cuda.is_available(),
-    )
+    return DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, **common)
 
 
-def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+def _to(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors (and `Packing`) on `device`."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _run(model, batch: dict, values: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
+    """The model's forward pass on one batch (packed when the batch says so)."""
+    return model(
+        batch["gene_ids"], values, batch["padding_mask"], packing=batch.get("packing"), heads=heads
+    )
 
 
 def _mask_seed(*keys: int) -> int:
@@ -231,7 +244,7 @@ def _masked_squared_error(pred: Tensor, target: Tensor, mask: Tensor) -> tuple[T
 def _expression_loss(model, batch: dict[str, Tensor], ratio: float, seed: int):
     """GEP (+ GEPC when the model has an MVC head) squared error on masked values."""
     masked, mask = mask_values(batch["values"], batch["padding_mask"], ratio, seed)
-    out = model(batch["gene_ids"], masked, batch["padding_mask"])
+    out = _run(model, batch, masked, ("expr", "mvc"))
     total, n = _masked_squared_error(out["expr"], batch["values"], mask)
     if "mvc" in out:
         total = total + _masked_squared_error(out["mvc"], batch["values"], mask)[0]
@@ -248,10 +261,11 @@ def _pretrain_loss(settings: TrainSettings):
 
 def _finetune_loss(settings: TrainSettings):
     def loss(model, batch, seed):
-        values, mask = batch["values"], None
+        values, mask, heads = batch["values"], None, ("cls_logits",)
         if settings.mlm_weight > 0:
             values, mask = mask_values(values, batch["padding_mask"], settings.mask_ratio, seed)
-        out = model(batch["gene_ids"], values, batch["padding_mask"])
+            heads = ("cls_logits", "expr")
+        out = _run(model, batch, values, heads)
         total = F.cross_entropy(out["cls_logits"].float(), batch["labels"])
         if mask is not None:
             squared, n = _masked_squared_error(out["expr"], batch["values"], mask)
@@ -269,9 +283,11 @@ def evaluate(model: ScGPTModel, loader: DataLoader, device) -> tuple[np.ndarray,
     for batch in loader:
         batch = _to(batch, device)
         with _autocast(torch.device(device)):
-            out = model(batch["gene_ids"], batch["values"], batch["padding_mask"])
+            out = _run(model, batch, batch["values"], ("cls_logits",))
         logits.append(out["cls_logits"].float().cpu())
         labels.append(batch["labels"].cpu())
+    if not logits:  # a data-parallel rank with no validation cells
+        return np.zeros((0, model.config.n_cls), np.float32), np.zeros(0, np.int64)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
@@ -309,11 +325,15 @@ def classification_metrics(logits, labels, classes: list[str]) -> dict:
     }
 
 
-def _classifier_validation(loader: DataLoader, device):
+def _classifier_validation(loader: DataLoader, device, world: World = SINGLE):
+    """Validation cross-entropy and accuracy; each rank scores its share of the cells."""
+
     def validate(model) -> dict:
         logits, labels = evaluate(model, loader, device)
-        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
-        return {"val_loss": float(loss), "val_accuracy": float((logits.argmax(1) == labels).mean())}
+        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), reduction="sum")
+        hits = float((logits.argmax(1) == labels).sum())
+        loss_sum, hits, n = all_sum([float(loss), hits, len(labels)], world, device)
+        return {"val_loss": loss_sum / n, "val_accuracy": hits / n}
 
     return validate
 
@@ -352,8 +372,9 @@ def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float
 
 def train_step(
     model, batch, loss_fn, seed: int, optimizer, scheduler, settings, device, world=SINGLE
-) -> float:
-    """One optimiser step on one batch (this rank's slice of it); returns the loss."""
+) -> Tensor:
+    """One optimiser step on one batch (this rank's slice of it); returns the loss (a 0-d
+    tensor on `device`: reading it waits for the GPU, so the caller does that rarely)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device):
@@ -363,7 +384,7 @@ def train_step(
         nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
     scheduler.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def _fingerprint(**parts) -> str:
@@ -420,13 +441,14 @@ def _fit(
 ):
     """Train with early stopping; leaves the best epoch's weights in `model`.
 
-    With several processes, steps run through DistributedDataParallel (gradients averaged);
-    every rank validates on all validation cells, so all take the same decisions.
+    With several processes, steps run through DistributedDataParallel (gradients averaged
+    over the parameters that require them: freeze heads the loss does not use); `validate`
+    must return the same numbers on every rank, so all take the same decisions.
     """
     trained = model
     if world.size > 1:
         ids = [device.index] if device.type == "cuda" else None
-        trained = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        trained = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
     optimizer = _optimizer(model, settings)
     total = settings.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -458,8 +480,12 @@ def _fit(
                     trained, batch, loss_fn, seed, optimizer, scheduler, settings, device, world
                 )
             )
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), **validate(model)}
+            if step % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
+        train_loss = float(torch.stack(losses).float().mean())  # waits for the last step
+        row = {"epoch": epoch + 1, "train_loss": train_loss}
+        row["train_seconds"] = round(time.perf_counter() - start, 2)
+        row |= validate(model)
         row["seconds"] = round(time.perf_counter() - start, 2)
         run["history"].append(row)
         if row["val_loss"] < run["best_val_loss"]:
@@ -490,8 +516,9 @@ def _fit(
 
 
 def _describe(row: dict) -> str:
-    parts = [f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds")]
-    return ", ".join([*parts, f"{row['seconds']:.1f} s"])
+    timings = ("epoch", "train_seconds", "seconds")
+    parts = [f"{k} {v:.4f}" for k, v in row.items() if k not in timings]
+    return ", ".join([*parts, f"{row['seconds']:.1f} s ({row['train_seconds']:.1f} s training)"])
 
 
 def _copy(model: nn.Module) -> dict[str, Tensor]:
@@ -539,7 +566,7 @@ def pretrain(
     world = init_world()
     device = world.device()
     state_file = Path(state_file) if state_file else out_dir / STATE_FILE
-    with _deterministic(settings.seed):
+    with _deterministic(settings.seed, device):
         config = ScGPTConfig(
             ntoken=len(vocab),
             d_model=model_settings.d_model,
@@ -557,13 +584,13 @@ def pretrain(
         # not spent (and the hidden states not distorted) learning the output scale.
         with torch.no_grad():
             model.decoder.fc[-1].bias.fill_(float(data["train"].values.mean()))
-        pad = vocab["<pad>"]
+        pad, pack = vocab["<pad>"], packs(device)
         result = _fit(
             model,
-            make_loader(data["train"], settings, pad, shuffle=True, world=world),
+            make_loader(data["train"], settings, pad, shuffle=True, world=world, pack=pack),
             _pretrain_loss(settings),
             _expression_validation(
-                make_loader(data["val"], settings, pad, False), settings, device
+                make_loader(data["val"], settings, pad, False, pack=pack), settings, device
             ),
             settings,
             device,
@@ -609,23 +636,29 @@ def finetune(
     world = init_world()
     device = world.device()
     state_file = Path(state_file) if state_file else out_dir / STATE_FILE
-    with _deterministic(settings.seed):
+    with _deterministic(settings.seed, device):
         model, config, vocab = load_checkpoint(
             init_checkpoint, n_cls=len(classes), allow_missing=("cls_decoder.*",), device=device
         )
+        unused = [model.mvc_decoder] if config.do_mvc else []
+        if settings.mlm_weight == 0:
+            unused.append(model.decoder)
+        for head in unused:  # not trained; frozen, so data-parallel ranks skip them
+            head.requires_grad_(False)
         data = split_datasets(adata, vocab, settings, labelled=True)
         if len(data["test"]) == 0:
             raise UserError("no cells in split 'test'; preprocess needs more donors")
-        pad = config.pad_token_id
-
-        def loader(name: str, shuffle: bool = False) -> DataLoader:
-            return make_loader(data[name], settings, pad, shuffle)
-
+        pad, pack = config.pad_token_id, packs(device)
+        val_share = range(world.rank, len(data["val"]), world.size)
         result = _fit(
             model,
-            make_loader(data["train"], settings, pad, shuffle=True, world=world),
+            make_loader(data["train"], settings, pad, shuffle=True, world=world, pack=pack),
             _finetune_loss(settings),
-            _classifier_validation(loader("val"), device),
+            _classifier_validation(
+                make_loader(data["val"], settings, pad, False, val_share, pack=pack),
+                device,
+                world,
+            ),
             settings,
             device,
             state_file,
@@ -640,7 +673,8 @@ def finetune(
             "finetune",
             world,
         )
-        logits, labels = evaluate(model, loader("test"), device)
+        test = make_loader(data["test"], settings, pad, False, pack=pack)
+        logits, labels = evaluate(model, test, device)
     metrics = classification_metrics(logits, labels, classes)
     metrics |= {
         "epochs_run": result.epochs_run,
