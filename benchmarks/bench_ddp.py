@@ -172,15 +172,19 @@ def main() -> None:
         f"{1e3 * allreduce_s:.2f} ms ({4 * n_params / allreduce_s / 1e9:.0f} GB/s).",
         "",
         "| global batch | processes | cells per process and step | train s "
-        "| epoch s (with validation) | train cells/s | scaling | test accuracy "
-        "| test mean log-lik |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| epoch s (with validation) | train cells/s | scaling, same global batch "
+        "| scaling, same cells per process | test accuracy | test mean log-lik |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    one = {row["batch"]: row["cells_per_s"] for row in rows if row["n"] == 1}
     for row in rows:
+        per_process = row["batch"] // row["n"]
+        weak = row["cells_per_s"] / one[per_process] if per_process in one else None
         lines.append(
-            f"| {row['batch']} | {row['n']} | {row['batch'] // row['n']} | "
+            f"| {row['batch']} | {row['n']} | {per_process} | "
             f"{row['train_seconds']:.1f} | {row['epoch_seconds']:.1f} | "
             f"{row['cells_per_s']:.0f} | {row['scaling']:.2f}x | "
+            f"{'—' if weak is None else f'{weak:.2f}x'} | "
             f"{row['accuracy']:.4f} | {row['mean_log_likelihood']:.4f} |"
         )
     table = "\n".join(lines)

@@ -82,15 +82,14 @@ class RankSlices(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self._global_batches())
 
+    def global_sizes(self) -> list[int]:
+        """Cells in each global batch of the current epoch (all ranks together)."""
+        return [len(b) for b in self._global_batches()]
 
-def loss_weight(n_local: int, world: World, device: torch.device) -> torch.Tensor:
+
+def loss_weight(n_local: int, n_global: int, world: World) -> float:
     """world.size × (this rank's cells / global cells): DDP's mean then equals the global mean."""
-    if world.size == 1:
-        return torch.ones((), device=device)
-    n = torch.tensor(float(n_local), device=device)
-    total = n.clone()
-    dist.all_reduce(total)
-    return world.size * n / total
+    return world.size * n_local / n_global
 
 
 def all_sum(values: list[float], world: World, device: torch.device) -> list[float]:

@@ -371,15 +371,16 @@ def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float
 
 
 def train_step(
-    model, batch, loss_fn, seed: int, optimizer, scheduler, settings, device, world=SINGLE
+    model, batch, loss_fn, seed: int, optimizer, scheduler, settings, device, weight=1.0
 ) -> Tensor:
-    """One optimiser step on one batch (this rank's slice of it); returns the loss (a 0-d
-    tensor on `device`: reading it waits for the GPU, so the caller does that rarely)."""
+    """One optimiser step on one batch (this rank's slice of it, its loss scaled by
+    `weight`, see `loss_weight`); returns the loss (a 0-d tensor on `device`: reading it
+    waits for the GPU, so the caller does that rarely)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device):
         loss = loss_fn(model, _to(batch, device), seed)
-    (loss * loss_weight(len(batch["gene_ids"]), world, device)).backward()
+    (loss * weight).backward()
     if settings.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     optimizer.step()
@@ -422,7 +423,8 @@ class FitResult:
 
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only (not on biases, norms, embeddings:
-    rows of genes absent from the data would otherwise shrink without ever being used)."""
+    rows of genes absent from the data would otherwise shrink without ever being used);
+    the fused kernel on a GPU."""
     groups: dict[bool, list] = {True: [], False: []}
     for name, param in model.named_parameters():
         groups[param.ndim >= 2 and "embedding" not in name].append(param)
@@ -433,6 +435,7 @@ def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
         ],
         lr=settings.lr,
         weight_decay=0.0,
+        fused=next(model.parameters()).is_cuda or None,
     )
 
 
@@ -472,12 +475,16 @@ def _fit(
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
         losses = []
+        global_sizes = getattr(train_loader.batch_sampler, "global_sizes", lambda: None)()
         bar = tqdm(train_loader, desc=f"{name} epoch {epoch + 1}/{settings.epochs}", leave=False)
         for step, batch in enumerate(bar):
             seed = _mask_seed(settings.seed, 0, epoch, step)
+            weight = 1.0
+            if global_sizes is not None:
+                weight = loss_weight(len(batch["gene_ids"]), global_sizes[step], world)
             losses.append(
                 train_step(
-                    trained, batch, loss_fn, seed, optimizer, scheduler, settings, device, world
+                    trained, batch, loss_fn, seed, optimizer, scheduler, settings, device, weight
                 )
             )
             if step % PROGRESS_EVERY == 0:
