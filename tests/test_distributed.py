@@ -9,7 +9,7 @@ import torch
 
 from superweights.data.preprocess import PreprocessSettings, preprocess
 from superweights.data.vocab import load_vocab
-from superweights.model.distributed import SINGLE, RankSlices, World
+from superweights.model.distributed import SINGLE, RankSlices, World, loss_weight
 from superweights.model.tokens import EpochSampler
 from superweights.model.train import ModelSettings, TrainSettings, pretrain
 from superweights.outputs import write_h5ad
@@ -23,6 +23,23 @@ def test_rank_slices_partition_each_global_batch():
     for step, batch in enumerate(single):
         assert sum((r[step] for r in ranks), []) == batch
     assert list(RankSlices(base, 8, SINGLE)) == single
+
+
+def test_loss_weights_make_the_rank_average_the_global_mean():
+    base = EpochSampler(23, shuffle=True, seed=1)
+    losses = torch.rand(23, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    worlds = [World(rank, 3, rank) for rank in range(3)]
+    ranks = [list(RankSlices(base, 8, world)) for world in worlds]
+    sizes = RankSlices(base, 8, worlds[0]).global_sizes()
+    assert sizes == [8, 8, 7]
+    for step, n_global in enumerate(sizes):
+        batches = [r[step] for r in ranks]
+        weighted = [
+            loss_weight(len(b), n_global, world) * losses[b].mean()
+            for b, world in zip(batches, worlds, strict=True)
+        ]
+        global_mean = losses[sum(batches, [])].mean()
+        torch.testing.assert_close(sum(weighted) / 3, global_mean)  # what DDP's average gives
 
 
 def test_a_last_batch_smaller_than_the_world_is_dropped():
