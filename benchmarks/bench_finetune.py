@@ -11,7 +11,7 @@ cell lengths uniform from --min-genes to --seq-len tokens):
          tokens, default --batch x --seq-len, the scgpt row's padded batch), only the
          classifier head computed, fused AdamW.
 
-Every row takes --warmup untimed steps (compilation included), then trains once over the
+Every row takes --warmup untimed steps (kernel selection, allocator warm-up), then trains over the
 same timed cells (--steps x --batch). Cells/s and tokens/s count real cells and
 non-padding tokens. MFU = model FLOPs (6 x per-token parameters x real tokens +
 6 x classifier parameters x cells + 12 x layers x d_model x length² per cell, for the
