@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from superweights.model.scgpt import Packing, ScGPTConfig, ScGPTModel
+from superweights.model.scgpt import (
+    Packing,
+    ScGPTConfig,
+    ScGPTModel,
+    flash_attention_available,
+)
 from superweights.model.tokens import Collate
 
 PAD_ID = 47
@@ -81,7 +86,10 @@ def test_collate_packs_on_request():
     assert torch.equal(batch["packing"].padding_mask(), batch["padding_mask"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention needs a CUDA GPU")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and flash_attention_available(torch.device("cuda"))),
+    reason="FlashAttention needs a CUDA GPU of compute capability 8.0 or newer",
+)
 def test_flash_attention_path_matches_padded_on_gpu():
     """bf16 FlashAttention varlen kernel vs padded SDPA, same weights (run on the GPU tool)."""
     gene_ids, values, padding = (t.cuda() for t in padded_batch(width=64, lengths=(64, 30, 3, 50)))

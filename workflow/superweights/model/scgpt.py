@@ -13,6 +13,7 @@ FlashAttention's variable-length kernel, so padding costs neither compute nor me
 Hooks then see [tokens, D] tensors; the outputs come back in the padded [B, L] layout.
 """
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -258,13 +259,19 @@ class SelfAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
 
 
+@functools.cache
+def flash_attention_available(device: torch.device) -> bool:
+    """FlashAttention runs on CUDA GPUs of compute capability 8.0 (Ampere) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _packed_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, dropout: float):
     """Attention within each packed cell; q, k, v and the result are [T, heads, head_dim].
 
     FlashAttention's variable-length kernel on a GPU in half precision; elsewhere the cells
     are padded again for `scaled_dot_product_attention` (same maths, no speed-up).
     """
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if flash_attention_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
         cu, n = packing.cu_seqlens, packing.max_len
         return torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, n, n, dropout, False, False

@@ -33,7 +33,7 @@ from ..data.vocab import SPECIAL_TOKENS
 from ..errors import UserError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import SINGLE, RankSlices, World, all_sum, init_world, loss_weight
-from .scgpt import ScGPTConfig, ScGPTModel
+from .scgpt import ScGPTConfig, ScGPTModel, flash_attention_available
 from .tokens import CellDataset, Collate, EpochSampler, gene_token_ids, mask_values
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ def _autocast(device: torch.device):
 
 
 def packs(device: torch.device) -> bool:
-    """Whether batches run packed (`Packing`): on a GPU, where FlashAttention takes them."""
-    return device.type == "cuda"
+    """Whether batches run packed (`Packing`): on GPUs where FlashAttention runs."""
+    return flash_attention_available(device)
 
 
 @contextlib.contextmanager
