@@ -1,14 +1,17 @@
 """Data-parallel fine-tuning: 2 CPU processes (gloo) give the single-process result."""
 
 import json
+import math
 import subprocess
 import sys
 
+import anndata as ad
 import pytest
 import torch
 
 from superweights.data.preprocess import PreprocessSettings, preprocess
 from superweights.data.vocab import load_vocab
+from superweights.model import train
 from superweights.model.distributed import SINGLE, RankSlices, World, loss_weight
 from superweights.model.tokens import EpochSampler
 from superweights.model.train import ModelSettings, TrainSettings, pretrain
@@ -77,6 +80,7 @@ def finetune(folder, out, processes):
     args += ["--out-dir", str(out), "--epochs", "2", "--batch-size", "16", "--max-seq-len", "32"]
     result = subprocess.run(launcher + args, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 def test_two_processes_match_one(pretrained):
@@ -97,3 +101,34 @@ def test_two_processes_match_one(pretrained):
             x, y = torch.cat([x[:d], x[2 * d :]]), torch.cat([y[:d], y[2 * d :]])
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3)
     assert not (pretrained / "two" / "train_state.pt").exists()
+
+
+def test_two_processes_resume_a_killed_run(pretrained, monkeypatch):
+    """A run killed in epoch 2 resumes under torchrun from its epoch-1 state (the state does
+    not depend on the number of processes) and ends where an uninterrupted run ends."""
+    tokenised, init = pretrained / "tok.h5ad", pretrained / "pre" / "checkpoint"
+    out = pretrained / "killed"
+    n_train = (ad.read_h5ad(tokenised).obs["split"] == "train").sum()
+    kill_at, real_step, calls = math.ceil(n_train / 16) + 3, train.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt  # as a kill in epoch 2 would
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step)
+    settings = TrainSettings(epochs=2, batch_size=16, max_seq_len=32)  # finetune()'s options
+    with pytest.raises(KeyboardInterrupt):
+        train.finetune(tokenised, out, settings, init)
+    assert torch.load(out / train.STATE_FILE, weights_only=True)["epoch"] == 1
+
+    log = finetune(pretrained, out, 2)
+    assert "resuming from" in log and "after epoch 1" in log
+    if not (pretrained / "one" / "metrics.json").exists():
+        finetune(pretrained, pretrained / "one", 1)
+    one = json.loads((pretrained / "one" / "metrics.json").read_text())
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["epochs_run"] == 2 and resumed["accuracy"] == one["accuracy"]
+    assert resumed["mean_log_likelihood"] == pytest.approx(one["mean_log_likelihood"], abs=1e-4)
+    assert not (out / train.STATE_FILE).exists()
