@@ -1,5 +1,6 @@
 """Shared test fixtures: small raw-count h5ad files built here, not by the code under test."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,20 @@ def counts_h5ad(tmp_path, counts_adata):
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_CONFIG = ROOT / "tests" / "data" / "small_workflow.yaml"
+
+
+def die_in_epoch_2(real_step, data: ad.AnnData, batch_size: int):
+    """A train_step that raises (as a kill would) on the third step of epoch 2."""
+    per_epoch = math.ceil((data.obs["split"] == "train").sum() / batch_size)
+    calls = []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == per_epoch + 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    return step
 
 
 def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """Data-parallel fine-tuning: 2 CPU processes (gloo) give the single-process result."""
 
 import json
-import math
 import subprocess
 import sys
 
@@ -106,17 +105,11 @@ def test_two_processes_match_one(pretrained):
 def test_two_processes_resume_a_killed_run(pretrained, monkeypatch):
     """A run killed in epoch 2 resumes under torchrun from its epoch-1 state (the state does
     not depend on the number of processes) and ends where an uninterrupted run ends."""
+    from conftest import die_in_epoch_2
+
     tokenised, init = pretrained / "tok.h5ad", pretrained / "pre" / "checkpoint"
     out = pretrained / "killed"
-    n_train = (ad.read_h5ad(tokenised).obs["split"] == "train").sum()
-    kill_at, real_step, calls = math.ceil(n_train / 16) + 3, train.train_step, []
-
-    def step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == kill_at:
-            raise KeyboardInterrupt  # as a kill in epoch 2 would
-        return real_step(*args, **kwargs)
-
+    step = die_in_epoch_2(train.train_step, ad.read_h5ad(tokenised), batch_size=16)
     monkeypatch.setattr(train, "train_step", step)
     settings = TrainSettings(epochs=2, batch_size=16, max_seq_len=32)  # finetune()'s options
     with pytest.raises(KeyboardInterrupt):

@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from conftest import die_in_epoch_2
 from superweights.errors import UserError
 from superweights.model import train
 from superweights.model.checkpoint import load_checkpoint, read_state_dict
@@ -121,26 +122,12 @@ def test_finetune_is_deterministic(tmp_path, finetuned, data, pretrained):
     assert_same_weights(out / "checkpoint", tmp_path / "checkpoint")
 
 
-def die_in_epoch_2(real_step, data):
-    """A train_step that raises (as a kill would) on the third step of epoch 2."""
-    per_epoch = math.ceil((data.obs["split"] == "train").sum() / SETTINGS.batch_size)
-    calls = []
-
-    def step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == per_epoch + 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    return step
-
-
 def test_interrupted_run_resumes_to_the_same_model(
     tmp_path, monkeypatch, finetuned, data, pretrained
 ):
     out, metrics = finetuned
     real_step = train.train_step
-    monkeypatch.setattr(train, "train_step", die_in_epoch_2(real_step, data))
+    monkeypatch.setattr(train, "train_step", die_in_epoch_2(real_step, data, SETTINGS.batch_size))
     with pytest.raises(KeyboardInterrupt):
         finetune(data, tmp_path, SETTINGS, pretrained)
     state = torch.load(tmp_path / train.STATE_FILE, weights_only=True)
@@ -158,7 +145,7 @@ def test_state_of_other_settings_is_not_resumed(tmp_path, monkeypatch, data, pre
     reference = finetune(data, tmp_path / "reference", other, pretrained)
     state_file = tmp_path / "state.pt"
     real_step = train.train_step
-    monkeypatch.setattr(train, "train_step", die_in_epoch_2(real_step, data))
+    monkeypatch.setattr(train, "train_step", die_in_epoch_2(real_step, data, SETTINGS.batch_size))
     with pytest.raises(KeyboardInterrupt):
         finetune(data, tmp_path / "a", SETTINGS, pretrained, state_file=state_file)
     assert torch.load(state_file, weights_only=True)["epoch"] == 1

@@ -475,7 +475,8 @@ def _fit(
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
         losses = []
-        global_sizes = getattr(train_loader.batch_sampler, "global_sizes", lambda: None)()
+        slices = train_loader.batch_sampler
+        global_sizes = slices.global_sizes() if isinstance(slices, RankSlices) else None
         bar = tqdm(train_loader, desc=f"{name} epoch {epoch + 1}/{settings.epochs}", leave=False)
         for step, batch in enumerate(bar):
             seed = _mask_seed(settings.seed, 0, epoch, step)
