@@ -6,7 +6,7 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-validate(config, "../schemas/config.schema.yaml")
+validate(config, "../superweights/config.schema.yaml")
 
 SOURCES = {d["name"]: d["source"] for d in config["datasets"]}
 DATASETS = list(SOURCES)

@@ -1,13 +1,13 @@
-"""Validation of the workflow config against workflow/schemas/config.schema.yaml."""
+"""Validation of the workflow config against the packaged schema, config.schema.yaml."""
 
-from pathlib import Path
+from importlib.resources import files
 
 import jsonschema
 import yaml
 
 from .errors import UserError
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = files(__package__) / "config.schema.yaml"
 
 
 def validate_config(config: dict) -> dict:

@@ -1,7 +1,7 @@
 """Gene-set enrichment of a super channel's gene ranking, offline by default.
 
 Libraries (library name -> set name -> genes): GO Biological Process 2023 and KEGG 2021
-Human read from blitzgsea's package data, every `*.gmt` file of `resources/gene_sets`,
+Human read from blitzgsea's package data, every `*.gmt` file of the packaged `gene_sets`,
 GMT files named in config, and Enrichr libraries named in config (downloaded through
 gseapy, so only when Enrichr can be reached). Each library is tested on its own, so FDRs
 are per library: preranked GSEA over the whole ranking (`gseapy.prerank`) and
@@ -14,6 +14,7 @@ import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import blitzgsea.enrichr
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 GeneSets = dict[str, dict[str, list[str]]]
 """Gene-set libraries: library name -> set name -> genes."""
 
-RESOURCE_DIR = Path(__file__).resolve().parents[2] / "resources" / "gene_sets"
+RESOURCE_DIR = files(__package__) / "gene_sets"
 PACKAGED_LIBRARIES = ("GO_Biological_Process_2023", "KEGG_2021_Human")
 AD_LIBRARIES = ("alzheimers_curated", "bellenguez2022_gwas")
 AD_PATTERN = re.compile(r"alzheimer|amyloid|\btau\b|tauopath|microglia|tyrobp", re.IGNORECASE)
