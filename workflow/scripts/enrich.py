@@ -4,10 +4,10 @@ from superweights.enrich import EnrichSettings, GeneSetSettings, enrich_candidat
 from superweights.enrich_plots import plot_candidates
 from superweights.rule_io import rule_log
 
-with rule_log(snakemake):  # noqa: F821
-    params = snakemake.params  # noqa: F821
-    out_dir = snakemake.output[0]  # noqa: F821
-    genes = pd.read_csv(snakemake.input.genes, sep="\t")  # noqa: F821
+with rule_log(snakemake):
+    params = snakemake.params
+    out_dir = snakemake.output[0]
+    genes = pd.read_csv(snakemake.input.genes, sep="\t")
     gene_sets = load_gene_sets(GeneSetSettings(**params.gene_sets))
     enrich_candidates(genes, gene_sets, EnrichSettings(**params.settings), out_dir)
     plot_candidates(genes, gene_sets, out_dir)

@@ -3,11 +3,11 @@ from superweights.data.qc_plot import plot_qc
 from superweights.outputs import write_h5ad, write_tsv
 from superweights.rule_io import rule_log
 
-with rule_log(snakemake):  # noqa: F821
-    out = snakemake.output  # noqa: F821
+with rule_log(snakemake):
+    out = snakemake.output
     tokenised, qc = preprocess(
-        snakemake.input[0],  # noqa: F821
-        PreprocessSettings(**snakemake.params.settings),  # noqa: F821
+        snakemake.input[0],
+        PreprocessSettings(**snakemake.params.settings),
     )
     write_tsv(out.qc, qc)
     plot_qc(qc, out.figure)

@@ -6,6 +6,9 @@ from contextlib import contextmanager
 
 from .errors import UserError
 
+USER_ERROR_EXIT = 2
+"""Exit status of a `UserError`, from a rule script as from the `superweights` command."""
+
 
 def setup_logging(stream=None) -> None:
     """Log INFO and above as 'time level message' lines."""
@@ -19,7 +22,7 @@ def setup_logging(stream=None) -> None:
 
 @contextmanager
 def rule_log(snakemake):
-    """Send stderr and logging to the rule's log; a UserError becomes one line and exit 1."""
+    """Send stderr and logging to the rule's log; a UserError becomes one line and exit 2."""
     with open(snakemake.log[0], "w", buffering=1) as log_file:
         sys.stderr = log_file
         setup_logging(log_file)
@@ -27,6 +30,6 @@ def rule_log(snakemake):
             yield
         except UserError as err:
             print(f"error: {err}", file=log_file)
-            sys.exit(1)
+            sys.exit(USER_ERROR_EXIT)
         finally:
             sys.stderr = sys.__stderr__
