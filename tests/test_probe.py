@@ -1,7 +1,6 @@
 """Super-weight probe: planted weights are recovered exactly; the model is left untouched."""
 
 import json
-import math
 from dataclasses import fields
 
 import pandas as pd
@@ -93,7 +92,10 @@ def test_llama_single_planted_weight_is_recovered_exactly():
     assert result.rounds == 2 and result.stopped == "no spike left"
     assert len(frame) == 2 * 4 and set(frame["round"]) == {1, 2}
     second = frame.query("round == 2 and layer == 1").iloc[0]
-    assert second.decision == "rejected" and second.max_out < cand.output_value / 10
+    assert second.max_out < cand.output_value / 10
+    # What the input spike still lights up is an ordinary weight of the same column.
+    assert second.decision == "collateral" and second.col == 7 and second.row != 5
+    assert second.collateral_of == "(1, 5, 7)" and second.weight_ratio < 10
 
 
 def test_llama_two_planted_weights_in_different_layers_are_both_recovered():
@@ -233,7 +235,8 @@ def test_padding_tokens_are_ignored():
     assert coordinates(result) == {(0, 3, 4)}
     assert (result.candidates[0].item, result.candidates[0].token) == (0, 6)
     unmasked = find_super_weights(model, x, **LOW)
-    assert unmasked.layer_stats[0].token_in == 9 and not unmasked.found
+    stat = unmasked.layer_stats[0]
+    assert (stat.item_in, stat.token_in, stat.item_out, stat.token_out) == (2, 9, 2, 9)
 
 
 def test_low_contribution_is_rejected():
@@ -247,23 +250,25 @@ def test_low_contribution_is_rejected():
     (stat,) = result.layer_stats
     assert (stat.channel_in, stat.channel_out, stat.token_in, stat.token_out) == (4, 2, 3, 3)
     assert stat.contribution == pytest.approx(40 * 0.6 / (0.6 * (15 * 30 + 40)), rel=1e-5)
-    assert stat.reason == "contribution 0.08 < 0.5" and not result.found
-    assert find_super_weights(model, x, contribution_min=0.05, **LOW).found
+    assert stat.reason.startswith("contribution 0.08 < 0.5") and not result.found
+    assert find_super_weights(model, x, contribution_min=0.05, weight_ratio=3, **LOW).found
 
 
-def test_spikes_on_different_tokens_and_min_abs_are_rejected():
+def test_the_weight_is_traced_from_the_output_spike_and_min_abs_applies():
     model = Toy()
     with torch.no_grad():
         model.down.weight[:, 4] = 0.0
         model.down.weight[2, 5] = 3.0
     x = toy_input()
-    x[0, 1, 4] = 80.0  # input spike that reaches no output
+    x[0, 1, 4] = 80.0  # the largest input spike, but it reaches no output
     x[1, 3, 5] = 40.0  # smaller input, but it makes the output spike
+    (stat,) = find_super_weights(model, x, max_rounds=1, **LOW).layer_stats
+    assert (stat.token_in, stat.token_out, stat.row, stat.col) == (1, 3, 2, 5)
+    assert stat.decision == "accepted" and stat.input_at_spike == pytest.approx(40.0)
     result = find_super_weights(model, x, min_abs=1e6, **LOW)
     (stat,) = result.layer_stats
-    assert stat.reason.startswith("spikes on different tokens (input 0:1, output 1:3)")
-    assert "|input| 80 < min_abs 1e+06" in stat.reason and "|output|" in stat.reason
-    assert math.isnan(stat.contribution) and not result.found
+    assert "|output| 120 < min_abs 1e+06" in stat.reason and "|input| 40 <" in stat.reason
+    assert not result.found
     json.dumps(result.to_json(), allow_nan=False)  # NaN becomes null
 
 
@@ -371,3 +376,45 @@ def test_layernorm_outliers():
         ("transformer_encoder.layers.2.norm2", 17)
     ]
     assert table["gain"].iloc[0] == 6.0 and table["robust_z"].iloc[0] > 10
+
+
+def test_collateral_rows_of_a_massive_input_are_not_candidates():
+    """A massive input column lights up ordinary weights of its column far above the layer
+    median; only the planted weights (standing out in their columns) are candidates."""
+    model = llama()
+    plant_llama(model, layer=1, row=5, col=7, scale=60.0)
+    plant_llama(model, layer=3, row=40, col=30, scale=60.0)
+    result = find_super_weights(model, token_batch())
+    assert coordinates(result) == {(1, 5, 7), (3, 40, 30)}
+    frame = result.layers_frame()
+    later = frame[(frame["round"] > 1) & frame["layer"].isin([1, 3])]
+    lit = later[later["ratio_out"] >= 100]  # ordinary weights × the surviving input spike
+    assert len(lit) and (lit["decision"] == "collateral").all()
+    assert set(lit["collateral_of"]) <= {"(1, 5, 7)", "(3, 40, 30)"}
+    assert [c.rank for c in result.candidates] == [1, 2]
+    assert result.candidates[0].output_ratio >= result.candidates[1].output_ratio
+
+
+def test_a_large_weight_without_an_input_spike_is_no_candidate():
+    model = llama()
+    plant_llama(model, layer=1, row=5, col=7)
+    with torch.no_grad():  # decoy: the largest weight of layer 2, on an ordinary input column
+        model.model.layers[2].mlp.down_proj.weight[11, 13] = 6.0
+    assert coordinates(find_super_weights(model, token_batch())) == {(1, 5, 7)}
+
+
+def test_a_super_weight_is_found_after_typical_inputs_have_grown():
+    """Fine-tuning can raise a layer's typical input activations until the super weight's
+    input is only ~30x the layer median; a weight that alone makes a spike of 1000x the
+    median is still found (the input side confirms the source; it does not veto)."""
+    model = Toy()
+    with torch.no_grad():
+        model.down.weight[3, 4] = 8.0
+    x = toy_input() * 3.0  # grown typical inputs
+    x[1, 5, 4] = 60.0  # ~30x the median |x|
+    result = find_super_weights(model, x, max_rounds=1)
+    (cand,) = result.candidates
+    assert (cand.row, cand.col) == (3, 4) and 10 <= cand.input_ratio < 100
+    assert cand.output_ratio >= 100 and cand.weight_ratio >= 10
+    old_rule = find_super_weights(model, x, max_rounds=1, input_ratio=100)
+    assert not old_rule.found and "input ratio at the spike" in old_rule.layer_stats[0].reason

@@ -159,7 +159,7 @@ def test_clean_model_reports_strongest_spikes_not_accepted(tokenised, vocab, tmp
     first = result.layers.query("round == 1").set_index("layer")
     for r in table.itertuples():
         assert abs(r.output_value) == pytest.approx(first.loc[r.layer, "max_out"], rel=1e-5)
-        assert r.col == first.loc[r.layer, "channel_in"]
+        assert (r.row, r.col) == (first.loc[r.layer, "row"], first.loc[r.layer, "col"])
     write_outputs(result, tmp_path)
     assert len(pd.read_csv(tmp_path / "cells.tsv", sep="\t")) == 45
     assert json.loads((tmp_path / "summary.json").read_text())["found"] is False

@@ -45,7 +45,9 @@ class Spike:
     """Largest |activation| a hook saw in one round, where it was, and the median |x| > 0.
 
     ``item`` is the sequence index over all sequences of the round (3-D activations) or the
-    forward-call index (2-D activations); ``token`` is the position inside it.
+    forward-call index (2-D activations); ``token`` is the position inside it. ``row`` is
+    the whole activation vector of that token; ``paired`` the module's input vector at the
+    same token (output spikes of down-projections only).
     """
 
     value: float
@@ -54,12 +56,12 @@ class Spike:
     item: int
     token: int
     channel: int
+    row: Tensor | None = None
+    paired: Tensor | None = None
 
     @property
     def ratio(self) -> float:
-        if self.median > 0:
-            return self.magnitude / self.median
-        return math.inf if self.magnitude > 0 else 0.0
+        return _ratio(self.magnitude, self.median)
 
 
 @dataclass
@@ -76,14 +78,25 @@ class Candidate:
     input_ratio: float
     output_ratio: float
     contribution: float
+    weight_ratio: float
+    token_ratio: float
     item: int
     token: int
     round: int
+    rank: int = 0
 
 
 @dataclass
 class LayerStat:
-    """One layer in one round: spikes, medians, ratios and the decision with its reason."""
+    """One layer in one round: spikes, medians, ratios and the decision with its reason.
+
+    ``*_in``/``*_out``: the largest |input| and |output| of the layer and where they were.
+    ``row``/``col``: the weight that makes most of the output spike, with the input at
+    that token and column (``input_at_spike``), its ratio to the layer's input median, its
+    |w| over the median |w| of its column (``weight_ratio``) and the spike over the median
+    |output| of its token (``token_ratio``). ``collateral_of`` names the accepted weight
+    whose input spike lights an ordinary weight up.
+    """
 
     round: int
     layer: int
@@ -103,6 +116,14 @@ class LayerStat:
     contribution: float
     decision: str
     reason: str
+    row: int = -1
+    col: int = -1
+    weight: float = math.nan
+    input_at_spike: float = math.nan
+    ratio_in_at_spike: float = math.nan
+    weight_ratio: float = math.nan
+    token_ratio: float = math.nan
+    collateral_of: str = ""
     resid_max: float | None = None
     resid_median: float | None = None
     resid_ratio: float | None = None
@@ -201,8 +222,10 @@ def find_super_weights(
     inputs: Mapping[str, Tensor] | Tensor | Callable[[nn.Module], object],
     pattern: str | None = None,
     *,
-    input_ratio: float = 100.0,
+    input_ratio: float = 10.0,
     output_ratio: float = 100.0,
+    weight_ratio: float = 10.0,
+    token_ratio: float = 10.0,
     min_abs: float = 0.0,
     contribution_min: float = 0.5,
     max_rounds: int = 10,
@@ -216,10 +239,16 @@ def find_super_weights(
     ``inputs``: a batch (dict → ``model(**inputs)``, tensor → ``model(inputs)``) or a callable
     ``run(model)`` doing the forward pass(es). Padding tokens are ignored when the model is
     called with ``padding_mask``/``src_key_padding_mask`` (True = pad) or a 2-D
-    ``attention_mask`` (0 = pad). A layer gives a candidate when input and output spike on
-    the same token, both ratios to the layer median reach ``input_ratio``/``output_ratio``,
-    both magnitudes reach ``min_abs`` and ``X[t,k]·W[j,k] / Y[t,j] ≥ contribution_min``.
-    Accepted weights are zeroed and the model rerun, for at most ``max_rounds`` rounds.
+    ``attention_mask`` (0 = pad). Each layer's largest output ``Y[t, j]`` is traced to the
+    weight ``W[j, k]`` whose term ``X[t, k]·W[j, k]`` is largest on that token; it is a
+    candidate when the spike reaches ``output_ratio`` × the layer median and
+    ``token_ratio`` × its token's median, the term makes at least ``contribution_min`` of
+    it, ``|W[j, k]|`` reaches ``weight_ratio`` × the median |w| of column ``k``, the input
+    ``X[t, k]`` reaches ``input_ratio`` × the layer's input median, and both magnitudes
+    reach ``min_abs`` (see `_judge`). Accepted weights are zeroed and the model rerun, for
+    at most ``max_rounds`` rounds; spikes that an accepted weight's input column still
+    lights up through ordinary weights are recorded as its collateral. Candidates come out
+    strongest first (output ratio), numbered by ``rank``.
     With ``residual``, the input of each post-LN norm (regex ``norm_pattern`` with the layer
     as group 1; default the down-projection's sibling ``norm2``) is recorded too.
     Medians are of the non-zero |x| (exact zeros are ReLU outputs or padding) in about
@@ -237,6 +266,8 @@ def find_super_weights(
         "modules": [name for name, _ in down.values()],
         "input_ratio": input_ratio,
         "output_ratio": output_ratio,
+        "weight_ratio": weight_ratio,
+        "token_ratio": token_ratio,
         "min_abs": min_abs,
         "contribution_min": contribution_min,
         "max_rounds": max_rounds,
@@ -244,11 +275,9 @@ def find_super_weights(
         "median_sample": median_sample,
     }
     thresholds = {
-        "input_ratio": input_ratio,
-        "output_ratio": output_ratio,
-        "min_abs": min_abs,
-        "contribution_min": contribution_min,
-    }
+        key: settings[key]
+        for key in ("input_ratio", "output_ratio", "weight_ratio", "token_ratio", "min_abs")
+    } | {"contribution_min": contribution_min}
     zeroed: dict[tuple[str, int, int], Tensor] = {}
     candidates: list[Candidate] = []
     stats: list[LayerStat] = []
@@ -262,13 +291,15 @@ def find_super_weights(
                 found = hooks.spikes()
                 for layer, (name, module) in down.items():
                     spike_in, spike_out, resid = found[layer]
-                    stat = _judge(rnd, layer, name, module.weight, spike_in, spike_out, thresholds)
+                    stat = _judge(
+                        rnd, layer, name, module.weight, spike_in, spike_out, thresholds, candidates
+                    )
                     if resid is not None:
                         stat.resid_max, stat.resid_median = resid.magnitude, resid.median
                         stat.resid_ratio, stat.resid_channel = resid.ratio, resid.channel
                     stats.append(stat)
                     if stat.decision == "accepted":
-                        candidates.append(_candidate(stat, module.weight, spike_in, spike_out))
+                        candidates.append(_candidate(stat, spike_out))
                 accepted = [c for c in candidates if c.round == rnd]
                 if not accepted:
                     stopped = "no spike left"
@@ -280,6 +311,9 @@ def find_super_weights(
                         weight[c.row, c.col] = 0
     finally:
         _restore(model, zeroed)
+    candidates.sort(key=lambda c: -c.output_ratio)
+    for rank, c in enumerate(candidates, start=1):
+        c.rank = rank
     return ProbeResult(candidates, stats, rnd, stopped, settings)
 
 
@@ -396,17 +430,18 @@ class _Tracker:
         self.calls: list[int] = []  # index of that call
         self.rows: list[Tensor] = []  # row of that |x|
         self.tops: list[Tensor] = []  # that row
+        self.pairs: list[Tensor] = []  # the paired tensor's row at the same place
         self.samples: list[tuple[Tensor, Tensor | None]] = []  # x on fixed rows, padding
         self.layout: list[tuple[tuple[int, ...], int]] = []  # shape and first item per call
         self.items = 0
         self.stride = 1
 
-    def update(self, t: Tensor, pad_rows: Tensor | None) -> None:
-        """Record ``t`` ([..., H]); ``pad_rows`` flags padding rows of ``t.view(-1, H)``."""
-        if t.requires_grad:  # a run(model) callable may have turned autograd back on
-            t = t.detach()
-        if t.is_nested:
-            t = t.to_padded_tensor(0.0)
+    def update(self, t: Tensor, pad_rows: Tensor | None, paired: Tensor | None = None) -> None:
+        """Record ``t`` ([..., H]); ``pad_rows`` flags padding rows of ``t.view(-1, H)``.
+
+        ``paired`` ([..., H'], same leading shape) is read at the row of ``t``'s peak.
+        """
+        t = _dense(t)
         call, offset = len(self.layout), self.items
         if t.dim() >= 3:
             self.items += t.shape[0]
@@ -424,9 +459,12 @@ class _Tracker:
         self.calls.append(call)
         self.rows.append(row)
         self.tops.append(rows.index_select(0, row))
+        if paired is not None:
+            paired = _dense(paired)
+            self.pairs.append(paired.reshape(-1, paired.shape[-1]).index_select(0, row))
         if len(self.peaks) >= 2 * self.KEEP:  # keep the best so far (one sync per 64 calls)
             best = int(torch.cat(self.peaks).argmax())
-            for kept in (self.peaks, self.calls, self.rows, self.tops):
+            for kept in (self.peaks, self.calls, self.rows, self.tops, self.pairs):
                 kept[:] = kept[best : best + 1]
         if call % self.stride == 0:
             picks, picked_pad = self.sample_rows(rows, pad_rows)
@@ -453,7 +491,17 @@ class _Tracker:
         sample = torch.cat([_unpadded(x, pad) for x, pad in self.samples]).float().abs()
         sample = sample[sample > 0]
         median = float(sample.median()) if sample.numel() else 0.0
-        return Spike(float(top[channel]), float(peaks[best]), median, item, token, channel)
+        paired = self.pairs[best].view(-1).float().cpu() if self.pairs else None
+        return Spike(
+            float(top[channel]), float(peaks[best]), median, item, token, channel, top, paired
+        )
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` detached (a run(model) callable may turn autograd back on), nested ones padded."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.to_padded_tensor(0.0) if t.is_nested else t
 
 
 def _unpadded(sample: Tensor, pad: Tensor | None) -> Tensor:
@@ -521,7 +569,7 @@ class _Hooks:
     def _down_hook(self, layer):
         def hook(module, args, output):
             self.trackers[layer, "in"].update(args[0], self.pad)
-            self.trackers[layer, "out"].update(output, self.pad)
+            self.trackers[layer, "out"].update(output, self.pad, paired=args[0])
 
         return hook
 
@@ -570,29 +618,53 @@ def _forward(model: nn.Module, inputs) -> None:
         raise TypeError(f"inputs must be a dict, a tensor or a callable, not {type(inputs)}")
 
 
-def _judge(rnd, layer, name, weight, spike_in, spike_out, th) -> LayerStat:
-    """Test one layer's spikes against every threshold and say why it fails, if it does."""
+def _judge(rnd, layer, name, weight, spike_in, spike_out, th, accepted) -> LayerStat:
+    """Test one layer's output spike against every criterion and say why it fails, if it does.
+
+    The spike is ``Y[t, j]``; the weight ``W[j, k]`` is the one whose term ``X[t, k]·W[j, k]``
+    is largest at that token. It is accepted when the spike stands out in its layer
+    (``output_ratio``) and its token (``token_ratio``), that one term makes most of it
+    (``contribution_min``), the weight stands out in its column (``weight_ratio``) and the
+    input ``X[t, k]`` stands out in its layer (``input_ratio``: it confirms the source).
+    An ordinary weight lit by the input column of an ``accepted`` weight of the same layer
+    is its collateral, not a candidate.
+    """
+    w = weight.detach()
+    j, x, y = spike_out.channel, spike_out.paired, spike_out.row
+    terms = x * w[j].float().cpu()
+    k = int(terms.abs().argmax())
+    contribution = float(terms[k]) / spike_out.value if spike_out.value != 0 else math.nan
+    column = w[:, k].float().abs().cpu()
+    others = torch.cat([column[:j], column[j + 1 :]])
+    weight_ratio = _ratio(float(column[j]), float(others.median()) if len(others) else 0.0)
+    token_values = y.abs()
+    token_values = token_values[token_values > 0]
+    token_ratio = _ratio(spike_out.magnitude, float(token_values.median()))
+    input_ratio = _ratio(abs(float(x[k])), spike_in.median)
     reasons = []
-    contribution = math.nan
-    same_token = (spike_in.item, spike_in.token) == (spike_out.item, spike_out.token)
-    if not same_token:
-        reasons.append(
-            f"spikes on different tokens (input {spike_in.item}:{spike_in.token}, "
-            f"output {spike_out.item}:{spike_out.token})"
-        )
-    elif spike_out.value != 0:
-        w = float(weight[spike_out.channel, spike_in.channel])
-        contribution = spike_in.value * w / spike_out.value
-    if spike_in.ratio < th["input_ratio"]:
-        reasons.append(f"input ratio {spike_in.ratio:.1f} < {th['input_ratio']:g}")
     if spike_out.ratio < th["output_ratio"]:
         reasons.append(f"output ratio {spike_out.ratio:.1f} < {th['output_ratio']:g}")
-    if spike_in.magnitude < th["min_abs"]:
-        reasons.append(f"|input| {spike_in.magnitude:.3g} < min_abs {th['min_abs']:g}")
     if spike_out.magnitude < th["min_abs"]:
         reasons.append(f"|output| {spike_out.magnitude:.3g} < min_abs {th['min_abs']:g}")
-    if same_token and not contribution >= th["contribution_min"]:
+    if token_ratio < th["token_ratio"]:
+        reasons.append(f"token ratio {token_ratio:.1f} < {th['token_ratio']:g}")
+    if not contribution >= th["contribution_min"]:
         reasons.append(f"contribution {contribution:.2f} < {th['contribution_min']:g}")
+    if weight_ratio < th["weight_ratio"]:
+        reasons.append(f"weight ratio in column {weight_ratio:.1f} < {th['weight_ratio']:g}")
+    if input_ratio < th["input_ratio"]:
+        reasons.append(f"input ratio at the spike {input_ratio:.1f} < {th['input_ratio']:g}")
+    if abs(float(x[k])) < th["min_abs"]:
+        reasons.append(f"|input| {abs(float(x[k])):.3g} < min_abs {th['min_abs']:g}")
+    source = next((c for c in accepted if c.layer == layer and c.col == k and c.row != j), None)
+    collateral = source is not None and weight_ratio < th["weight_ratio"]
+    decision = "collateral" if collateral else "rejected" if reasons else "accepted"
+    reason = "; ".join(reasons) or "accepted"
+    if collateral:
+        reason = (
+            f"collateral of ({layer}, {source.row}, {source.col}): an ordinary weight "
+            f"(ratio {weight_ratio:.1f} in its column) lit by the same input spike; {reason}"
+        )
     return LayerStat(
         round=rnd,
         layer=layer,
@@ -610,23 +682,39 @@ def _judge(rnd, layer, name, weight, spike_in, spike_out, th) -> LayerStat:
         token_out=spike_out.token,
         channel_out=spike_out.channel,
         contribution=contribution,
-        decision="rejected" if reasons else "accepted",
-        reason="; ".join(reasons) or "accepted",
+        decision=decision,
+        reason=reason,
+        row=j,
+        col=k,
+        weight=float(w[j, k]),
+        input_at_spike=float(x[k]),
+        ratio_in_at_spike=input_ratio,
+        weight_ratio=weight_ratio,
+        token_ratio=token_ratio,
+        collateral_of=f"({layer}, {source.row}, {source.col})" if collateral else "",
     )
 
 
-def _candidate(stat: LayerStat, weight: Tensor, spike_in: Spike, spike_out: Spike) -> Candidate:
+def _ratio(value: float, median: float) -> float:
+    if median > 0:
+        return value / median
+    return math.inf if value > 0 else 0.0
+
+
+def _candidate(stat: LayerStat, spike_out: Spike) -> Candidate:
     return Candidate(
         module=stat.module,
         layer=stat.layer,
-        row=spike_out.channel,
-        col=spike_in.channel,
-        weight=float(weight[spike_out.channel, spike_in.channel]),
-        input_value=spike_in.value,
+        row=stat.row,
+        col=stat.col,
+        weight=stat.weight,
+        input_value=stat.input_at_spike,
         output_value=spike_out.value,
-        input_ratio=spike_in.ratio,
+        input_ratio=stat.ratio_in_at_spike,
         output_ratio=spike_out.ratio,
         contribution=stat.contribution,
+        weight_ratio=stat.weight_ratio,
+        token_ratio=stat.token_ratio,
         item=spike_out.item,
         token=spike_out.token,
         round=stat.round,

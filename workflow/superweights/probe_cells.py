@@ -42,8 +42,9 @@ SPLITS = ("train", "val", "test")
 TOP_GENES = 5
 SECONDARY = "secondary candidate: LayerNorm gain outlier"
 CANDIDATE_COLUMNS = [
-    "module", "layer", "row", "col", "weight", "input_value", "output_value", "input_ratio",
-    "output_ratio", "contribution", "cell_id", "cell_type", "token", "token_gene", "round",
+    "module", "layer", "row", "col", "weight", "rank", "input_value", "output_value",
+    "input_ratio", "output_ratio", "contribution", "weight_ratio", "token_ratio", "cell_id",
+    "cell_type", "token", "token_gene", "round",
     "accepted", "reason", "n_cells_same_channel", "n_cells", "n_cell_types_same_channel",
     "n_cell_types", "top_genes",
 ]  # fmt: skip
@@ -64,9 +65,11 @@ class ProbeSettings:
     """
 
     cells_per_type: int = 50
-    splits: tuple[str, ...] = ("test",)
-    input_ratio: float = 100.0
+    splits: tuple[str, ...] = ("val",)
+    input_ratio: float = 10.0
     output_ratio: float = 100.0
+    weight_ratio: float = 10.0
+    token_ratio: float = 10.0
     min_abs: float = 0.0
     contribution_min: float = 0.5
     max_rounds: int = 10
@@ -289,12 +292,13 @@ def _candidate_table(model, result: ProbeResult, cells: _Cells, n_strongest: int
     modules = dict(model.named_modules())
     first_spikes = spikes[1].set_index(["layer", "cell"])
     for s in others.head(max(n_strongest - len(rows), 0)).itertuples():
-        r, c = int(s.channel_out), int(s.channel_in)
+        r, c = int(s.row), int(s.col)
         row = {"module": s.module, "layer": s.layer, "row": r, "col": c}
         row["weight"] = float(modules[s.module].weight.detach()[r, c])
-        row["input_value"] = first_spikes.loc[(s.layer, s.item_in), "in_value"]
+        row["input_value"] = s.input_at_spike
         row["output_value"] = first_spikes.loc[(s.layer, s.item_out), "out_value"]
-        row |= {"input_ratio": s.ratio_in, "output_ratio": s.ratio_out}
+        row |= {"input_ratio": s.ratio_in_at_spike, "output_ratio": s.ratio_out}
+        row |= {"weight_ratio": s.weight_ratio, "token_ratio": s.token_ratio}
         row |= {"contribution": s.contribution, "round": 1, "accepted": False}
         row |= _where(cells, int(s.item_out), int(s.token_out)) | {"reason": s.reason}
         rows.append(row | _channel_use(spikes[1], s.layer, r, c, cells))
@@ -393,6 +397,8 @@ def probe_scgpt(
         "scgpt",
         input_ratio=settings.input_ratio,
         output_ratio=settings.output_ratio,
+        weight_ratio=settings.weight_ratio,
+        token_ratio=settings.token_ratio,
         min_abs=settings.min_abs,
         contribution_min=settings.contribution_min,
         max_rounds=settings.max_rounds,
