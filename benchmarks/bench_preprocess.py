@@ -33,8 +33,8 @@ import pandas as pd
 import psutil
 import scipy.sparse as sp
 
-from superweights.data.preprocess import DEFAULT_GENES_OF_INTEREST
 from superweights.data.vocab import SPECIAL_TOKENS, load_vocab
+from superweights.genes import GENES_OF_INTEREST
 
 TARGET_GB = 6.0
 POLL_S = 0.2
@@ -89,7 +89,7 @@ def pick_genes(n_genes: int) -> tuple[list[str], list[str]]:
     """Nuclear genes (genes of interest, then symbol-like vocabulary entries) and MT- genes."""
     vocab = [g for g in load_vocab() if g not in SPECIAL_TOKENS]
     mito = [g for g in vocab if g.startswith("MT-")]
-    first = [g for g in DEFAULT_GENES_OF_INTEREST if g in vocab]
+    first = [g for g in GENES_OF_INTEREST if g in vocab]
     rest = [g for g in vocab if g not in first and g not in mito]
     rest = [g for g in rest if SYMBOL.match(g)] + [g for g in rest if not SYMBOL.match(g)]
     n_nuclear = n_genes - len(mito)

@@ -8,7 +8,9 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")
@@ -17,15 +19,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from docutils.core import publish_parts  # noqa: E402
 
+from superweights.captions import CAPTIONS  # noqa: E402
 from superweights.errors import UserError  # noqa: E402
-from superweights.quantize_plots import CAPTION  # noqa: E402
-from superweights.report import REQUIRED, build_report, fmt, make_table  # noqa: E402
+from superweights.report import INPUT_FILES, REQUIRED, build_report, fmt, make_table  # noqa: E402
 
 DATASET = "demo"
 SECTIONS = ("summary", "data", "probe", "pruning", "genes", "pathways", "quantization", "methods")
 CHROMIUM = Path("/usr/bin/chromium")
-CONFIG = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+RULES = ROOT / "workflow" / "rules"
+SHOWN_BY_SNAKEMAKE = re.compile(r'report\(\s*"results/\{dataset\}/([^"]+)",\s*caption="([^"]+)"')
 FIGURES = (
     "preprocess/qc.png", "finetune/confusion.png", "finetune/training_curve.png",
     "probe/layer_spikes.png", "probe/cell_spikes.png", "ablate/ll_by_condition.png",
@@ -186,13 +192,15 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
 
 
 @pytest.fixture
-def results(tmp_path, png) -> Path:
-    write_results(tmp_path / "results", png)
-    return tmp_path / "results"
+def results(tmp_path, png, monkeypatch) -> Path:
+    """The results folder, relative to the working directory as in a Snakemake run."""
+    monkeypatch.chdir(tmp_path)
+    write_results(Path("results"), png)
+    return Path("results")
 
 
 def build(results: Path, config: dict = CONFIG) -> str:
-    out = build_report(results, DATASET, config, results.parent / "report" / "demo.html")
+    out = build_report(results / DATASET, DATASET, config, results.parent / "report" / "demo.html")
     return out.read_text()
 
 
@@ -243,7 +251,7 @@ def test_sections_show_the_stage_outputs(results):
     for value in ("0.912", "0.877", "-0.312", "Astrocyte", "cell types dropped (too few cells)",
                   "VLMC", "results/demo/pretrain"):  # fmt: skip
         assert value in data
-    assert "<pre>" in data and "input_ratio: 100.0" in data  # the config as YAML
+    assert "<pre>" in data and "input_ratio: 10.0" in data  # the config as YAML
     probe = section(page, "probe")
     assert "PROBE STATEMENT X" in probe and "512" in probe
     assert "transformer_encoder.layers.1.norm2" in probe  # LayerNorm outliers
@@ -256,9 +264,9 @@ def test_sections_show_the_stage_outputs(results):
     assert "astrocyte differentiation (GO:0048708)" in pathways
     assert "ORA TERM amyloid clearance" in pathways and "Alzheimer disease" in pathways
     quantization = section(page, "quantization")
-    assert CAPTION in quantization and "holdout" in quantization
+    assert CAPTIONS["quantize_figure"] in quantization
     methods = " ".join(section(page, "methods").split())
-    assert "at least 100 and 100 times the layer median" in methods
+    assert "at least 10 and 100 times the layer median" in methods
     assert "at least 3 standard deviations above the random-weight drops" in methods
 
 
@@ -331,20 +339,69 @@ def test_enrich_folder_without_candidates_says_so(results):
     assert "No candidate reached enrichment." in section(page, "summary")
 
 
-@pytest.mark.parametrize("rel", list(REQUIRED))
-def test_missing_required_input_is_a_user_error(results, rel):
-    (results / DATASET / rel).unlink()
+@pytest.mark.parametrize("name", list(REQUIRED))
+def test_missing_required_input_is_a_user_error(results, name):
+    (results / DATASET / INPUT_FILES[name]).unlink()
     out = results.parent / "report" / "demo.html"
-    with pytest.raises(UserError, match=re.escape(rel)):
-        build_report(results, DATASET, CONFIG, out)
+    with pytest.raises(UserError, match=re.escape(INPUT_FILES[name])):
+        build_report(results / DATASET, DATASET, CONFIG, out)
     assert not out.exists()
+
+
+def test_report_reads_only_its_named_inputs(results):
+    """Each input moved elsewhere and passed by name: nothing is missing from the page."""
+    moved = {}
+    for name, rel in INPUT_FILES.items():
+        moved[name] = Path("elsewhere") / f"{name}{Path(rel).suffix}"
+        moved[name].parent.mkdir(exist_ok=True)
+        shutil.move(results / DATASET / rel, moved[name])
+    shutil.rmtree(results)
+    page = build_report(moved, DATASET, CONFIG, Path("moved.html")).read_text()
+    assert 'class="missing"' not in page
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == len(FIGURES)
+    moved["controls"].unlink()
+    page = build_report(moved, DATASET, CONFIG, Path("moved.html")).read_text()
+    assert "No control summary (elsewhere/controls.tsv is missing)." in page
+
+
+def test_report_rule_lists_the_files_the_report_reads():
+    block = (RULES / "report.smk").read_text().split("input:")[1].split("output:")[0]
+    assert dict(re.findall(r'(\w+)="results/\{dataset\}/([^"]+)",', block)) == INPUT_FILES
+
+
+def snakemake_caption(rst: Path, dataset: str) -> str:
+    """A caption file as `snakemake --report` shows it (Jinja, then reStructuredText), as text."""
+    wildcards = SimpleNamespace(dataset=dataset)
+    text = jinja2.Template(rst.read_text()).render(snakemake=SimpleNamespace(wildcards=wildcards))
+    strict = {"report_level": 2, "halt_level": 2}  # a warning is an error
+    body = publish_parts(text, writer="html", settings_overrides=strict)["body"]
+    return html.unescape(re.sub(r"<[^>]+>", "", body)).strip()
+
+
+def test_figure_captions_are_those_of_snakemakes_report(results, png):
+    figures = {
+        rel: (smk.parent / caption).resolve()
+        for smk in RULES.glob("*.smk")
+        for rel, caption in SHOWN_BY_SNAKEMAKE.findall(smk.read_text())
+        if rel.endswith(".png")
+    }
+    assert len(figures) == 10
+    for rel in figures:  # each figure's own bytes, to tell them apart in the page
+        (results / DATASET / rel).write_bytes(png + rel.encode())
+    page = build(results)
+    shown = {
+        base64.b64decode(src.split(",", 1)[1]): html.unescape(text)
+        for src, text in re.findall(r'<img src="([^"]+)" alt="[^"]*"><figcaption>(.*?)<', page)
+    }
+    for rel, rst in figures.items():
+        assert shown[png + rel.encode()] == snakemake_caption(rst, DATASET), rel
 
 
 def test_report_is_written_atomically_and_replaced(results):
     out = results.parent / "report" / "demo.html"
     out.parent.mkdir()
     out.write_text("old")
-    build_report(results, DATASET, CONFIG, out)
+    build_report(results / DATASET, DATASET, CONFIG, out)
     assert out.read_text().startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in out.parent.iterdir()) == ["demo.html"]
 
@@ -374,7 +431,7 @@ def page_errors(stderr: str) -> list[str]:
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs headless Chromium at /usr/bin/chromium")
 def test_report_renders_in_a_browser(results, tmp_path):
-    out = build_report(results, DATASET, CONFIG, tmp_path / "demo.html")
+    out = build_report(results / DATASET, DATASET, CONFIG, tmp_path / "demo.html")
     broken = tmp_path / "broken.html"
     broken.write_text("<html><body><script>notDefined();</script></body></html>")
     assert page_errors(chromium(tmp_path, "broken", broken, "--dump-dom").stderr)

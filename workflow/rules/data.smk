@@ -1,6 +1,6 @@
 rule fetch:
     output:
-        "results/{dataset}/raw/data.h5ad",
+        h5ad="results/{dataset}/raw/data.h5ad",
     log:
         "results/{dataset}/logs/fetch.log",
     benchmark:

@@ -33,7 +33,7 @@ rule enrich:
     input:
         genes="results/{dataset}/channels/genes.tsv",
     output:
-        directory("results/{dataset}/enrich"),
+        enrich=directory("results/{dataset}/enrich"),
     log:
         "results/{dataset}/logs/enrich.log",
     benchmark:

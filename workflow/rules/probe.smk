@@ -12,12 +12,12 @@ rule probe:
         layernorm="results/{dataset}/probe/layernorm.tsv",
         cells="results/{dataset}/probe/cells.tsv",
         summary="results/{dataset}/probe/summary.json",
-        layer_figure=report(
+        layer_spikes=report(
             "results/{dataset}/probe/layer_spikes.png",
             caption="../report/probe_layers.rst",
             category="3. Probe",
         ),
-        cell_figure=report(
+        cell_spikes=report(
             "results/{dataset}/probe/cell_spikes.png",
             caption="../report/probe_cells.rst",
             category="3. Probe",

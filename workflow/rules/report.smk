@@ -1,14 +1,30 @@
 rule report:
     input:
         qc="results/{dataset}/preprocess/qc.tsv",
+        qc_figure="results/{dataset}/preprocess/qc.png",
         metrics="results/{dataset}/finetune/metrics.json",
-        probe="results/{dataset}/probe/candidates.tsv",
-        ablate="results/{dataset}/ablate/collapse.tsv",
-        genes="results/{dataset}/channels/genes_of_interest.tsv",
+        confusion="results/{dataset}/finetune/confusion.png",
+        curve="results/{dataset}/finetune/training_curve.png",
+        checkpoint="results/{dataset}/finetune/checkpoint",
+        candidates="results/{dataset}/probe/candidates.tsv",
+        probe_summary="results/{dataset}/probe/summary.json",
+        layernorm="results/{dataset}/probe/layernorm.tsv",
+        layer_spikes="results/{dataset}/probe/layer_spikes.png",
+        cell_spikes="results/{dataset}/probe/cell_spikes.png",
+        collapse="results/{dataset}/ablate/collapse.tsv",
+        controls="results/{dataset}/ablate/controls.tsv",
+        confirmed="results/{dataset}/ablate/confirmed.tsv",
+        conditions_figure="results/{dataset}/ablate/ll_by_condition.png",
+        scaling_figure="results/{dataset}/ablate/scaling.png",
+        shift_figure="results/{dataset}/ablate/prediction_shift.png",
+        celltype_figure="results/{dataset}/ablate/celltype_collapse.png",
+        genes="results/{dataset}/channels/genes.tsv",
+        genes_of_interest="results/{dataset}/channels/genes_of_interest.tsv",
         enrich="results/{dataset}/enrich",
         quantize="results/{dataset}/quantize/quantize.tsv",
+        quantize_figure="results/{dataset}/quantize/quantize.png",
     output:
-        report(
+        html=report(
             "results/{dataset}/report.html",
             caption="../report/pathway_report.rst",
             category="7. Pathway report",
@@ -16,7 +32,7 @@ rule report:
     log:
         "results/{dataset}/logs/report.log",
     conda:
-        "../../envs/enrich.yaml"
+        "../../envs/report.yaml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -6,7 +6,7 @@ from superweights.rule_io import rule_log
 
 with rule_log(snakemake):
     params = snakemake.params
-    out_dir = snakemake.output[0]
+    out_dir = snakemake.output.enrich
     genes = pd.read_csv(snakemake.input.genes, sep="\t")
     gene_sets = load_gene_sets(GeneSetSettings(**params.gene_sets))
     enrich_candidates(genes, gene_sets, EnrichSettings(**params.settings), out_dir)

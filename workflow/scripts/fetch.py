@@ -7,6 +7,6 @@ with rule_log(snakemake):
     fetch(
         snakemake.params.source,
         snakemake.config,
-        Path(snakemake.output[0]),
+        Path(snakemake.output.h5ad),
         Path(snakemake.params.cache_dir),
     )

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 from superweights.channels import ChannelSettings, map_channels, write_outputs
 from superweights.rule_io import rule_log
 
@@ -11,4 +9,4 @@ with rule_log(snakemake):
         inp.candidates,
         ChannelSettings(**snakemake.params.settings),
     )
-    write_outputs(result, Path(snakemake.output.genes).parent)
+    write_outputs(result, snakemake.output)

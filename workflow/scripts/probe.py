@@ -1,5 +1,3 @@
-from pathlib import Path
-
 from superweights.probe_cells import ProbeSettings, probe_checkpoint, write_outputs
 from superweights.probe_plots import write_figures
 from superweights.rule_io import rule_log
@@ -11,6 +9,5 @@ with rule_log(snakemake):
         inp.checkpoint,
         ProbeSettings(**snakemake.params.settings),
     )
-    out_dir = Path(snakemake.output.candidates).parent
-    write_outputs(result, out_dir)
-    write_figures(result, out_dir)
+    write_outputs(result, snakemake.output)
+    write_figures(result, snakemake.output)

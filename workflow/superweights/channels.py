@@ -37,17 +37,19 @@ from torch.utils.data import DataLoader
 from .ablate import candidate_weight, forward_from
 from .enrich import RESOURCE_DIR, read_gmt
 from .errors import UserError
+from .genes import GENES_OF_INTEREST
 from .model.checkpoint import load_checkpoint
 from .model.scgpt import ScGPTModel
 from .model.tokens import CellDataset, Collate, gene_token_ids
 from .model.train import pick_device, read_tokenised
-from .outputs import write_json, write_tsv
+from .outputs import named_paths, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
-AD_CORE_GENES = ("APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2")
 GWAS_GMT = RESOURCE_DIR / "bellenguez2022_gwas.gmt"
 ALL, CELL_TYPE = "all", "cell type"
+OUTPUT_TABLES = ("genes", "genes_of_interest", "channels")
+OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
 MEASURES = ("input_act", "abs_input", "output_act", "resid_act", "ablation_effect")
 GENE_COLUMNS = [
     "candidate", "confirmed", "stratum_type", "stratum", "gene", "n_cells", "input_act",
@@ -60,9 +62,9 @@ INTEREST_COLUMNS = [
 
 
 def default_genes_of_interest() -> tuple[str, ...]:
-    """APP, MAPT, TREM2, APOE, PSEN1, PSEN2, then the Bellenguez et al. 2022 GWAS genes."""
+    """`GENES_OF_INTEREST`, then the Bellenguez et al. 2022 GWAS genes."""
     gwas = [g for genes in read_gmt(GWAS_GMT).values() for g in genes]
-    return tuple(dict.fromkeys([*AD_CORE_GENES, *gwas]))
+    return tuple(dict.fromkeys([*GENES_OF_INTEREST, *gwas]))
 
 
 @dataclass
@@ -472,9 +474,11 @@ def map_channels(
     return map_channel_genes(model, batches, channels, vocab, settings, obs, genes)
 
 
-def write_outputs(result: ChannelResult, out_dir: str | Path) -> list[Path]:
-    """Write genes.tsv, genes_of_interest.tsv, channels.tsv and summary.json, each atomically."""
-    out = Path(out_dir)
-    names = ("genes", "genes_of_interest", "channels")
-    paths = [write_tsv(out / f"{name}.tsv", getattr(result, name)) for name in names]
-    return [*paths, write_json(out / "summary.json", result.summary)]
+def write_outputs(result: ChannelResult, outputs) -> list[Path]:
+    """Write genes.tsv, genes_of_interest.tsv, channels.tsv and summary.json, each atomically.
+
+    `outputs`: a folder or the rule's named outputs (`named_paths`).
+    """
+    paths = named_paths(outputs, OUTPUT_FILES)
+    tables = [write_tsv(paths[name], getattr(result, name)) for name in OUTPUT_TABLES]
+    return [*tables, write_json(paths["summary"], result.summary)]

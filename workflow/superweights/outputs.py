@@ -4,6 +4,9 @@ Every writer creates the parent folder, writes under a temporary name beside the
 (same folder, so the final rename is atomic) and renames it into place only when the write
 is complete; on failure the temporary file is removed and an existing target is left as it
 was. An interrupted rule therefore never leaves a truncated file that looks finished.
+
+Writers take a stage's outputs by name (`named_paths`): a folder, where each file gets its
+usual name, or a Snakemake rule's named `output`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,22 @@ if TYPE_CHECKING:
     import anndata as ad
     import pandas as pd
     from matplotlib.figure import Figure
+
+
+def named_paths(where, files: Mapping[str, str]) -> dict[str, Path]:
+    """The path of each of a stage's files, by name.
+
+    `files` maps each name to its file name in a stage folder. `where` is that folder, or a
+    mapping with these names such as a rule's named `snakemake.output` (or `input`); its
+    other entries are left to other readers and writers.
+    """
+    if isinstance(where, str | os.PathLike):
+        return {name: Path(where) / filename for name, filename in files.items()}
+    named = dict(where.items())
+    missing = [name for name in files if name not in named]
+    if missing:
+        raise ValueError(f"no path named {missing}; expected the names {list(files)}")
+    return {name: Path(named[name]) for name in files}
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from .model.checkpoint import load_checkpoint
 from .model.scgpt import ScGPTModel
 from .model.tokens import Collate
 from .model.train import TrainSettings, pick_device, read_tokenised, split_datasets
-from .outputs import write_json, write_tsv
+from .outputs import named_paths, write_json, write_tsv
 from .probe import ProbeResult, down_projections, find_super_weights, layernorm_outliers
 
 SPLITS = ("train", "val", "test")
@@ -52,6 +52,8 @@ CELL_COLUMNS = [
     "cell_id", "label", "split", "layer", "input_ratio", "output_ratio", "input_max",
     "output_max", "input_channel", "output_channel", "output_gene",
 ]  # fmt: skip
+OUTPUT_TABLES = ("candidates", "layers", "layernorm", "cells")
+OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -442,9 +444,11 @@ def probe_checkpoint(
     return probe_scgpt(model, tokenised, vocab, settings)
 
 
-def write_outputs(result: ScgptProbe, out_dir: str | Path) -> list[Path]:
-    """Write candidates, layers, layernorm, cells (TSV) and summary.json, each atomically."""
-    out = Path(out_dir)
-    names = ("candidates", "layers", "layernorm", "cells")
-    paths = [write_tsv(out / f"{name}.tsv", getattr(result, name)) for name in names]
-    return [*paths, write_json(out / "summary.json", result.summary)]
+def write_outputs(result: ScgptProbe, outputs) -> list[Path]:
+    """Write candidates, layers, layernorm, cells (TSV) and summary.json, each atomically.
+
+    `outputs`: a folder or the rule's named outputs (`named_paths`).
+    """
+    paths = named_paths(outputs, OUTPUT_FILES)
+    tables = [write_tsv(paths[name], getattr(result, name)) for name in OUTPUT_TABLES]
+    return [*tables, write_json(paths["summary"], result.summary)]

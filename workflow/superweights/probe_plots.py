@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .outputs import save_figure  # noqa: E402
+from .outputs import named_paths, save_figure  # noqa: E402
 
 FIGURES = ("layer_spikes", "cell_spikes")
 
@@ -87,11 +87,14 @@ def plot_cell_spikes(cells: pd.DataFrame) -> Figure:
     return fig
 
 
-def write_figures(result, out_dir: str | Path) -> list[Path]:
-    """Save the figures of a `ScgptProbe` as `layer_spikes.png` and `cell_spikes.png`."""
-    out = Path(out_dir)
+def write_figures(result, outputs) -> list[Path]:
+    """Save the figures of a `ScgptProbe` as `layer_spikes.png` and `cell_spikes.png`.
+
+    `outputs`: a folder or the rule's named outputs (`named_paths`).
+    """
+    paths = named_paths(outputs, {name: f"{name}.png" for name in FIGURES})
     figures = {
         "layer_spikes": plot_layer_spikes(result.layers, result.candidates),
         "cell_spikes": plot_cell_spikes(result.cells),
     }
-    return [save_figure(figures[name], out / f"{name}.png", dpi=120) for name in FIGURES]
+    return [save_figure(figures[name], paths[name], dpi=120) for name in FIGURES]

@@ -1,8 +1,8 @@
 """One self-contained HTML report per dataset: what was found, how, and the evidence.
 
-`build_report` reads the stage outputs under `results/<dataset>/`, turns them into plain
-statements, formatted tables and figures embedded as base64 PNG, and renders
-`templates/report.html.j2`. The page makes no network request and needs no JavaScript.
+`build_report` reads the stage outputs named in `INPUT_FILES` (the report rule's inputs),
+turns them into plain statements, formatted tables and figures embedded as base64 PNG, and
+renders `templates/report.html.j2`. The page makes no network request and needs no JavaScript.
 Missing optional outputs become a sentence; a missing required one is a `UserError`.
 """
 
@@ -19,19 +19,40 @@ import pandas as pd
 import yaml
 
 from . import __version__
+from .captions import caption
 from .errors import UserError
-from .outputs import write_text
-from .quantize_plots import CAPTION as QUANTIZE_CAPTION
+from .genes import GENES_OF_INTEREST
+from .outputs import named_paths, write_text
 
 TEMPLATE = "report.html.j2"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
-CORE_GENES = ("APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2")
-REQUIRED = {
-    "preprocess/qc.tsv": "preprocess",
-    "finetune/metrics.json": "finetune",
-    "probe/candidates.tsv": "probe",
-    "ablate/collapse.tsv": "ablate",
+INPUT_FILES = {
+    "qc": "preprocess/qc.tsv",
+    "qc_figure": "preprocess/qc.png",
+    "metrics": "finetune/metrics.json",
+    "confusion": "finetune/confusion.png",
+    "curve": "finetune/training_curve.png",
+    "checkpoint": "finetune/checkpoint",
+    "candidates": "probe/candidates.tsv",
+    "probe_summary": "probe/summary.json",
+    "layernorm": "probe/layernorm.tsv",
+    "layer_spikes": "probe/layer_spikes.png",
+    "cell_spikes": "probe/cell_spikes.png",
+    "collapse": "ablate/collapse.tsv",
+    "controls": "ablate/controls.tsv",
+    "confirmed": "ablate/confirmed.tsv",
+    "conditions_figure": "ablate/ll_by_condition.png",
+    "scaling_figure": "ablate/scaling.png",
+    "shift_figure": "ablate/prediction_shift.png",
+    "celltype_figure": "ablate/celltype_collapse.png",
+    "genes": "channels/genes.tsv",
+    "genes_of_interest": "channels/genes_of_interest.tsv",
+    "enrich": "enrich",
+    "quantize": "quantize/quantize.tsv",
+    "quantize_figure": "quantize/quantize.png",
 }
+"""What the report reads: input name -> path under results/<dataset>/ (the report rule's inputs)."""
+REQUIRED = {"qc": "preprocess", "metrics": "finetune", "candidates": "probe", "collapse": "ablate"}
 MAX_ROWS = 25
 MAX_TEXT = 90
 LONG_TEXT = 40
@@ -77,15 +98,12 @@ QUANTIZE_COLUMNS = [
     "weight_error", "n_clipped",
 ]  # fmt: skip
 ABLATE_FIGURES = {
-    "ll_by_condition": "Mean log-likelihood of the true cell type with each candidate pruned, "
-    "next to its controls (bars: mean ± sd over random draws) and the original model.",
-    "scaling": "Mean log-likelihood of the true cell type as each candidate weight is "
-    "multiplied by 0 to 3 (1 = original).",
-    "prediction_shift": "How the mean predicted probability of each cell type changes when a "
-    "candidate is pruned.",
-    "celltype_collapse": "Drop in the log-likelihood of the true cell type, per cell type and "
-    "condition.",
+    "ll_by_condition": ("conditions_figure", "ablate_conditions"),
+    "scaling": ("scaling_figure", "ablate_scaling"),
+    "prediction_shift": ("shift_figure", "ablate_shift"),
+    "celltype_collapse": ("celltype_figure", "ablate_celltypes"),
 }
+"""Figures of the pruning section: template name -> (input name, caption name)."""
 LABELS = {
     "n_cells": "cells",
     "n_genes": "genes",
@@ -240,52 +258,61 @@ def _plural(n: int, word: str, plural: str = "") -> str:
 
 
 class Results:
-    """The outputs of one dataset, read on demand; `label(rel)` is how the report names them."""
+    """The report's inputs (`INPUT_FILES`) of one dataset, read on demand.
 
-    def __init__(self, results_dir: Path, dataset: str):
-        self.root = Path(results_dir) / dataset
-        self.prefix = f"{Path(results_dir).name}/{dataset}"
+    `inputs`: the folder results/<dataset>, or the inputs by name (the rule's `input`). A key
+    is an input name, followed for a folder by a path inside it: "enrich/summary.tsv".
+    """
 
-    def label(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}"
+    def __init__(self, inputs, dataset: str):
+        self.paths = named_paths(inputs, INPUT_FILES)
+        self.dataset = dataset
 
-    def _check(self, rel: str, required: bool) -> bool:
-        if (self.root / rel).is_file():
+    def path(self, key: str) -> Path:
+        name, _, inside = key.partition("/")
+        return self.paths[name] / inside if inside else self.paths[name]
+
+    def label(self, key: str) -> str:
+        return str(self.path(key))
+
+    def _check(self, key: str, required: bool) -> bool:
+        if self.path(key).is_file():
             return True
         if required:
             raise UserError(
-                f"the report needs {self.root / rel}, which is missing; "
-                f"run the {REQUIRED.get(rel, 'producing')} stage first"
+                f"the report needs {self.path(key)}, which is missing; "
+                f"run the {REQUIRED.get(key, 'producing')} stage first"
             )
         return False
 
-    def tsv(self, rel: str, required: bool = False) -> pd.DataFrame | None:
-        if not self._check(rel, required):
+    def tsv(self, key: str, required: bool = False) -> pd.DataFrame | None:
+        if not self._check(key, required):
             return None
         try:
-            return pd.read_csv(self.root / rel, sep="\t")
+            return pd.read_csv(self.path(key), sep="\t")
         except pd.errors.EmptyDataError:
             if required:
-                raise UserError(f"the report needs {self.root / rel}, which is empty") from None
+                raise UserError(f"the report needs {self.path(key)}, which is empty") from None
             return pd.DataFrame()
 
-    def json(self, rel: str, required: bool = False) -> dict | None:
-        if not self._check(rel, required):
+    def json(self, key: str, required: bool = False) -> dict | None:
+        if not self._check(key, required):
             return None
         try:
-            return json.loads((self.root / rel).read_text())
+            return json.loads(self.path(key).read_text())
         except json.JSONDecodeError as err:
-            raise UserError(f"{self.root / rel} is not valid JSON ({err})") from None
+            raise UserError(f"{self.path(key)} is not valid JSON ({err})") from None
 
-    def figure(self, rel: str, caption: str) -> Figure:
-        path = self.root / rel
+    def figure(self, key: str, caption_name: str) -> Figure:
+        """The figure `key`, embedded, with the caption `caption_name` of `captions`."""
+        path = self.path(key)
         src = ""
         if path.is_file():
             src = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-        return Figure(src, caption, self.label(rel))
+        return Figure(src, caption(caption_name, self.dataset), self.label(key))
 
-    def missing(self, rel: str, what: str) -> str:
-        return f"{what} ({self.label(rel)} is missing)."
+    def missing(self, key: str, what: str) -> str:
+        return f"{what} ({self.label(key)} is missing)."
 
 
 def _need_columns(frame: pd.DataFrame, columns: tuple[str, ...], where: str) -> None:
@@ -347,12 +374,12 @@ def _qc_steps(qc: pd.DataFrame, settings: dict) -> pd.DataFrame:
 
 def data_section(res: Results, dataset: str, config: dict) -> tuple[Section, dict]:
     """Dataset, QC, splits, model architecture, test metrics and the config."""
-    qc = res.tsv("preprocess/qc.tsv", required=True)
-    _need_columns(qc, ("step", "group", "count"), res.label("preprocess/qc.tsv"))
-    metrics = res.json("finetune/metrics.json", required=True)
+    qc = res.tsv("qc", required=True)
+    _need_columns(qc, ("step", "group", "count"), res.label("qc"))
+    metrics = res.json("metrics", required=True)
     absent = [k for k in ("accuracy", "macro_f1", "mean_log_likelihood") if k not in metrics]
     if absent:
-        raise UserError(f"{res.label('finetune/metrics.json')} lacks {absent}; rerun finetune")
+        raise UserError(f"{res.label('metrics')} lacks {absent}; rerun finetune")
     composition, overview, n_genes = _split_summary(qc)
     sec = Section()
     sec.tables["steps"] = make_table(_qc_steps(qc, config.get("preprocess", {})), max_rows=50)
@@ -378,9 +405,9 @@ def data_section(res: Results, dataset: str, config: dict) -> tuple[Section, dic
         ]
     )
     sec.tables["per_class"] = make_table(per_class, max_rows=100)
-    args = res.json("finetune/checkpoint/args.json")
+    args = res.json("checkpoint/args.json")
     if args is None:
-        sec.missing["model"] = res.missing("finetune/checkpoint/args.json", "No model description")
+        sec.missing["model"] = res.missing("checkpoint/args.json", "No model description")
     else:
         sec.tables["model"] = key_value_table(
             [
@@ -395,16 +422,9 @@ def data_section(res: Results, dataset: str, config: dict) -> tuple[Section, dic
                 ("fine-tuned from", args.get("finetuned_from", "–")),
             ]
         )
-    sec.figures["qc"] = res.figure(
-        "preprocess/qc.png", "Cells kept at each QC step (left) and cell types per split (right)."
-    )
-    sec.figures["confusion"] = res.figure(
-        "finetune/confusion.png",
-        "Confusion matrix on the test donors; each row (true cell type) sums to 1.",
-    )
-    sec.figures["curve"] = res.figure(
-        "finetune/training_curve.png", "Training and validation loss per fine-tuning epoch."
-    )
+    sec.figures["qc"] = res.figure("qc_figure", "qc_figure")
+    sec.figures["confusion"] = res.figure("confusion", "finetune_confusion")
+    sec.figures["curve"] = res.figure("curve", "finetune_curve")
     sec.text["config"] = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     facts = {
         "cells": int(overview["cells"].sum()),
@@ -418,12 +438,11 @@ def data_section(res: Results, dataset: str, config: dict) -> tuple[Section, dic
 
 def probe_section(res: Results, config: dict) -> tuple[Section, pd.DataFrame]:
     """The probe's statement, candidates, figures and LayerNorm outliers."""
-    rel = "probe/candidates.tsv"
-    cands = res.tsv(rel, required=True)
-    _need_columns(cands, ("layer", "row", "col"), res.label(rel))
+    cands = res.tsv("candidates", required=True)
+    _need_columns(cands, ("layer", "row", "col"), res.label("candidates"))
     cands["accepted"] = flags(cands["accepted"]) if "accepted" in cands else True
     sec = Section()
-    summary = res.json("probe/summary.json") or {}
+    summary = res.json("probe_summary") or {}
     n_accepted = int(cands["accepted"].sum())
     sec.text["statement"] = summary.get("statement") or (
         f"The probe accepted {_plural(n_accepted, 'candidate')} and listed "
@@ -432,7 +451,7 @@ def probe_section(res: Results, config: dict) -> tuple[Section, pd.DataFrame]:
     sec.tables["candidates"] = make_table(
         cands,
         CANDIDATE_COLUMNS,
-        res.label(rel),
+        res.label("candidates"),
         row_class=lambda r: "sig" if r["accepted"] else "",
     )
     if "reason" in cands:
@@ -440,45 +459,34 @@ def probe_section(res: Results, config: dict) -> tuple[Section, pd.DataFrame]:
             (f"layer {r.layer}, W[{r.row}, {r.col}]", str(r.reason))
             for r in cands[~cands["accepted"]].itertuples()
         ]
-    sec.figures["layers"] = res.figure(
-        "probe/layer_spikes.png",
-        "Largest |input| and |output| of each layer's MLP down-projection over the probed "
-        "cells, relative to the layer's median; candidate layers are marked.",
-    )
-    sec.figures["cells"] = res.figure(
-        "probe/cell_spikes.png",
-        "Output spike ratio per cell and layer, cells grouped by cell type.",
-    )
-    ln = res.tsv("probe/layernorm.tsv")
+    sec.figures["layers"] = res.figure("layer_spikes", "probe_layers")
+    sec.figures["cells"] = res.figure("cell_spikes", "probe_cells")
+    ln = res.tsv("layernorm")
     z = config.get("probe", {}).get("ln_z", "?")
     if ln is None:
-        sec.missing["layernorm"] = res.missing("probe/layernorm.tsv", "No LayerNorm outliers")
+        sec.missing["layernorm"] = res.missing("layernorm", "No LayerNorm outliers")
     elif ln.empty:
         sec.missing["layernorm"] = f"No LayerNorm gain reached a robust z of {z}."
     else:
-        sec.tables["layernorm"] = make_table(
-            ln, LAYERNORM_COLUMNS, res.label("probe/layernorm.tsv")
-        )
+        sec.tables["layernorm"] = make_table(ln, LAYERNORM_COLUMNS, res.label("layernorm"))
     return sec, cands
 
 
 def pruning_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
     """Conditions, controls, decisions and figures of the pruning test."""
-    collapse = res.tsv("ablate/collapse.tsv", required=True)
-    _need_columns(
-        collapse, ("condition", "kind", "log_likelihood"), res.label("ablate/collapse.tsv")
-    )
+    collapse = res.tsv("collapse", required=True)
+    _need_columns(collapse, ("condition", "kind", "log_likelihood"), res.label("collapse"))
     sec = Section()
-    confirmed = res.tsv("ablate/confirmed.tsv")
+    confirmed = res.tsv("confirmed")
     if confirmed is None:
-        sec.missing["confirmed"] = res.missing("ablate/confirmed.tsv", "No pruning decisions")
+        sec.missing["confirmed"] = res.missing("confirmed", "No pruning decisions")
     else:
         if "confirmed" in confirmed:
             confirmed["confirmed"] = flags(confirmed["confirmed"])
         sec.tables["confirmed"] = make_table(
             confirmed,
             CONFIRMED_COLUMNS,
-            res.label("ablate/confirmed.tsv"),
+            res.label("confirmed"),
             row_class=lambda r: "sig" if r.get("confirmed") else "",
         )
         if {"candidate", "reason"} <= set(confirmed.columns):
@@ -489,17 +497,17 @@ def pruning_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
             ]
     main = collapse[~collapse["kind"].isin(CONTROL_KINDS)]
     sec.tables["conditions"] = make_table(
-        main, CONDITION_COLUMNS, res.label("ablate/collapse.tsv"), max_rows=40
+        main, CONDITION_COLUMNS, res.label("collapse"), max_rows=40
     )
-    controls = res.tsv("ablate/controls.tsv")
+    controls = res.tsv("controls")
     if controls is None:
-        sec.missing["controls"] = res.missing("ablate/controls.tsv", "No control summary")
+        sec.missing["controls"] = res.missing("controls", "No control summary")
     else:
         sec.tables["controls"] = make_table(
-            controls, CONTROL_COLUMNS, res.label("ablate/controls.tsv"), max_rows=40
+            controls, CONTROL_COLUMNS, res.label("controls"), max_rows=40
         )
-    for name, caption in ABLATE_FIGURES.items():
-        sec.figures[name] = res.figure(f"ablate/{name}.png", caption)
+    for name, (key, caption_name) in ABLATE_FIGURES.items():
+        sec.figures[name] = res.figure(key, caption_name)
     return sec, confirmed
 
 
@@ -522,23 +530,21 @@ def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.Data
     """Ranks of the genes of interest and the top genes of each mapped channel."""
     sec = Section()
     highlight = frozenset(core)
-    goi = res.tsv("channels/genes_of_interest.tsv")
+    goi = res.tsv("genes_of_interest")
     core_rows = None
     if goi is None or goi.empty:
-        sec.missing["goi"] = res.missing(
-            "channels/genes_of_interest.tsv", "No channel was mapped to genes"
-        )
+        sec.missing["goi"] = res.missing("genes_of_interest", "No channel was mapped to genes")
     else:
         core_rows, others = _interest_frames(goi, core)
-        label = res.label("channels/genes_of_interest.tsv")
+        label = res.label("genes_of_interest")
         sec.tables["core"] = make_table(
             core_rows, INTEREST_COLUMNS, label, max_rows=60, highlight=highlight
         )
         if len(others):
             sec.tables["others"] = make_table(others, INTEREST_COLUMNS, label, max_rows=30)
-    genes = res.tsv("channels/genes.tsv")
+    genes = res.tsv("genes")
     if genes is None or genes.empty:
-        sec.missing["genes"] = res.missing("channels/genes.tsv", "No gene ranking")
+        sec.missing["genes"] = res.missing("genes", "No gene ranking")
     else:
         overall = genes[genes["stratum_type"] == "all"] if "stratum_type" in genes else genes
         for candidate, part in overall.groupby("candidate", sort=False):
@@ -567,31 +573,23 @@ def pathways_section(res: Results) -> tuple[Section, list[dict], pd.DataFrame | 
     names = {}
     if summary is not None and {"folder", "candidate"} <= set(summary.columns):
         names = dict(zip(summary["folder"].astype(str), summary["candidate"], strict=True))
-    enrich_dir = res.root / "enrich"
-    folders = sorted(p.parent for p in enrich_dir.glob("*/prerank.tsv"))
+    folders = sorted(p.parent for p in res.path("enrich").glob("*/prerank.tsv"))
     candidates = []
     for folder in folders:
-        rel = f"enrich/{folder.name}"
+        key = f"enrich/{folder.name}"
         parts = {}
         for name, columns in ENRICH_TABLES.items():
-            frame = res.tsv(f"{rel}/{name}.tsv")
+            frame = res.tsv(f"{key}/{name}.tsv")
             if frame is not None and not frame.empty:
-                parts[name] = make_table(frame, columns, res.label(f"{rel}/{name}.tsv"), TOP_TERMS)
+                parts[name] = make_table(frame, columns, res.label(f"{key}/{name}.tsv"), TOP_TERMS)
         plots = sorted(folder.glob("gsea_top*.png"), key=_gsea_number)
         plots += sorted(folder.glob("gsea_ad*.png"), key=_gsea_number)
         candidates.append(
             {
                 "name": names.get(folder.name, folder.name),
                 "tables": parts,
-                "dotplot": res.figure(
-                    f"{rel}/dotplot.png",
-                    "Top gene sets of the preranked GSEA: normalised enrichment score (NES) "
-                    "on x, colour −log10 FDR, dot size = genes of the set in the ranking.",
-                ),
-                "gsea": [
-                    res.figure(f"{rel}/{p.name}", "Running enrichment score of one gene set.")
-                    for p in plots
-                ],
+                "dotplot": res.figure(f"{key}/dotplot.png", "enrich_dotplot"),
+                "gsea": [res.figure(f"{key}/{p.name}", "enrich_gsea") for p in plots],
             }
         )
     return sec, candidates, summary
@@ -600,14 +598,14 @@ def pathways_section(res: Results) -> tuple[Section, list[dict], pd.DataFrame | 
 def quantize_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
     """The quantization table and figure."""
     sec = Section()
-    table = res.tsv("quantize/quantize.tsv")
+    table = res.tsv("quantize")
     if table is None or table.empty:
-        sec.missing["table"] = res.missing("quantize/quantize.tsv", "No quantization results")
+        sec.missing["table"] = res.missing("quantize", "No quantization results")
     else:
         sec.tables["table"] = make_table(
-            table, QUANTIZE_COLUMNS, res.label("quantize/quantize.tsv"), max_rows=60
+            table, QUANTIZE_COLUMNS, res.label("quantize"), max_rows=60
         )
-    sec.figures["figure"] = res.figure("quantize/quantize.png", QUANTIZE_CAPTION)
+    sec.figures["figure"] = res.figure("quantize_figure", "quantize_figure")
     return sec, table
 
 
@@ -744,14 +742,16 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def build_report(results_dir: Path, dataset: str, config: dict, out_path: Path) -> Path:
-    """Write the HTML report of `dataset` (outputs under `results_dir/dataset/`) to `out_path`.
+def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
+    """Write the HTML report of `dataset` to `out_path`.
+
+    `inputs`: the folder results/<dataset> or the inputs by name (`INPUT_FILES`).
 
     Raises `UserError` naming the file when qc.tsv, metrics.json, candidates.tsv or
     collapse.tsv is missing; any other missing output is stated in the page.
     """
-    res = Results(Path(results_dir), dataset)
-    core = tuple(config.get("preprocess", {}).get("genes_of_interest") or CORE_GENES)
+    res = Results(inputs, dataset)
+    core = tuple(config.get("preprocess", {}).get("genes_of_interest") or GENES_OF_INTEREST)
     data, facts = data_section(res, dataset, config)
     probe, cands = probe_section(res, config)
     pruning, confirmed = pruning_section(res)

@@ -21,12 +21,12 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..genes import GENES_OF_INTEREST
 from .h5ad_stream import check_counts, find_counts, open_h5ad, read_frame
 from .vocab import load_vocab
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GENES_OF_INTEREST = ("APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2")
 QC_FLAG_COLUMN = "Used in analysis"
 SPLITS = ("train", "val", "test")
 
@@ -42,7 +42,7 @@ class PreprocessSettings:
     min_genes: int = 200
     max_mito_fraction: float = 0.2
     n_hvg: int = 1200
-    genes_of_interest: list[str] = field(default_factory=lambda: list(DEFAULT_GENES_OF_INTEREST))
+    genes_of_interest: list[str] = field(default_factory=lambda: list(GENES_OF_INTEREST))
     min_vocab_match: float = 0.5
     n_bins: int = 51
     max_cells_per_type: int = 1000

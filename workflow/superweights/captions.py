@@ -1,0 +1,97 @@
+"""Captions of the figures and tables shown to people, each written once.
+
+The HTML report takes its figure captions from `CAPTIONS`; `snakemake --report` takes them
+from `workflow/report/<name>.rst`, which `write_rst` generates from `CAPTIONS` (run
+`python -m superweights.captions workflow/report` after editing a caption). `{dataset}`
+stands for the dataset's name. Captions are plain sentences: they must read the same as
+reStructuredText and as HTML text.
+"""
+
+import sys
+from pathlib import Path
+
+from .genes import GENES_OF_INTEREST
+
+CAPTIONS = {
+    "qc_table": "Cells kept at each preprocessing step of {dataset}, then cells per cell type "
+    "in the donor-wise train/validation/test splits.",
+    "qc_figure": "Cells of {dataset} kept at each QC step (left) and cells per cell type in "
+    "the donor-wise splits (right).",
+    "finetune_metrics": "Cell-type classification on the held-out test donors of {dataset}: "
+    "accuracy, macro-F1, per-class F1 and the mean log-likelihood of the true cell type.",
+    "finetune_confusion": "Confusion matrix of the fine-tuned classifier on the test donors; "
+    "each row (true cell type) sums to 1.",
+    "finetune_curve": "Training and validation loss per fine-tuning epoch, and the "
+    "validation accuracy when it was recorded.",
+    "probe_candidates": "Super-weight candidates of {dataset} from the probe (accepted = "
+    "passed the spike-ratio and contribution thresholds; otherwise the strongest spikes, "
+    "tested anyway).",
+    "probe_layers": "Largest absolute input and output of each layer's MLP down-projection "
+    "over the probed cells, with the layer medians (dotted, log scale); layers with an "
+    "accepted candidate are marked.",
+    "probe_cells": "Output spike ratio (largest absolute output of the down-projection over "
+    "the median, log10) per cell and layer, cells grouped by cell type.",
+    "ablate_collapse": "Cell-type log-likelihood, accuracy, macro-F1 and expression "
+    "reconstruction of every pruning condition on the test donors.",
+    "ablate_confirmed": "Decision for every tested candidate: confirmed as a super weight or "
+    "rejected, with the reason.",
+    "ablate_conditions": "Mean log-likelihood of the true cell type with each candidate "
+    "pruned, next to its controls (mean ± sd over random draws) and the original model "
+    "(dashed line).",
+    "ablate_scaling": "Mean log-likelihood of the true cell type as each candidate weight is "
+    "multiplied by a factor (1 = original, dashed line = original model); Yu et al. (2024) "
+    "scaled the super weight of Llama-7B the same way.",
+    "ablate_shift": "Prediction shift when a candidate is pruned: log2 of each cell type's "
+    "mean predicted probability, pruned over original.",
+    "ablate_celltypes": "Drop in the log-likelihood of the true cell type per cell type "
+    "(columns) and pruning condition (rows).",
+    "channels_goi": "Rank, percentile and score of the genes of interest ("
+    + ", ".join(GENES_OF_INTEREST)
+    + " and GWAS risk genes) on each super channel.",
+    "enrich_dotplot": "Top gene sets of the preranked GSEA: normalised enrichment score (NES) "
+    "on x, colour −log10 FDR, dot size = genes of the set in the ranking.",
+    "enrich_gsea": "Running enrichment score of one gene set along the gene ranking.",
+    "quantize_table": "Cell-type log-likelihood, accuracy and macro-F1 of the quantized "
+    "model: round-to-nearest by block size, naive vs with super-weight holdout, and W8A8.",
+    "quantize_figure": "Round-to-nearest weight quantization of the encoder's linear layers "
+    "(asymmetric min/max per block of consecutive weights; 'tensor' = one block per weight "
+    "matrix) in the three arms of Yu et al. (2024, Tables 3-4): naive; clip only (outliers "
+    "of every quantized matrix clamped before quantizing); clip + restore SW (the same, with "
+    "the confirmed super weights put back in full precision). Each clip arm is shown at its "
+    "best clip threshold by mean log p(true cell type); the table lists every threshold. The "
+    "grey line is the unquantized fp32 model. Bottom row: W8A8 (INT8 weights, INT8 "
+    "activations), naive or with the single super activation held out in full precision. "
+    "For context only, Yu et al. report for Llama-7B INT4 (average zero-shot accuracy, "
+    "original 70.11%) naive vs clip + restore 66.21 vs 66.21 at 128×128-element blocks, "
+    "63.41 vs 63.41 at 256×256, 50.51 vs 57.85 at 512×512 and 27.55 vs 45.40 at 1024×1024, "
+    "and a W8A8 Wikitext-2 perplexity of 5.68 (FP16), 5.83 (naive) and 5.74 (super "
+    "activation held out); scGPT's weight matrices (512×512 in the released models) are far "
+    "smaller than Llama's, so the block sizes are not comparable one to one.",
+    "pathway_report": "The self-contained pathway report of {dataset}: what was run, what the "
+    "probe found, the pruning test against controls, the genes and pathways of the super "
+    "channels, and quantization.",
+}
+HTML_ONLY = ("enrich_dotplot", "enrich_gsea")
+"""Captions of figures inside the enrich folder, which `snakemake --report` does not show."""
+
+
+def caption(name: str, dataset: str) -> str:
+    """The caption `name` for `dataset`."""
+    return CAPTIONS[name].format(dataset=dataset)
+
+
+def rst_text(name: str) -> str:
+    """The text of `workflow/report/<name>.rst`: Snakemake fills in the dataset."""
+    return caption(name, "{{ snakemake.wildcards.dataset }}") + "\n"
+
+
+def write_rst(folder: str | Path) -> list[Path]:
+    """Write `<name>.rst` into `folder` for every caption that `snakemake --report` shows."""
+    paths = [Path(folder) / f"{name}.rst" for name in CAPTIONS if name not in HTML_ONLY]
+    for path in paths:
+        path.write_text(rst_text(path.stem), encoding="utf-8")
+    return paths
+
+
+if __name__ == "__main__":
+    write_rst(sys.argv[1])
