@@ -1,10 +1,8 @@
-"""Project-level checks: conda envs vs pins, config vs defaults, lint and formatting."""
+"""Project-level checks: config vs defaults, lint and formatting (conda envs: test_envs.py)."""
 
 import dataclasses
-import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,50 +13,6 @@ from superweights.data.preprocess import PreprocessSettings
 from superweights.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONDA_NAMES = {"pyyaml": "pyyaml"}
-
-
-def pyproject_pins() -> dict[str, str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = {}
-    for spec in project["dependencies"] + sum(project["optional-dependencies"].values(), []):
-        name, version = re.split(r"==", spec)
-        pins[re.sub(r"\[.*\]", "", name).lower()] = version
-    return pins
-
-
-def env_pins(env: dict) -> dict[str, str]:
-    pins = {}
-    for dep in env["dependencies"]:
-        if isinstance(dep, dict):
-            for spec in dep["pip"]:
-                name, version = spec.split("==")
-                pins[name.lower()] = version
-        elif "=" in dep:
-            name, version = dep.split("=")
-            pins[name.lower()] = version
-    return pins
-
-
-@pytest.mark.parametrize("env_file", sorted((ROOT / "envs").glob("*.yaml")), ids=lambda p: p.name)
-def test_conda_env_parses_is_used_and_matches_pins(env_file):
-    env = yaml.safe_load(env_file.read_text())
-    rules = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
-    assert f'"../../envs/{env_file.name}"' in rules, f"{env_file.name} is used by no rule"
-    pins = pyproject_pins()
-    found = env_pins(env)
-    assert found, "no pinned packages"
-    for name, version in found.items():
-        if name == "python":
-            continue
-        assert name in pins, f"{name} is pinned in {env_file.name} but not in pyproject.toml"
-        assert pins[name] == version, f"{name}: {env_file.name} {version} vs pyproject {pins[name]}"
-
-
-def test_every_rule_references_an_existing_env():
-    for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
-        for ref in re.findall(r'conda:\s*\n\s*"([^"]+)"', smk.read_text()):
-            assert (smk.parent / ref).resolve().is_file(), f"{smk.name}: {ref} missing"
 
 
 def test_config_defaults_match_library_defaults():

@@ -1,6 +1,7 @@
 import shlex
 import sys
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -61,10 +62,18 @@ def cli_options(settings):
 
 
 def launcher(wildcards, resources):
-    """`superweights` in this Python; under torchrun, one process per GPU, when given several."""
+    """The `superweights` CLI in the job's Python, picked as Snakemake picks it for scripts:
+    under `--sdm conda` the rule env's `python` (with the library from this workflow's
+    folder), else the Python running Snakemake; under torchrun, one process per GPU, when
+    given several."""
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        library = shlex.quote(os.path.join(workflow.basedir, "workflow"))
+        python = f"PYTHONPATH={library}${{PYTHONPATH:+:$PYTHONPATH}} python"
+    else:
+        python = shlex.quote(sys.executable)
     if resources.gpu > 1:
         return (
-            f"{shlex.quote(sys.executable)} -m torch.distributed.run --standalone "
+            f"{python} -m torch.distributed.run --standalone "
             f"--nproc_per_node={resources.gpu} -m superweights.cli"
         )
-    return f"{shlex.quote(sys.executable)} -m superweights.cli"
+    return f"{python} -m superweights.cli"
