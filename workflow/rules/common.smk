@@ -4,10 +4,27 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
+from superweights.config import stage_settings
+from superweights.errors import UserError
+from superweights.rule_io import USER_ERROR_EXIT
+
 min_version("9.0")
 
 
+def check_settings():
+    """Stop now, before any job, on a value a stage's settings reject: one line, exit 2.
+
+    The library's constructors check what the schema cannot (e.g. ablate.n_strongest: 0).
+    """
+    try:
+        stage_settings(config)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
 validate(config, "../superweights/config.schema.yaml")
+check_settings()
 
 SOURCES = {d["name"]: d["source"] for d in config["datasets"]}
 DATASETS = list(SOURCES)

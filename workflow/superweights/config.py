@@ -1,6 +1,13 @@
-"""Validation of the workflow config against the packaged schema, config.schema.yaml."""
+"""The workflow config: its schema (config.schema.yaml, packaged), validation, stage settings.
 
+The schema holds every key's type, default and description; `config/README.md` is generated
+from it (`python -m superweights.config > config/README.md`).
+"""
+
+import sys
+import textwrap
 from importlib.resources import files
+from itertools import groupby
 
 import jsonschema
 import yaml
@@ -8,14 +15,121 @@ import yaml
 from .errors import UserError
 
 SCHEMA_PATH = files(__package__) / "config.schema.yaml"
+WIDTH = 96
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
 def validate_config(config: dict) -> dict:
     """Return the config if it matches the schema, else raise a one-line UserError."""
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
     try:
-        jsonschema.validate(config, schema)
+        jsonschema.validate(config, load_schema())
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "top level"
         raise UserError(f"config error at {where}: {err.message}") from None
     return config
+
+
+def settings_classes() -> dict[str, type]:
+    """The settings dataclass of each config section that configures a library stage."""
+    from .ablate import AblateSettings
+    from .channels import ChannelSettings
+    from .data.preprocess import PreprocessSettings
+    from .enrich import EnrichSettings, GeneSetSettings
+    from .model.train import ModelSettings, TrainSettings
+    from .probe_cells import ProbeSettings
+    from .quantize import QuantizeSettings
+
+    return {
+        "preprocess": PreprocessSettings,
+        "model/architecture": ModelSettings,
+        "pretrain": TrainSettings,
+        "finetune": TrainSettings,
+        "probe": ProbeSettings,
+        "ablate": AblateSettings,
+        "channels": ChannelSettings,
+        "gene_sets": GeneSetSettings,
+        "enrich": EnrichSettings,
+        "quantize": QuantizeSettings,
+    }
+
+
+def section(config: dict, path: str) -> dict:
+    """The config section at `path` ("model/architecture"); {} where absent."""
+    for key in path.split("/"):
+        config = config.get(key) or {}
+    return config
+
+
+def stage_settings(config: dict) -> dict[str, object]:
+    """Each stage's settings, built from its config section by the library's constructors.
+
+    The constructors check what the schema cannot (e.g. `confirm_fraction` must be one of
+    `topk_fractions`), so a value the code would reject fails here, before any job runs.
+    Raises a one-line UserError naming the section.
+    """
+    built = {}
+    for path, settings_class in settings_classes().items():
+        try:
+            built[path] = settings_class(**section(config, path))
+        except UserError as err:
+            raise UserError(f"config {path.replace('/', '.')}: {err}") from None
+    return built
+
+
+# --- config/README.md ------------------------------------------------------------------
+
+
+def _value(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000, allow_unicode=True)
+    return "`" + text.removesuffix("\n").removesuffix("\n...") + "`"
+
+
+def _paragraphs(text: str, indent: str = "") -> list[str]:
+    return [
+        textwrap.fill(p, WIDTH, initial_indent=indent, subsequent_indent=indent)
+        for p in text.split("\n")
+    ]
+
+
+def _keys(schema: dict, indent: str = "") -> list[str]:
+    lines = []
+    for key, spec in schema.get("properties", {}).items():
+        default = f" ({_value(spec['default'])})" if "default" in spec else ""
+        item = f"{indent}- `{key}`{default}: {spec['description']}"
+        lines.append(textwrap.fill(item, WIDTH, subsequent_indent=indent + "  "))
+        lines += _keys(spec, indent + "  ")
+    return lines
+
+
+def _resolve(schema: dict, spec: dict) -> dict:
+    return schema["definitions"][spec["$ref"].rsplit("/", 1)[1]] if "$ref" in spec else spec
+
+
+def config_readme(schema: dict | None = None) -> str:
+    """config/README.md: the schema's descriptions and defaults, section by section.
+
+    Consecutive sections that share a definition (`pretrain`, `finetune`) share a heading.
+    """
+    schema = schema or load_schema()
+    lines = [
+        f"# {schema['title']}",
+        "",
+        "<!-- Generated from workflow/superweights/config.schema.yaml by "
+        "`python -m superweights.config > config/README.md`: edit the schema, not this file. -->",
+        "",
+        *"\n\n".join(_paragraphs(schema["description"])).split("\n"),
+    ]
+    same_keys = groupby(schema["properties"].items(), key=lambda item: item[1].get("$ref", item[0]))
+    for _, group in same_keys:
+        group = list(group)
+        spec = _resolve(schema, group[0][1])
+        heading = " and ".join(f"`{name}`" for name, _ in group)
+        lines += ["", f"## {heading}", *_paragraphs(spec["description"]), *_keys(spec)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(config_readme())

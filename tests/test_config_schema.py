@@ -1,0 +1,132 @@
+"""The config schema holds each key's default and description; the library agrees with it."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from superweights.config import (
+    config_readme,
+    load_schema,
+    section,
+    settings_classes,
+    stage_settings,
+)
+from superweights.enrich import RESOURCE_DIR, read_gmt
+from superweights.errors import UserError
+from superweights.genes import GENES_OF_INTEREST
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = load_schema()
+CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+SETTINGS = settings_classes()
+
+
+def schema_of(path: str) -> dict:
+    """The schema of the config section at `path` ("model/architecture"), references followed."""
+    spec = SCHEMA
+    for key in path.split("/"):
+        spec = spec["properties"][key]
+        if "$ref" in spec:
+            spec = SCHEMA["definitions"][spec["$ref"].rsplit("/", 1)[1]]
+    return spec
+
+
+def library_default(f: dataclasses.Field):
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def leaf_keys(spec: dict, path: str = ""):
+    """(path, schema) of every key that holds a value, nested sections walked."""
+    for key, sub in spec.get("properties", {}).items():
+        if sub.get("type") == "object" and "properties" in sub:
+            yield from leaf_keys(sub, f"{path}{key}/")
+        else:
+            yield f"{path}{key}", sub
+
+
+@pytest.mark.parametrize("path", [p for p in SCHEMA["properties"] if p != "datasets"])
+def test_every_key_has_a_default_and_a_description(path):
+    spec = schema_of(path)
+    assert spec.get("description"), path
+    for key, sub in leaf_keys(spec, f"{path}/"):
+        assert "default" in sub and sub.get("description"), f"{key} lacks a default or description"
+
+
+@pytest.mark.parametrize("path", list(SETTINGS))
+def test_schema_defaults_are_the_library_defaults(path):
+    spec = schema_of(path)["properties"]
+    fields = {f.name: f for f in dataclasses.fields(SETTINGS[path])}
+    assert set(spec) == set(fields), path
+    for name, f in fields.items():
+        default, expected = spec[name]["default"], library_default(f)
+        if (path, name) == ("gene_sets", "resource_dir"):  # config: relative to the repository
+            default, expected = (ROOT / default).resolve(), Path(str(expected)).resolve()
+        assert default == expected, f"{path}.{name}: schema {default!r}, library {expected!r}"
+
+
+@pytest.mark.parametrize("path", ["demo", "seaad", "rosmap", "local", "download"])
+def test_demo_config_keeps_the_defaults_of_the_sources(path):
+    defaults = {key: sub["default"] for key, sub in leaf_keys(schema_of(path))}
+    assert section(CONFIG, path) == defaults
+
+
+def test_genes_of_interest_are_the_curated_core_genes():
+    curated = read_gmt(RESOURCE_DIR / "alzheimers_curated.gmt")["AD_CORE_GENES"]
+    assert sorted(GENES_OF_INTEREST) == sorted(curated)
+    assert schema_of("preprocess")["properties"]["genes_of_interest"]["default"] == list(
+        GENES_OF_INTEREST
+    )
+
+
+def test_config_readme_is_generated_from_the_schema():
+    readme = (ROOT / "config" / "README.md").read_text()
+    assert readme == config_readme(), "run: python -m superweights.config > config/README.md"
+    assert "- `n_random` (`20`): Random weights of the same matrix pruned" in readme
+    assert "## `pretrain` and `finetune`\n" in readme and "## `pretrain`\n" not in readme
+    assert "  - `d_model` (`64`): Width." in readme  # model.architecture, nested
+
+
+def test_demo_config_builds_every_stage_settings():
+    built = stage_settings(CONFIG)
+    assert set(built) == set(SETTINGS)
+    assert built["ablate"].n_random == CONFIG["ablate"]["n_random"]
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "value", "message"),
+    [
+        ("ablate", "n_strongest", 0, "config ablate: ablation needs n_random >= 2"),
+        ("ablate", "confirm_fraction", 0.5, "config ablate: confirm_fraction 0.5 must be one of"),
+        ("probe", "splits", ["training"], "config probe: probe splits ['training'] are not"),
+        ("enrich", "max_size", 2, "config enrich: gene-set sizes need 1 <= min_size <= max_size"),
+        ("finetune", "warmup_fraction", 1.0, "config finetune: warmup_fraction must be in [0, 1)"),
+    ],
+)
+def test_a_value_the_library_rejects_names_its_section(path, key, value, message):
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config[path][key] = value
+    with pytest.raises(UserError) as err:
+        stage_settings(config)
+    assert str(err.value).startswith(message)
+
+
+def test_snakemake_stops_at_parse_time_on_a_value_the_library_rejects(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ablate:\n  n_strongest: 0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: config ablate: ablation needs n_random >= 2 (for a standard deviation), "
+        "n_strongest >= 1 and n_top_genes >= 1 (got 20, 0, 20)"
+    ]
+    assert "Job stats" not in result.stdout
