@@ -15,8 +15,8 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from superweights.editing import evaluation, zeroed
 from superweights.errors import UserError
 from superweights.outputs import to_jsonable, write_json, write_tsv
 
@@ -278,39 +279,32 @@ def find_super_weights(
         key: settings[key]
         for key in ("input_ratio", "output_ratio", "weight_ratio", "token_ratio", "min_abs")
     } | {"contribution_min": contribution_min}
-    zeroed: dict[tuple[str, int, int], Tensor] = {}
     candidates: list[Candidate] = []
     stats: list[LayerStat] = []
     stopped, rnd = "max_rounds reached", 0
     sample_rows = _SampleRows(median_sample, seed)
-    try:
-        with _probe_mode(model), _Hooks(model, down, norms, sample_rows) as hooks:
-            for rnd in range(1, max_rounds + 1):
-                hooks.reset()
-                _forward(model, inputs)
-                found = hooks.spikes()
-                for layer, (name, module) in down.items():
-                    spike_in, spike_out, resid = found[layer]
-                    stat = _judge(
-                        rnd, layer, name, module.weight, spike_in, spike_out, thresholds, candidates
-                    )
-                    if resid is not None:
-                        stat.resid_max, stat.resid_median = resid.magnitude, resid.median
-                        stat.resid_ratio, stat.resid_channel = resid.ratio, resid.channel
-                    stats.append(stat)
-                    if stat.decision == "accepted":
-                        candidates.append(_candidate(stat, spike_out))
-                accepted = [c for c in candidates if c.round == rnd]
-                if not accepted:
-                    stopped = "no spike left"
-                    break
-                if rnd < max_rounds:
-                    for c in accepted:
-                        weight = down[c.layer][1].weight
-                        zeroed.setdefault((c.module, c.row, c.col), weight[c.row, c.col].clone())
-                        weight[c.row, c.col] = 0
-    finally:
-        _restore(model, zeroed)
+    with ExitStack() as edits, evaluation(model), _Hooks(model, down, norms, sample_rows) as hooks:
+        for rnd in range(1, max_rounds + 1):
+            hooks.reset()
+            _forward(model, inputs)
+            found = hooks.spikes()
+            for layer, (name, module) in down.items():
+                spike_in, spike_out, resid = found[layer]
+                stat = _judge(
+                    rnd, layer, name, module.weight, spike_in, spike_out, thresholds, candidates
+                )
+                if resid is not None:
+                    stat.resid_max, stat.resid_median = resid.magnitude, resid.median
+                    stat.resid_ratio, stat.resid_channel = resid.ratio, resid.channel
+                stats.append(stat)
+                if stat.decision == "accepted":
+                    candidates.append(_candidate(stat, spike_out))
+            accepted = [(c.module, c.row, c.col) for c in candidates if c.round == rnd]
+            if not accepted:
+                stopped = "no spike left"
+                break
+            if rnd < max_rounds:
+                edits.enter_context(zeroed(model, accepted))
     candidates.sort(key=lambda c: -c.output_ratio)
     for rank, c in enumerate(candidates, start=1):
         c.rank = rank
@@ -591,22 +585,6 @@ def _padding_mask(named: dict) -> Tensor | None:
     return None
 
 
-@contextmanager
-def _probe_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no autograd, no fused attention fast path (it skips hooks); then restore."""
-    modes = [(module, module.training) for module in model.modules()]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    model.eval()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for module, training in modes:
-            module.training = training
-
-
 def _forward(model: nn.Module, inputs) -> None:
     if isinstance(inputs, Mapping):
         model(**inputs)
@@ -719,13 +697,6 @@ def _candidate(stat: LayerStat, spike_out: Spike) -> Candidate:
         token=spike_out.token,
         round=stat.round,
     )
-
-
-def _restore(model: nn.Module, zeroed: dict[tuple[str, int, int], Tensor]) -> None:
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for (name, row, col), value in zeroed.items():
-            modules[name].weight[row, col] = value
 
 
 def _frame(records: list, cls: type) -> pd.DataFrame:

@@ -319,9 +319,17 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.nlayers))
 
-    def forward(self, x: Tensor, padding_mask: Tensor, packing: Packing | None = None) -> Tensor:
-        keep = None if packing is not None else ~padding_mask[:, None, None, :]
-        for layer in self.layers:
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor,
+        packing: Packing | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Tensor:
+        """Run layers start..stop-1 (all by default) on `x`, the hidden states entering `start`."""
+        keep = None if packing is not None else ~padding_mask.bool()[:, None, None, :]
+        for layer in self.layers[start:stop]:
             x = layer(x, keep, packing)
         return x
 
@@ -415,10 +423,24 @@ class ScGPTModel(nn.Module):
             )
         if packing is not None:
             gene_ids, values = packing.pack(gene_ids), packing.pack(values)
+        x, gene_emb = self.embed(gene_ids, values)
+        return self.decode(self.encode(x, padding_mask, packing=packing), gene_emb, heads, packing)
+
+    def embed(self, gene_ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """(hidden states entering layer 0, gene embeddings): gene + value embedding."""
         gene_emb = self.encoder(gene_ids)
-        x = gene_emb + self.value_encoder(values.to(gene_emb.dtype))
-        hidden = self.transformer_encoder(x, padding_mask.bool(), packing)
-        return self.decode(hidden, gene_emb, heads, packing)
+        return gene_emb + self.value_encoder(values.to(gene_emb.dtype)), gene_emb
+
+    def encode(
+        self,
+        hidden: Tensor,
+        padding_mask: Tensor,
+        start: int = 0,
+        stop: int | None = None,
+        packing: Packing | None = None,
+    ) -> Tensor:
+        """Encoder layers start..stop-1 on `hidden`, the hidden states entering layer `start`."""
+        return self.transformer_encoder(hidden, padding_mask.bool(), packing, start, stop)
 
     def decode(
         self,

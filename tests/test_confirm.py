@@ -1,0 +1,188 @@
+"""Model-agnostic confirmation: planted super weights confirmed, decoys rejected, p-values
+calibrated under the null, reproducible, and bad inputs refused before any work."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from superweights.confirm import ConfirmSettings, benjamini_hochberg, confirm_super_weights
+from superweights.errors import UserError
+from superweights.probe import find_super_weights
+from test_probe import llama, plant_llama
+
+DOWN = "model.layers.{}.mlp.down_proj"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batch(n: int = 12, seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, 100, (n, 12), generator=generator)}
+
+
+def agreement_score(model, inputs):
+    """log p of the unedited model's own top prediction, averaged per sequence."""
+    with torch.no_grad():
+        targets = model(**inputs).logits.argmax(-1)
+
+    def score(m):
+        logp = torch.log_softmax(m(**inputs).logits.double(), dim=-1)
+        return logp.gather(-1, targets[..., None]).squeeze(-1).mean(-1)
+
+    return score
+
+
+def snapshot(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model = llama()
+    plant_llama(model, layer=1, row=5, col=7)
+    with torch.no_grad():  # decoy: a large weight on an input column that is always 0
+        mlp = model.model.layers[2].mlp
+        mlp.up_proj.weight[13] = 0.0
+        mlp.down_proj.weight[11, 13] = 6.0
+    return model
+
+
+def test_planted_weight_is_confirmed_and_a_harmless_large_weight_is_rejected(planted):
+    inputs = batch()
+    candidates = pd.DataFrame(
+        {"module": [DOWN.format(1), DOWN.format(2)], "row": [5, 11], "col": [7, 13]}
+    )
+    before = snapshot(planted)
+    result = confirm_super_weights(planted, candidates, agreement_score(planted, inputs), n_null=39)
+    for key, value in before.items():
+        assert torch.equal(planted.state_dict()[key], value), key
+    table = result.to_frame().set_index("candidate")
+    real, decoy = table.loc["L1[5,7]"], table.loc["L2[11,13]"]
+    assert real.confirmed and real.effect > 0.05 and real.ci_low > 0
+    assert real.p_value == pytest.approx(1 / 40) and real.effect > real.null_q95
+    assert real.effect > real.topk_effect and real.reason.startswith("confirmed")
+    assert "largest |w|" in real.null  # nothing else of the matrix is near |3.0|
+    assert not decoy.confirmed and decoy.effect == pytest.approx(0.0, abs=1e-9)
+    assert "min_effect" in decoy.reason
+    assert set(result.nulls["candidate"]) == {"L1[5,7]", "L2[11,13]"}
+    assert len(result.nulls) == 2 * 39
+    own = result.nulls[result.nulls["candidate"] == "L1[5,7]"]
+    assert not ((own["row"] == 5) | (own["col"] == 7)).any()  # own row and column excluded
+    assert list(result.topk["decides"]) == [True, False, False, False]
+    assert result.example_effects["L1[5,7]"].shape == (12,)
+
+
+def test_probe_result_feeds_confirmation_and_same_seed_same_table(planted):
+    inputs = batch()
+    probe = find_super_weights(planted, inputs)
+    score = agreement_score(planted, inputs)
+    groups = np.repeat(np.arange(4), 3)
+    first = confirm_super_weights(planted, probe, score, n_null=19, seed=3, groups=groups)
+    again = confirm_super_weights(planted, probe, score, n_null=19, seed=3, groups=groups)
+    pd.testing.assert_frame_equal(first.to_frame(), again.to_frame())
+    pd.testing.assert_frame_equal(first.nulls, again.nulls)
+    assert list(first.to_frame()["candidate"]) == ["L1[5,7]"]
+    assert first.to_frame()["n_groups"].iloc[0] == 4
+
+
+class TinyDecoder(torch.nn.Module):
+    """Two residual MLP blocks named like a Hugging Face decoder, and a classifier."""
+
+    def __init__(self, d: int = 16, h: int = 48, classes: int = 5):
+        super().__init__()
+        torch.manual_seed(6)
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList()
+        for _ in range(2):
+            block = torch.nn.Module()
+            block.mlp = torch.nn.Module()
+            block.mlp.up_proj = torch.nn.Linear(d, h)
+            block.mlp.down_proj = torch.nn.Linear(h, d)
+            self.model.layers.append(block)
+        self.head = torch.nn.Linear(d, classes)
+
+    def forward(self, x):
+        for block in self.model.layers:
+            x = x + block.mlp.down_proj(torch.relu(block.mlp.up_proj(x)))
+        return self.head(x)
+
+
+def test_p_values_are_uniform_without_a_super_weight():
+    """50 random ordinary weights of one matrix against magnitude-matched nulls: with 19
+    null draws p takes values k/20, so P(p <= 0.1) = 0.1 exactly under the null. The count
+    below 0.1 is then Binomial(50, 0.1): mean 5, sd 2.1; we accept 1..11 (about 3 sd)."""
+    model = TinyDecoder().double()
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    labels = model(x).argmax(-1)
+
+    def score(m):
+        return torch.log_softmax(m(x), -1).gather(1, labels[:, None]).squeeze(1)
+
+    rng = np.random.default_rng(0)
+    weight = model.model.layers[1].mlp.down_proj.weight
+    rows = rng.integers(0, weight.shape[0], 50)
+    cols = rng.integers(0, weight.shape[1], 50)
+    candidates = pd.DataFrame({"module": DOWN.format(1), "row": rows, "col": cols})
+    settings = ConfirmSettings(n_null=19, n_boot=50, topk_sweep=())
+    result = confirm_super_weights(model, candidates, score, settings=settings)
+    p = result.to_frame()["p_value"]
+    assert len(p) == len(candidates.drop_duplicates()) >= 45
+    assert 1 <= (p <= 0.1).sum() <= 11
+    assert not result.to_frame()["confirmed"].any()
+    assert "too small" in result.warning  # 50 candidates cannot pass BH with 19 draws
+    assert result.warning in result.to_frame()["reason"].iloc[0]
+
+
+def test_benjamini_hochberg():
+    q = benjamini_hochberg(np.array([0.01, 0.04, 0.03, 0.5]))
+    assert q == pytest.approx([0.04, 0.16 / 3, 0.16 / 3, 0.5])  # p * 4 / rank, then running min
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (pd.DataFrame({"module": [DOWN.format(1)], "row": [5]}), "lacks column"),
+        (pd.DataFrame({"module": [DOWN.format(1)], "row": [5], "col": [999]}), "outside"),
+        (pd.DataFrame({"module": ["model.nope"], "row": [5], "col": [7]}), "not a linear"),
+        (
+            pd.DataFrame({"module": [DOWN.format(1)], "row": [5], "col": [7], "weight": [1.0]}),
+            "another checkpoint",
+        ),
+    ],
+)
+def test_bad_candidates_are_refused(planted, frame, message):
+    with pytest.raises(UserError, match=message):
+        confirm_super_weights(planted, frame, agreement_score(planted, batch()), n_null=5)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda s: s.reshape(3, 4), "1-D"),
+        (lambda s: s.clone().fill_(float("nan")), "non-finite"),
+        (lambda s: [1.0], "1-D"),
+    ],
+)
+def test_bad_scores_are_refused_and_weights_restored(planted, bad, message):
+    score = agreement_score(planted, batch())
+    before = snapshot(planted)
+    frame = pd.DataFrame({"module": [DOWN.format(1)], "row": [5], "col": [7]})
+    with pytest.raises(UserError, match=message):
+        confirm_super_weights(planted, frame, lambda m: bad(score(m)), n_null=5)
+    calls = []
+
+    def shrinking(m):  # right on the first call, one example short afterwards
+        calls.append(1)
+        return score(m)[: 12 if len(calls) == 1 else 11]
+
+    with pytest.raises(UserError, match="returned 11 scores"):
+        confirm_super_weights(planted, frame, shrinking, n_null=5)
+    for key, value in before.items():
+        assert torch.equal(planted.state_dict()[key], value), key

@@ -1,0 +1,484 @@
+"""Confirm super-weight candidates of any PyTorch model by pruning them against a null.
+
+For each candidate ``W[row, col]`` of a module, the effect is the mean drop of a
+per-example score (higher is better, e.g. log-likelihood per cell or per sequence) when
+that one weight is set to 0. It is compared with:
+
+- a null of ``n_null`` magnitude-matched weights of the same matrix (|w| within a factor
+  ``band`` of the candidate's, its own row and column excluded), each pruned alone; when
+  the band holds too few weights (a super weight is often its matrix's largest), the
+  ``n_null`` largest-|w| weights of the matrix are used instead, and the table says so.
+  The empirical p-value is ``(1 + #null effects >= effect) / (n_null + 1)``; q is
+  Benjamini-Hochberg over all candidates;
+- the top-k control of Yu et al. 2024: the k largest-|w| weights of the layer stack pruned
+  together with the candidates kept, k a fraction of those weights (the paper's 7,000 of
+  Llama-7B's 6.7 B by default, with a sweep of larger fractions shown beside it);
+- the super activation restored: the candidate pruned and, on each sequence's spike token
+  only, the module's output channel ``row`` written back (how much of the effect travels
+  through the super activation).
+
+A candidate is confirmed when q <= alpha, the effect reaches ``min_effect`` and it exceeds
+the top-k control. The effect's confidence interval is a percentile bootstrap over
+examples, or over ``groups`` (e.g. donors) when given. Every weight is restored bit for
+bit; the same seed gives the same table.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .editing import (
+    WeightEdit,
+    check_candidate,
+    edited_weights,
+    evaluation,
+    layer_of,
+    read_candidates,
+    zeroed,
+)
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PAPER_TOPK_FRACTION = 7000 / 6.74e9
+"""Yu et al. 2024, Table 1: about 7,000 outlier weights of Llama-7B's 6.74 B parameters."""
+
+TABLE_COLUMNS = [
+    "candidate", "module", "layer", "row", "col", "weight", "effect", "ci_low", "ci_high",
+    "n_examples", "n_groups", "null", "n_null", "null_mean", "null_sd", "null_q95", "p_value",
+    "q_value", "topk_k", "topk_effect", "restore_spike_effect", "recovered", "confirmed",
+    "reason",
+]  # fmt: skip
+
+Score = Callable[[nn.Module], Tensor]
+
+
+@dataclass
+class ConfirmSettings:
+    """Null size, decision thresholds and resampling of `confirm_super_weights`.
+
+    `n_null`: magnitude-matched null weights per candidate; `alpha`: BH level;
+    `min_effect`: smallest mean score drop that counts (score units, e.g. nats per cell);
+    `band`: null weights have |w| in [|w_c| / band, |w_c| * band]; `topk_fraction`: the
+    top-k control that decides; `topk_sweep`: further fractions, shown only; `n_boot`:
+    bootstrap resamples of the effect's CI (level `ci`); `seed`: every random draw.
+    """
+
+    n_null: int = 99
+    alpha: float = 0.05
+    min_effect: float = 0.01
+    band: float = 2.0
+    topk_fraction: float = PAPER_TOPK_FRACTION
+    topk_sweep: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
+    n_boot: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self):
+        self.topk_sweep = tuple(float(f) for f in self.topk_sweep)
+        if self.n_null < 1 or self.n_boot < 1:
+            raise UserError(f"n_null and n_boot must be >= 1 (got {self.n_null}, {self.n_boot})")
+        if not 0 < self.alpha < 1 or not 0 < self.ci < 1:
+            raise UserError(f"alpha and ci must be in (0, 1) (got {self.alpha}, {self.ci})")
+        if self.band <= 1 or self.min_effect < 0:
+            raise UserError(f"band must be > 1 and min_effect >= 0 (got {self.band})")
+        fractions = (self.topk_fraction, *self.topk_sweep)
+        if not all(0 < f < 1 for f in fractions):
+            raise UserError(f"top-k fractions must be in (0, 1), got {list(fractions)}")
+
+    def power_warning(self, n_candidates: int) -> str:
+        """Why no candidate can reach alpha after correction with this null, or ''."""
+        if n_candidates and n_candidates / (self.n_null + 1) > self.alpha:
+            return (
+                f"n_null {self.n_null} is too small: the smallest p-value, "
+                f"1/{self.n_null + 1}, cannot reach alpha {self.alpha:g} after Benjamini-"
+                f"Hochberg over {n_candidates} candidate(s) unless several are significant; "
+                f"use n_null >= {math.ceil(n_candidates / self.alpha) - 1}"
+            )
+        return ""
+
+
+@dataclass
+class Confirmation:
+    """Per-candidate verdicts, the null and top-k effects, and per-example effects."""
+
+    table: pd.DataFrame
+    nulls: pd.DataFrame
+    topk: pd.DataFrame
+    example_effects: dict[str, np.ndarray]
+    base_scores: np.ndarray
+    settings: dict
+    warning: str = ""
+    groups: np.ndarray | None = field(default=None, repr=False)
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.table.copy()
+
+    @property
+    def confirmed(self) -> list[str]:
+        return self.table.loc[self.table["confirmed"], "candidate"].tolist()
+
+
+def candidate_id(layer: int | None, row: int, col: int) -> str:
+    return f"L{layer}[{row},{col}]"
+
+
+def confirm_super_weights(
+    model: nn.Module,
+    candidates,
+    score: Score,
+    *,
+    n_null: int = 99,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups: Sequence | None = None,
+    settings: ConfirmSettings | None = None,
+    progress: bool = False,
+) -> Confirmation:
+    """Prune each candidate and its controls, and decide which candidates are confirmed.
+
+    `candidates`: a `ProbeResult`, a DataFrame or a TSV path with module, row, col (and,
+    when present, the weight, checked against the model). `score(model)` returns a 1-D
+    tensor of per-example scores, higher is better, the same examples in the same order on
+    every call. If it offers ``score.from_layer(layer)`` (a context manager reusing the
+    hidden states entering ``layer``), evaluations that only touch that layer and later
+    ones use it. `groups`: one label per example for a grouped bootstrap. `settings`
+    overrides `n_null`, `alpha` and `seed`. The model's weights and modes are restored.
+    """
+    settings = settings or ConfirmSettings(n_null=n_null, alpha=alpha, seed=seed)
+    table = read_candidates(candidates).drop_duplicates(["module", "row", "col"])
+    targets = [_target(model, r) for r in table.itertuples(index=False)]
+    warning = settings.power_warning(len(targets))
+    if warning:
+        log.warning(warning)
+    with evaluation(model):
+        base, recorded = _base_scores(model, score, targets)
+        groups = _check_groups(groups, len(base))
+        runner = _Runner(model, score, base)
+        rows, nulls, effects = [], [], {}
+        for i, t in enumerate(tqdm(targets, desc="confirm", disable=not progress)):
+            rng = np.random.default_rng([settings.seed, i])
+            with _from_layer(score, t["layer"]):
+                delta = runner.delta([WeightEdit.single(t["module"], t["row"], t["col"])])
+                null_kind, positions = _null_positions(model, t, settings, rng)
+                null_effects = []
+                for draw, (r, c) in enumerate(positions):
+                    eff = float(runner.delta([WeightEdit.single(t["module"], r, c)]).mean())
+                    null_effects.append(eff)
+                    weight = float(_weight(model, t["module"])[r, c])
+                    nulls.append({"candidate": t["id"], "draw": draw, "row": r, "col": c})
+                    nulls[-1] |= {"weight": weight, "effect": eff}
+                with _restored_spike(model, t, recorded[t["id"]]):
+                    restored = runner.delta([WeightEdit.single(t["module"], t["row"], t["col"])])
+            effects[t["id"]] = delta
+            rows.append(_row(t, delta, np.array(null_effects), null_kind, restored))
+            rows[-1] |= _bootstrap(delta, groups, settings, rng)
+        topk = _topk_controls(model, targets, runner, settings)
+    frame = _decide(pd.DataFrame(rows), topk, settings, warning)
+    return Confirmation(
+        table=frame,
+        nulls=pd.DataFrame(nulls, columns=["candidate", "draw", "row", "col", "weight", "effect"]),
+        topk=topk,
+        example_effects=effects,
+        base_scores=base,
+        settings=asdict(settings),
+        warning=warning,
+        groups=groups,
+    )
+
+
+# --- candidates and scores ------------------------------------------------------------
+
+
+def _target(model: nn.Module, r) -> dict:
+    module, row, col = str(r.module), int(r.row), int(r.col)
+    weight = check_candidate(model, module, row, col, getattr(r, "weight", math.nan))
+    layer = layer_of(module)
+    return {
+        "id": candidate_id(layer, row, col),
+        "module": module,
+        "layer": layer,
+        "row": row,
+        "col": col,
+        "weight": weight,
+    }
+
+
+def _weight(model: nn.Module, module: str) -> Tensor:
+    return dict(model.named_modules())[module].weight.detach()
+
+
+def _checked(scores, n: int | None, what: str) -> np.ndarray:
+    """Scores as float64, after checking they are a finite 1-D tensor of n examples."""
+    if not isinstance(scores, Tensor) or scores.dim() != 1:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise UserError(f"score(model) must return a 1-D tensor of per-example scores, got {shape}")
+    if n is not None and len(scores) != n:
+        raise UserError(f"score(model) returned {len(scores)} scores {what}, {n} at first")
+    out = scores.detach().double().cpu().numpy()
+    if not np.isfinite(out).all():
+        raise UserError(f"score(model) returned non-finite values {what}")
+    return out
+
+
+class _Runner:
+    """Scores of the model under weight edits, as drops from the unedited scores."""
+
+    def __init__(self, model: nn.Module, score: Score, base: np.ndarray):
+        self.model, self.score, self.base = model, score, base
+
+    def delta(self, edits: list[WeightEdit]) -> np.ndarray:
+        with edited_weights(self.model, edits):
+            what = f"with {edits[0].module}[{edits[0].rows[0]}, {edits[0].cols[0]}] edited"
+            return self.base - _checked(self.score(self.model), len(self.base), what)
+
+
+def _from_layer(score: Score, layer: int | None):
+    cached = getattr(score, "from_layer", None)
+    return cached(layer) if cached is not None and layer is not None else nullcontext()
+
+
+def _base_scores(model, score, targets) -> tuple[np.ndarray, dict[str, list[Tensor]]]:
+    """Unedited scores; meanwhile each candidate's output channel is recorded per call."""
+    recorded: dict[str, list[Tensor]] = {t["id"]: [] for t in targets}
+    modules = dict(model.named_modules())
+    handles = []
+    for t in targets:
+
+        def hook(module, args, output, key=t["id"], row=t["row"]):
+            recorded[key].append(output[..., row].detach().clone())
+
+        handles.append(modules[t["module"]].register_forward_hook(hook))
+    try:
+        base = _checked(score(model), None, "")
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(base) == 0:
+        raise UserError("score(model) returned no examples")
+    return base, recorded
+
+
+def _check_groups(groups, n: int) -> np.ndarray | None:
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise UserError(f"groups has {groups.shape[0]} labels for {n} examples")
+    return groups
+
+
+@contextmanager
+def _restored_spike(model: nn.Module, t: dict, recorded: list[Tensor]) -> Iterator[None]:
+    """Write back the original output of channel `row` at each sequence's spike token.
+
+    The spike token is where |original output| of that channel is largest in the sequence
+    (3-D outputs [B, L, D]) or in the call (2-D outputs [T, D]). Calls are matched in order.
+    """
+    calls = iter(recorded)
+
+    def hook(module, args, output):
+        original = next(calls).to(output.dtype)
+        if original.dim() == 1:
+            token = int(original.abs().argmax())
+            output[token, t["row"]] = original[token]
+            return output
+        flat = original.reshape(-1, original.shape[-1])
+        out = output.view(-1, output.shape[-2], output.shape[-1])
+        spike = flat.abs().argmax(dim=1)
+        seqs = torch.arange(len(spike), device=spike.device)
+        out[seqs, spike, t["row"]] = flat[seqs, spike]
+        return output
+
+    handle = dict(model.named_modules())[t["module"]].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --- nulls and controls ---------------------------------------------------------------
+
+
+def _null_positions(model, t: dict, settings: ConfirmSettings, rng) -> tuple[str, list]:
+    """(which null, positions): magnitude-matched weights, else the matrix's largest."""
+    weight = _weight(model, t["module"]).float().abs().cpu()
+    allowed = torch.ones_like(weight, dtype=torch.bool)
+    allowed[t["row"], :] = False
+    allowed[:, t["col"]] = False
+    magnitude = abs(t["weight"])
+    lo, hi = magnitude / settings.band, magnitude * settings.band
+    in_band = allowed & (weight >= lo) & (weight <= hi)
+    eligible = torch.nonzero(in_band.flatten()).flatten().numpy()
+    if len(eligible) >= settings.n_null:
+        flat = np.sort(rng.choice(eligible, settings.n_null, replace=False))
+        kind = f"|w| in [{lo:.3g}, {hi:.3g}] ({len(eligible)} weights)"
+    else:
+        ranked = weight.masked_fill(~allowed, -1.0).flatten()
+        flat = torch.topk(ranked, min(settings.n_null, int(allowed.sum()))).indices.numpy()
+        kind = f"largest |w| of the matrix (only {len(eligible)} weights in [{lo:.3g}, {hi:.3g}])"
+    width = weight.shape[1]
+    return kind, [(int(f) // width, int(f) % width) for f in flat]
+
+
+def stack_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every 2-D-weight module inside the layer stack."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if layer_of(name) is not None
+        and isinstance(getattr(m, "weight", None), Tensor)
+        and m.weight.ndim == 2
+    ]
+
+
+def topk_counts(model: nn.Module, fractions: Sequence[float]) -> dict[float, int]:
+    """k per fraction of the layer stack's 2-D weights, at least 1."""
+    total = sum(m.weight.numel() for _, m in stack_weights(model))
+    return {f: max(1, round(f * total)) for f in fractions}
+
+
+def largest_weights(model: nn.Module, k: int, exclude: set) -> list[tuple[str, int, int]]:
+    """(module, row, col) of the k largest-|w| weights of the layer stack, not in `exclude`."""
+    pool = []
+    for name, m in stack_weights(model):
+        w = m.weight.detach().float().abs().cpu().clone()
+        for module, row, col in exclude:
+            if module == name:
+                w[row, col] = -1.0
+        values, index = torch.topk(w.flatten(), min(k, w.numel()))
+        width = w.shape[1]
+        pool += [
+            (float(v), name, i // width, i % width)
+            for v, i in zip(values, index.tolist(), strict=True)
+        ]
+    pool.sort(key=lambda p: -p[0])
+    return [(name, row, col) for _, name, row, col in pool[:k]]
+
+
+def _topk_controls(model, targets, runner: _Runner, settings: ConfirmSettings) -> pd.DataFrame:
+    """Effect of pruning the k largest other weights, per fraction (candidates kept)."""
+    fractions = (settings.topk_fraction, *settings.topk_sweep)
+    ks = topk_counts(model, fractions)
+    exclude = {(t["module"], t["row"], t["col"]) for t in targets}
+    largest = largest_weights(model, max(ks.values()), exclude) if targets else []
+    rows, done = [], {}
+    for fraction in fractions:
+        k = ks[fraction]
+        if k not in done and largest:
+            with zeroed(model, largest[:k]):
+                done[k] = float(
+                    (runner.base - _checked(runner.score(model), len(runner.base), "")).mean()
+                )
+        rows.append(
+            {
+                "fraction": fraction,
+                "k": k,
+                "effect": done.get(k, math.nan),
+                "decides": fraction == settings.topk_fraction,
+            }
+        )
+    return pd.DataFrame(rows, columns=["fraction", "k", "effect", "decides"])
+
+
+# --- statistics and decisions ---------------------------------------------------------
+
+
+def _row(t: dict, delta: np.ndarray, null: np.ndarray, kind: str, restored: np.ndarray):
+    effect = float(delta.mean())
+    restore_effect = float(restored.mean())
+    return {
+        "candidate": t["id"],
+        "module": t["module"],
+        "layer": t["layer"],
+        "row": t["row"],
+        "col": t["col"],
+        "weight": t["weight"],
+        "effect": effect,
+        "n_examples": len(delta),
+        "null": kind,
+        "n_null": len(null),
+        "null_mean": float(null.mean()),
+        "null_sd": float(null.std(ddof=1)) if len(null) > 1 else math.nan,
+        "null_q95": float(np.quantile(null, 0.95)),
+        "p_value": (1 + int((null >= effect).sum())) / (len(null) + 1),
+        "restore_spike_effect": restore_effect,
+        "recovered": 1 - restore_effect / effect if effect > 0 else math.nan,
+    }
+
+
+def _bootstrap(delta: np.ndarray, groups, settings: ConfirmSettings, rng) -> dict:
+    """Percentile CI of the mean drop: resampling examples, or whole groups."""
+    if groups is None:
+        sums, counts = delta, np.ones_like(delta)
+    else:
+        labels, index = np.unique(groups, return_inverse=True)
+        sums = np.bincount(index, weights=delta, minlength=len(labels))
+        counts = np.bincount(index, minlength=len(labels)).astype(float)
+    n = len(sums)
+    picks = rng.integers(0, n, size=(settings.n_boot, n))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    tail = (1 - settings.ci) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    n_groups = n if groups is not None else 0
+    return {"ci_low": float(low), "ci_high": float(high), "n_groups": n_groups}
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """BH-adjusted q-values (monotone, at most 1)."""
+    p = np.asarray(p, dtype=float)
+    if len(p) == 0:
+        return p
+    order = np.argsort(p)
+    ranked = p[order] * len(p) / np.arange(1, len(p) + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty_like(q)
+    out[order] = q
+    return out
+
+
+def _decide(frame: pd.DataFrame, topk: pd.DataFrame, settings: ConfirmSettings, warning):
+    if frame.empty:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    decider = topk[topk["decides"]].iloc[0]
+    frame["q_value"] = benjamini_hochberg(frame["p_value"].to_numpy())
+    frame["topk_k"], frame["topk_effect"] = int(decider["k"]), float(decider["effect"])
+    verdicts = [_verdict(r, settings, warning) for r in frame.itertuples()]
+    frame["confirmed"] = [v[0] for v in verdicts]
+    frame["reason"] = [v[1] for v in verdicts]
+    return frame[TABLE_COLUMNS]
+
+
+def _verdict(r, settings: ConfirmSettings, warning: str) -> tuple[bool, str]:
+    failures = []
+    if not r.q_value <= settings.alpha:
+        failures.append(
+            f"q {r.q_value:.3g} > alpha {settings.alpha:g} (p {r.p_value:.3g} against "
+            f"{r.n_null} null weights: {r.null})"
+        )
+    if not r.effect >= settings.min_effect:
+        failures.append(f"effect {r.effect:.4g} < min_effect {settings.min_effect:g}")
+    if not r.effect > r.topk_effect:
+        failures.append(
+            f"effect {r.effect:.4g} does not exceed pruning the top-{r.topk_k} other weights "
+            f"({r.topk_effect:.4g})"
+        )
+    if not failures:
+        return True, (
+            f"confirmed: mean drop {r.effect:.4g} [{r.ci_low:.4g}, {r.ci_high:.4g}], "
+            f"p {r.p_value:.3g}, q {r.q_value:.3g} against {r.n_null} null weights "
+            f"({r.null}); above min_effect {settings.min_effect:g} and the top-{r.topk_k} "
+            f"control ({r.topk_effect:.4g})"
+        )
+    reason = "rejected: " + "; ".join(failures)
+    return False, f"{reason}; {warning}" if warning else reason
