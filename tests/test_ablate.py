@@ -1,4 +1,5 @@
-"""Pruning test: a planted super weight is confirmed, a random one is not, the model is kept.
+"""Pruning test of the scGPT stage: a planted super weight is confirmed, an ordinary one is
+not, the tables and figures are written, and the model is kept.
 
 The planted model is pre-LN. The `<cls>` value (0) drives a value-encoder unit, layer 0's
 LayerNorm gain amplifies it, and one MLP unit of layer 0 fires on `<cls>` only; its
@@ -16,20 +17,16 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from superweights import ablate as ablate_module
 from superweights.ablate import (
+    OUTPUT_TABLES,
     AblateSettings,
     ablate,
-    embed,
-    fixed_batches,
-    forward_from,
-    read_candidates,
+    output_paths,
     run_ablation,
-    run_layers,
-    topk_counts,
     write_outputs,
 )
 from superweights.ablate_plots import FIGURES, write_figures
+from superweights.editing import read_candidates
 from superweights.errors import UserError
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
@@ -67,8 +64,13 @@ def tokenised(n: int = 800, seed: int = 0) -> ad.AnnData:
             "label": pd.Categorical([CLASSES[t] for t in types], categories=CLASSES),
             "split": split,
             "Braak": rng.choice(["Braak II", "Braak V"], n),
+            "donor": [f"D{d}" for d in rng.integers(0, 8, n)],
         },
         index=[f"cell{i}" for i in range(n)],
+    )
+    # A stage only donors D0 and D1 reached: too few donors to compare.
+    obs["Overall AD neuropathological Change"] = np.where(
+        obs["donor"].isin(["D0", "D1"]), "High", "Low"
     )
     return ad.AnnData(X=sp.csr_matrix(bins), obs=obs, var=pd.DataFrame(index=GENES))
 
@@ -131,7 +133,7 @@ def setup():
     settings = TrainSettings(batch_size=64, max_seq_len=17, seed=0)
     test = split_datasets(adata, VOCAB, settings, labelled=True)["test"]
     loader = make_loader(test, settings, VOCAB["<pad>"], shuffle=False)
-    batches = fixed_batches(loader, mask_ratio=0.15, seed=0, device="cpu")
+    batches = list(loader)
     obs = adata.obs[adata.obs["split"] == "test"]
     layer1 = model.transformer_encoder.layers[1].linear2.weight.detach()
     row, col = divmod(int(layer1.abs().argmin()), layer1.shape[1])
@@ -157,7 +159,7 @@ def assert_identical(model, before: dict) -> None:
         assert torch.equal(value, before[key]), key
 
 
-SMALL = {"n_random": 8, "scales": (0.0, 0.5, 1.0, 2.0)}
+SMALL = {"n_null": 39, "n_boot": 200, "scales": (0.0, 0.5, 1.0, 2.0), "topk_sweep": (1e-3,)}
 
 
 @pytest.fixture(scope="module")
@@ -165,115 +167,63 @@ def result(setup):
     model = setup["model"]
     before = snapshot(model)
     out = run_ablation(
-        model, setup["batches"], CLASSES, setup["cands"], AblateSettings(**SMALL), setup["obs"],
-        {i: g for g, i in VOCAB.items()},
-    )  # fmt: skip
+        model, setup["batches"], CLASSES, setup["cands"], AblateSettings(**SMALL), setup["obs"]
+    )
     assert_identical(model, before)
     assert not model.training
     return out
 
 
-@pytest.mark.parametrize("pre_norm", [False, True])
-def test_forward_from_reproduces_the_full_forward(pre_norm):
-    torch.manual_seed(1)
-    config = ScGPTConfig(
-        ntoken=40, d_model=32, nhead=4, d_hid=48, nlayers=3, n_cls=3, pad_token_id=39,
-        pre_norm=pre_norm, do_mvc=True,
-    )  # fmt: skip
-    model = ScGPTModel(config).eval()
-    ids = torch.randint(0, 39, (3, 12))
-    values = torch.randint(0, 51, (3, 12)).float()
-    pad = torch.zeros(3, 12, dtype=torch.bool)
-    pad[1, 7:] = True
-    ids[pad], values[pad] = 39, -2.0
-    with torch.no_grad():
-        full = model(ids, values, pad)
-        gene_emb = model.encoder(ids)
-        for start in range(config.nlayers + 1):
-            hidden = run_layers(model, embed(model, ids, values), pad, 0, start)
-            out = forward_from(model, hidden, pad, start, gene_emb=gene_emb)
-            assert out.keys() == full.keys()
-            for key, value in full.items():
-                torch.testing.assert_close(out[key], value, atol=1e-5, rtol=0)
+def test_planted_super_weight_is_confirmed_and_an_ordinary_weight_is_not(result):
+    table = result.confirmed.set_index("candidate")
+    planted, ordinary = table.loc[f"L0[{ROW},{K}]"], table.loc["L1" + table.index[1][2:]]
+    assert planted.confirmed and planted.reason.startswith("confirmed")
+    assert planted.effect > 1.0 and planted.ci_low > 0.5 and planted.p_value == 1 / 40
+    assert planted.n_groups == 8  # donors
+    assert not ordinary.confirmed and abs(ordinary.effect) < 1e-3
+    assert planted.recovered > 0.9  # restoring the <cls> spike brings the classifier back
+    assert result.summary["confirmed"] == [f"L0[{ROW},{K}]"]
+    assert result.summary["original_accuracy"] > 0.9
 
 
-def test_planted_super_weight_is_confirmed_and_a_random_weight_is_not(result, setup):
-    confirmed = result.confirmed.set_index("candidate")
-    planted, other = confirmed.index
-    assert planted == f"L0[{ROW},{K}]"
-    assert confirmed.loc[planted, "confirmed"] and not confirmed.loc[other, "confirmed"]
-    assert confirmed.loc[planted, "reason"].startswith("confirmed: ")
-    assert confirmed.loc[other, "reason"].startswith("rejected: ")
-    collapse = result.collapse.set_index("condition")
-    original = collapse.loc["original", "log_likelihood"]
-    pruned = collapse.loc[f"prune {planted}"]
-    controls = result.controls.set_index(["candidate", "control"])
-    random = controls.loc[(planted, "random")]
-    # The planted weight takes the model to chance level or worse; random weights do nothing.
-    assert pruned["collapse"] > 1.0 and pruned["accuracy"] < 0.5
-    assert random["n"] == 8 and abs(random["collapse_mean"]) < 1e-2
-    assert pruned["log_likelihood"] < random["log_likelihood_mean"] - 100 * random["collapse_sd"]
-    assert confirmed.loc[planted, "z_random"] > 100
-    assert confirmed.loc[planted, "topk_collapse"] < 0.1
-    # Writing the super activation back recovers the loss: exactly on all tokens, mostly on
-    # the spike token (<cls>) alone.
-    assert controls.loc[(planted, "restore_all"), "recovered"] == pytest.approx(1.0, abs=1e-6)
-    assert controls.loc[(planted, "restore_spike"), "recovered"] > 0.7
-    scale = result.scaling.set_index("factor")
-    scale = scale[scale["candidate"] == planted]
-    assert scale.loc[1.0, "log_likelihood"] == pytest.approx(original, abs=1e-9)
-    assert scale.loc[0.0, "log_likelihood"] == pytest.approx(pruned["log_likelihood"], abs=1e-9)
-    assert collapse.loc["prune all accepted", "collapse"] > 1.0
-    k = topk_counts(setup["model"], [1e-3])[1e-3]
-    assert confirmed.loc[planted, "topk_k"] == k
-    assert set(result.controls["control"]) >= {"random", "same_row", "same_col", f"top-{k}"}
-
-
-def test_measures_strata_and_shift(result, setup):
-    collapse = result.collapse.set_index("condition")
-    original = collapse.loc["original"]
-    assert original["accuracy"] > 0.9 and original["collapse"] == 0
-    # Gaussian log-likelihood of the original residuals with their own variance.
-    expected = -0.5 * (np.log(2 * np.pi * original["expr_mse"]) + 1)
-    assert original["expr_gaussian_ll"] == pytest.approx(expected)
-    strata = result.strata
-    assert set(strata["stratum"]) == {"cell type", "Braak"}  # no ADNC column in obs
-    mine = strata[strata["condition"] == "original"]
-    n_test = len(setup["obs"])
-    assert mine.groupby("stratum")["n_cells"].sum().eq(n_test).all()
-    assert (mine["collapse"] == 0).all()
-    classes = result.shift[(result.shift["what"] == "class") & (result.shift["kind"] == "prune")]
-    planted = classes[classes["candidate"] == f"L0[{ROW},{K}]"]
-    assert list(planted["name"]) == CLASSES
-    assert planted["original"].sum() == pytest.approx(1.0) and planted["pruned"].sum() == (
-        pytest.approx(1.0)
+def test_scaling_shift_strata_and_cells(result):
+    planted = f"L0[{ROW},{K}]"
+    scaling = result.scaling[result.scaling["candidate"] == planted].set_index("factor")
+    effect = result.confirmed.set_index("candidate").loc[planted, "effect"]
+    assert scaling.loc[0.0, "effect"] == pytest.approx(effect)
+    assert scaling.loc[1.0, "effect"] == pytest.approx(0.0, abs=1e-12)
+    shift = result.shift[result.shift["candidate"] == planted]
+    assert shift["original"].sum() == pytest.approx(1.0) and shift["pruned"].sum() == pytest.approx(
+        1
     )
-    genes = result.shift[result.shift["what"] == "gene"]
-    assert set(genes["kind"]) == {"prune", "prune_all"} and genes["name"].isin(GENES).all()
-    for _, part in genes.groupby("condition"):
-        assert len(part) <= 20 and part["change"].is_monotonic_decreasing
+    cells = result.cells[result.cells["candidate"] == planted]
+    assert len(cells) == len(result.cells) // 2 and cells["effect"].mean() == pytest.approx(effect)
+    strata = result.strata[result.strata["candidate"] == planted].set_index(["stratum", "value"])
+    assert set(strata.loc["cell type"].index) == set(CLASSES)
+    assert (strata.loc["cell type", "status"] == "compared").all()
+    high = strata.loc[("Overall AD neuropathological Change", "High")]
+    assert high.n_donors == 2 and np.isnan(high.effect) and high.status.startswith("too few")
+    low = strata.loc[("Overall AD neuropathological Change", "Low")]
+    assert low.n_donors == 6 and low.ci_low <= low.effect <= low.ci_high
+    assert "omitted" in result.summary["expression"]
 
 
-def test_cached_evaluation_equals_naive(setup):
-    settings = AblateSettings(n_random=2, scales=(0.0, 2.0), topk_fractions=(1e-3,))
-    args = (setup["model"], setup["batches"], CLASSES, setup["cands"], settings, setup["obs"])
-    cached = run_ablation(*args, cache=True).collapse
-    naive = run_ablation(*args, cache=False).collapse
-    assert list(cached["condition"]) == list(naive["condition"])
-    assert cached["start_layer"].max() == 1
-    numeric = cached.select_dtypes("number").columns.drop(["draw", "k", "start_layer"])
-    diff = (cached[numeric] - naive[numeric]).abs().to_numpy()
-    assert np.nanmax(diff) <= 1e-5
+def test_expression_effect_only_when_the_decoder_was_trained(setup):
+    settings = AblateSettings(n_null=5, n_boot=20, scales=(0.0,), expression_trained=True)
+    cands = setup["cands"].iloc[:1]
+    out = run_ablation(setup["model"], setup["batches"], CLASSES, cands, settings, setup["obs"])
+    assert np.isfinite(out.confirmed["expr_effect"]).all()
+    assert "expr_effect" in out.summary["expression"]
 
 
 def test_outputs_and_figures_are_written(result, tmp_path):
-    paths = write_outputs(result, tmp_path)
+    paths = write_outputs(result, output_paths(tmp_path))
     names = {p.name for p in paths}
-    assert names == {f"{n}.tsv" for n in ablate_module.OUTPUT_TABLES} | {"summary.json"}
+    assert names == {f"{n}.tsv" for n in OUTPUT_TABLES} | {"summary.json"}
     confirmed = pd.read_csv(tmp_path / "confirmed.tsv", sep="\t")
     assert list(confirmed["confirmed"]) == [True, False] and confirmed["reason"].notna().all()
-    assert len(pd.read_csv(tmp_path / "collapse.tsv", sep="\t")) == len(result.collapse)
-    figures = write_figures(result, tmp_path)
+    assert len(pd.read_csv(tmp_path / "nulls.tsv", sep="\t")) == 2 * 39
+    figures = write_figures(result, {name: tmp_path / f"{name}.png" for name in FIGURES})
     assert [p.stem for p in figures] == list(FIGURES)
     assert all(p.stat().st_size > 5000 for p in figures)
     assert not list(tmp_path.glob(".*tmp*"))
@@ -282,38 +232,15 @@ def test_outputs_and_figures_are_written(result, tmp_path):
 def test_without_accepted_candidates_the_strongest_spikes_are_tested(setup):
     model, before = setup["model"], snapshot(setup["model"])
     cands = setup["cands"].assign(accepted=False)
-    settings = AblateSettings(n_random=2, scales=(0.0,), n_strongest=1)
-    unmasked = [
-        {k: v for k, v in setup["batches"][0].items() if "mask" not in k or k == "padding_mask"}
-    ]
-    out = run_ablation(model, unmasked, CLASSES, cands, settings)
+    settings = AblateSettings(n_null=19, n_boot=20, scales=(0.0,), n_strongest=1)
+    out = run_ablation(model, setup["batches"], CLASSES, cands, settings, setup["obs"])
     (row,) = out.confirmed.itertuples()
     assert (row.layer, row.row, row.col) == (0, ROW, K) and not row.probe_accepted
     assert row.source.startswith("probe: strongest") and row.confirmed
-    assert "prune all accepted" not in set(out.collapse["condition"])
-    assert "expr_mse" not in out.collapse.columns
     # An empty table falls back to the largest weight of each down-projection.
     empty = read_candidates(cands.iloc[:0])
-    out = run_ablation(model, unmasked, CLASSES, empty, settings)
+    out = run_ablation(model, setup["batches"], CLASSES, empty, settings, setup["obs"])
     assert list(out.confirmed["candidate"]) == [f"L0[{ROW},{K}]"]
-    assert_identical(model, before)
-
-
-def test_weights_are_restored_when_a_condition_fails(setup, monkeypatch):
-    model, before = setup["model"], snapshot(setup["model"])
-    calls = {"n": 0}
-    real = ablate_module.forward_from
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("boom")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ablate_module, "forward_from", failing)
-    settings = AblateSettings(n_random=2, scales=(0.0,))
-    with pytest.raises(RuntimeError, match="boom"):
-        run_ablation(model, setup["batches"], CLASSES, setup["cands"], settings)
     assert_identical(model, before)
 
 
@@ -323,28 +250,34 @@ def test_ablate_from_checkpoint_and_tokenised_data(setup, tmp_path):
     table = tmp_path / "candidates.tsv"
     setup["cands"].iloc[:1].drop(columns="accepted").to_csv(table, sep="\t", index=False)
     settings = AblateSettings(
-        n_random=3, scales=(0.0,), max_cells=64, batch_size=32, max_seq_len=17,
-        strata_columns=("Braak", "Overall AD neuropathological Change"),
+        n_null=19, n_boot=50, scales=(0.0,), max_cells=64, batch_size=32, max_seq_len=17,
+        strata_columns=("Braak", "no such column"),
     )  # fmt: skip
-    out = ablate(setup["adata"], folder, table, settings, device="cpu")
+    out = ablate(setup["adata"], folder, table, settings, device="cpu", selection_splits=("val",))
     assert out.summary["n_cells"] == 64 and out.confirmed["confirmed"].all()
     assert set(out.strata["stratum"]) == {"cell type", "Braak"}
+    assert "selection_warning" not in out.summary
+    same = ablate(setup["adata"], folder, table, settings, device="cpu", selection_splits=("test",))
+    assert "share cells" in same.summary["selection_warning"]
 
 
 def test_user_errors(setup):
     model, batches = setup["model"], setup["batches"][:1]
+    obs = setup["obs"].iloc[: len(batches[0]["labels"])]
     cands = setup["cands"].iloc[:1]
-    settings = AblateSettings(n_random=2, scales=(0.0,))
+    settings = AblateSettings(n_null=2, scales=(0.0,))
     for bad in (
         cands.assign(module="transformer_encoder.layers.9.linear2"),
         cands.assign(row=10_000),
         cands.assign(weight=-3.0),
     ):
         with pytest.raises(UserError, match="candidate"):
-            run_ablation(model, batches, CLASSES, bad, settings)
+            run_ablation(model, batches, CLASSES, bad, settings, obs)
     with pytest.raises(UserError, match="lacks column"):
         read_candidates(cands.drop(columns="col"))
-    with pytest.raises(UserError, match="confirm_fraction"):
-        AblateSettings(confirm_fraction=0.5)
-    with pytest.raises(UserError, match="n_random"):
-        AblateSettings(n_random=1)
+    with pytest.raises(UserError, match="n_strongest"):
+        AblateSettings(n_strongest=0)
+    with pytest.raises(UserError, match="n_null"):
+        AblateSettings(n_null=0)
+    with pytest.raises(UserError, match="split"):
+        AblateSettings(split="holdout")

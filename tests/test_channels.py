@@ -211,7 +211,7 @@ def test_select_channels_adds_the_strongest_unconfirmed(model):
     [
         ({"weight": 1.5}, "listed as 1.5"),
         ({"row": 99}, "outside its weight"),
-        ({"module": "decoder.fc.0"}, "not a down-projection"),
+        ({"module": "decoder.fc.0"}, "not a linear layer"),
     ],
 )
 def test_select_channels_rejects_foreign_candidates(model, change, message):

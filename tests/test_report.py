@@ -34,8 +34,9 @@ RULES = ROOT / "workflow" / "rules"
 SHOWN_BY_SNAKEMAKE = re.compile(r'report\(\s*"results/\{dataset\}/([^"]+)",\s*caption="([^"]+)"')
 FIGURES = (
     "preprocess/qc.png", "finetune/confusion.png", "finetune/training_curve.png",
-    "probe/layer_spikes.png", "probe/cell_spikes.png", "ablate/ll_by_condition.png",
-    "ablate/scaling.png", "ablate/prediction_shift.png", "ablate/celltype_collapse.png",
+    "probe/layer_spikes.png", "probe/cell_spikes.png", "ablate/forest.png",
+    "ablate/null_histograms.png", "ablate/scaling.png", "ablate/prediction_shift.png",
+    "ablate/celltype_effect.png",
     "quantize/quantize.png", "enrich/L1_12_40/dotplot.png", "enrich/L1_12_40/gsea_top1.png",
     "enrich/L1_12_40/gsea_top2.png", "enrich/L1_12_40/gsea_ad1.png",
 )  # fmt: skip
@@ -102,34 +103,25 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "gain": [7.5], "robust_z": [9.1], "median_abs_gain": [1.0], "mad": [0.1],
     })  # fmt: skip
     tested = ["L1[12,40]", "L2[3,5]"]
-    kinds = [
-        ("original", "original", ""),
-        ("prune L1[12,40]", "prune", tested[0]),
-        ("prune L2[3,5]", "prune", tested[1]),
-        ("top-8 pruned, candidates kept", "topk", ""),
-    ]
-    kinds += [(f"random {tested[0]} #{i}", "random", tested[0]) for i in range(30)]  # fmt: skip
-    tsv(root, "ablate/collapse.tsv", {
-        "condition": [k[0] for k in kinds], "kind": [k[1] for k in kinds],
-        "candidate": [k[2] for k in kinds],
-        "log_likelihood": [-0.31, -4.2, -0.32, -0.4] + [-0.311] * 30,
-        "collapse": [0.0, 3.89, 0.01, 0.09] + [0.001] * 30,
-        "accuracy": [0.91, 0.12, 0.9, 0.88] + [0.91] * 30,
-        "macro_f1": [0.88, 0.05, 0.87, 0.85] + [0.88] * 30,
+    tsv(root, "ablate/topk.tsv", {
+        "fraction": [1e-6, 1e-3], "k": [1, 8], "effect": [0.02, 0.09], "decides": [True, False],
     })  # fmt: skip
-    tsv(root, "ablate/controls.tsv", {
-        "candidate": tested, "control": ["random", "random"], "n": [20, 20],
-        "collapse_mean": [0.001, 0.002], "collapse_sd": [0.002, 0.002],
-        "candidate_collapse": [3.89, 0.01], "z": [1944.5, 4.0], "recovered": [np.nan, np.nan],
+    tsv(root, "ablate/strata.tsv", {
+        "candidate": tested[0], "stratum": ["cell type", "Overall AD neuropathological Change"],
+        "value": ["Astrocyte", "High"], "n_cells": [40, 12], "n_donors": [5, 2],
+        "effect": [3.1, np.nan], "ci_low": [2.5, np.nan], "ci_high": [3.6, np.nan],
+        "status": ["compared", "too few donors (2 < 3)"],
     })  # fmt: skip
+    (root / "ablate" / "summary.json").write_text(json.dumps({"expression": "EXPRESSION NOTE"}))
     tsv(root, "ablate/confirmed.tsv", {
         "candidate": tested, "module": ["transformer_encoder.layers.1.linear2",
                                         "transformer_encoder.layers.2.linear2"],
         "layer": [1, 2], "row": [12, 3], "col": [40, 5], "weight": [-2.5, 0.4],
         "source": ["probe: accepted" if accepted else "probe: strongest spike, not accepted"] * 2,
-        "collapse": [3.89, 0.01], "random_mean": [0.001, 0.002], "random_sd": [0.002, 0.002],
-        "z_random": [1944.5, 4.0], "topk_k": [8, 8], "topk_collapse": [0.09, 0.09],
-        "confirmed": [accepted, False],
+        "effect": [3.89, 0.01], "ci_low": [3.5, -0.01], "ci_high": [4.1, 0.03],
+        "n_groups": [6, 6], "null_mean": [0.001, 0.002], "null_q95": [0.004, 0.005],
+        "n_null": [99, 99], "p_value": [0.01, 0.4], "q_value": [0.02, 0.4], "topk_k": [1, 1],
+        "topk_effect": [0.02, 0.02], "recovered": [0.8, np.nan], "confirmed": [accepted, False],
         "reason": ["confirmed: REASON ONE" if accepted else "rejected: REASON ONE",
                    "rejected: drop 0.01 does not exceed pruning the top-8 weights (0.09)"],
     })  # fmt: skip
@@ -238,8 +230,8 @@ def test_no_super_weight_is_stated_plainly(tmp_path, png):
     assert "No confirmed super weight." in summary
     assert (
         "No super weight passed the probe's thresholds; the 2 strongest spikes were tested by "
-        "pruning and none collapsed the cell-type log-likelihood beyond the random and top-k "
-        "controls." in summary
+        "pruning and none lowered the cell-type log-likelihood beyond its null and the top-k "
+        "control." in summary
     )
     assert "no confirmed super weight was held out" in summary
     assert 'class="headline none"' in page
@@ -257,17 +249,18 @@ def test_sections_show_the_stage_outputs(results):
     assert "transformer_encoder.layers.1.norm2" in probe  # LayerNorm outliers
     assert "<strong>layer 2, W[3, 5]</strong>: spikes on different tokens" in probe
     pruning = section(page, "pruning")
-    assert "confirmed: REASON ONE" in pruning and "top-8 pruned, candidates kept" in pruning
+    assert "confirmed: REASON ONE" in pruning and "EXPRESSION NOTE" in pruning
     assert "<strong>L2[3,5] (probe: accepted)</strong>: rejected: drop 0.01" in pruning
-    assert "random L1[12,40] #0" not in pruning  # random draws are summarised, not listed
+    assert "too few donors (2 &lt; 3)" in pruning or "too few donors (2 < 3)" in pruning
+    assert "q (BH)" in pruning and "top-k drop" in pruning
     pathways = section(page, "pathways")
     assert "astrocyte differentiation (GO:0048708)" in pathways
     assert "ORA TERM amyloid clearance" in pathways and "Alzheimer disease" in pathways
     quantization = section(page, "quantization")
     assert CAPTIONS["quantize_figure"] in quantization
     methods = " ".join(section(page, "methods").split())
-    assert "at least 10 and 100 times the layer median" in methods
-    assert "at least 3 standard deviations above the random-weight drops" in methods
+    assert "at least 100 times the layer median" in methods
+    assert "q ≤ 0.05, the effect is at least 0.01 nats per cell" in methods
 
 
 def test_genes_of_interest_are_highlighted(results):
@@ -319,7 +312,7 @@ def test_missing_optional_outputs_become_sentences(results):
     for rel in ("enrich", "quantize", "channels"):
         shutil.rmtree(root / rel)
     for rel in ("probe/layernorm.tsv", "probe/summary.json", "ablate/scaling.png",
-                "ablate/controls.tsv", "finetune/checkpoint/args.json"):  # fmt: skip
+                "ablate/topk.tsv", "finetune/checkpoint/args.json"):  # fmt: skip
         (root / rel).unlink()
     page = html.unescape(build(results))
     assert "No candidate reached enrichment." in section(page, "pathways")
@@ -359,9 +352,9 @@ def test_report_reads_only_its_named_inputs(results):
     page = build_report(moved, DATASET, CONFIG, Path("moved.html")).read_text()
     assert 'class="missing"' not in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) == len(FIGURES)
-    moved["controls"].unlink()
+    moved["topk"].unlink()
     page = build_report(moved, DATASET, CONFIG, Path("moved.html")).read_text()
-    assert "No control summary (elsewhere/controls.tsv is missing)." in page
+    assert "No topk table (elsewhere/topk.tsv is missing)." in page
 
 
 def test_report_rule_lists_the_files_the_report_reads():
@@ -385,7 +378,7 @@ def test_figure_captions_are_those_of_snakemakes_report(results, png):
         for rel, caption in SHOWN_BY_SNAKEMAKE.findall(smk.read_text())
         if rel.endswith(".png")
     }
-    assert len(figures) == 10
+    assert len(figures) == 11
     for rel in figures:  # each figure's own bytes, to tell them apart in the page
         (results / DATASET / rel).write_bytes(png + rel.encode())
     page = build(results)

@@ -18,7 +18,7 @@ STAGE_OUTPUTS = [
     "finetune/confusion.png",
     "probe/candidates.tsv",
     "probe/layer_spikes.png",
-    "ablate/collapse.tsv",
+    "ablate/confirmed.tsv",
     "ablate/confirmed.tsv",
     "channels/genes_of_interest.tsv",
     "enrich/summary.tsv",

@@ -4,24 +4,26 @@ rule ablate:
         checkpoint="results/{dataset}/finetune/checkpoint",
         candidates="results/{dataset}/probe/candidates.tsv",
     output:
-        collapse=report(
-            "results/{dataset}/ablate/collapse.tsv",
-            caption="../report/ablate_collapse.rst",
-            category="4. Pruning",
-        ),
-        controls="results/{dataset}/ablate/controls.tsv",
-        scaling="results/{dataset}/ablate/scaling.tsv",
-        shift="results/{dataset}/ablate/shift.tsv",
-        strata="results/{dataset}/ablate/strata.tsv",
         confirmed=report(
             "results/{dataset}/ablate/confirmed.tsv",
             caption="../report/ablate_confirmed.rst",
             category="4. Pruning",
         ),
+        nulls="results/{dataset}/ablate/nulls.tsv",
+        topk="results/{dataset}/ablate/topk.tsv",
+        scaling="results/{dataset}/ablate/scaling.tsv",
+        shift="results/{dataset}/ablate/shift.tsv",
+        strata="results/{dataset}/ablate/strata.tsv",
+        cells="results/{dataset}/ablate/cells.tsv",
         summary="results/{dataset}/ablate/summary.json",
-        conditions_figure=report(
-            "results/{dataset}/ablate/ll_by_condition.png",
-            caption="../report/ablate_conditions.rst",
+        forest=report(
+            "results/{dataset}/ablate/forest.png",
+            caption="../report/ablate_forest.rst",
+            category="4. Pruning",
+        ),
+        null_histograms=report(
+            "results/{dataset}/ablate/null_histograms.png",
+            caption="../report/ablate_nulls.rst",
             category="4. Pruning",
         ),
         scaling_figure=report(
@@ -29,13 +31,13 @@ rule ablate:
             caption="../report/ablate_scaling.rst",
             category="4. Pruning",
         ),
-        shift_figure=report(
+        prediction_shift=report(
             "results/{dataset}/ablate/prediction_shift.png",
             caption="../report/ablate_shift.rst",
             category="4. Pruning",
         ),
-        celltype_figure=report(
-            "results/{dataset}/ablate/celltype_collapse.png",
+        celltype_effect=report(
+            "results/{dataset}/ablate/celltype_effect.png",
             caption="../report/ablate_celltypes.rst",
             category="4. Pruning",
         ),
@@ -51,6 +53,7 @@ rule ablate:
         runtime=120,
         gpu=1,
     params:
-        settings=config["ablate"],
+        settings=ablate_settings(),
+        probe_splits=config["probe"]["splits"],
     script:
         "../scripts/ablate.py"

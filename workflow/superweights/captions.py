@@ -31,20 +31,21 @@ CAPTIONS = {
     "accepted candidate are marked.",
     "probe_cells": "Output spike ratio (largest absolute output of the down-projection over "
     "the median, log10) per cell and layer, cells grouped by cell type.",
-    "ablate_collapse": "Cell-type log-likelihood, accuracy, macro-F1 and expression "
-    "reconstruction of every pruning condition on the test donors.",
-    "ablate_confirmed": "Decision for every tested candidate: confirmed as a super weight or "
-    "rejected, with the reason.",
-    "ablate_conditions": "Mean log-likelihood of the true cell type with each candidate "
-    "pruned, next to its controls (mean ± sd over random draws) and the original model "
-    "(dashed line).",
-    "ablate_scaling": "Mean log-likelihood of the true cell type as each candidate weight is "
-    "multiplied by a factor (1 = original, dashed line = original model); Yu et al. (2024) "
-    "scaled the super weight of Llama-7B the same way.",
+    "ablate_forest": "Each candidate's effect (mean drop of log p(true cell type) per "
+    "held-out cell when the weight is set to 0) with its 95% donor-bootstrap CI, against the "
+    "null band (mean to 95th percentile of magnitude-matched weights of the same matrix) and "
+    "the top-k control.",
+    "ablate_nulls": "Effects of the null weights as a histogram, with the candidate's effect "
+    "marked, its empirical p and its Benjamini-Hochberg q.",
+    "ablate_confirmed": "Verdict for every tested candidate: effect, CI, p and q against its "
+    "null, the top-k control, and the reason it was confirmed or rejected.",
+    "ablate_scaling": "Mean drop of log p(true cell type) as each candidate weight is "
+    "multiplied by a factor (1 = unchanged); Yu et al. (2024) scaled the super weight of "
+    "Llama-7B the same way.",
     "ablate_shift": "Prediction shift when a candidate is pruned: log2 of each cell type's "
     "mean predicted probability, pruned over original.",
-    "ablate_celltypes": "Drop in the log-likelihood of the true cell type per cell type "
-    "(columns) and pruning condition (rows).",
+    "ablate_celltypes": "Effect of pruning each candidate per cell type: mean drop of log "
+    "p(true cell type) in nats (rows: candidates, columns: cell types).",
     "channels_goi": "Rank, percentile and score of the genes of interest ("
     + ", ".join(GENES_OF_INTEREST)
     + " and GWAS risk genes) on each super channel.",

@@ -22,8 +22,7 @@ least `min_cells` cells of a stratum are ranked there.
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .ablate import candidate_weight, forward_from
+from .editing import check_candidate, layer_of, zeroed
 from .enrich import RESOURCE_DIR, read_gmt
 from .errors import UserError
 from .genes import GENES_OF_INTEREST
@@ -135,7 +134,7 @@ def select_channels(
     """Confirmed candidates plus the `n_unconfirmed` strongest others, checked against the model.
 
     `candidates` needs columns module, row, col (layer, weight, confirmed, candidate and
-    collapse are used when present). Strength of unconfirmed ones: `collapse`, else |weight|.
+    effect are used when present). Strength of unconfirmed ones: `effect`, else |weight|.
     """
     frame = (
         candidates if isinstance(candidates, pd.DataFrame) else pd.read_csv(candidates, sep="\t")
@@ -150,7 +149,7 @@ def select_channels(
         log.warning("candidates table has no 'confirmed' column; treating all as unconfirmed")
         frame["confirmed"] = False
     frame["confirmed"] = frame["confirmed"].map(_flag)
-    key = next((k for k in ("collapse", "weight") if k in frame.columns), None)
+    key = next((k for k in ("effect", "weight") if k in frame.columns), None)
     strength = pd.to_numeric(frame[key], errors="coerce").abs().fillna(0) if key else 0.0
     others = frame.assign(strength=strength)[~frame["confirmed"]]
     others = others.sort_values("strength", ascending=False, kind="stable")
@@ -159,9 +158,7 @@ def select_channels(
     for r in chosen.itertuples(index=False):
         module, row, col = str(r.module), int(r.row), int(r.col)
         listed = getattr(r, "weight", math.nan)
-        layer, value = candidate_weight(
-            model, module, row, col, listed, kind="down-projection of this model"
-        )
+        value, layer = check_candidate(model, module, row, col, listed), layer_of(module)
         name = str(getattr(r, "candidate", "") or f"L{layer}[{row},{col}]")
         channels.append(Channel(name, module, layer, row, col, value, bool(r.confirmed)))
     if not any(c.confirmed for c in channels):
@@ -170,19 +167,6 @@ def select_channels(
 
 
 # --- recording --------------------------------------------------------------------------
-
-
-@contextmanager
-def _zeroed(weight: Tensor, row: int, col: int) -> Iterator[None]:
-    """Set `weight[row, col]` to 0; the saved value is written back afterwards."""
-    saved = weight.detach()[row, col].clone()
-    with torch.no_grad():
-        weight[row, col] = 0.0
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            weight[row, col] = saved
 
 
 class _Recorder:
@@ -288,7 +272,6 @@ def map_channel_genes(
     names, codes = _strata(obs, n_cells, settings.strata_columns)
     codes = torch.from_numpy(codes)
     sums = {c.candidate: _Sums(len(names), len(tokens)) for c in channels}
-    modules = dict(model.named_modules())
     was_training = model.training
     model.eval()
     recorder = _Recorder(model, channels)
@@ -301,15 +284,11 @@ def map_channel_genes(
                 genes = compact[gene_ids.cpu()]
                 strata = codes[:, start + where[0].cpu()]
                 for c in channels:
-                    weight = modules[c.module].weight
-                    with _zeroed(weight, c.row, c.col):
-                        pruned = forward_from(
-                            model,
-                            recorder.seen[("enter", c.layer)],
-                            batch["padding_mask"],
-                            c.layer,
-                            heads=("expr",),
-                        )["expr"]
+                    with zeroed(model, [(c.module, c.row, c.col)]):
+                        hidden = model.encode(
+                            recorder.seen[("enter", c.layer)], batch["padding_mask"], c.layer
+                        )
+                        pruned = model.decode(hidden, None, heads=("expr",))["expr"]
                     x_in = recorder.seen[("in", c.module)][..., c.col][where]
                     values = torch.stack(
                         [

@@ -66,8 +66,8 @@ def section(config: dict, path: str) -> dict:
 def stage_settings(config: dict) -> dict[str, object]:
     """Each stage's settings, built from its config section by the library's constructors.
 
-    The constructors check what the schema cannot (e.g. `confirm_fraction` must be one of
-    `topk_fractions`), so a value the code would reject fails here, before any job runs.
+    The constructors check what the schema cannot (e.g. a top-k fraction of 0 in
+    `ablate.topk_sweep`), so a value the code would reject fails here, before any job runs.
     Raises a one-line UserError naming the section.
     """
     built = {}

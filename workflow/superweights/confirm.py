@@ -152,8 +152,10 @@ def confirm_super_weights(
     tensor of per-example scores, higher is better, the same examples in the same order on
     every call. If it offers ``score.from_layer(layer)`` (a context manager reusing the
     hidden states entering ``layer``), evaluations that only touch that layer and later
-    ones use it. `groups`: one label per example for a grouped bootstrap. `settings`
-    overrides `n_null`, `alpha` and `seed`. The model's weights and modes are restored.
+    ones use it; if it has ``score.padding_masks`` (a [B, L] mask, True = pad, per forward
+    call of the module), padding tokens are never taken for the spike token. `groups`:
+    one label per example for a grouped bootstrap. `settings` overrides `n_null`, `alpha`
+    and `seed`. The model's weights and modes are restored.
     """
     settings = settings or ConfirmSettings(n_null=n_null, alpha=alpha, seed=seed)
     table = read_candidates(candidates).drop_duplicates(["module", "row", "col"])
@@ -178,7 +180,8 @@ def confirm_super_weights(
                     weight = float(_weight(model, t["module"])[r, c])
                     nulls.append({"candidate": t["id"], "draw": draw, "row": r, "col": c})
                     nulls[-1] |= {"weight": weight, "effect": eff}
-                with _restored_spike(model, t, recorded[t["id"]]):
+                padding = getattr(score, "padding_masks", None)
+                with _restored_spike(model, t, recorded[t["id"]], padding):
                     restored = runner.delta([WeightEdit.single(t["module"], t["row"], t["col"])])
             effects[t["id"]] = delta
             rows.append(_row(t, delta, np.array(null_effects), null_kind, restored))
@@ -279,13 +282,15 @@ def _check_groups(groups, n: int) -> np.ndarray | None:
 
 
 @contextmanager
-def _restored_spike(model: nn.Module, t: dict, recorded: list[Tensor]) -> Iterator[None]:
+def _restored_spike(model: nn.Module, t: dict, recorded: list[Tensor], padding) -> Iterator[None]:
     """Write back the original output of channel `row` at each sequence's spike token.
 
     The spike token is where |original output| of that channel is largest in the sequence
-    (3-D outputs [B, L, D]) or in the call (2-D outputs [T, D]). Calls are matched in order.
+    (3-D outputs [B, L, D]) or in the call (2-D outputs [T, D]), outside the padding tokens
+    when `padding` gives a [B, L] mask (True = pad) per call. Calls are matched in order.
     """
     calls = iter(recorded)
+    masks = iter(padding) if padding is not None else None
 
     def hook(module, args, output):
         original = next(calls).to(output.dtype)
@@ -295,7 +300,10 @@ def _restored_spike(model: nn.Module, t: dict, recorded: list[Tensor]) -> Iterat
             return output
         flat = original.reshape(-1, original.shape[-1])
         out = output.view(-1, output.shape[-2], output.shape[-1])
-        spike = flat.abs().argmax(dim=1)
+        magnitude = flat.abs()
+        if masks is not None:
+            magnitude = magnitude.masked_fill(next(masks).reshape(flat.shape).bool(), -1.0)
+        spike = magnitude.argmax(dim=1)
         seqs = torch.arange(len(spike), device=spike.device)
         out[seqs, spike, t["row"]] = flat[seqs, spike]
         return output

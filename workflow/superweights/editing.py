@@ -113,9 +113,9 @@ def check_candidate(model: nn.Module, module: str, row: int, col: int, listed=ma
     a listed weight the model does not hold mean the table comes from another checkpoint.
     """
     weight = getattr(dict(model.named_modules()).get(module), "weight", None)
-    if not isinstance(weight, Tensor) or weight.ndim != 2:
+    if not isinstance(weight, Tensor) or weight.ndim != 2 or layer_of(module) is None:
         raise UserError(
-            f"candidate module {module!r} is not a linear layer of this model; "
+            f"candidate module {module!r} is not a linear layer of this model's layer stack; "
             "were the candidates found in another checkpoint?"
         )
     if not (0 <= row < weight.shape[0] and 0 <= col < weight.shape[1]):

@@ -38,13 +38,15 @@ INPUT_FILES = {
     "layernorm": "probe/layernorm.tsv",
     "layer_spikes": "probe/layer_spikes.png",
     "cell_spikes": "probe/cell_spikes.png",
-    "collapse": "ablate/collapse.tsv",
-    "controls": "ablate/controls.tsv",
     "confirmed": "ablate/confirmed.tsv",
-    "conditions_figure": "ablate/ll_by_condition.png",
+    "topk": "ablate/topk.tsv",
+    "strata": "ablate/strata.tsv",
+    "ablate_summary": "ablate/summary.json",
+    "forest_figure": "ablate/forest.png",
+    "nulls_figure": "ablate/null_histograms.png",
     "scaling_figure": "ablate/scaling.png",
     "shift_figure": "ablate/prediction_shift.png",
-    "celltype_figure": "ablate/celltype_collapse.png",
+    "celltype_figure": "ablate/celltype_effect.png",
     "genes": "channels/genes.tsv",
     "genes_of_interest": "channels/genes_of_interest.tsv",
     "enrich": "enrich",
@@ -52,31 +54,25 @@ INPUT_FILES = {
     "quantize_figure": "quantize/quantize.png",
 }
 """What the report reads: input name -> path under results/<dataset>/ (the report rule's inputs)."""
-REQUIRED = {"qc": "preprocess", "metrics": "finetune", "candidates": "probe", "collapse": "ablate"}
+REQUIRED = {"qc": "preprocess", "metrics": "finetune", "candidates": "probe", "confirmed": "ablate"}
 MAX_ROWS = 25
 MAX_TEXT = 90
 LONG_TEXT = 40
 TOP_GENES = 20
 TOP_TERMS = 15
 TOP_PERCENTILE = 90.0
-CONTROL_KINDS = ("random", "same_row", "same_col", "scale")
 CANDIDATE_COLUMNS = [
     "accepted", "layer", "row", "col", "weight", "input_ratio", "output_ratio", "contribution",
     "cell_type", "token_gene", "n_cells_same_channel", "n_cells", "top_genes",
 ]  # fmt: skip
 LAYERNORM_COLUMNS = ["module", "layer", "channel", "gain", "robust_z", "median_abs_gain"]
 CONFIRMED_COLUMNS = [
-    "candidate", "confirmed", "layer", "row", "col", "weight", "collapse", "random_mean",
-    "random_sd", "z_random", "topk_k", "topk_collapse", "restore_recovered",
-    "restore_spike_recovered",
+    "candidate", "confirmed", "weight", "effect", "ci_low", "ci_high", "null_mean", "null_q95",
+    "n_null", "p_value", "q_value", "topk_k", "topk_effect", "recovered", "expr_effect",
 ]  # fmt: skip
-CONDITION_COLUMNS = [
-    "condition", "log_likelihood", "collapse", "accuracy", "macro_f1", "expr_ll_drop"
-]  # fmt: skip
-CONTROL_COLUMNS = [
-    "candidate", "control", "n", "collapse_mean", "collapse_sd", "candidate_collapse", "z",
-    "recovered",
-]  # fmt: skip
+TOPK_COLUMNS = ["fraction", "k", "effect", "decides"]
+STRATA_COLUMNS = ["candidate", "stratum", "value", "n_cells", "n_donors", "effect", "ci_low",
+                  "ci_high", "status"]  # fmt: skip
 INTEREST_COLUMNS = [
     "candidate", "confirmed", "gene", "status", "n_cells", "rank", "n_ranked", "percentile",
     "score",
@@ -98,10 +94,11 @@ QUANTIZE_COLUMNS = [
     "weight_error", "n_clipped",
 ]  # fmt: skip
 ABLATE_FIGURES = {
-    "ll_by_condition": ("conditions_figure", "ablate_conditions"),
+    "forest": ("forest_figure", "ablate_forest"),
+    "null_histograms": ("nulls_figure", "ablate_nulls"),
     "scaling": ("scaling_figure", "ablate_scaling"),
     "prediction_shift": ("shift_figure", "ablate_shift"),
-    "celltype_collapse": ("celltype_figure", "ablate_celltypes"),
+    "celltype_effect": ("celltype_figure", "ablate_celltypes"),
 }
 """Figures of the pruning section: template name -> (input name, caption name)."""
 LABELS = {
@@ -115,19 +112,21 @@ LABELS = {
     "n_cell_types_same_channel": "cell types spiking on it",
     "top_genes": "genes at spikes (cells)",
     "log_likelihood": "mean log p(true type)",
-    "collapse": "drop in log p(true type)",
     "macro_f1": "macro F1",
     "expr_ll_drop": "drop in expression log-lik.",
-    "random_mean": "random drop (mean)",
-    "random_sd": "random drop (sd)",
-    "z_random": "z vs random",
+    "effect": "drop in log p(true type)",
+    "ci_low": "CI low",
+    "ci_high": "CI high",
+    "null_mean": "null drop (mean)",
+    "null_q95": "null drop (95th pct.)",
+    "n_null": "null weights",
+    "p_value": "p",
+    "q_value": "q (BH)",
     "topk_k": "top-k k",
-    "topk_collapse": "top-k drop",
-    "restore_recovered": "recovered (restore all)",
-    "restore_spike_recovered": "recovered (restore spike)",
-    "collapse_mean": "control drop (mean)",
-    "collapse_sd": "control drop (sd)",
-    "candidate_collapse": "candidate drop",
+    "topk_effect": "top-k drop",
+    "recovered": "recovered by restoring the spike",
+    "expr_effect": "drop in expression log-lik.",
+    "n_donors": "donors",
     "robust_z": "robust z",
     "n_ranked": "genes ranked",
     "input_act": "mean input act.",
@@ -473,39 +472,33 @@ def probe_section(res: Results, config: dict) -> tuple[Section, pd.DataFrame]:
 
 
 def pruning_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
-    """Conditions, controls, decisions and figures of the pruning test."""
-    collapse = res.tsv("collapse", required=True)
-    _need_columns(collapse, ("condition", "kind", "log_likelihood"), res.label("collapse"))
+    """Verdicts with effect, CI, p and q, the top-k sweep, strata and figures of the test."""
+    confirmed = res.tsv("confirmed", required=True)
+    _need_columns(confirmed, ("candidate", "confirmed", "effect", "reason"), res.label("confirmed"))
+    confirmed["confirmed"] = flags(confirmed["confirmed"])
     sec = Section()
-    confirmed = res.tsv("confirmed")
-    if confirmed is None:
-        sec.missing["confirmed"] = res.missing("confirmed", "No pruning decisions")
-    else:
-        if "confirmed" in confirmed:
-            confirmed["confirmed"] = flags(confirmed["confirmed"])
-        sec.tables["confirmed"] = make_table(
-            confirmed,
-            CONFIRMED_COLUMNS,
-            res.label("confirmed"),
-            row_class=lambda r: "sig" if r.get("confirmed") else "",
-        )
-        if {"candidate", "reason"} <= set(confirmed.columns):
-            source = confirmed.get("source", pd.Series("", index=confirmed.index))
-            sec.lists["reasons"] = [
-                (f"{c} ({s})" if s else str(c), str(r))
-                for c, s, r in zip(confirmed["candidate"], source, confirmed["reason"], strict=True)
-            ]
-    main = collapse[~collapse["kind"].isin(CONTROL_KINDS)]
-    sec.tables["conditions"] = make_table(
-        main, CONDITION_COLUMNS, res.label("collapse"), max_rows=40
+    sec.tables["confirmed"] = make_table(
+        confirmed,
+        CONFIRMED_COLUMNS,
+        res.label("confirmed"),
+        row_class=lambda r: "sig" if r.get("confirmed") else "",
     )
-    controls = res.tsv("controls")
-    if controls is None:
-        sec.missing["controls"] = res.missing("controls", "No control summary")
-    else:
-        sec.tables["controls"] = make_table(
-            controls, CONTROL_COLUMNS, res.label("controls"), max_rows=40
-        )
+    source = confirmed.get("source", pd.Series("", index=confirmed.index))
+    sec.lists["reasons"] = [
+        (f"{c} ({s})" if s else str(c), str(r))
+        for c, s, r in zip(confirmed["candidate"], source, confirmed["reason"], strict=True)
+    ]
+    summary = res.json("ablate_summary") or {}
+    sec.text["notes"] = " ".join(
+        summary[k] for k in ("warning", "donor_warning", "selection_warning", "expression")
+        if summary.get(k)
+    )  # fmt: skip
+    for key, columns in (("topk", TOPK_COLUMNS), ("strata", STRATA_COLUMNS)):
+        frame = res.tsv(key)
+        if frame is None:
+            sec.missing[key] = res.missing(key, f"No {key} table")
+        else:
+            sec.tables[key] = make_table(frame, columns, res.label(key), max_rows=60)
     for name, (key, caption_name) in ABLATE_FIGURES.items():
         sec.figures[name] = res.figure(key, caption_name)
     return sec, confirmed
@@ -635,9 +628,9 @@ def super_weight_statements(cands: pd.DataFrame, confirmed: pd.DataFrame | None)
         )
         verb = "was" if n_tested == 1 else "were"
         outcome = (
-            "none collapsed the cell-type log-likelihood beyond the random and top-k controls"
+            "none lowered the cell-type log-likelihood beyond its null and the top-k control"
             if not n_hits
-            else f"{n_hits} collapsed it beyond the controls"
+            else f"{n_hits} lowered it beyond the null and the controls"
         )
         pruning = f"; {tested} {verb} tested by pruning and {outcome}"
     if not n_hits:
@@ -648,7 +641,11 @@ def super_weight_statements(cands: pd.DataFrame, confirmed: pd.DataFrame | None)
         lines.append(
             f"Layer {r.layer}, W[{r.row}, {r.col}] = {fmt(r.weight)} ({r.module}): pruning this "
             f"single weight lowers the mean log-likelihood of the true cell type by "
-            f"{fmt(r.collapse)}, {fmt(r.z_random)} sd beyond random weights of the same matrix."
+            f"{fmt(r.effect)} nats per cell (95% CI {fmt(r.ci_low)} to {fmt(r.ci_high)}, over "
+            f"{r.n_groups} donors); p = {fmt(r.p_value)}, q = {fmt(r.q_value)} against "
+            f"{r.n_null} magnitude-matched weights of the same matrix (null mean "
+            f"{fmt(r.null_mean)}); pruning the top-{r.topk_k} other weights lowers it by "
+            f"{fmt(r.topk_effect)}; {len(hits)} of {n_tested} tests confirmed."
         )
     return lines
 
@@ -748,7 +745,7 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
     `inputs`: the folder results/<dataset> or the inputs by name (`INPUT_FILES`).
 
     Raises `UserError` naming the file when qc.tsv, metrics.json, candidates.tsv or
-    collapse.tsv is missing; any other missing output is stated in the page.
+    confirmed.tsv is missing; any other missing output is stated in the page.
     """
     res = Results(inputs, dataset)
     core = tuple(config.get("preprocess", {}).get("genes_of_interest") or GENES_OF_INTEREST)

@@ -44,8 +44,10 @@ def load_test_cells(
     seed: int,
     max_cells: int | None = None,
     device: str | torch.device | None = None,
+    split: str = "test",
 ) -> TestCells:
-    """Load a fine-tuned checkpoint and (up to `max_cells`, seeded) test cells in fixed order."""
+    """Load a fine-tuned checkpoint and (up to `max_cells`, seeded) cells of `split` (the
+    held-out test donors by default) in fixed order."""
     adata = read_tokenised(tokenised)
     classes = class_names(adata)
     device = torch.device(device) if device else pick_device()
@@ -56,13 +58,13 @@ def load_test_cells(
             "use the fine-tuned checkpoint of this dataset"
         )
     settings = TrainSettings(batch_size=batch_size, max_seq_len=max_seq_len, seed=seed)
-    test = split_datasets(adata, vocab, settings, labelled=True)["test"]
+    test = split_datasets(adata, vocab, settings, labelled=True)[split]
     n = len(test)
     if n == 0:
-        raise UserError("no cells in split 'test'; preprocess needs more donors")
+        raise UserError(f"no cells in split '{split}'; preprocess needs more donors")
     cells = np.arange(n)
     if max_cells is not None and n > max_cells:
         cells = np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
     loader = make_loader(test, settings, config.pad_token_id, shuffle=False, sampler=cells.tolist())
-    obs = adata.obs.loc[(adata.obs["split"].astype(str) == "test").to_numpy()].iloc[cells]
+    obs = adata.obs.loc[(adata.obs["split"].astype(str) == split).to_numpy()].iloc[cells]
     return TestCells(model, config, vocab, classes, loader, obs, device)
