@@ -1,5 +1,6 @@
-"""Preprocessing: binning, QC, gene selection, donor split, chunking, bad input."""
+"""Preprocessing: binning, QC, vocabulary, gene selection, donor split, chunking, bad input."""
 
+import json
 import subprocess
 import sys
 
@@ -84,8 +85,21 @@ def test_split_donors_disjoint_and_seeded():
     donors = [f"d{i}" for i in range(10)]
     split = split_donors(donors, 0.2, 0.2, seed=1)
     assert sorted(split) == donors
-    assert sorted(split.values()).count("test") == 2
+    assert list(split.values()).count("test") == 3  # at least 3 test donors
+    assert list(split.values()).count("val") == 2
     assert split == split_donors(donors, 0.2, 0.2, seed=1)
+
+
+def test_split_donors_is_stratified_by_stage():
+    stages = {"Not AD": 7, "Low": 6, "Intermediate": 5, "High": 4, "Reference": 1}
+    strata = {f"{s}-{i}": s for s, n in stages.items() for i in range(n)}
+    split = split_donors(list(strata), 0.2, 0.2, seed=0, strata=strata)
+    counts = pd.crosstab(pd.Series(strata), pd.Series(split))
+    assert (counts.loc[["Not AD", "Low", "Intermediate"], "test"] == 3).all()
+    assert (counts.loc[["Not AD", "Low", "Intermediate"], "train"] >= 1).all()
+    assert counts.loc["High", "test"] == 1 and counts.loc["High", "val"] == 1  # 4 donors
+    assert counts.loc["Reference"].sum() == 1
+    assert set(split.values()) == {"train", "val", "test"}
 
 
 def run_cli(*args):
@@ -165,10 +179,109 @@ def test_only_normalised_values(tmp_path, counts_adata, out):
     check_fails(run_cli(path, "--out", out), out, "no raw counts")
 
 
-def test_no_vocabulary_overlap(tmp_path, counts_adata, out):
+def write_vocab(folder, genes):
+    """A checkpoint-style vocab.json: the genes, then <pad>, <cls>, <eoc>."""
+    folder.mkdir()
+    tokens = [*genes, "<pad>", "<cls>", "<eoc>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    return folder
+
+
+def test_without_checkpoint_the_vocabulary_is_the_data_genes(tmp_path, counts_adata):
+    names = [f"notagene{i}" for i in range(counts_adata.n_vars - 3)] + ["APP", "MAPT", "APOE"]
+    counts_adata.var_names = names
+    tok, _ = preprocess(write(counts_adata, tmp_path / "x.h5ad"), settings())
+    assert tok.var["token_id"].tolist() == list(range(tok.n_vars))
+    assert tok.var_names.str.startswith("notagene").sum() == tok.n_vars - 3
+    assert tok.uns["preprocess"]["vocabulary"] == "genes of the data"
+
+
+def test_pretraining_uses_the_preprocess_vocabulary(tmp_path, counts_h5ad):
+    tok_path = tmp_path / "tok.h5ad"
+    tok, _ = preprocess(counts_h5ad, settings(max_cells_per_type=40))
+    tok.write_h5ad(tok_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "superweights.cli", "pretrain", str(tok_path)]
+        + ["--out-dir", str(tmp_path / "pre"), "--d-model", "16", "--nhead", "2"]
+        + ["--d-hid", "16", "--nlayers", "1", "--epochs", "1", "--max-seq-len", "16"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    var = ad.read_h5ad(tok_path).var
+    vocab = json.loads((tmp_path / "pre" / "checkpoint" / "vocab.json").read_text())
+    assert {g: vocab[g] for g in var.index} == dict(zip(var.index, var["token_id"], strict=True))
+    assert [vocab[t] for t in ("<pad>", "<cls>", "<eoc>")] == [len(var), len(var) + 1, len(var) + 2]
+
+
+def test_checkpoint_vocabulary_gives_token_ids_and_drops_unknown_genes(tmp_path, counts_h5ad):
+    genes = list(ad.read_h5ad(counts_h5ad).var_names)
+    known = ["PADDING0", *genes[:300:2], "APP", "MAPT"]  # ids shifted by one
+    folder = write_vocab(tmp_path / "ckpt", known)
+    tok, _ = preprocess(counts_h5ad, settings(), folder)
+    assert set(tok.var_names) <= set(known) and {"APP", "MAPT"} <= set(tok.var_names)
+    assert tok.var["token_id"].tolist() == [known.index(g) for g in tok.var_names]
+    assert tok.uns["preprocess"]["vocab_match_rate"] == pytest.approx(152 / 304)
+
+
+def test_overlap_just_above_the_minimum_passes_and_below_fails(tmp_path, counts_adata, out):
+    genes = list(counts_adata.var_names)
+    folder = write_vocab(tmp_path / "ckpt", genes[:183])  # 183 of 304 genes = 60.2%
+    counts_adata.var_names = genes[:183] + [f"other{i}" for i in range(121)]
+    path = write(counts_adata, tmp_path / "x.h5ad")
+    passed = tmp_path / "passed" / "tok.h5ad"
+    result = run_cli(path, "--out", passed, "--min-genes", 10, "--vocab", folder)
+    assert result.returncode == 0, result.stderr
+    assert ad.read_h5ad(passed).n_vars > 0
+    result = run_cli(path, "--out", out, "--vocab", folder, "--min-vocab-match", 0.65)
+    check_fails(result, out, "only 183 of 304 genes (60.2%) are in the vocabulary")
+    assert result.returncode == 2 and "min_vocab_match is 65%" in result.stderr
+
+
+def test_ensembl_ids_against_a_symbol_vocabulary(tmp_path, counts_adata, out):
+    folder = write_vocab(tmp_path / "ckpt", list(counts_adata.var_names))
+    counts_adata.var_names = [f"ENSG{i:011d}" for i in range(counts_adata.n_vars)]
+    path = write(counts_adata, tmp_path / "x.h5ad")
+    result = run_cli(path, "--out", out, "--vocab", folder)
+    check_fails(result, out, "only 0 of 304 genes (0.0%)")
+    assert result.returncode == 2
+    assert "Ensembl IDs (e.g. ENSG00000000000)" in result.stderr
+    assert "feature_name" in result.stderr
+
+
+def test_other_unknown_names_get_a_symbol_hint(tmp_path, counts_adata, out):
+    folder = write_vocab(tmp_path / "ckpt", list(counts_adata.var_names))
     counts_adata.var_names = [f"notagene{i}" for i in range(counts_adata.n_vars)]
     path = write(counts_adata, tmp_path / "x.h5ad")
-    check_fails(run_cli(path, "--out", out), out, "vocabulary")
+    result = run_cli(path, "--out", out, "--vocab", folder)
+    check_fails(result, out, "HGNC gene symbols")
+    assert "notagene0, notagene1, notagene2" in result.stderr and "Ensembl" not in result.stderr
+
+
+def test_symbols_in_feature_name_are_used_over_ensembl_ids(tmp_path, counts_adata):
+    symbols = list(counts_adata.var_names)
+    counts_adata.var["feature_name"] = symbols
+    counts_adata.var_names = [f"ENSG{i:011d}.5" for i in range(counts_adata.n_vars)]
+    path = write(counts_adata, tmp_path / "x.h5ad")
+    for vocab in (None, write_vocab(tmp_path / "ckpt", symbols)):
+        tok, _ = preprocess(path, settings(), vocab)
+        assert set(tok.var_names) <= set(symbols) and "APP" in tok.var_names
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ({"APP": 0, "<cls>": 1, "<eoc>": 2}, "lacks the special token(s) <pad>"),
+        ({"APP": 0, "<pad>": 1}, "lacks the special token(s) <cls>"),
+        ({"APP": 0, "<pad>": 5, "<cls>": 1}, "must number its tokens 0..2"),
+        (["APP", "<pad>", "<cls>"], "flat JSON object"),
+    ],
+)
+def test_bad_vocabulary_file(tmp_path, counts_h5ad, out, content, needle):
+    (tmp_path / "vocab.json").write_text(json.dumps(content))
+    result = run_cli(counts_h5ad, "--out", out, "--vocab", tmp_path / "vocab.json")
+    check_fails(result, out, needle)
+    assert result.returncode == 2
 
 
 def test_duplicated_genes(tmp_path, counts_adata, out):

@@ -57,6 +57,12 @@ def init_checkpoint(wildcards):
     )
 
 
+def checkpoint_vocab(wildcards):
+    """The configured checkpoint's vocab.json; none (the data's genes) without a checkpoint."""
+    folder = config["model"]["checkpoint"]
+    return os.path.join(folder, "vocab.json") if folder else []
+
+
 def gene_set_settings():
     """Gene-set settings with the shipped resource folder resolved against the workflow."""
     settings = dict(config["gene_sets"])
@@ -94,3 +100,10 @@ def launcher(wildcards, resources):
             f"--nproc_per_node={resources.gpu} -m superweights.cli"
         )
     return f"{python} -m superweights.cli"
+
+
+def ablate_settings():
+    """Ablate settings; expression effects only where fine-tuning trained the decoder."""
+    return config["ablate"] | {
+        "expression_trained": config["finetune"]["mlm_weight"] > 0
+    }

@@ -135,7 +135,7 @@ def demo_genes(n_genes: int, cell_types: Sequence[CellType], rng: np.random.Gene
         named.update(dict.fromkeys([*cell_type.markers, *cell_type.disease]))
     missing = [g for g in named if g not in vocab]
     if missing:
-        raise UserError(f"the scGPT vocabulary lacks demo genes {missing}; reinstall scgpt==0.2.4")
+        raise UserError(f"scGPT's human gene list lacks demo genes {missing}")
     if n_genes < len(named):
         raise UserError(f"n_genes must be at least {len(named)} to hold the demo's named genes")
     pool = sorted(
@@ -349,7 +349,7 @@ def _seaad_donors(n_donors: int, rng: np.random.Generator) -> pd.DataFrame:
 
 
 def make_demo_seaad(
-    n_cells: int = 8000, n_genes: int = 2400, n_donors: int = 10, seed: int = 0
+    n_cells: int = 8000, n_genes: int = 2400, n_donors: int = 28, seed: int = 0
 ) -> ad.AnnData:
     """A synthetic AnnData with the SEA-AD final-nuclei layout (obs, X, layers['UMIs'])."""
     rng_genes, rng_donors, rng_cells, rng_obs = _rngs(seed, 4)

@@ -7,7 +7,13 @@ The output h5ad (cells x selected genes) holds:
   `n_genes`, `total_counts`, `mito_fraction`;
 - `var`: `token_id` (vocabulary id), `highly_variable`, `gene_of_interest`, `mean_counts`,
   `dispersion_norm`;
-- `uns["preprocess"]`: the settings, vocabulary match rate, dropped cell types, label order.
+- `uns["preprocess"]`: the settings, vocabulary and its match rate, dropped cell types,
+  label order.
+
+The vocabulary is a checkpoint's vocab.json when one is given: genes it lacks are dropped,
+and too small an overlap (`min_vocab_match`) is an error. Without one it is the selected
+genes themselves plus scGPT's special tokens (`genes_vocab`), which is what pretraining
+from scratch builds its model on: `token_id` is then the gene's position.
 """
 
 import logging
@@ -23,7 +29,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..genes import GENES_OF_INTEREST
 from .h5ad_stream import check_counts, find_counts, open_h5ad, read_frame
-from .vocab import load_vocab
+from .vocab import genes_vocab, load_vocab, mostly_ensembl, vocab_overlap
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,8 @@ class PreprocessSettings:
     min_cells_per_type: int = 30
     val_fraction: float = 0.2
     test_fraction: float = 0.2
+    stratify_column: str = "Overall AD neuropathological Change"
+    min_test_donors: int = 3
     chunk_size: int = 10000
     seed: int = 0
 
@@ -79,12 +87,19 @@ def normalise(counts: sp.csr_matrix, totals: np.ndarray) -> sp.csr_matrix:
     return out
 
 
-def gene_symbols(var: pd.DataFrame, vocab: dict[str, int]) -> pd.Index:
-    """Gene symbols of the data: the var index, or `feature_name` when that matches better."""
+def gene_symbols(var: pd.DataFrame, vocab: dict[str, int] | None) -> pd.Index:
+    """Gene names of the data: the var index, or `feature_name` when that fits better.
+
+    Better: more genes in `vocab`; without a vocabulary, symbols rather than Ensembl IDs.
+    """
     names = pd.Index(var.index.astype(str))
     if "feature_name" in var.columns:
         alt = pd.Index(var["feature_name"].astype(str))
-        if alt.isin(list(vocab)).sum() > names.isin(list(vocab)).sum():
+        if vocab is not None:
+            better = alt.isin(list(vocab)).sum() > names.isin(list(vocab)).sum()
+        else:
+            better = mostly_ensembl(names) and not mostly_ensembl(alt)
+        if better:
             names = alt
     duplicated = names[names.duplicated()].unique()
     if len(duplicated):
@@ -95,21 +110,46 @@ def gene_symbols(var: pd.DataFrame, vocab: dict[str, int]) -> pd.Index:
     return names
 
 
-def split_donors(donors: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict:
-    """Assign whole donors to train/val/test (seeded); each split gets at least one donor."""
+def split_donors(
+    donors: list[str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    strata: dict[str, str] | None = None,
+    min_test: int = 3,
+) -> dict:
+    """Assign whole donors to train/val/test (seeded), stratified by `strata` (donor -> stage).
+
+    Within each stratum of n donors, test gets max(`min_test`, round(test_fraction * n)) and
+    val max(1, round(val_fraction * n)) donors while at least one is left for training; a
+    stratum of 3 or 4 donors gives one each to test and val, smaller ones one to test (and
+    the rest to training). Every split gets at least one donor overall.
+    """
     if len(donors) < 3:
         raise UserError(
             f"a donor split needs at least 3 donors, the data has {len(donors)}; "
             "add donors or check preprocess.donor_column"
         )
-    order = np.random.default_rng(seed).permutation(sorted(donors))
-    n_test = max(1, round(test_fraction * len(order)))
-    n_val = max(1, round(val_fraction * len(order)))
-    if n_test + n_val >= len(order):
-        n_test, n_val = 1, 1
-    split = {d: "test" for d in order[:n_test]}
-    split |= {d: "val" for d in order[n_test : n_test + n_val]}
-    split |= {d: "train" for d in order[n_test + n_val :]}
+    groups: dict[str, list[str]] = {}
+    for donor in sorted(donors):
+        groups.setdefault(str((strata or {}).get(donor, "")), []).append(donor)
+    split = {}
+    for index, (_, members) in enumerate(sorted(groups.items())):
+        order = list(np.random.default_rng([seed, index]).permutation(members))
+        n = len(order)
+        if n >= min_test + 2:
+            n_test = min(max(min_test, round(test_fraction * n)), n - 2)
+            n_val = min(max(1, round(val_fraction * n)), n - n_test - 1)
+        else:
+            n_test, n_val = (1, 1) if n >= 3 else (1, 0)
+        split |= {d: "test" for d in order[:n_test]}
+        split |= {d: "val" for d in order[n_test : n_test + n_val]}
+        split |= {d: "train" for d in order[n_test + n_val :]}
+    for needed in ("val", "test", "train"):
+        if needed not in split.values():  # take one donor from the largest split
+            counts = pd.Series(split).value_counts()
+            donor = sorted(d for d, s in split.items() if s == counts.index[0])[0]
+            split[donor] = needed
     return split
 
 
@@ -210,8 +250,11 @@ def second_pass(matrix, rows, genes, totals, settings):
 
 
 def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
-    """Preprocess an h5ad into a tokenised AnnData and a QC table; reads the input in chunks."""
-    vocab = load_vocab(vocab_path)
+    """Preprocess an h5ad into a tokenised AnnData and a QC table; reads the input in chunks.
+
+    `vocab_path`: a checkpoint's vocab.json (or folder); None builds one from the data's genes.
+    """
+    vocab = load_vocab(vocab_path) if vocab_path else None
     with open_h5ad(path) as handle:
         obs = read_frame(handle, "obs")
         var = read_frame(handle, "var")
@@ -222,20 +265,15 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
                     f"set preprocess.{key}_column"
                 )
         symbols = gene_symbols(var, vocab)
-        in_vocab = np.asarray(symbols.isin(list(vocab)))
-        match = float(in_vocab.mean()) if len(symbols) else 0.0
-        log.info(
-            "%d of %d genes (%.1f%%) are in the vocabulary",
-            in_vocab.sum(),
-            len(symbols),
-            100 * match,
-        )
-        if not in_vocab.any():
-            raise UserError("no gene of the data is in the scGPT vocabulary; are these symbols?")
-        if match < settings.min_vocab_match:
-            raise UserError(
-                f"only {match:.1%} of genes are in the vocabulary (min_vocab_match "
-                f"{settings.min_vocab_match:.0%}); map gene ids to HGNC symbols first"
+        if vocab is None:
+            in_vocab = np.ones(len(symbols), bool)
+            if mostly_ensembl(symbols):
+                log.warning(
+                    "gene names are Ensembl IDs: genes of interest and gene sets need symbols"
+                )
+        else:
+            in_vocab = vocab_overlap(
+                symbols, vocab, settings.min_vocab_match, f"the vocabulary {vocab_path}"
             )
         source, matrix = find_counts(handle, settings.counts_layer)
         if matrix.shape != (len(obs), len(var)):
@@ -250,7 +288,7 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
                 f"max_mito_fraction={settings.max_mito_fraction}, use_qc_flag={use_flag})"
             )
         rows, report = choose_cells(obs, passed, settings)
-        genes, var_out = select_genes(symbols, in_vocab, mean, variance, vocab, settings)
+        genes, var_out = select_genes(symbols, in_vocab, mean, variance, settings)
         counts, bins = second_pass(
             matrix, rows, genes, metrics["total_counts"].to_numpy(), settings
         )
@@ -260,23 +298,34 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
         obs_out[settings.label_column].astype(str), categories=report["cell_types"]
     )
     obs_out["donor"] = obs_out[settings.donor_column].astype(str)
+    stage = settings.stratify_column
+    strata = (
+        obs_out.groupby("donor", observed=True)[stage].first().astype(str).to_dict()
+        if stage in obs_out.columns
+        else None
+    )
     donor_split = split_donors(
         sorted(obs_out["donor"].unique()),
         settings.val_fraction,
         settings.test_fraction,
         settings.seed,
+        strata,
+        settings.min_test_donors,
     )
     obs_out["split"] = pd.Categorical(obs_out["donor"].map(donor_split), categories=SPLITS)
     for column in metrics.columns:
         obs_out[column] = metrics[column].to_numpy()[rows]
     obs_out.index = obs_out.index.astype(str)
 
+    vocab = vocab or genes_vocab(var_out.index)
+    var_out.insert(0, "token_id", [vocab[g] for g in var_out.index])
     tokenised = ad.AnnData(X=bins, obs=obs_out, var=var_out, layers={"counts": counts})
     tokenised.uns["preprocess"] = {
         **{k: v for k, v in asdict(settings).items()},
         "input": str(path),
         "counts_source": source,
-        "vocab_match_rate": match,
+        "vocabulary": str(vocab_path) if vocab_path else "genes of the data",
+        "vocab_match_rate": float(in_vocab.mean()),
         "qc_flag_used": use_flag,
         "labels": report["cell_types"],
         "dropped_cell_types": report["dropped_cell_types"],
@@ -285,7 +334,7 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
     return tokenised, qc
 
 
-def select_genes(symbols, in_vocab, mean, variance, vocab, settings):
+def select_genes(symbols, in_vocab, mean, variance, settings):
     """Highly variable in-vocabulary genes plus the genes of interest, in input order."""
     dispersion = normalised_dispersion(mean, variance)
     order = np.argsort(-dispersion, kind="stable")
@@ -298,7 +347,6 @@ def select_genes(symbols, in_vocab, mean, variance, vocab, settings):
     genes = np.flatnonzero((hvg | interest) & in_vocab)
     var_out = pd.DataFrame(
         {
-            "token_id": [vocab[s] for s in symbols[genes]],
             "highly_variable": hvg[genes],
             "gene_of_interest": interest[genes],
             "mean_counts": mean[genes],
