@@ -98,14 +98,20 @@ class ConfirmSettings:
 
     def power_warning(self, n_candidates: int) -> str:
         """Why no candidate can reach alpha after correction with this null, or ''."""
-        if n_candidates and n_candidates / (self.n_null + 1) > self.alpha:
-            return (
-                f"n_null {self.n_null} is too small: the smallest p-value, "
-                f"1/{self.n_null + 1}, cannot reach alpha {self.alpha:g} after Benjamini-"
-                f"Hochberg over {n_candidates} candidate(s) unless several are significant; "
-                f"use n_null >= {math.ceil(n_candidates / self.alpha) - 1}"
-            )
-        return ""
+        smallest = 1 / (self.n_null + 1)
+        if not n_candidates or n_candidates * smallest <= self.alpha:
+            return ""
+        who = (
+            "no candidate can reach it"
+            if smallest > self.alpha
+            else f"a lone significant candidate cannot reach it after Benjamini-Hochberg over "
+            f"{n_candidates} candidates"
+        )
+        return (
+            f"n_null {self.n_null} is too small for alpha {self.alpha:g}: the smallest "
+            f"p-value is 1/{self.n_null + 1}, so {who}; use n_null >= "
+            f"{math.ceil(n_candidates / self.alpha) - 1}"
+        )
 
 
 @dataclass
