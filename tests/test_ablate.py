@@ -21,11 +21,10 @@ from superweights.ablate import (
     OUTPUT_TABLES,
     AblateSettings,
     ablate,
-    output_paths,
     run_ablation,
     write_outputs,
 )
-from superweights.ablate_plots import FIGURES, write_figures
+from superweights.ablate_plots import FIGURE_FILES, write_figures
 from superweights.editing import read_candidates
 from superweights.errors import UserError
 from superweights.model.checkpoint import save_checkpoint
@@ -217,14 +216,14 @@ def test_expression_effect_only_when_the_decoder_was_trained(setup):
 
 
 def test_outputs_and_figures_are_written(result, tmp_path):
-    paths = write_outputs(result, output_paths(tmp_path))
+    paths = write_outputs(result, tmp_path)
     names = {p.name for p in paths}
     assert names == {f"{n}.tsv" for n in OUTPUT_TABLES} | {"summary.json"}
     confirmed = pd.read_csv(tmp_path / "confirmed.tsv", sep="\t")
     assert list(confirmed["confirmed"]) == [True, False] and confirmed["reason"].notna().all()
     assert len(pd.read_csv(tmp_path / "nulls.tsv", sep="\t")) == 2 * 39
-    figures = write_figures(result, {name: tmp_path / f"{name}.png" for name in FIGURES})
-    assert [p.stem for p in figures] == list(FIGURES)
+    figures = write_figures(result, tmp_path)
+    assert [p.name for p in figures] == list(FIGURE_FILES.values())
     assert all(p.stat().st_size > 5000 for p in figures)
     assert not list(tmp_path.glob(".*tmp*"))
 
@@ -281,3 +280,43 @@ def test_user_errors(setup):
         AblateSettings(n_null=0)
     with pytest.raises(UserError, match="split"):
         AblateSettings(split="holdout")
+
+
+def test_confirm_cli_on_a_classifier_and_on_a_checkpoint_without_one(setup, tmp_path, capsys):
+    from dataclasses import replace
+
+    from superweights.cli import main
+
+    model, data = setup["model"], tmp_path / "data.h5ad"
+    setup["adata"].write_h5ad(data)
+    table = tmp_path / "candidates.tsv"
+    setup["cands"].iloc[:1].to_csv(table, sep="\t", index=False)
+    common = ["--data", str(data), "--candidates", str(table), "--n-null", "19",
+              "--n-boot", "50", "--max-seq-len", "17", "--max-cells", "96"]  # fmt: skip
+    classifier = save_checkpoint(model, model.config, VOCAB, tmp_path / "classifier")
+    assert (
+        main(["confirm", "--checkpoint", str(classifier), "--out", str(tmp_path / "a"), *common])
+        == 0
+    )
+    confirmed = pd.read_csv(tmp_path / "a" / "confirmed.tsv", sep="\t")
+    assert confirmed["confirmed"].all() and "confirmed" in capsys.readouterr().out
+    # Without a classifier head the masked-expression score is used.
+    base = ScGPTModel(replace(model.config, n_cls=0))
+    base.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("cls_decoder")}
+    )
+    folder = save_checkpoint(base, base.config, VOCAB, tmp_path / "base")
+    assert (
+        main(["confirm", "--checkpoint", str(folder), "--out", str(tmp_path / "b"), *common]) == 0
+    )
+    frame = pd.read_csv(tmp_path / "b" / "confirmed.tsv", sep="\t")
+    assert len(frame) == 1 and np.isfinite(frame["effect"]).all()
+    # A bad table: one line, exit 2, nothing written.
+    bad = tmp_path / "bad.tsv"
+    setup["cands"].drop(columns="col").to_csv(bad, sep="\t", index=False)
+    out = tmp_path / "c"
+    args = ["confirm", "--checkpoint", str(classifier), "--out", str(out), *common]
+    args[args.index(str(table))] = str(bad)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: candidates table lacks column") and not out.exists()

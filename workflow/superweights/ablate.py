@@ -29,12 +29,20 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .confirm import PAPER_TOPK_FRACTION, ConfirmSettings, candidate_id, confirm_super_weights
+from .confirm import (
+    PAPER_TOPK_FRACTION,
+    Confirmation,
+    ConfirmSettings,
+    candidate_id,
+    confirm_super_weights,
+)
 from .editing import WeightEdit, check_candidate, edited_weights, layer_of, read_candidates
 from .errors import UserError
+from .model.checkpoint import checkpoint_config, read_args_and_vocab
 from .model.finetuned import load_test_cells
 from .model.scgpt import ScGPTModel
-from .outputs import write_json, write_tsv
+from .model.train import class_names, read_tokenised
+from .outputs import named_paths, write_json, write_tsv
 from .scores import CellTypeScore, MaskedExpressionScore
 
 log = logging.getLogger(__name__)
@@ -114,6 +122,7 @@ class AblationResult:
 
 
 OUTPUT_TABLES = ("confirmed", "nulls", "topk", "scaling", "shift", "strata", "cells")
+OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
 
 
 def select_targets(model: ScGPTModel, candidates: pd.DataFrame, n_strongest: int):
@@ -389,14 +398,55 @@ def ablate(
     return result
 
 
-def write_outputs(result: AblationResult, output) -> list[Path]:
-    """Write the tables and summary.json to the paths named in `output` (a rule's named
-    outputs or a mapping with the keys of `OUTPUT_TABLES` and "summary"), each atomically."""
-    paths = [write_tsv(Path(output[name]), getattr(result, name)) for name in OUTPUT_TABLES]
-    return [*paths, write_json(Path(output["summary"]), result.summary)]
+def confirm_checkpoint(
+    tokenised: ad.AnnData | str | Path,
+    checkpoint: str | Path,
+    candidates: str | Path | pd.DataFrame,
+    settings: AblateSettings,
+    score: str = "auto",
+    device: str | torch.device | None = None,
+) -> Confirmation:
+    """Confirm candidates of any scGPT checkpoint on `settings.split` cells, donors as groups.
+
+    `score`: "cell-type" (log p(true type); needs a classifier head for this dataset's
+    types), "masked-expression" (Gaussian log-likelihood of masked values; any checkpoint)
+    or "auto" (cell-type when the head fits the data, else masked-expression).
+    """
+    if score not in ("auto", "cell-type", "masked-expression"):
+        raise UserError(f"score must be auto, cell-type or masked-expression, not {score!r}")
+    if score == "auto":
+        data = read_tokenised(tokenised)
+        n_cls = checkpoint_config(*read_args_and_vocab(Path(checkpoint)), None).n_cls
+        score = "cell-type" if n_cls == len(class_names(data)) else "masked-expression"
+        tokenised = data
+    labelled = score == "cell-type"
+    cells = load_test_cells(
+        tokenised, checkpoint, batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
+        seed=settings.seed, max_cells=settings.max_cells, device=device, split=settings.split,
+        labelled=labelled,
+    )  # fmt: skip
+    batches = [{k: v.to(cells.device) for k, v in b.items()} for b in cells.loader]
+    scorer = (
+        CellTypeScore(cells.model, batches)
+        if labelled
+        else MaskedExpressionScore(cells.model, batches, settings.mask_ratio, settings.seed)
+    )
+    log.info("confirming on %d %s cells with the %s score", len(cells.obs), settings.split, score)
+    return confirm_super_weights(
+        cells.model,
+        read_candidates(candidates),
+        scorer,
+        settings=settings.confirm_settings(),
+        groups=cells.obs["donor"].astype(str).to_numpy(),
+        progress=True,
+    )
 
 
-def output_paths(out_dir: str | Path) -> dict[str, Path]:
-    """The default file of each output under `out_dir` (for the CLI)."""
-    out = Path(out_dir)
-    return {name: out / f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": out / "summary.json"}
+def write_outputs(result: AblationResult, outputs) -> list[Path]:
+    """Write the tables and summary.json, each atomically.
+
+    `outputs`: a folder or the rule's named outputs (`named_paths`).
+    """
+    paths = named_paths(outputs, OUTPUT_FILES)
+    tables = [write_tsv(paths[name], getattr(result, name)) for name in OUTPUT_TABLES]
+    return [*tables, write_json(paths["summary"], result.summary)]

@@ -16,9 +16,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .outputs import save_figure  # noqa: E402
+from .outputs import named_paths, save_figure  # noqa: E402
 
-FIGURES = ("forest", "null_histograms", "scaling", "prediction_shift", "celltype_effect")
+FIGURE_FILES = {
+    "forest": "forest.png",
+    "null_histograms": "null_histograms.png",
+    "scaling_figure": "scaling.png",
+    "prediction_shift": "prediction_shift.png",
+    "celltype_effect": "celltype_effect.png",
+}
+"""Figures by output name (the rule's) -> file name in the stage folder."""
 _EFFECT = "mean drop of log p(true cell type) when pruned (nats per cell)"
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10})
 
@@ -117,13 +124,14 @@ def plot_celltype_heatmap(strata: pd.DataFrame) -> Figure:
     return fig
 
 
-def write_figures(result, paths) -> list[Path]:
-    """Save the figures of an `AblationResult` to `paths[name]` for each name in FIGURES."""
+def write_figures(result, outputs) -> list[Path]:
+    """Save the figures of an `AblationResult` (a folder or the rule's named outputs)."""
     figures = {
         "forest": lambda: plot_forest(result.confirmed),
         "null_histograms": lambda: plot_null_histograms(result.confirmed, result.nulls),
-        "scaling": lambda: plot_scaling(result.scaling),
+        "scaling_figure": lambda: plot_scaling(result.scaling),
         "prediction_shift": lambda: plot_shift(result.shift),
         "celltype_effect": lambda: plot_celltype_heatmap(result.strata),
     }
-    return [save_figure(figures[name](), Path(paths[name]), dpi=110) for name in FIGURES]
+    paths = named_paths(outputs, FIGURE_FILES)
+    return [save_figure(figures[name](), paths[name], dpi=110) for name in FIGURE_FILES]

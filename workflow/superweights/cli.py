@@ -66,7 +66,7 @@ def cmd_fetch(args) -> None:
     source = args.source or sources.get(args.dataset)
     if source is None:
         raise UserError(f"dataset '{args.dataset}' is not in the config's datasets")
-    fetch(source, config, Path(args.out), Path(args.cache_dir))
+    fetch(source, config, Path(args.out), args.cache_dir)
 
 
 def cmd_preprocess(args) -> None:
@@ -83,15 +83,16 @@ def cmd_preprocess(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .data.vocab import load_vocab
-    from .model.train import ModelSettings, TrainSettings, pretrain
+    from .data.vocab import genes_vocab
+    from .model.train import ModelSettings, TrainSettings, pretrain, read_tokenised
 
+    data = read_tokenised(args.input)
     pretrain(
-        args.input,
+        data,
         args.out_dir,
         settings_from(args, ModelSettings),
         settings_from(args, TrainSettings),
-        load_vocab(),
+        genes_vocab(data.var_names),  # preprocess's vocabulary when it had no checkpoint
     )
 
 
@@ -117,8 +118,78 @@ def cmd_probe(args) -> None:
     print(result.summary["statement"])
 
 
+def cmd_confirm(args) -> None:
+    from .ablate import AblateSettings, confirm_checkpoint
+    from .outputs import write_json, write_tsv
+
+    settings = settings_from(args, AblateSettings)
+    result = confirm_checkpoint(args.data, args.checkpoint, args.candidates, settings, args.score)
+    out = Path(args.out)
+    write_tsv(out / "confirmed.tsv", result.to_frame())
+    write_tsv(out / "nulls.tsv", result.nulls)
+    write_tsv(out / "topk.tsv", result.topk)
+    write_json(out / "summary.json", {"warning": result.warning, "settings": result.settings})
+    for row in result.to_frame().itertuples():
+        print(f"{row.candidate}: {row.reason}")
+
+
+def cmd_ablate(args) -> None:
+    from .ablate import AblateSettings, ablate, write_outputs
+    from .ablate_plots import write_figures
+
+    settings = settings_from(args, AblateSettings)
+    result = ablate(args.data, args.checkpoint, args.candidates, settings,
+                    selection_splits=tuple(args.probe_splits))  # fmt: skip
+    write_outputs(result, args.out)
+    write_figures(result, args.out)
+    for candidate, reason in result.summary["decisions"].items():
+        print(f"{candidate}: {reason}")
+
+
+def cmd_map(args) -> None:
+    from .channels import ChannelSettings, map_channels, write_outputs
+
+    result = map_channels(
+        args.data, args.checkpoint, args.candidates, settings_from(args, ChannelSettings)
+    )
+    write_outputs(result, args.out)
+    print(
+        f"wrote gene rankings of {result.summary.get('n_channels', 'the')} channel(s) to {args.out}"
+    )
+
+
+def cmd_enrich(args) -> None:
+    import pandas as pd
+
+    from .enrich import EnrichSettings, GeneSetSettings, enrich_candidates, load_gene_sets
+    from .enrich_plots import plot_candidates
+
+    genes = pd.read_csv(args.genes, sep="\t")
+    gene_sets = load_gene_sets(settings_from(args, GeneSetSettings))
+    enrich_candidates(genes, gene_sets, settings_from(args, EnrichSettings), args.out)
+    plot_candidates(genes, gene_sets, args.out)
+    print(f"wrote enrichment tables and plots to {args.out}")
+
+
+def cmd_report(args) -> None:
+    from .report import build_report
+
+    config = load_config(args.config)
+    path = build_report(args.results, args.dataset, config, Path(args.out))
+    print(f"wrote {path}")
+
+
+def cmd_inspect(args) -> None:
+    from .model.inspection import inspect_checkpoint
+
+    print("\n".join(inspect_checkpoint(args.folder).lines()))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .ablate import AblateSettings
+    from .channels import ChannelSettings
     from .data.preprocess import PreprocessSettings
+    from .enrich import EnrichSettings, GeneSetSettings
     from .model.train import ModelSettings, TrainSettings
     from .probe_cells import ProbeSettings
 
@@ -129,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5ad (or folder with --rosmap)")
     p.add_argument("--n-cells", type=int, default=8000)
     p.add_argument("--n-genes", type=int, default=2400)
-    p.add_argument("--n-donors", type=int, default=10)
+    p.add_argument("--n-donors", type=int, default=28)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rosmap", action="store_true", help="write the ROSMAP-shaped folder instead")
     p.set_defaults(func=cmd_demo_data)
@@ -139,13 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="demo", help="a name under the config's datasets:")
     p.add_argument("--source", choices=["demo", "seaad", "rosmap", "local"])
     p.add_argument("--out", required=True)
-    p.add_argument("--cache-dir", default="results/cache")
+    p.add_argument("--cache-dir", help="downloads kept here (default: download.cache_dir)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("preprocess", help="QC, HVG, binning and donor split of any h5ad")
     p.add_argument("input", help="input .h5ad with raw counts")
     p.add_argument("--out", required=True, help="tokenised .h5ad (QC table and figure beside it)")
-    p.add_argument("--vocab", help="vocab.json (default: scGPT's census vocabulary)")
+    p.add_argument(
+        "--vocab", help="a checkpoint's vocab.json or folder (default: the data's own genes)"
+    )
     settings_arguments(p, PreprocessSettings)
     p.set_defaults(func=cmd_preprocess)
 
@@ -169,6 +242,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     settings_arguments(p, ProbeSettings)
     p.set_defaults(func=cmd_probe)
+
+    for name, help_text in (
+        ("confirm", "confirm candidates of any checkpoint by pruning against a null"),
+        ("ablate", "the pruning stage of a fine-tuned classifier, with all its tables"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+        p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+        p.add_argument("--candidates", required=True, help="candidates.tsv (module, row, col)")
+        p.add_argument("--out", required=True, help="output folder")
+        settings_arguments(p, AblateSettings)
+        if name == "confirm":
+            p.add_argument("--score", default="auto",
+                           choices=["auto", "cell-type", "masked-expression"])  # fmt: skip
+            p.set_defaults(func=cmd_confirm)
+        else:
+            p.add_argument("--probe-splits", nargs="*", default=["val"], metavar="SPLIT")
+            p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("map", help="super channels to genes")
+    p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
+    p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+    p.add_argument("--candidates", required=True, help="ablate's confirmed.tsv")
+    p.add_argument("--out", required=True, help="output folder")
+    settings_arguments(p, ChannelSettings)
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("enrich", help="gene-set enrichment of the gene rankings")
+    p.add_argument("--genes", required=True, help="genes.tsv from map")
+    p.add_argument("--out", required=True, help="output folder")
+    settings_arguments(p, GeneSetSettings)
+    settings_arguments(p, EnrichSettings)
+    p.set_defaults(func=cmd_enrich)
+
+    p = sub.add_parser("report", help="the HTML report of a results/<dataset> folder")
+    p.add_argument("--results", required=True, help="results/<dataset> folder")
+    p.add_argument("--dataset", default="demo")
+    p.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    p.add_argument("--out", required=True, help="output .html")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("inspect", help="what a checkpoint folder holds and how it will be used")
+    p.add_argument("folder", help="checkpoint folder (args.json, vocab.json, best_model.pt)")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 

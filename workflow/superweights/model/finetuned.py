@@ -45,20 +45,22 @@ def load_test_cells(
     max_cells: int | None = None,
     device: str | torch.device | None = None,
     split: str = "test",
+    labelled: bool = True,
 ) -> TestCells:
-    """Load a fine-tuned checkpoint and (up to `max_cells`, seeded) cells of `split` (the
-    held-out test donors by default) in fixed order."""
+    """Load a checkpoint and (up to `max_cells`, seeded) cells of `split` (the held-out test
+    donors by default) in fixed order; with `labelled`, batches carry the cell types and the
+    checkpoint must classify this dataset's types."""
     adata = read_tokenised(tokenised)
     classes = class_names(adata)
     device = torch.device(device) if device else pick_device()
     model, config, vocab = load_checkpoint(checkpoint, device=device)
-    if config.n_cls != len(classes):
+    if labelled and config.n_cls != len(classes):
         raise UserError(
             f"the checkpoint classifies {config.n_cls} classes but the data has {len(classes)}; "
             "use the fine-tuned checkpoint of this dataset"
         )
     settings = TrainSettings(batch_size=batch_size, max_seq_len=max_seq_len, seed=seed)
-    test = split_datasets(adata, vocab, settings, labelled=True)[split]
+    test = split_datasets(adata, vocab, settings, labelled=labelled)[split]
     n = len(test)
     if n == 0:
         raise UserError(f"no cells in split '{split}'; preprocess needs more donors")
