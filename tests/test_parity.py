@@ -1,12 +1,18 @@
-"""Numerical parity with scGPT's own TransformerModel (scgpt 0.2.4, PyTorch attention path).
+"""Parity with scgpt 0.2.4: its TransformerModel (PyTorch attention path) and its vocabulary.
 
 scGPT's model file is loaded by `load_reference_module`, without running `import scgpt`
-(which fails with current torch).
+(which fails with current torch). Skipped where scgpt is not installed
+(`pip install --no-deps scgpt==0.2.4`; the pipeline itself does not need it).
 """
+
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from superweights.data.vocab import load_vocab
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
 from superweights.model.scgpt_reference import load_reference_module
 
@@ -107,3 +113,18 @@ def test_initialisation_follows_scgpt(pair):
     assert torch.count_nonzero(attn.out_proj.bias) == 0
     assert fresh.encoder.embedding.weight.abs().max() <= 0.1
     assert fresh.encoder.embedding.weight[PAD_ID].abs().sum() > 0  # scGPT re-inits this row
+
+
+def test_shipped_gene_list_is_scgpt_census_vocabulary():
+    """The shipped human genes, with ids, are scgpt's census vocabulary; specials follow."""
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None:
+        pytest.skip("scgpt is not installed (pip install --no-deps scgpt==0.2.4)")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    theirs = json.loads((package / "tokenizer" / "default_census_vocab.json").read_text())
+    ours = load_vocab()
+    assert {g: i for g, i in ours.items() if not g.startswith("<")} == theirs
+    n = len(theirs)
+    assert (
+        [ours[t] for t in ("<pad>", "<cls>", "<eoc>")] == [n, n + 1, n + 2] == [60694, 60695, 60696]
+    )

@@ -2,9 +2,11 @@
 
 import hashlib
 import logging
+import shutil
 import sys
 import types
 from collections import Counter
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -12,13 +14,16 @@ import pandas as pd
 import pytest
 import scipy.io
 import scipy.sparse as sp
+import yaml
 
 from http_server import ObjectServer
+from superweights.data.demo import write_demo_rosmap
 from superweights.data.fetch import fetch
 from superweights.data.rosmap import read_mathys2019
 from superweights.data.seaad import choose_donors, list_bucket
 from superweights.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 RELEASE = "2026-06-22"
 DONOR_DIR = "MTG/RNAseq/donors_objects"
 ADNC = ["Not AD", "Low", "Intermediate", "High"]
@@ -280,6 +285,33 @@ def test_fetch_rosmap_folder_round_trip(tmp_path):
     np.testing.assert_array_equal(adata.X.toarray(), counts)
     assert list(adata.var_names) == genes
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["raw.h5ad"]
+
+
+def test_rosmap_preset_columns_exist_in_the_loaded_obs(tmp_path):
+    preset = yaml.safe_load((ROOT / "config" / "rosmap.yaml").read_text())
+    obs = read_mathys2019(write_demo_rosmap(tmp_path / "m", n_cells=300, n_genes=200)).obs
+    wanted = [preset["preprocess"]["label_column"], preset["preprocess"]["donor_column"]]
+    wanted += preset["ablate"]["strata_columns"] + preset["channels"]["strata_columns"]
+    assert {"braaksc", "ceradsc", "cogdx"} <= set(wanted)
+    assert set(wanted) <= set(obs.columns)
+    assert obs["braaksc"].notna().all()
+
+
+def test_downloads_stay_in_the_configured_cache_once_each(bucket, tmp_path):
+    cache = tmp_path / "cache"
+    name = {d: donor_key(d).rsplit("/", 1)[1] for d in bucket.donors}
+    cfg = config(bucket.url, donors=["H20.33.001", "H20.33.002"])
+    cfg["download"]["cache_dir"] = str(cache)  # fetch's default cache is the config's
+    fetch("seaad", cfg, tmp_path / "results" / "a" / "raw.h5ad")
+    shutil.rmtree(tmp_path / "results")
+    kept = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert sorted(kept) == [name["H20.33.001"], name["H20.33.002"]]
+    cfg["seaad"]["donors"] = ["H20.33.002", "H21.33.003"]  # a second dataset, same cache
+    out = fetch("seaad", cfg, tmp_path / "results" / "b" / "raw.h5ad")
+    assert list(ad.read_h5ad(out).obs["Donor ID"].unique()) == ["H20.33.002", "H21.33.003"]
+    assert len(bucket.requests_for(donor_key("H20.33.002"))) == 1  # reused, not fetched again
+    assert sorted(p.name for p in cache.iterdir()) == sorted(name.values())
+    assert (cache / name["H20.33.002"]).stat().st_mtime_ns == kept[name["H20.33.002"]]
 
 
 def test_fetch_rosmap_needs_exactly_one_source(tmp_path):

@@ -13,14 +13,14 @@ rule fetch:
         runtime=240,
     params:
         source=dataset_source,
-        cache_dir="results/cache",
     script:
         "../scripts/fetch.py"
 
 
 rule preprocess:
     input:
-        "results/{dataset}/raw/data.h5ad",
+        data="results/{dataset}/raw/data.h5ad",
+        vocab=checkpoint_vocab,
     output:
         h5ad="results/{dataset}/preprocess/tokenised.h5ad",
         qc=report(

@@ -8,5 +8,4 @@ with rule_log(snakemake):
         snakemake.params.source,
         snakemake.config,
         Path(snakemake.output.h5ad),
-        Path(snakemake.params.cache_dir),
     )

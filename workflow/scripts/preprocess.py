@@ -6,8 +6,9 @@ from superweights.rule_io import rule_log
 with rule_log(snakemake):
     out = snakemake.output
     tokenised, qc = preprocess(
-        snakemake.input[0],
+        snakemake.input.data,
         PreprocessSettings(**snakemake.params.settings),
+        snakemake.input.vocab or None,  # the checkpoint's vocab.json, if one is configured
     )
     write_tsv(out.qc, qc)
     plot_qc(qc, out.figure)

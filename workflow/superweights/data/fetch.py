@@ -35,9 +35,15 @@ def fetch_local(path: str | Path, out: Path) -> Path:
     return link_or_copy(path, out)
 
 
-def fetch(source: str, cfg: dict, out: Path, cache_dir: Path) -> Path:
-    """Write the raw data of `source` (demo, seaad, rosmap or local) as an h5ad at `out`."""
-    out, cache_dir = Path(out), Path(cache_dir)
+def fetch(source: str, cfg: dict, out: Path, cache_dir: str | Path | None = None) -> Path:
+    """Write the raw data of `source` (demo, seaad, rosmap or local) as an h5ad at `out`.
+
+    Downloads are kept in `cache_dir` (default: the config's `download.cache_dir`), outside
+    the results, so deleting results does not delete them.
+    """
+    if source not in SOURCES:
+        raise UserError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if source == "demo":
         from .demo import write_demo_seaad
@@ -47,28 +53,29 @@ def fetch(source: str, cfg: dict, out: Path, cache_dir: Path) -> Path:
         )
     if source == "local":
         return fetch_local(_section(cfg, "local", ("path",))["path"], out)
+    if cache_dir is None:
+        cache_dir = _section(cfg, "download", ("cache_dir",))["cache_dir"]
+    cache_dir = Path(cache_dir)
     if source == "rosmap":
         return fetch_rosmap(
             out, **_section(cfg, "rosmap", ("path", "synapse")), cache_dir=cache_dir
         )
-    if source == "seaad":
-        keys = (
-            "base_url",
-            "release",
-            "region",
-            "donors",
-            "n_donors",
-            "donor_metadata",
-            "full_file",
-            "seed",
-        )
-        http = _section(cfg, "download", ("retries", "backoff_seconds", "timeout_seconds"))
-        return fetch_seaad(
-            out,
-            **_section(cfg, "seaad", keys),
-            cache_dir=cache_dir,
-            retries=http["retries"],
-            backoff=http["backoff_seconds"],
-            timeout=http["timeout_seconds"],
-        )
-    raise UserError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
+    keys = (
+        "base_url",
+        "release",
+        "region",
+        "donors",
+        "n_donors",
+        "donor_metadata",
+        "full_file",
+        "seed",
+    )
+    http = _section(cfg, "download", ("retries", "backoff_seconds", "timeout_seconds"))
+    return fetch_seaad(
+        out,
+        **_section(cfg, "seaad", keys),
+        cache_dir=cache_dir,
+        retries=http["retries"],
+        backoff=http["backoff_seconds"],
+        timeout=http["timeout_seconds"],
+    )

@@ -69,17 +69,8 @@ def load_checkpoint(
     e.g. `("cls_decoder.*",)` to fine-tune a classifier from a pretrained checkpoint.
     """
     folder = Path(folder)
-    args = _read_args(folder)
-    vocab = load_vocab(folder / VOCAB_FILE)
-    pad_token = args.get("pad_token", "<pad>")
-    if pad_token not in vocab:
-        raise UserError(f"{folder / VOCAB_FILE} lacks the pad token {pad_token!r} of args.json")
-    config = ScGPTConfig.from_args(
-        args,
-        ntoken=len(vocab),
-        n_cls=int(args.get("n_cls", 0)) if n_cls is None else n_cls,
-        pad_token_id=vocab[pad_token],
-    )
+    args, vocab = read_args_and_vocab(folder)
+    config = checkpoint_config(args, vocab, n_cls)
     model = ScGPTModel(config)
     state = rename_keys(read_state_dict(folder))
     model.load_state_dict(
@@ -88,30 +79,56 @@ def load_checkpoint(
     return model.to(device).eval(), config, vocab
 
 
+def read_args_and_vocab(folder: Path) -> tuple[dict, dict[str, int]]:
+    """args.json and vocab.json of a checkpoint folder, checked."""
+    args = _read_args(folder)
+    vocab = load_vocab(folder / VOCAB_FILE)
+    pad_token = args.get("pad_token", "<pad>")
+    if pad_token not in vocab:
+        raise UserError(f"{folder / VOCAB_FILE} lacks the pad token {pad_token!r} of args.json")
+    return args, vocab
+
+
+def checkpoint_config(args: dict, vocab: dict[str, int], n_cls: int | None) -> ScGPTConfig:
+    """The architecture of args.json; `n_cls` None keeps its classifier size (0 = none)."""
+    return ScGPTConfig.from_args(
+        args,
+        ntoken=len(vocab),
+        n_cls=int(args.get("n_cls", 0)) if n_cls is None else n_cls,
+        pad_token_id=vocab[args.get("pad_token", "<pad>")],
+    )
+
+
+def weights_file(folder: Path) -> Path:
+    """`model.safetensors` if present, else `best_model.pt`; UserError when neither is."""
+    for name in (SAFETENSORS_FILE, TORCH_FILE):
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"checkpoint folder {folder} has neither {SAFETENSORS_FILE} nor {TORCH_FILE}")
+
+
 def read_state_dict(folder: Path) -> dict[str, Tensor]:
     """Tensors of `model.safetensors` if present, else of `best_model.pt`."""
-    for name, reader in ((SAFETENSORS_FILE, _read_safetensors), (TORCH_FILE, _read_torch)):
-        path = folder / name
-        if path.is_file():
-            try:
-                state = reader(path)
-            except (
-                OSError,
-                RuntimeError,
-                ValueError,
-                EOFError,
-                pickle.UnpicklingError,
-                SafetensorError,
-            ) as err:
-                first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                raise UserError(f"cannot read weights {path}: {first_line}") from None
-            if not isinstance(state, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
-            ):
-                raise UserError(f"{path} is not a plain state_dict of named tensors")
-            log.info("read %d tensors from %s", len(state), path)
-            return dict(state)
-    raise UserError(f"checkpoint folder {folder} has neither {SAFETENSORS_FILE} nor {TORCH_FILE}")
+    path = weights_file(folder)
+    reader = _read_safetensors if path.name == SAFETENSORS_FILE else _read_torch
+    try:
+        state = reader(path)
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+        EOFError,
+        pickle.UnpicklingError,
+        SafetensorError,
+    ) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"cannot read weights {path}: {first_line}") from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise UserError(f"{path} is not a plain state_dict of named tensors")
+    log.info("read %d tensors from %s", len(state), path)
+    return dict(state)
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -122,13 +139,18 @@ def _read_torch(path: Path) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def renamed_key(key: str) -> str:
+    """PyTorch's name for a flash-attention key (`self_attn.Wqkv.*`, `self_attn._impl.*`)."""
+    for old, replacement in _RENAMES:
+        key = key.replace(old, replacement)
+    return key
+
+
 def rename_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Map flash-attention names (`self_attn.Wqkv.*`, `self_attn._impl.*`) to PyTorch's."""
+    """Map flash-attention names to PyTorch's (`renamed_key`), refusing duplicates."""
     renamed: dict[str, Tensor] = {}
     for key, value in state.items():
-        new = key
-        for old, replacement in _RENAMES:
-            new = new.replace(old, replacement)
+        new = renamed_key(key)
         if new in renamed:
             raise UserError(f"weights hold both {key} and an equivalent of {new}; keep one")
         renamed[new] = value

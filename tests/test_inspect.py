@@ -1,0 +1,141 @@
+"""Released scGPT folders: `superweights inspect DIR` (usable and unusable folders) and the
+SEA-AD preset that starts from one."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from superweights.cli import main
+from superweights.model.checkpoint import save_checkpoint
+from test_checkpoint import VOCAB, flash_names, random_model, released_args, write_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A released-format folder: flash-attention names, MVC, no classifier, 2 layers."""
+    state = flash_names(random_model(released_args()).state_dict())
+    return write_folder(tmp_path_factory.mktemp("r") / "scGPT_human", released_args(), state)
+
+
+def run_inspect(folder, capsys) -> tuple[int, str, str]:
+    code = main(["inspect", str(folder)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_released_folder(released):
+    result = subprocess.run(
+        [sys.executable, "-m", "superweights.cli", "inspect", str(released)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    state = torch.load(released / "best_model.pt", weights_only=True)
+    assert f"{sum(t.numel() for t in state.values()):,} parameters" in out
+    assert "2 layers, d_model 512, 8 heads, d_hid 512, post-LN, dropout 0.2" in out
+    assert "200 tokens (197 genes; <pad>=197, <cls>=198, <eoc>=199)" in out
+    for end in ("weight", "bias"):
+        assert (
+            f"transformer_encoder.layers.N.self_attn.Wqkv.{end} -> "
+            f"transformer_encoder.layers.N.self_attn.in_proj_{end} (2)"
+        ) in out
+    assert "classifier (cls_decoder): absent" in out
+    assert "MVC (mvc_decoder): present" in out
+    assert "no classifier head: fine-tuning adds one (3 layers)" in out
+    assert "transformer_encoder.layers.0-1.linear2 (512 x 512 each)" in out
+
+
+def test_upstream_impl_names_are_mapped(tmp_path, capsys):
+    state = flash_names(random_model(released_args(MVC=False)).state_dict(), "self_attn._impl.")
+    folder = write_folder(tmp_path / "ckpt", released_args(MVC=False), state)
+    code, out, _ = run_inspect(folder, capsys)
+    assert code == 0
+    mapped = "layers.N.self_attn._impl.Wqkv.weight -> transformer_encoder.layers.N.self_attn."
+    assert f"{mapped}in_proj_weight (2)" in out
+    assert "MVC (mvc_decoder): absent" in out
+
+
+def test_fine_tuned_folder_with_classifier(tmp_path, capsys):
+    model = random_model(released_args(), n_cls=4)
+    classes = ["Astro", "Micro", "Oligo", "OPC"]
+    folder = save_checkpoint(
+        model, model.config, VOCAB, tmp_path / "ft", extra_args={"classes": classes}
+    )
+    code, out, _ = run_inspect(folder, capsys)
+    assert code == 0
+    assert "weights       model.safetensors" in out
+    assert "key mapping   none (PyTorch names)" in out
+    assert "classifier (cls_decoder): present, 4 classes: Astro, Micro, Oligo, OPC" in out
+    assert "unless the data has exactly 4 cell types" in out
+
+
+def _break(folder, how):
+    if how in ("args.json", "vocab.json", "best_model.pt"):
+        (folder / how).unlink()
+    elif how == "garbage":
+        (folder / "best_model.pt").write_bytes(b"not a checkpoint")
+    elif how == "shapes":
+        (folder / "args.json").write_text(json.dumps(released_args(d_hid=256)))
+    elif how == "no_cls":
+        vocab = {k: v for k, v in VOCAB.items() if k != "<cls>"} | {"GENE197": 198}
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+
+
+@pytest.mark.parametrize(
+    ("how", "needle"),
+    [
+        ("args.json", "lacks args.json"),
+        ("vocab.json", "lacks vocab.json"),
+        ("best_model.pt", "has neither model.safetensors nor best_model.pt"),
+        ("garbage", "cannot read weights"),
+        ("shapes", "6 with the wrong shape (transformer_encoder.layers.0.linear1.weight"),
+        ("no_cls", "lacks the special token(s) <cls>"),
+    ],
+)
+def test_unusable_folder_is_one_line_and_exit_2(tmp_path, released, capsys, how, needle):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("args.json", "vocab.json", "best_model.pt"):
+        (folder / name).write_bytes((released / name).read_bytes())
+    _break(folder, how)
+    code, out, err = run_inspect(folder, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and out == ""
+    assert len(errors) == 1 and needle in errors[0], err
+
+
+def test_missing_folder(tmp_path, capsys):
+    code, out, err = run_inspect(tmp_path / "nowhere", capsys)
+    assert code == 2 and out == "" and "does not exist" in err
+
+
+def dry_run(workdir, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "-d", str(workdir), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_seaad_scgpt_preset_plans_a_run_from_the_checkpoint(tmp_path, released):
+    preset = ("--configfile", "config/seaad_scgpt.yaml")
+    result = dry_run(tmp_path, *preset, "--config", f"model={{checkpoint: {released}}}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    plan = result.stdout
+    assert "rule pretrain:" not in plan and "rule finetune:" in plan
+    assert f"input: results/seaad_mtg_scgpt/raw/data.h5ad, {released}/vocab.json" in plan
+    finetune = re.search(r"superweights.cli finetune .*", plan).group(0)
+    for option in ("--epochs 10", "--lr 0.0001", "--batch-size 32", "--max-seq-len 1200"):
+        assert option in finetune
+    missing = dry_run(tmp_path, *preset)  # the preset's own path, absent here
+    assert missing.returncode != 0
+    assert "models/scGPT_human/vocab.json" in missing.stdout + missing.stderr
