@@ -16,6 +16,13 @@ include: "workflow/rules/quantize.smk"
 include: "workflow/rules/report.smk"
 
 
+# Run by Snakemake itself, not submitted: compute nodes often cannot reach the internet
+# (fetch downloads), and the report is a few seconds of work.
+localrules:
+    fetch,
+    report,
+
+
 rule all:
     default_target: True
     input:

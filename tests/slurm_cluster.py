@@ -41,8 +41,8 @@ ReturnToService=2
 MinJobAge=3600
 GresTypes=gpu
 NodeName={host} CPUs={cpus} RealMemory={memory} Gres=gpu:1 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+PARTITION = "PartitionName={name} Nodes=ALL Default={default} MaxTime=INFINITE State=UP\n"
 
 
 def why_unavailable() -> str | None:
@@ -65,10 +65,16 @@ def _read_pid(path: Path, timeout: float = 20.0) -> int:
 
 
 class LocalSlurm:
-    """Start munge (if not running), slurmctld and slurmd; stop what was started."""
+    """Start munge (if not running), slurmctld and slurmd; stop what was started.
 
-    def __init__(self, root: Path, conf_dir: Path = Path("/etc/slurm")):
+    `partitions` all span the one node; the first is the default.
+    """
+
+    def __init__(
+        self, root: Path, partitions: tuple[str, ...] = ("debug",), conf_dir=Path("/etc/slurm")
+    ):
         self.root = root
+        self.partitions = partitions
         self.conf_dir = conf_dir
         self.pids: list[int] = []
         self.backups: list[tuple[Path, Path]] = []
@@ -80,6 +86,8 @@ class LocalSlurm:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8)
         conf = SLURM_CONF.format(host=host, root=self.root, cpus=os.cpu_count(), memory=memory)
+        for i, name in enumerate(self.partitions):
+            conf += PARTITION.format(name=name, default="YES" if i == 0 else "NO")
         self._install("slurm.conf", conf)
         self._install("gres.conf", f"NodeName={host} Name=gpu File=/dev/null\n")
         self._start_munge()
@@ -115,7 +123,7 @@ class LocalSlurm:
         deadline = time.time() + timeout
         while time.time() < deadline:
             out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-            if out.stdout.strip() in {"idle", "mix"}:
+            if set(out.stdout.split()) <= {"idle", "mix"} and out.stdout.strip():
                 return
             time.sleep(1)
         log = (self.root / "slurmctld.log").read_text()[-2000:]

@@ -6,6 +6,7 @@ imports (the rule script, or the `superweights` CLI stage of a shell rule, and e
 version in constraints.txt.
 """
 
+import argparse
 import ast
 import functools
 import os
@@ -104,20 +105,21 @@ def imported_modules(statements, package: str = "") -> set[str]:
     return names
 
 
+def stage_handler(stage: str) -> str:
+    """Name of the cli function that runs `superweights <stage>`, from the real parser."""
+    from superweights.cli import build_parser
+
+    (stages,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert stage in stages.choices, f"superweights has no stage {stage!r}"
+    return stages.choices[stage].get_default("func").__name__
+
+
 def cli_stage_imports(stage: str) -> set[str]:
     """What `superweights <stage>` imports: cli's top level, the parser, main, and the
     stage's function with the cli functions it calls."""
     tree = parse(module_path(f"{PACKAGE}.cli"))
     functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
-    handlers, current = {}, None
-    for node in ast.walk(functions["build_parser"]):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            if node.func.attr == "add_parser":
-                current = node.args[0].value
-            elif node.func.attr == "set_defaults":
-                handlers[current] = next(k.value.id for k in node.keywords if k.arg == "func")
-    assert stage in handlers, f"superweights has no stage {stage!r}"
-    todo, reached = ["main", "build_parser", handlers[stage]], set()
+    todo, reached = ["main", "build_parser", stage_handler(stage)], set()
     while todo:
         name = todo.pop()
         if name in reached:

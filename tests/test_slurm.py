@@ -7,11 +7,19 @@ import subprocess
 import anndata as ad
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import ROOT, run_snakemake
 from slurm_cluster import LocalSlurm, why_unavailable
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+PROFILE = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+CPU_PARTITION = PROFILE["default-resources"]["slurm_partition"]
+(GPU_PARTITION,) = {r["slurm_partition"] for r in PROFILE["set-resources"].values()}
+LOCAL_RULES = {"fetch", "report"}
+GPU_RULES = {"pretrain", "finetune", "probe", "ablate", "map_channels", "quantize"}
+SLURM_RULES = {"preprocess", "enrich"} | GPU_RULES
 
 REASON = why_unavailable()
 if REASON and os.environ.get("SUPERWEIGHTS_REQUIRE_SLURM") == "1":
@@ -22,7 +30,7 @@ if REASON and os.environ.get("SUPERWEIGHTS_REQUIRE_SLURM") == "1":
 def cluster(tmp_path_factory):
     if REASON:
         pytest.skip(REASON)
-    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"), partitions=(CPU_PARTITION, GPU_PARTITION))
     try:
         yield slurm.start()
     finally:
@@ -47,23 +55,36 @@ def completed_jobs() -> list[dict]:
     return jobs
 
 
+def rule_of(job: dict) -> str:
+    """The rule a job ran, from the comment the SLURM plugin gives it."""
+    return re.fullmatch(r"rule_(.+?)(_wildcards_.*)?", job["Comment"]).group(1)
+
+
 def test_jobs_went_through_slurm(slurm_run):
     _, output = slurm_run
     submitted = set(re.findall(r"SLURM jobid (\d+)", output))
-    assert len(submitted) >= 9, output[-3000:]
     jobs = {job["JobId"]: job for job in completed_jobs()}
-    assert submitted <= set(jobs)
+    assert submitted and submitted <= set(jobs), output[-3000:]
     states = {j: jobs[j]["JobState"] for j in submitted}
     assert set(states.values()) == {"COMPLETED"}, (states, output[-3000:])
-    comments = " ".join(jobs[j].get("Comment", "") for j in submitted)
-    for rule in ("fetch", "preprocess", "pretrain", "finetune", "probe", "ablate", "report"):
-        assert f"rule_{rule}" in comments, rule
-    gpu_jobs = [
-        j
-        for j in submitted
-        if "gpu" in jobs[j].get("TresPerNode", "") + jobs[j].get("TresPerJob", "")
-    ]
-    assert gpu_jobs, "no job asked SLURM for a GPU"
+    assert {rule_of(jobs[j]) for j in submitted} == SLURM_RULES
+
+
+def test_local_rules_ran_here_not_in_slurm(slurm_run):
+    workdir, output = slurm_run
+    rules = {rule_of(job) for job in completed_jobs()}
+    assert rules and not rules & LOCAL_RULES, rules
+    for rule in LOCAL_RULES:
+        assert f"localrule {rule}:" in output, rule
+    assert (workdir / "results" / "small" / "report.html").is_file()
+
+
+def test_gpu_rules_went_to_the_gpu_partition(slurm_run):
+    for job in completed_jobs():
+        gpu = "gpu" in job.get("TresPerNode", "") + job.get("TresPerJob", "")
+        expected = GPU_PARTITION if rule_of(job) in GPU_RULES else CPU_PARTITION
+        assert job["Partition"] == expected, (rule_of(job), job["Partition"])
+        assert gpu == (rule_of(job) in GPU_RULES), rule_of(job)
 
 
 def test_outputs_match_a_local_run(slurm_run, small_run):
@@ -71,7 +92,7 @@ def test_outputs_match_a_local_run(slurm_run, small_run):
     local = ad.read_h5ad(small_run / "preprocess/tokenised.h5ad")
     remote = ad.read_h5ad(slurm_results / "preprocess/tokenised.h5ad")
     assert (local.X != remote.X).nnz == 0
-    for table in ("probe/candidates.tsv", "ablate/collapse.tsv", "quantize/quantize.tsv"):
+    for table in ("probe/candidates.tsv", "ablate/confirmed.tsv", "quantize/quantize.tsv"):
         a = pd.read_csv(small_run / table, sep="\t")
         b = pd.read_csv(slurm_results / table, sep="\t")
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-5, atol=1e-6)
