@@ -377,7 +377,7 @@ def ablate(
         device=device,
         split=settings.split,
     )
-    batches = [{k: v.to(test.device) for k, v in b.items()} for b in test.loader]
+    batches = test.batches
     was_training = test.model.training
     test.model.eval()
     try:
@@ -425,7 +425,7 @@ def confirm_checkpoint(
         seed=settings.seed, max_cells=settings.max_cells, device=device, split=settings.split,
         labelled=labelled,
     )  # fmt: skip
-    batches = [{k: v.to(cells.device) for k, v in b.items()} for b in cells.loader]
+    batches = cells.batches
     scorer = (
         CellTypeScore(cells.model, batches)
         if labelled

@@ -31,15 +31,14 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from .editing import check_candidate, layer_of, zeroed
 from .enrich import RESOURCE_DIR, read_gmt
 from .errors import UserError
 from .genes import GENES_OF_INTEREST
+from .model.cells import cell_batches, sample_rows
 from .model.checkpoint import load_checkpoint
 from .model.scgpt import ScGPTModel
-from .model.tokens import CellDataset, Collate, gene_token_ids
 from .model.train import pick_device, read_tokenised
 from .outputs import named_paths, write_json, write_tsv
 
@@ -429,24 +428,11 @@ def map_channels(
     model, config, vocab = load_checkpoint(checkpoint, device=device)
     channels = select_channels(model, candidates, settings.n_unconfirmed)
     split = adata.obs["split"].astype(str).to_numpy()
-    wanted = np.isin(split, settings.splits) if settings.splits else np.ones(len(split), bool)
-    rows = np.flatnonzero(wanted)
-    if rows.size == 0:
-        raise UserError(f"no cells in split(s) {list(settings.splits)}; check channels.splits")
-    if rows.size > settings.max_cells:
-        rng = np.random.default_rng(settings.seed)
-        rows = np.sort(rng.choice(rows, settings.max_cells, replace=False))
-    columns, token_ids = gene_token_ids(list(map(str, adata.var_names)), vocab)
-    dataset = CellDataset(
-        adata.X[rows][:, columns],
-        token_ids,
-        cls_id=vocab["<cls>"],
-        max_seq_len=settings.max_seq_len,
-        seed=settings.seed,
-    )
-    collate = Collate(config.pad_token_id)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
+    rows = sample_rows(split, settings.splits, settings.max_cells, settings.seed)
+    batches = cell_batches(
+        adata, vocab, rows, pad_token_id=config.pad_token_id, batch_size=settings.batch_size,
+        max_seq_len=settings.max_seq_len, seed=settings.seed, labelled=False, device=device,
+    )  # fmt: skip
     log.info("channel map: %d candidate(s) on %d cells", len(channels), rows.size)
     obs = adata.obs.iloc[rows]
     genes = list(map(str, adata.var_names))

@@ -17,10 +17,7 @@ secondary candidates), `cells.tsv` (per cell and layer spike ratios) and `summar
 """
 
 import math
-import re
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,11 +27,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .editing import evaluation, layer_of, zeroed
 from .errors import UserError
+from .model.cells import cell_batches
 from .model.checkpoint import load_checkpoint
 from .model.scgpt import ScGPTModel
-from .model.tokens import Collate
-from .model.train import TrainSettings, pick_device, read_tokenised, split_datasets
+from .model.train import pick_device, read_tokenised
 from .outputs import named_paths, write_json, write_tsv
 from .probe import ProbeResult, down_projections, find_super_weights, layernorm_outliers
 
@@ -54,7 +52,6 @@ CELL_COLUMNS = [
 ]  # fmt: skip
 OUTPUT_TABLES = ("candidates", "layers", "layernorm", "cells")
 OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
-_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 @dataclass
@@ -142,24 +139,17 @@ def sample_cells(obs: pd.DataFrame, settings: ProbeSettings) -> np.ndarray:
 
 def _prepare(model, adata: ad.AnnData, vocab: dict[str, int], settings) -> _Cells:
     positions = sample_cells(adata.obs, settings)
-    train = TrainSettings(
-        batch_size=settings.batch_size, max_seq_len=settings.max_seq_len, seed=settings.seed
-    )
-    datasets = split_datasets(adata, vocab, train, labelled=False)
-    split = adata.obs["split"].astype(str).to_numpy()
-    within = np.zeros(len(split), dtype=np.int64)  # a cell's index inside its split
-    for name in SPLITS:
-        rows = split == name
-        within[rows] = np.arange(rows.sum())
-    items = [datasets[split[p]][int(within[p])] for p in positions]
-    collate = Collate(model.config.pad_token_id)
-    device = next(model.parameters()).device
-    batches = [
-        {k: v.to(device) for k, v in collate(items[i : i + settings.batch_size]).items()}
-        for i in range(0, len(items), settings.batch_size)
-    ]
+    batches = cell_batches(
+        adata, vocab, positions, pad_token_id=model.config.pad_token_id,
+        batch_size=settings.batch_size, max_seq_len=settings.max_seq_len, seed=settings.seed,
+        labelled=False, device=next(model.parameters()).device,
+    )  # fmt: skip
     obs = adata.obs.iloc[positions][["label", "split"]].astype(str)
-    genes = [item["gene_ids"].numpy() for item in items]
+    genes = [
+        ids[~pad].cpu().numpy()
+        for b in batches
+        for ids, pad in zip(b["gene_ids"], b["padding_mask"], strict=True)
+    ]
     return _Cells(obs, batches, genes, {i: g for g, i in vocab.items()})
 
 
@@ -177,36 +167,6 @@ def _per_cell(x: Tensor, pad: Tensor) -> Tensor:
     return torch.stack([p.double() for p in parts], 1).cpu()
 
 
-@contextmanager
-def _eval_no_grad(model) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-@contextmanager
-def _zeroed(model, candidates) -> Iterator[None]:
-    """`W[row, col] = 0` for each candidate, restored bit for bit afterwards."""
-    modules = dict(model.named_modules())
-    saved = []
-    try:
-        with torch.no_grad():
-            for c in candidates:
-                weight = modules[c.module].weight
-                saved.append((weight, c.row, c.col, weight[c.row, c.col].clone()))
-                weight[c.row, c.col] = 0
-        yield
-    finally:
-        with torch.no_grad():
-            for weight, row, col, value in reversed(saved):
-                weight[row, col] = value
-
-
 def _cell_spikes(model, cells: _Cells) -> pd.DataFrame:
     """One forward pass; per cell and layer the input and output spike of the down-projection."""
     down = down_projections(model, "scgpt")
@@ -222,7 +182,7 @@ def _cell_spikes(model, cells: _Cells) -> pd.DataFrame:
 
     handles = [module.register_forward_hook(hook_for(layer)) for layer, (_, module) in down.items()]
     try:
-        with _eval_no_grad(model):
+        with evaluation(model):
             for batch in cells.batches:
                 current["pad"] = batch["padding_mask"]
                 model(batch["gene_ids"], batch["values"], batch["padding_mask"])
@@ -281,7 +241,7 @@ def _candidate_table(model, result: ProbeResult, cells: _Cells, n_strongest: int
     rounds = sorted({c.round for c in result.candidates} | {1})
     spikes = {}
     for r in rounds:
-        with _zeroed(model, [c for c in result.candidates if c.round < r]):
+        with zeroed(model, [(c.module, c.row, c.col) for c in result.candidates if c.round < r]):
             spikes[r] = _cell_spikes(model, cells)
     rows = []
     for c in result.candidates:
@@ -333,7 +293,7 @@ def _cell_table(spikes: pd.DataFrame, cells: _Cells) -> pd.DataFrame:
 
 def _layernorm_table(model, z: float) -> pd.DataFrame:
     frame = layernorm_outliers(model, z)
-    layer = frame["module"].map(lambda m: int(g.group(1)) if (g := _LAYER.search(m)) else None)
+    layer = frame["module"].map(layer_of)
     frame.insert(1, "layer", layer.astype("Int64"))
     frame["kind"] = SECONDARY
     return frame

@@ -457,5 +457,5 @@ def quantize_checkpoint(
         device=device,
     )
     return run_quantization(
-        test.model, test.loader, test.classes, read_super_weights(super_weights), settings
+        test.model, test.batches, test.classes, read_super_weights(super_weights), settings
     )

@@ -4,33 +4,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch import Tensor
 
 from ..errors import UserError
+from .cells import cell_batches, sample_rows
 from .checkpoint import load_checkpoint
 from .scgpt import ScGPTConfig, ScGPTModel
-from .train import (
-    TrainSettings,
-    class_names,
-    make_loader,
-    pick_device,
-    read_tokenised,
-    split_datasets,
-)
+from .train import class_names, pick_device, read_tokenised
 
 
 @dataclass
 class TestCells:
-    """The model, its vocabulary and class order, and a fixed loader over test cells."""
+    """The model, its vocabulary and class order, fixed batches of cells and their obs."""
 
     model: ScGPTModel
     config: ScGPTConfig
     vocab: dict[str, int]
     classes: list[str]
-    loader: DataLoader
+    batches: list[dict[str, Tensor]]
     obs: pd.DataFrame
     device: torch.device
 
@@ -48,8 +41,8 @@ def load_test_cells(
     labelled: bool = True,
 ) -> TestCells:
     """Load a checkpoint and (up to `max_cells`, seeded) cells of `split` (the held-out test
-    donors by default) in fixed order; with `labelled`, batches carry the cell types and the
-    checkpoint must classify this dataset's types."""
+    donors by default) as batches on the model's device; with `labelled`, batches carry the
+    cell types and the checkpoint must classify this dataset's types."""
     adata = read_tokenised(tokenised)
     classes = class_names(adata)
     device = torch.device(device) if device else pick_device()
@@ -59,14 +52,9 @@ def load_test_cells(
             f"the checkpoint classifies {config.n_cls} classes but the data has {len(classes)}; "
             "use the fine-tuned checkpoint of this dataset"
         )
-    settings = TrainSettings(batch_size=batch_size, max_seq_len=max_seq_len, seed=seed)
-    test = split_datasets(adata, vocab, settings, labelled=labelled)[split]
-    n = len(test)
-    if n == 0:
-        raise UserError(f"no cells in split '{split}'; preprocess needs more donors")
-    cells = np.arange(n)
-    if max_cells is not None and n > max_cells:
-        cells = np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
-    loader = make_loader(test, settings, config.pad_token_id, shuffle=False, sampler=cells.tolist())
-    obs = adata.obs.loc[(adata.obs["split"].astype(str) == split).to_numpy()].iloc[cells]
-    return TestCells(model, config, vocab, classes, loader, obs, device)
+    rows = sample_rows(adata.obs["split"].astype(str).to_numpy(), [split], max_cells, seed)
+    batches = cell_batches(
+        adata, vocab, rows, pad_token_id=config.pad_token_id, batch_size=batch_size,
+        max_seq_len=max_seq_len, seed=seed, labelled=labelled, device=device,
+    )  # fmt: skip
+    return TestCells(model, config, vocab, classes, batches, adata.obs.iloc[rows], device)

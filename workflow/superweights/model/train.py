@@ -150,9 +150,14 @@ def class_names(adata: ad.AnnData) -> list[str]:
 
 
 def split_datasets(
-    adata: ad.AnnData, vocab: dict[str, int], settings: TrainSettings, labelled: bool
+    adata: ad.AnnData,
+    vocab: dict[str, int],
+    settings: TrainSettings,
+    labelled: bool,
+    required: tuple[str, ...] = ("train", "val"),
 ) -> dict[str, CellDataset]:
-    """A CellDataset per split (train/val/test) over the genes that `vocab` knows."""
+    """A CellDataset per split (train/val/test) over the genes that `vocab` knows; the
+    `required` splits must hold cells."""
     columns, token_ids = gene_token_ids(list(map(str, adata.var_names)), vocab)
     bins = adata.X[:, columns]
     split = adata.obs["split"].astype(str).to_numpy()
@@ -168,7 +173,7 @@ def split_datasets(
             labels=None if codes is None else codes[rows],
             seed=settings.seed,
         )
-    for name in ("train", "val"):
+    for name in required:
         if len(datasets[name]) == 0:
             raise UserError(f"no cells in split '{name}'; preprocess needs more donors")
     return datasets
