@@ -137,5 +137,29 @@ def test_seaad_scgpt_preset_plans_a_run_from_the_checkpoint(tmp_path, released):
     for option in ("--epochs 10", "--lr 0.0001", "--batch-size 32", "--max-seq-len 1200"):
         assert option in finetune
     missing = dry_run(tmp_path, *preset)  # the preset's own path, absent here
-    assert missing.returncode != 0
-    assert "models/scGPT_human/vocab.json" in missing.stdout + missing.stderr
+    assert missing.returncode == 2
+    assert "error: checkpoint folder models/scGPT_human does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("remove", "needle"), [("args.json", "lacks args.json"), ("vocab.json", "lacks vocab.json")]
+)
+def test_workflow_stops_before_any_job_on_an_unusable_checkpoint(
+    tmp_path, released, remove, needle
+):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("args.json", "vocab.json"):
+        (folder / name).write_bytes((released / name).read_bytes())
+    (folder / remove).unlink()
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "-d", str(workdir)]
+        + ["--config", f"model={{checkpoint: {folder}}}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and needle in errors[0], result.stderr
+    assert not (workdir / "results").exists()

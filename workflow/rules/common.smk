@@ -1,11 +1,13 @@
 import shlex
 import sys
+from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
 from superweights.config import stage_settings
 from superweights.errors import UserError
+from superweights.model.checkpoint import read_args_and_vocab
 from superweights.rule_io import USER_ERROR_EXIT
 
 min_version("9.0")
@@ -23,8 +25,19 @@ def check_settings():
         sys.exit(USER_ERROR_EXIT)
 
 
+def check_checkpoint():
+    """Stop now on a configured checkpoint folder without a usable args.json and vocab.json."""
+    if config["model"]["checkpoint"]:
+        try:
+            read_args_and_vocab(Path(config["model"]["checkpoint"]))
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
+
+
 validate(config, "../superweights/config.schema.yaml")
 check_settings()
+check_checkpoint()
 
 SOURCES = {d["name"]: d["source"] for d in config["datasets"]}
 DATASETS = list(SOURCES)
