@@ -17,8 +17,9 @@ that one weight is set to 0. It is compared with:
   only, the module's output channel ``row`` written back (how much of the effect travels
   through the super activation).
 
-A candidate is confirmed when q <= alpha, the effect reaches ``min_effect`` and it exceeds
-the top-k control. The effect's confidence interval is a percentile bootstrap over
+A candidate is confirmed when q <= alpha, the effect reaches ``min_effect``, its confidence
+interval excludes 0 (the drop is consistent across examples or groups) and it exceeds the
+top-k control. The effect's confidence interval is a percentile bootstrap over
 examples, or over ``groups`` (e.g. donors) when given. Every weight is restored bit for
 bit; the same seed gives the same table.
 """
@@ -482,6 +483,8 @@ def _verdict(r, settings: ConfirmSettings, warning: str) -> tuple[bool, str]:
         )
     if not r.effect >= settings.min_effect:
         failures.append(f"effect {r.effect:.4g} < min_effect {settings.min_effect:g}")
+    if not r.ci_low > 0:
+        failures.append(f"the {settings.ci:.0%} CI [{r.ci_low:.4g}, {r.ci_high:.4g}] includes 0")
     if not r.effect > r.topk_effect:
         failures.append(
             f"effect {r.effect:.4g} does not exceed pruning the top-{r.topk_k} other weights "
@@ -491,8 +494,8 @@ def _verdict(r, settings: ConfirmSettings, warning: str) -> tuple[bool, str]:
         return True, (
             f"confirmed: mean drop {r.effect:.4g} [{r.ci_low:.4g}, {r.ci_high:.4g}], "
             f"p {r.p_value:.3g}, q {r.q_value:.3g} against {r.n_null} null weights "
-            f"({r.null}); above min_effect {settings.min_effect:g} and the top-{r.topk_k} "
-            f"control ({r.topk_effect:.4g})"
+            f"({r.null}); above min_effect {settings.min_effect:g}, CI above 0, and above the "
+            f"top-{r.topk_k} control ({r.topk_effect:.4g})"
         )
     reason = "rejected: " + "; ".join(failures)
     return False, f"{reason}; {warning}" if warning else reason
