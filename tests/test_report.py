@@ -36,7 +36,7 @@ FIGURES = (
     "preprocess/qc.png", "finetune/confusion.png", "finetune/training_curve.png",
     "probe/layer_spikes.png", "probe/cell_spikes.png", "ablate/forest.png",
     "ablate/null_histograms.png", "ablate/scaling.png", "ablate/prediction_shift.png",
-    "ablate/celltype_effect.png",
+    "ablate/celltype_effect.png", "persistence/persistence.png",
     "quantize/quantize.png", "enrich/L1_12_40/dotplot.png", "enrich/L1_12_40/gsea_top1.png",
     "enrich/L1_12_40/gsea_top2.png", "enrich/L1_12_40/gsea_ad1.png",
 )  # fmt: skip
@@ -113,6 +113,14 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "status": ["compared", "too few donors (2 < 3)"],
     })  # fmt: skip
     (root / "ablate" / "summary.json").write_text(json.dumps({"expression": "EXPRESSION NOTE"}))
+    tsv(root, "persistence/persistence.tsv", {
+        "candidate": ["L1[12,40]", "L3[7,7]"], "status": ["persists", "lost in fine-tuning"],
+        "confirmed_in_base": [True, True], "confirmed_in_finetuned": [True, False],
+        "weight_base": [-2.6, 1.9], "weight_finetuned": [-2.5, 0.3],
+        "relative_change": [0.04, -0.84], "base_effect": [0.8, 0.5], "base_ci_low": [0.6, 0.3],
+        "base_ci_high": [1.0, 0.7], "finetuned_effect": [3.89, 0.001],
+        "finetuned_ci_low": [3.5, -0.01], "finetuned_ci_high": [4.1, 0.01],
+    })  # fmt: skip
     tsv(root, "ablate/confirmed.tsv", {
         "candidate": tested, "module": ["transformer_encoder.layers.1.linear2",
                                         "transformer_encoder.layers.2.linear2"],
@@ -253,6 +261,10 @@ def test_sections_show_the_stage_outputs(results):
     assert "<strong>L2[3,5] (probe: accepted)</strong>: rejected: drop 0.01" in pruning
     assert "too few donors (2 &lt; 3)" in pruning or "too few donors (2 < 3)" in pruning
     assert "q (BH)" in pruning and "top-k drop" in pruning
+    assert (
+        "Of 2 super weights confirmed in the starting model, 1 remain confirmed after "
+        "fine-tuning; 0 appear only in the fine-tuned model; 2 weights tested in all." in pruning
+    )
     pathways = section(page, "pathways")
     assert "astrocyte differentiation (GO:0048708)" in pathways
     assert "ORA TERM amyloid clearance" in pathways and "Alzheimer disease" in pathways
@@ -378,7 +390,7 @@ def test_figure_captions_are_those_of_snakemakes_report(results, png):
         for rel, caption in SHOWN_BY_SNAKEMAKE.findall(smk.read_text())
         if rel.endswith(".png")
     }
-    assert len(figures) == 11
+    assert len(figures) == 12
     for rel in figures:  # each figure's own bytes, to tell them apart in the page
         (results / DATASET / rel).write_bytes(png + rel.encode())
     page = build(results)

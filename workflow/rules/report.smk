@@ -20,6 +20,8 @@ rule report:
         scaling_figure="results/{dataset}/ablate/scaling.png",
         shift_figure="results/{dataset}/ablate/prediction_shift.png",
         celltype_figure="results/{dataset}/ablate/celltype_effect.png",
+        persistence="results/{dataset}/persistence/persistence.tsv",
+        persistence_figure="results/{dataset}/persistence/persistence.png",
         genes="results/{dataset}/channels/genes.tsv",
         genes_of_interest="results/{dataset}/channels/genes_of_interest.tsv",
         enrich="results/{dataset}/enrich",

@@ -39,6 +39,11 @@ CAPTIONS = {
     "marked, its empirical p and its Benjamini-Hochberg q.",
     "ablate_confirmed": "Verdict for every tested candidate: effect, CI, p and q against its "
     "null, the top-k control, and the reason it was confirmed or rejected.",
+    "persistence_table": "Every super weight tested in the starting or the fine-tuned model: "
+    "its value in both, its effect in both (masked-expression log-likelihood before, log "
+    "p(true cell type) after fine-tuning, with donor-bootstrap CIs) and each model's verdict.",
+    "persistence_figure": "Super weights before and after fine-tuning: value in the starting "
+    "vs the fine-tuned model (left; dashed: unchanged) and effect of pruning in each (right).",
     "ablate_scaling": "Mean drop of log p(true cell type) as each candidate weight is "
     "multiplied by a factor (1 = unchanged); Yu et al. (2024) scaled the super weight of "
     "Llama-7B the same way.",

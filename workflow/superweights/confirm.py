@@ -207,6 +207,37 @@ def confirm_super_weights(
     )
 
 
+def weight_effects(
+    model: nn.Module,
+    candidates,
+    score: Score,
+    *,
+    groups: Sequence | None = None,
+    settings: ConfirmSettings | None = None,
+) -> pd.DataFrame:
+    """Effect (mean score drop when pruned) and its bootstrap CI of each candidate, without
+    a null: for weights already judged elsewhere (e.g. in the model before fine-tuning)."""
+    settings = settings or ConfirmSettings()
+    table = read_candidates(candidates).drop_duplicates(["module", "row", "col"])
+    targets = [_target(model, r) for r in table.itertuples(index=False)]
+    rows = []
+    with evaluation(model):
+        base = _checked(score(model), None, "")
+        groups = _check_groups(groups, len(base))
+        runner = _Runner(model, score, base)
+        for i, t in enumerate(targets):
+            with _from_layer(score, t["layer"]):
+                delta = runner.delta([WeightEdit.single(t["module"], t["row"], t["col"])])
+            rng = np.random.default_rng([settings.seed, i])
+            keys = ("module", "layer", "row", "col", "weight")
+            row = {"candidate": t["id"]} | {k: t[k] for k in keys}
+            rows.append(row | {"effect": float(delta.mean())}
+                        | _bootstrap(delta, groups, settings, rng))  # fmt: skip
+    columns = ["candidate", "module", "layer", "row", "col", "weight", "effect", "ci_low",
+               "ci_high", "n_groups"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
 # --- candidates and scores ------------------------------------------------------------
 
 

@@ -47,6 +47,8 @@ INPUT_FILES = {
     "scaling_figure": "ablate/scaling.png",
     "shift_figure": "ablate/prediction_shift.png",
     "celltype_figure": "ablate/celltype_effect.png",
+    "persistence": "persistence/persistence.tsv",
+    "persistence_figure": "persistence/persistence.png",
     "genes": "channels/genes.tsv",
     "genes_of_interest": "channels/genes_of_interest.tsv",
     "enrich": "enrich",
@@ -71,6 +73,11 @@ CONFIRMED_COLUMNS = [
     "n_null", "p_value", "q_value", "topk_k", "topk_effect", "recovered", "expr_effect",
 ]  # fmt: skip
 TOPK_COLUMNS = ["fraction", "k", "effect", "decides"]
+PERSISTENCE_COLUMNS = [
+    "candidate", "status", "confirmed_in_base", "confirmed_in_finetuned", "weight_base",
+    "weight_finetuned", "relative_change", "base_effect", "base_ci_low", "base_ci_high",
+    "finetuned_effect", "finetuned_ci_low", "finetuned_ci_high",
+]  # fmt: skip
 STRATA_COLUMNS = ["candidate", "stratum", "value", "n_cells", "n_donors", "effect", "ci_low",
                   "ci_high", "status"]  # fmt: skip
 INTEREST_COLUMNS = [
@@ -127,6 +134,11 @@ LABELS = {
     "recovered": "recovered by restoring the spike",
     "expr_effect": "drop in expression log-lik.",
     "n_donors": "donors",
+    "weight_base": "weight before",
+    "weight_finetuned": "weight after",
+    "relative_change": "relative change",
+    "base_effect": "effect before",
+    "finetuned_effect": "effect after",
     "robust_z": "robust z",
     "n_ranked": "genes ranked",
     "input_act": "mean input act.",
@@ -501,7 +513,30 @@ def pruning_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
             sec.tables[key] = make_table(frame, columns, res.label(key), max_rows=60)
     for name, (key, caption_name) in ABLATE_FIGURES.items():
         sec.figures[name] = res.figure(key, caption_name)
+    persistence = res.tsv("persistence")
+    if persistence is None:
+        sec.missing["persistence"] = res.missing("persistence", "No persistence table")
+    else:
+        sec.tables["persistence"] = make_table(
+            persistence, PERSISTENCE_COLUMNS, res.label("persistence"), max_rows=40
+        )
+        sec.text["persistence"] = persistence_statement(persistence)
+    sec.figures["persistence"] = res.figure("persistence_figure", "persistence_figure")
     return sec, confirmed
+
+
+def persistence_statement(table: pd.DataFrame) -> str:
+    """How many super weights of the starting model survive fine-tuning, and how many appear."""
+    counts = table["status"].value_counts()
+    base = int(counts.get("persists", 0) + counts.get("lost in fine-tuning", 0))
+    if not len(table):
+        return "Neither model had a weight to test."
+    return (
+        f"Of {_plural(base, 'super weight')} confirmed in the starting model, "
+        f"{int(counts.get('persists', 0))} remain confirmed after fine-tuning; "
+        f"{int(counts.get('appears in fine-tuning', 0))} appear only in the fine-tuned model; "
+        f"{_plural(len(table), 'weight')} tested in all."
+    )
 
 
 def _interest_frames(goi: pd.DataFrame, core: tuple[str, ...]):

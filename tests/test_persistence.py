@@ -1,0 +1,57 @@
+"""Persistence through fine-tuning: each weight's value, effect and verdict in both models."""
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from superweights.ablate import AblateSettings
+from superweights.model.checkpoint import save_checkpoint
+from superweights.model.scgpt import ScGPTModel
+from superweights.persistence import persistence
+from superweights.persistence_plots import write_figure
+from test_ablate import PLANTED, ROW, VOCAB, K, planted_model, tokenised, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_weight_kept_through_fine_tuning_persists_and_a_shrunk_one_is_lost(tmp_path):
+    adata = tokenised()
+    tuned, frozen = planted_model()
+    train(tuned, frozen, adata, epochs=4)
+    # The "starting" model: the same encoder without the classifier head, where a second
+    # weight (layer 1) was large and fine-tuning shrank it to a tenth.
+    base = ScGPTModel(replace(tuned.config, n_cls=0))
+    base.load_state_dict({k: v for k, v in tuned.state_dict().items() if "cls_decoder" not in k})
+    other = "transformer_encoder.layers.1.linear2"
+    with torch.no_grad():
+        base.transformer_encoder.layers[1].linear2.weight[2, 3] = 3.0
+        tuned.transformer_encoder.layers[1].linear2.weight[2, 3] = 0.3
+    base_dir = save_checkpoint(base, base.config, VOCAB, tmp_path / "base")
+    tuned_dir = save_checkpoint(tuned, tuned.config, VOCAB, tmp_path / "tuned")
+    base_confirmed = pd.DataFrame(
+        {"module": [PLANTED, other], "row": [ROW, 2], "col": [K, 3], "weight": [24.0, 3.0],
+         "confirmed": [True, True]}
+    )  # fmt: skip
+    tuned_confirmed = pd.DataFrame(
+        {"module": [PLANTED], "row": [ROW], "col": [K], "weight": [24.0], "confirmed": [True]}
+    )
+    settings = AblateSettings(n_boot=50, max_seq_len=17, batch_size=64, max_cells=200)
+    table = persistence(adata, base_dir, tuned_dir, base_confirmed, tuned_confirmed, settings)
+    rows = table.set_index("candidate")
+    kept, shrunk = rows.loc[f"L0[{ROW},{K}]"], rows.loc["L1[2,3]"]
+    assert kept.status == "persists" and kept.weight_base == kept.weight_finetuned == 24.0
+    assert kept.relative_change == 0 and kept.finetuned_effect > 1.0 and kept.finetuned_ci_low > 0
+    assert np.isfinite(kept.base_effect)
+    assert shrunk.status == "lost in fine-tuning" and not shrunk.tested_in_finetuned
+    assert shrunk.weight_base == 3.0 and shrunk.weight_finetuned == pytest.approx(0.3)
+    assert shrunk.relative_change == pytest.approx(-0.9)
+    assert write_figure(table, tmp_path / "persistence.png").stat().st_size > 5000

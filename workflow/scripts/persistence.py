@@ -1,0 +1,18 @@
+from superweights.ablate import AblateSettings
+from superweights.outputs import write_tsv
+from superweights.persistence import persistence
+from superweights.persistence_plots import write_figure
+from superweights.rule_io import rule_log
+
+with rule_log(snakemake):
+    inp, out = snakemake.input, snakemake.output
+    table = persistence(
+        inp.data,
+        inp.base,
+        inp.finetuned,
+        inp.base_confirmed,
+        inp.finetuned_confirmed,
+        AblateSettings(**snakemake.params.settings),
+    )
+    write_tsv(out.table, table)
+    write_figure(table, out.figure)
