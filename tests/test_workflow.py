@@ -19,7 +19,9 @@ STAGE_OUTPUTS = [
     "probe/candidates.tsv",
     "probe/layer_spikes.png",
     "ablate/confirmed.tsv",
-    "ablate/confirmed.tsv",
+    "ablate/forest.png",
+    "base/confirm/confirmed.tsv",
+    "persistence/persistence.tsv",
     "channels/genes_of_interest.tsv",
     "enrich/summary.tsv",
     "quantize/quantize.tsv",
@@ -50,6 +52,14 @@ def test_outputs_are_consistent_across_stages(small_run):
 
     assert len(confirmed) > 0
     assert coords(confirmed) <= coords(candidates)
+    # The probe selects on validation cells; the confirmation evaluates test cells only.
+    cells = pd.read_csv(small_run / "ablate/cells.tsv", sep="\t")
+    split = tokenised.obs["split"].astype(str)
+    assert set(split[cells["cell_id"].astype(str)]) == {"test"}
+    probed = pd.read_csv(small_run / "probe/cells.tsv", sep="\t")
+    assert set(probed["split"]) == {"val"}
+    persistence = pd.read_csv(small_run / "persistence/persistence.tsv", sep="\t")
+    assert coords(confirmed) <= coords(persistence)
     quantized = pd.read_csv(small_run / "quantize/quantize.tsv", sep="\t")
     original = quantized[quantized["scheme"] == "fp32"]["mean_log_likelihood"].iloc[0]
     assert original == pytest.approx(metrics["mean_log_likelihood"], abs=1e-4)
