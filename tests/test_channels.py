@@ -22,10 +22,10 @@ N_CELLS = 12
 CELLS_WITH_PLANTED = range(8)
 
 
-def _layer1_mlp_inputs(model: ScGPTModel) -> torch.Tensor:
-    """Input of layer 1's MLP for every token, each token in a sequence of its own."""
+def _layer1_mlp_inputs(model: ScGPTModel, layer: int = 1) -> torch.Tensor:
+    """Input of a layer's MLP for `<cls>` then every gene (tokens do not interact)."""
     seen = {}
-    hook = model.transformer_encoder.layers[1].linear1.register_forward_pre_hook(
+    hook = model.transformer_encoder.layers[layer].linear1.register_forward_pre_hook(
         lambda module, args: seen.setdefault("x", args[0])
     )
     ids = torch.tensor([[VOCAB["<cls>"], *range(len(GENES))]])
@@ -111,6 +111,7 @@ def _candidates(weight=WEIGHT):
 def _settings(**kwargs):
     kwargs.setdefault("genes_of_interest", ("APP", "MAPT", "TREM2", PLANTED))
     kwargs.setdefault("min_cells", 2)
+    kwargs.setdefault("n_null", 20)
     return ch.ChannelSettings(strata_columns=("ADNC",), **kwargs)
 
 
@@ -120,21 +121,71 @@ def _run(model, settings=None):
     return ch.map_channel_genes(model, batches, channels, VOCAB, settings or _settings(), OBS)
 
 
-def test_planted_gene_ranks_first(model):
-    genes = _run(model).genes
+def _hidden(model: ScGPTModel, layer: int, token: int) -> torch.Tensor:
+    """Layer `layer`'s MLP hidden units (the down-projection's input) at a token, which
+    depends on the token's gene only (position 0 = `<cls>`)."""
+    mlp = model.transformer_encoder.layers[layer].linear1
+    with torch.no_grad():
+        return F.relu(mlp(_layer1_mlp_inputs(model, layer)[token]))
+
+
+def test_planted_gene_ranks_first_with_its_z_against_the_null(model):
+    settings = _settings()
+    genes = _run(model, settings).genes
     overall = genes[(genes["candidate"] == "L1[5,3]") & (genes["stratum_type"] == "all")]
     assert list(overall.columns) == ch.GENE_COLUMNS
     first = overall.iloc[0]
     assert first["gene"] == PLANTED and first["rank"] == 1 and first["percentile"] == 100
     assert first["n_cells"] == len(CELLS_WITH_PLANTED)
-    x = _layer1_mlp_inputs(model)[1 + VOCAB[PLANTED]]
-    layer = model.transformer_encoder.layers[1]
-    expected = F.relu(layer.linear1(x))[COL].item()
-    assert first["input_act"] == pytest.approx(expected, rel=1e-5)
-    assert first["score"] == pytest.approx(WEIGHT * expected, rel=1e-5)
+    hidden = _hidden(model, 1, 1 + VOCAB[PLANTED])
+    assert first["xw"] == pytest.approx(WEIGHT * hidden[COL].item(), rel=1e-5)
+    # every cell gives the planted gene the same activations, so its standard error is 0
+    # and z compares the candidate with the null weights' |x * w| alone
+    (channel,) = ch.with_nulls(model, ch.select_channels(model, _candidates(), 0), 20, 2.0, 0)
+    weight = model.transformer_encoder.layers[1].linear2.weight.detach()
+    null = np.array([abs(hidden[c].item() * weight[r, c].item()) for r, c in channel.nulls])
+    assert len(null) == 20 and first["se"] == pytest.approx(0, abs=1e-6)
+    expected = (WEIGHT * hidden[COL].item() - null.mean()) / null.std(ddof=1)
+    assert first["z"] == pytest.approx(expected, rel=1e-4)
+    assert first["p_null"] == pytest.approx(1 / 21)
     rest = overall.iloc[1:]
-    assert (rest["input_act"] == 0).all() and (rest["score"] == 0).all()
+    assert (rest["xw"] == 0).all() and (rest["z"] < first["z"]).all()
     assert (rest["ablation_effect"] == 0).all() and first["ablation_effect"] != 0
+
+
+def test_weights_of_one_column_rank_genes_differently(model):
+    """The old score (mean |input of col|) gave every weight of a column the same ranking."""
+    with torch.no_grad():
+        model.transformer_encoder.layers[1].linear2.weight[0, COL] = 3.0
+    first = _candidates().head(1)
+    table = pd.concat([first, first.assign(candidate="L1[0,3]", row=0, weight=3.0)])
+    channels = ch.select_channels(model, table, n_unconfirmed=0)
+    result = ch.map_channel_genes(model, _batches(_cells()), channels, VOCAB, _settings(), OBS)
+    overall = result.genes[result.genes["stratum_type"] == "all"]
+    orders = [part["gene"].tolist() for _, part in overall.groupby("candidate")]
+    assert orders[0][0] == orders[1][0] == PLANTED
+    assert orders[0] != orders[1]
+
+
+def test_rankings_have_no_ties(model):
+    genes = _run(model).genes
+    for _, part in genes.groupby(["candidate", "stratum_type", "stratum"]):
+        assert part["z"].is_unique and part["z"].notna().all()
+
+
+def test_cls_is_reported_apart(model):
+    result = _run(model)
+    assert ch.CLS not in set(result.genes["gene"])
+    cls = result.cls.set_index(["candidate", "stratum_type", "stratum"])
+    assert list(result.cls.columns) == ch.CLS_COLUMNS
+    assert cls.loc[("L1[5,3]", "all", "all"), "n_cells"] == N_CELLS
+    assert cls.loc[("L1[5,3]", "ADNC", "High"), "n_cells"] == 4
+    # the planted unit is silent at <cls>; unit 1 of layer 0 is what L0[0,1] adds there
+    assert cls.loc[("L1[5,3]", "all", "all"), "xw"] == 0
+    w = model.transformer_encoder.layers[0].linear2.weight[0, 1].item()
+    expected = _hidden(model, 0, 0)[1].item() * w
+    got = cls.loc[("L0[0,1]", "all", "all"), "xw"]
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 def test_ablation_effect_is_the_expression_change(model):
@@ -220,6 +271,25 @@ def test_select_channels_rejects_foreign_candidates(model, change, message):
         ch.select_channels(model, table)
 
 
+def test_no_confirmed_weight_maps_nothing_by_default(model, caplog):
+    table = _candidates().assign(confirmed=False)
+    channels = ch.select_channels(model, table, n_unconfirmed=ch.ChannelSettings().n_unconfirmed)
+    result = ch.map_channel_genes(model, _batches(_cells()), channels, VOCAB, _settings(), OBS)
+    assert channels == [] and result.genes.empty and result.cls.empty
+    assert list(result.genes.columns) == ch.GENE_COLUMNS
+    assert "set channels.n_unconfirmed for an exploratory map" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"min_cells": 1}, "standard error needs 2 cells"), ({"n_null": 1}, "n_null must be >= 2"),
+     ({"band": 1.0}, "band > 1")],
+)  # fmt: skip
+def test_settings_are_checked(change, message):
+    with pytest.raises(UserError, match=message):
+        ch.ChannelSettings(**change)
+
+
 def test_select_channels_needs_columns(model):
     with pytest.raises(UserError, match="lacks column"):
         ch.select_channels(model, pd.DataFrame({"module": [MODULE]}))
@@ -239,7 +309,7 @@ def test_map_channels_end_to_end(tmp_path, model):
     assert result.summary["candidates"][0]["top_genes"][0] == PLANTED
     paths = ch.write_outputs(result, tmp_path / "out")
     assert [p.name for p in paths] == [
-        "genes.tsv", "genes_of_interest.tsv", "channels.tsv", "summary.json"
+        "genes.tsv", "genes_of_interest.tsv", "cls.tsv", "channels.tsv", "summary.json"
     ]  # fmt: skip
     read = pd.read_csv(paths[0], sep="\t")
     assert read.iloc[0]["gene"] == PLANTED

@@ -12,7 +12,7 @@ from scipy.stats import hypergeom
 
 from superweights import enrich
 from superweights.enrich import EnrichSettings, GeneSetSettings, read_gmt
-from superweights.enrich_plots import plot_candidate, running_sum
+from superweights.enrich_plots import plot_candidate, plot_candidates
 from superweights.errors import UserError
 
 GENES = [f"GENE{i}" for i in range(1500)]
@@ -162,40 +162,64 @@ def test_enrichr_download_failure_names_it(monkeypatch):
 def test_prerank_finds_the_planted_set(planted, method):
     ranking, sets = planted
     settings = EnrichSettings(method=method, permutation_num=200, min_size=10)
-    table = enrich.prerank(ranking, sets, settings)
+    table = enrich.prerank(ranking, sets, settings).table
     assert list(table.columns) == enrich.PRERANK_COLUMNS
     top = table.iloc[0]
-    assert top["term"] == "planted" and top["NES"] > 2.5 and top["FDR"] < 0.01
-    assert set(top["leading_edge"].split(";")) <= set(GENES[:30])
-    random = table[table["term"] != "planted"]
+    assert top["Term"] == "planted" and top["NES"] > 2.5 and top["FDR q-val"] < 0.01
+    assert set(top["Lead_genes"].split(";")) <= set(GENES[:30])
+    random = table[table["Term"] != "planted"]
     assert len(random) == 20
     assert (random["NES"].abs() < top["NES"]).all()
-    assert (random["FDR"] > 0.05).mean() >= 0.9
+    assert (random["FDR q-val"] > 0.05).mean() >= 0.9
 
 
 def test_prerank_is_seeded(planted):
     ranking, sets = planted
     settings = EnrichSettings(min_size=10)
     pd.testing.assert_frame_equal(
-        enrich.prerank(ranking, sets, settings), enrich.prerank(ranking, sets, settings)
+        enrich.prerank(ranking, sets, settings).table, enrich.prerank(ranking, sets, settings).table
     )
+
+
+def test_prerank_keeps_the_running_sums_it_tested(planted):
+    ranking, sets = planted
+    result = enrich.prerank(ranking, sets, EnrichSettings(min_size=10), keep_curves=2)
+    assert list(result.curves) == [("toy", t) for t in result.table["Term"].head(2)]
+    for (_, term), curve in result.curves.items():
+        res = np.asarray(curve["RES"])
+        row = result.table.set_index("Term").loc[term]
+        assert res[np.argmax(np.abs(res))] == pytest.approx(row["ES"], abs=1e-6)
+        hit_genes = set(result.ranking.index[curve["hits"]])
+        assert hit_genes == set(sets["toy"][term]) and curve["NES"] == row["NES"]
 
 
 def test_prerank_matches_symbols_ignoring_case():
     genes = [f"C{i}orf{i}" for i in range(300)]
     ranking = pd.Series(np.linspace(2, -2, 300), index=genes)
     sets = {"lib": {"top": [g.upper() for g in genes[:20]], "other": genes[100:140]}}
-    table = enrich.prerank(ranking, sets, EnrichSettings(min_size=10, permutation_num=100))
-    top = table.set_index("term").loc["top"]
-    assert top["size"] == 20 and set(top["leading_edge"].split(";")) <= set(genes[:20])
+    table = enrich.prerank(ranking, sets, EnrichSettings(min_size=10, permutation_num=100)).table
+    top = table.set_index("Term").loc["top"]
+    assert top["size"] == 20 and set(top["Lead_genes"].split(";")) <= set(genes[:20])
 
 
 def test_sets_outside_the_size_limits_are_not_tested(planted):
     ranking, sets = planted
-    table = enrich.prerank(ranking, sets, EnrichSettings(min_size=31, max_size=500))
+    table = enrich.prerank(ranking, sets, EnrichSettings(min_size=31, max_size=500)).table
     assert table.empty and list(table.columns) == enrich.PRERANK_COLUMNS
     small = EnrichSettings(min_size=31, library_min_size={"toy": 5})
-    assert len(enrich.prerank(ranking, sets, small)) == 21
+    assert len(enrich.prerank(ranking, sets, small).table) == 21
+
+
+def test_a_largely_tied_ranking_is_refused(planted):
+    """gseapy's prerank crashed on a ranking with 56% ties ("comparison function does not
+    correctly implement a total order"); such a ranking is refused with the reason."""
+    ranking, sets = planted
+    tied = ranking.copy()
+    tied.iloc[600:1440] = 0.0
+    assert enrich.tied_fraction(tied) == pytest.approx(0.56)
+    with pytest.raises(UserError, match="56% of the ranked genes share their score"):
+        enrich.prerank(tied, sets, EnrichSettings(min_size=10))
+    assert enrich.check_ties(ranking, 0.05) == ""
 
 
 def test_ora_finds_the_planted_list(planted):
@@ -204,10 +228,25 @@ def test_ora_finds_the_planted_list(planted):
     table = enrich.ora(chosen, GENES, sets, EnrichSettings(min_size=10))
     assert list(table.columns) == enrich.ORA_COLUMNS
     top = table.iloc[0]
-    assert top["term"] == "planted" and top["overlap"] == 25 and top["FDR"] < 1e-20
+    assert top["Term"] == "planted" and top["Overlap"] == "25/30"
     # one-sided hypergeometric: 25 or more of 30 set genes among 45 chosen of 1,500
-    assert top["p"] == pytest.approx(hypergeom.sf(24, len(GENES), 30, len(chosen)), rel=1e-6)
-    assert (table.loc[table["term"] != "planted", "FDR"] > 0.01).all()
+    assert top["P-value"] == pytest.approx(hypergeom.sf(24, len(GENES), 30, len(chosen)), rel=1e-6)
+    assert top["Adjusted P-value"] < 1e-20
+    assert (table.loc[table["Term"] != "planted", "Adjusted P-value"] > 0.01).all()
+
+
+def test_ora_fdr_counts_sets_without_overlap():
+    chosen = GENES[:20]
+    sets = {
+        "lib": {
+            "hit": GENES[:20],
+            **{f"far{i}": GENES[100 + 20 * i : 120 + 20 * i] for i in range(49)},
+        }
+    }
+    table = enrich.ora(chosen, GENES, sets, EnrichSettings(min_size=10))
+    assert table["Term"].tolist() == ["hit"]  # only overlapping sets are listed
+    p = hypergeom.sf(19, len(GENES), 20, 20)
+    assert table.loc[0, "Adjusted P-value"] == pytest.approx(p * 50, rel=1e-6)  # BH, m = 50
 
 
 def test_ora_needs_genes_in_the_background():
@@ -219,7 +258,7 @@ def test_ad_rows_pick_ad_terms_and_curated_libraries():
     table = pd.DataFrame(
         {
             "library": ["KEGG", "GO", "GO", "GO", "WP", "KEGG", "GO", "alzheimers_curated"],
-            "term": [
+            "Term": [
                 "Alzheimer disease",
                 "Amyloid-Beta Formation (GO:0034205)",
                 "Regulation Of Tau-Protein Kinase Activity (GO:1902947)",
@@ -231,8 +270,8 @@ def test_ad_rows_pick_ad_terms_and_curated_libraries():
             ],
         }
     )
-    kept = enrich.ad_rows(table)["term"].tolist()
-    assert kept == table["term"].drop([5, 6]).tolist()
+    kept = enrich.ad_rows(table)["Term"].tolist()
+    assert kept == table["Term"].drop([5, 6]).tolist()
 
 
 def test_settings_are_validated():
@@ -240,60 +279,92 @@ def test_settings_are_validated():
         EnrichSettings(method="fast")
     with pytest.raises(UserError, match="min_size <= max_size"):
         EnrichSettings(min_size=50, max_size=20)
+    with pytest.raises(UserError, match="max_tied must be in"):
+        EnrichSettings(max_tied=1.0)
+
+
+def _gene_table(candidates):
+    rows = [
+        pd.DataFrame(
+            {
+                "candidate": name,
+                "confirmed": confirmed,
+                "stratum_type": "all",
+                "stratum": "all",
+                "gene": GENES,
+                "z": scores,
+            }
+        )  # fmt: skip
+        for name, confirmed, scores in candidates
+    ]
+    return pd.concat(rows, ignore_index=True)
 
 
 def test_enrich_candidates_writes_tables_per_candidate(tmp_path, planted):
     ranking, sets = planted
     sets = {**sets, "alzheimers_curated": {"AD_TOY": GENES[5:12]}}
-    rows = []
-    for candidate, scores in (("L1[5,3]", ranking), ("L0[1,2]", ranking[::-1].values)):
-        rows.append(
-            pd.DataFrame(
-                {
-                    "candidate": candidate,
-                    "confirmed": candidate == "L1[5,3]",
-                    "stratum_type": "all",
-                    "stratum": "all",
-                    "gene": GENES,
-                    "score": scores,
-                }
-            )  # fmt: skip
-        )
-    genes = pd.concat(rows, ignore_index=True)
+    tied = ranking.to_numpy().copy()
+    tied[:1000] = 1.0
+    reverse = ranking[::-1].to_numpy()
+    genes = _gene_table(
+        [
+            ("L1[5,3]", True, ranking.to_numpy()),
+            ("L0[1,2]", False, reverse),
+            ("L3[0,0]", False, tied),
+        ]
+    )
     settings = EnrichSettings(min_size=10, permutation_num=100, ora_top_n=30)
     summary = enrich.enrich_candidates(genes, sets, settings, tmp_path)
-    assert summary["folder"].tolist() == ["L1_5_3", "L0_1_2"]
+    assert list(summary.columns) == enrich.SUMMARY_COLUMNS
+    assert summary["folder"].tolist() == ["L1_5_3", "L0_1_2", "L3_0_0"]
     assert summary.loc[0, "top_term"] == "planted" and summary.loc[0, "top_ad_term"] == "AD_TOY"
+    assert summary["status"].tolist() == ["confirmed", enrich.EXPLORATORY, enrich.EXPLORATORY]
+    assert summary.loc[0, "n_tests"] == 2 * 22 and (summary["n_tests_total"] == 4 * 22).all()
+    assert "67% of the ranked genes" in summary.loc[2, "reason"]
+    assert not (tmp_path / "L3_0_0").exists()
     for folder in ("L1_5_3", "L0_1_2"):
-        for name in enrich.OUTPUT_FILES:
+        for name in (*enrich.OUTPUT_FILES, "gsea_curves.json"):
             assert (tmp_path / folder / name).is_file()
     ad = pd.read_csv(tmp_path / "L1_5_3" / "ad_terms.tsv", sep="\t")
-    assert set(ad["analysis"]) == {"prerank", "ora"} and set(ad["term"]) == {"AD_TOY"}
+    assert set(ad["analysis"]) == {"prerank", "ora"} and set(ad["Term"]) == {"AD_TOY"}
+    for name in enrich.OUTPUT_FILES:
+        table = pd.read_csv(tmp_path / "L0_1_2" / name, sep="\t")
+        assert table.columns[0] == "status" and set(table["status"]) == {enrich.EXPLORATORY}
+    assert "status" not in pd.read_csv(tmp_path / "L1_5_3" / "prerank.tsv", sep="\t")
     assert (tmp_path / "summary.tsv").is_file()
-    assert not list(tmp_path.rglob(".*.tmp"))
+    assert not list(tmp_path.rglob(".*.partial*"))
 
 
 # --- plots ------------------------------------------------------------------------------
 
 
-def test_running_sum_matches_gseapy_es(planted):
-    ranking, sets = planted
-    res, hits = running_sum(ranking, sets["toy"]["random3"])
-    ours = res[np.argmax(np.abs(res))]
-    theirs = gseapy.prerank(
-        rnk=ranking, gene_sets={"s": sets["toy"]["random3"]}, min_size=5, permutation_num=10,
-        threads=1, seed=0, outdir=None, no_plot=True, verbose=False,
-    ).res2d["ES"].iloc[0]  # fmt: skip
-    assert ours == pytest.approx(theirs, abs=1e-6)
-    assert len(hits) == 30
-
-
-def test_plot_candidate_writes_pngs(tmp_path, planted):
+def test_plots_are_gseapys_and_exploratory_ones_say_so(tmp_path, planted, monkeypatch):
     ranking, sets = planted
     sets = {**sets, "alzheimers_curated": {"AD_TOY": GENES[5:12]}}
-    table = enrich.prerank(ranking, sets, EnrichSettings(min_size=5, permutation_num=100))
-    paths = plot_candidate(ranking, sets, table, tmp_path, n_terms=2, title="L1[5,3]")
-    names = sorted(p.name for p in paths)
+    genes = _gene_table([("L1[5,3]", True, ranking.to_numpy()),
+                         ("L0[1,2]", False, ranking[::-1].to_numpy())])  # fmt: skip
+    enrich.enrich_candidates(genes, sets, EnrichSettings(min_size=5, permutation_num=100), tmp_path)
+    titles = []
+    for name in ("dotplot", "gseaplot"):
+        original = getattr(gseapy, name)
+
+        def spy(*args, _original=original, **kwargs):
+            titles.append(kwargs.get("title") or kwargs.get("term"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(gseapy, name, spy)
+    paths = plot_candidates(tmp_path, n_terms=2)
+    names = sorted(p.name for p in paths if p.parent.name == "L1_5_3")
     assert names == ["dotplot.png", "gsea_ad1.png", "gsea_top1.png", "gsea_top2.png"]
     for path in paths:
         assert path.read_bytes()[:4] == b"\x89PNG"
+    exploratory = [t for t in titles if "L0[1,2]" in t or t.startswith("EXPLORATORY")]
+    assert len(exploratory) == 4 and len(titles) == 8
+    assert not any("EXPLORATORY" in t or enrich.EXPLORATORY in t for t in titles[:4])
+
+
+def test_a_candidate_without_tested_sets_gets_no_dotplot(tmp_path, planted):
+    ranking, sets = planted
+    genes = _gene_table([("L1[5,3]", True, ranking.to_numpy())])
+    enrich.enrich_candidates(genes, sets, EnrichSettings(min_size=400), tmp_path)
+    assert plot_candidate(tmp_path / "L1_5_3", "L1[5,3]") == []

@@ -136,9 +136,11 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
     genes = ["GFAP", "AQP4", "APOE", "CLU", "SLC1A2"] + [f"GENE{i}" for i in range(25)]
     tsv(root, "channels/genes.tsv", {
         "candidate": tested[0], "confirmed": accepted, "stratum_type": "all", "stratum": "all",
-        "gene": genes, "n_cells": 50, "input_act": np.linspace(9, 1, 30),
+        "gene": genes, "n_cells": 50, "xw": np.linspace(-22.5, -2.5, 30),
+        "abs_xw": np.linspace(22.5, 2.5, 30), "se": 0.1, "null_mean_abs": 1.0,
+        "null_sd_abs": 0.5, "z": np.linspace(43, 3, 30), "p_null": 0.02,
         "output_act": np.linspace(-5, -1, 30), "resid_act": 0.5, "ablation_effect": -0.01,
-        "score": np.linspace(22.5, 2.5, 30), "rank": np.arange(1, 31),
+        "rank": np.arange(1, 31),
         "percentile": np.linspace(100, 0, 30),
     })  # fmt: skip
     interest = ["APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2", "CLU", "BIN1"]
@@ -149,32 +151,36 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "status": ["ranked", "not in these cells", "not in vocabulary", "ranked", "ranked",
                    "ranked", "ranked", "not in these cells", "ranked"],
         "n_cells": [12, 0, 0, 50, 9, 4, 50, 0, 20],
-        "score": [3.1, np.nan, np.nan, 19.9, 2.6, 2.5, 18.0, np.nan, 19.0],
+        "z": [3.1, np.nan, np.nan, 19.9, 2.6, 2.5, 18.0, np.nan, 19.0],
+        "p_null": [0.2, np.nan, np.nan, 0.02, 0.3, 0.3, 0.02, np.nan, 0.02],
         "rank": [20, np.nan, np.nan, 3, 28, 30, 4, np.nan, 2],
         "percentile": [34.5, np.nan, np.nan, 93.1, 6.9, 0, 89.7, np.nan, 96.0],
         "n_ranked": 30,
     })  # fmt: skip
     tsv(root, "enrich/summary.tsv", {
-        "candidate": [tested[0]], "confirmed": [accepted], "folder": ["L1_12_40"],
-        "n_genes": [30], "n_sets": [120], "n_significant": [4], "n_ad_significant": [1],
+        "candidate": [tested[0]], "confirmed": [accepted],
+        "status": ["confirmed" if accepted else "exploratory"], "folder": ["L1_12_40"],
+        "n_genes": [30], "n_sets": [120], "n_tests": [240], "n_significant": [4],
+        "n_ad_significant": [1],
         "top_term": ["astrocyte differentiation (GO:0048708)"], "top_library": ["GO_BP"],
         "top_NES": [2.345], "top_FDR": [0.0012], "top_ad_term": ["Alzheimer disease"],
         "top_ad_library": ["KEGG_2021_Human"], "top_ad_NES": [1.9], "top_ad_FDR": [0.03],
+        "reason": [""], "n_tests_total": [240],
     })  # fmt: skip
     tsv(root, "enrich/L1_12_40/prerank.tsv", {
         "library": ["GO_BP", "KEGG_2021_Human"],
-        "term": ["astrocyte differentiation (GO:0048708)", "Alzheimer disease"],
-        "size": [18, 25], "ES": [0.8, 0.6], "NES": [2.345, 1.9], "p": [1e-5, 1e-3],
-        "FDR": [0.0012, 0.03], "leading_edge": ["GFAP;AQP4", "APOE;APP"],
+        "Term": ["astrocyte differentiation (GO:0048708)", "Alzheimer disease"],
+        "size": [18, 25], "ES": [0.8, 0.6], "NES": [2.345, 1.9], "NOM p-val": [1e-5, 1e-3],
+        "FDR q-val": [0.0012, 0.03], "Lead_genes": ["GFAP;AQP4", "APOE;APP"],
     })  # fmt: skip
     tsv(root, "enrich/L1_12_40/ad_terms.tsv", {
-        "analysis": ["prerank"], "library": ["KEGG_2021_Human"], "term": ["Alzheimer disease"],
-        "size": [25], "NES": [1.9], "FDR": [0.03], "odds_ratio": [np.nan],
+        "analysis": ["prerank"], "library": ["KEGG_2021_Human"], "Term": ["Alzheimer disease"],
+        "size": [25], "NES": [1.9], "FDR q-val": [0.03], "Odds Ratio": [np.nan],
     })  # fmt: skip
     tsv(root, "enrich/L1_12_40/ora.tsv", {
-        "library": ["alzheimers_curated"], "term": ["ORA TERM amyloid clearance"], "size": [12],
-        "overlap": [3], "odds_ratio": [8.2], "combined_score": [40.1], "p": [2e-4],
-        "FDR": [0.004], "genes": ["APOE;CLU;TREM2"],
+        "library": ["alzheimers_curated"], "Term": ["ORA TERM amyloid clearance"], "size": [12],
+        "Overlap": ["3/12"], "Odds Ratio": [8.2], "Combined Score": [40.1], "P-value": [2e-4],
+        "Adjusted P-value": [0.004], "Genes": ["APOE;CLU;TREM2"],
     })  # fmt: skip
     rows = [("fp32", "none", 32, "none", -0.31, 0.91, 0.88, 0.0, 0)]
     for block in ("64", "tensor"):
@@ -228,6 +234,7 @@ def test_summary_states_what_was_found_from_the_outputs(results):
     assert "APOE ranks 3 of 30 on L1[12,40]" in text
     assert "MAPT" not in text.split("Genes of interest in the top 10%")[1].split("</dd>")[0]
     assert "L1[12,40]: 4 gene sets of 120 at FDR < 0.05" in text
+    assert "240 tests in all (prerank and ORA, across 1 candidate and every library" in text
     assert "INT4 with one block per matrix, accuracy 0.41 plain vs 0.87 with holdout" in text
 
 
@@ -243,6 +250,7 @@ def test_no_super_weight_is_stated_plainly(tmp_path, png):
     )
     assert "no confirmed super weight was held out" in summary
     assert 'class="headline none"' in page
+    assert "L1[12,40] (exploratory: not confirmed by pruning): 4 gene sets" in summary
 
 
 def test_sections_show_the_stage_outputs(results):

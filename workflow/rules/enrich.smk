@@ -10,6 +10,7 @@ rule map_channels:
             caption="../report/channels_goi.rst",
             category="5. Genes and pathways",
         ),
+        cls="results/{dataset}/channels/cls.tsv",
         channels="results/{dataset}/channels/channels.tsv",
         summary="results/{dataset}/channels/summary.json",
     log:

@@ -10,4 +10,4 @@ with rule_log(snakemake):
     genes = pd.read_csv(snakemake.input.genes, sep="\t")
     gene_sets = load_gene_sets(GeneSetSettings(**params.gene_sets))
     enrich_candidates(genes, gene_sets, EnrichSettings(**params.settings), out_dir)
-    plot_candidates(genes, gene_sets, out_dir)
+    plot_candidates(out_dir)

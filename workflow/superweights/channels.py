@@ -1,29 +1,39 @@
-"""Which genes drive a super weight's channels: per-gene activations and pruning effects.
+"""Which genes a super weight acts on: its contribution per gene token, against a null.
 
-For a super weight `W[row, col]` of a down-projection (`transformer_encoder.layers.l.linear2`)
-forward hooks record at every gene token of every cell:
+For a super weight `w = W[row, col]` of a down-projection (`transformer_encoder.layers.l.linear2`)
+forward hooks record at every token of every cell (gene tokens and `<cls>`):
 
-- `input_act`: the down-projection's input channel `col` (the MLP hidden unit, after ReLU);
-- `output_act`: its output channel `row`;
-- `resid_act`: channel `row` of the layer's output, i.e. the residual stream after the
-  block (after `norm2` in post-LN models);
-- `ablation_effect`: the expression decoder's prediction at the token with `W[row, col] = 0`
-  minus the original prediction (layers l.. are rerun; the weight is restored bit for bit).
+- `xw`: what the weight adds to output channel `row`, `x[t, col] * w`, where `x[t, col]`
+  is the down-projection's input (the MLP hidden unit, after ReLU); `abs_xw`: its size;
+- `output_act`: the down-projection's output channel `row`; `resid_act`: channel `row` of
+  the layer's output (the residual stream after the block, after `norm2` in post-LN models);
+- `ablation_effect`: the expression decoder's prediction at the token with `w = 0` minus the
+  original prediction (layers l.. are rerun; the weight is restored bit for bit).
 
-A gene occurs at most once per cell, so averaging over its tokens averages over the cells
-whose sequence contains it (`n_cells`). Averages are taken over all cells ("all"), per cell
-type (`obs["label"]`, "cell type") and per level of each strata column (e.g. ADNC).
+A gene occurs at most once per cell, so a gene's mean is over the `n_cells` cells whose
+sequence holds it; `<cls>` occurs in every cell and is reported apart (`cls.tsv`). Means are
+taken over all cells ("all"), per cell type (`obs["label"]`) and per level of each strata
+column (e.g. ADNC).
 
-Ranking score: `|W[row, col]| x mean |input_act|`, the mean magnitude that the super weight
-itself adds to output channel `row` at the gene's token. Rank 1 is the largest score; the
-percentile is 100 for rank 1 and 0 for the last rank of a stratum. Only genes present in at
-least `min_cells` cells of a stratum are ranked there.
+Gene score, a z-score against magnitude-matched null weights (`confirm.null_positions`: the
+same matrix, |w| within a factor `band`, own row and column excluded, largest-|w| fallback).
+With `a_g` (`abs_xw`) the mean of |x[t, col] * w| over gene g's tokens, `s_g` (`se`) its
+standard error, and `a_g^(j)` the same mean for null weight j = 1..n_null:
+
+    z_g = (a_g - mean_j a_g^(j)) / sqrt(sd_j(a_g^(j))^2 + s_g^2)
+
+The null removes what any comparable weight of the matrix does at the gene (cell identity,
+token frequency); `s_g` keeps a gene seen in few cells from ranking high by chance. `p_null`
+is the one-sided empirical p, (1 + #{j: a_g^(j) >= a_g}) / (n_null + 1). A gene is ranked
+in a stratum when it occurs in at least `min_cells` cells (>= 2, so that `s_g` exists) and
+the denominator is positive. Rank 1 is the largest z; the percentile is 100 for rank 1 and
+0 for the last rank of a stratum.
 """
 
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import anndata as ad
@@ -32,7 +42,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .editing import check_candidate, layer_of, zeroed
+from .confirm import null_positions
+from .editing import check_candidate, evaluation, layer_of, zeroed
 from .enrich import RESOURCE_DIR, read_gmt
 from .errors import UserError
 from .genes import GENES_OF_INTEREST
@@ -45,18 +56,23 @@ from .outputs import named_paths, write_json, write_tsv
 log = logging.getLogger(__name__)
 
 GWAS_GMT = RESOURCE_DIR / "bellenguez2022_gwas.gmt"
-ALL, CELL_TYPE = "all", "cell type"
-OUTPUT_TABLES = ("genes", "genes_of_interest", "channels")
+ALL, CELL_TYPE, CLS = "all", "cell type", "<cls>"
+OUTPUT_TABLES = ("genes", "genes_of_interest", "cls", "channels")
 OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
-MEASURES = ("input_act", "abs_input", "output_act", "resid_act", "ablation_effect")
-GENE_COLUMNS = [
-    "candidate", "confirmed", "stratum_type", "stratum", "gene", "n_cells", "input_act",
-    "output_act", "resid_act", "ablation_effect", "score", "rank", "percentile",
-]  # fmt: skip
-INTEREST_COLUMNS = [
-    "candidate", "confirmed", "stratum_type", "stratum", "gene", "status", "n_cells", "score",
-    "rank", "percentile", "n_ranked",
-]  # fmt: skip
+MEASURES = ("xw", "abs_xw", "abs_xw_sq", "output_act", "resid_act",
+            "ablation_effect")  # fmt: skip
+"""Per-token measures summed per (stratum, gene); the nulls' magnitudes follow them."""
+STRATUM = ["candidate", "confirmed", "stratum_type", "stratum"]
+SCORE_COLUMNS = ["n_cells", "xw", "abs_xw", "se", "null_mean_abs", "null_sd_abs", "z",
+                 "p_null"]  # fmt: skip
+GENE_COLUMNS = [*STRATUM, "gene", *SCORE_COLUMNS, "rank", "percentile", "output_act",
+                "resid_act", "ablation_effect"]  # fmt: skip
+CLS_COLUMNS = [*STRATUM, *SCORE_COLUMNS, "output_act", "resid_act"]
+INTEREST_COLUMNS = [*STRATUM, "gene", "status", "n_cells", "z", "p_null", "rank", "percentile",
+                    "n_ranked"]  # fmt: skip
+CHANNEL_COLUMNS = ["candidate", "module", "layer", "row", "col", "weight", "confirmed", "null",
+                   "nulls"]  # fmt: skip
+NOT_RANKED = {"few": "in fewer than min_cells cells", "flat": "z undefined (no variation)"}
 
 
 def default_genes_of_interest() -> tuple[str, ...]:
@@ -67,19 +83,23 @@ def default_genes_of_interest() -> tuple[str, ...]:
 
 @dataclass
 class ChannelSettings:
-    """Cells, strata and candidates of the channel map.
+    """Cells, strata, null and candidates of the channel map.
 
     `splits`: obs["split"] values whose cells are used (empty: all cells), at most
     `max_cells` of them (a seeded sample). `strata_columns`: obs columns averaged per level
     besides the cell type. `n_unconfirmed`: strongest unconfirmed candidates mapped too
-    (flagged `confirmed = False`). `genes_of_interest`: None = `default_genes_of_interest()`.
+    (flagged `confirmed = False`, exploratory). `n_null`, `band`: the null weights of the
+    z-scores. `min_cells`: cells a gene needs to be ranked (>= 2: its standard error must
+    exist). `genes_of_interest`: None = `default_genes_of_interest()`.
     """
 
     splits: tuple[str, ...] = ("test",)
     strata_columns: tuple[str, ...] = ("Overall AD neuropathological Change",)
     genes_of_interest: tuple[str, ...] | None = None
-    n_unconfirmed: int = 1
-    min_cells: int = 3
+    n_unconfirmed: int = 0
+    n_null: int = 50
+    band: float = 2.0
+    min_cells: int = 10
     max_cells: int = 2000
     batch_size: int = 32
     max_seq_len: int = 256
@@ -89,15 +109,23 @@ class ChannelSettings:
         self.splits, self.strata_columns = tuple(self.splits), tuple(self.strata_columns)
         if self.genes_of_interest is not None:
             self.genes_of_interest = tuple(self.genes_of_interest)
-        if self.n_unconfirmed < 0 or self.min_cells < 1:
-            raise UserError("n_unconfirmed must be >= 0 and min_cells >= 1")
+        if self.n_unconfirmed < 0 or self.min_cells < 2:
+            raise UserError(
+                f"n_unconfirmed must be >= 0 and min_cells >= 2 (a gene's standard error needs "
+                f"2 cells); got {self.n_unconfirmed}, {self.min_cells}"
+            )
+        if self.n_null < 2 or self.band <= 1:
+            raise UserError(
+                f"n_null must be >= 2 (a null sd) and band > 1; got {self.n_null}, {self.band}"
+            )
         if self.max_cells < 1 or self.batch_size < 1 or self.max_seq_len < 2:
             raise UserError("max_cells and batch_size must be >= 1, max_seq_len >= 2")
 
 
 @dataclass
 class Channel:
-    """A super weight whose channels are mapped: `module.weight[row, col]` of `layer`."""
+    """A super weight whose channels are mapped: `module.weight[row, col]` of `layer`, and
+    its null weights (`null` says which kind, `nulls` their (row, col))."""
 
     candidate: str
     module: str
@@ -106,6 +134,13 @@ class Channel:
     col: int
     weight: float
     confirmed: bool
+    null: str = ""
+    nulls: tuple[tuple[int, int], ...] = ()
+
+    def row_dict(self) -> dict:
+        """The fields shown in tables, with the null's size in place of its positions."""
+        fields = asdict(self)
+        return {**fields, "nulls": len(fields["nulls"])}
 
 
 @dataclass
@@ -114,6 +149,7 @@ class ChannelResult:
 
     genes: pd.DataFrame
     genes_of_interest: pd.DataFrame
+    cls: pd.DataFrame
     channels: pd.DataFrame
     summary: dict
 
@@ -161,8 +197,25 @@ def select_channels(
         name = str(getattr(r, "candidate", "") or f"L{layer}[{row},{col}]")
         channels.append(Channel(name, module, layer, row, col, value, bool(r.confirmed)))
     if not any(c.confirmed for c in channels):
-        log.warning("no confirmed super weight: mapping the strongest unconfirmed candidate(s)")
+        log.warning(
+            "no confirmed super weight: %s",
+            "the map is exploratory (unconfirmed candidates only)"
+            if channels
+            else "nothing to map (set channels.n_unconfirmed for an exploratory map)",
+        )
     return channels
+
+
+def with_nulls(model: nn.Module, channels: Sequence[Channel], n_null: int, band: float, seed: int):
+    """The channels with their magnitude-matched null weights (`confirm.null_positions`)."""
+    modules = dict(model.named_modules())
+    out = []
+    for i, c in enumerate(channels):
+        weight = modules[c.module].weight
+        rng = np.random.default_rng([seed, i])
+        kind, positions = null_positions(weight, c.row, c.col, n_null, band, rng)
+        out.append(replace(c, null=kind, nulls=tuple(positions)))
+    return out
 
 
 # --- recording --------------------------------------------------------------------------
@@ -198,11 +251,13 @@ class _Recorder:
 
 
 class _Sums:
-    """Per (stratum, gene) sums of each measure and token counts."""
+    """Per (stratum, gene) sums of each measure (`MEASURES`, then each null's magnitude) and
+    token counts."""
 
-    def __init__(self, n_strata: int, n_genes: int):
+    def __init__(self, n_strata: int, n_genes: int, n_null: int):
         self.n_genes = n_genes
-        self.sums = torch.zeros(len(MEASURES), n_strata * n_genes, dtype=torch.float64)
+        size = (len(MEASURES) + n_null, n_strata * n_genes)
+        self.sums = torch.zeros(size, dtype=torch.float64)
         self.counts = torch.zeros(n_strata * n_genes, dtype=torch.float64)
 
     def add(self, strata: Tensor, genes: Tensor, values: Tensor) -> None:
@@ -213,11 +268,24 @@ class _Sums:
             self.sums.index_add_(1, flat, values[:, keep])
             self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
 
-    def means(self, stratum: int) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, stratum: int) -> pd.DataFrame:
+        """One row per gene index: `SCORE_COLUMNS` (z as in the module docstring) and the
+        means of the other measures; NaN where a gene has no token in the stratum."""
         lo, hi = stratum * self.n_genes, (stratum + 1) * self.n_genes
-        counts = self.counts[lo:hi].numpy()
+        n = self.counts[lo:hi].numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self.sums[:, lo:hi].numpy() / counts, counts
+            means = self.sums[:, lo:hi].numpy() / n
+            frame = pd.DataFrame(dict(zip(MEASURES, means[: len(MEASURES)], strict=True)))
+            nulls = means[len(MEASURES) :]
+            variance = (frame.pop("abs_xw_sq") - frame["abs_xw"] ** 2) * n / (n - 1)
+            se = np.sqrt(np.clip(variance, 0, None) / n)
+            null_mean, null_sd = nulls.mean(axis=0), nulls.std(axis=0, ddof=1)
+            z = (frame["abs_xw"] - null_mean) / np.sqrt(null_sd**2 + se**2)
+        exceed = (nulls >= frame["abs_xw"].to_numpy()).sum(axis=0)
+        return frame.assign(
+            n_cells=n.astype(np.int64), se=se, null_mean_abs=null_mean, null_sd_abs=null_sd,
+            z=z.where(np.isfinite(z)), p_null=(1 + exceed) / (len(nulls) + 1),
+        )  # fmt: skip
 
 
 def _strata(obs: pd.DataFrame | None, n_cells: int, columns: Sequence[str]):
@@ -251,138 +319,136 @@ def map_channel_genes(
     obs: pd.DataFrame | None = None,
     data_genes: Sequence[str] | None = None,
 ) -> ChannelResult:
-    """Per-gene activations and pruning effects of each channel, overall and per stratum.
+    """Per-gene contributions, z-scores and pruning effects of each channel, overall and per
+    stratum, and the same at `<cls>`.
 
     `batches`: dicts with gene_ids, values, padding_mask (True = pad) whose position 0 is
     `<cls>`; `obs`: the cells' metadata in batch order; `data_genes`: the data's genes, to
     tell genes of interest missing from the data apart from those not expressed in these
-    cells. The model's weights and train/eval mode are restored.
+    cells. Null weights are drawn here (`with_nulls`). The model's weights and train/eval
+    mode are restored.
     """
     n_cells = sum(len(b["gene_ids"]) for b in batches)
     if obs is not None and len(obs) != n_cells:
         raise ValueError(f"obs has {len(obs)} rows for {n_cells} cells")
     if n_cells == 0:
         raise UserError("no cells to map the channels on")
-    tokens = torch.unique(torch.cat([_gene_tokens(b)[0].cpu() for b in batches]))
-    if tokens.numel() == 0:
+    if not any((~b["padding_mask"][:, 1:].bool()).any() for b in batches):
         raise UserError("the cells carry no gene tokens (no expressed genes in the vocabulary)")
+    tokens = torch.unique(torch.cat([_tokens(b)[0].cpu() for b in batches]))
     compact = torch.full((int(tokens.max()) + 1,), -1, dtype=torch.long)
     compact[tokens] = torch.arange(len(tokens))
     names, codes = _strata(obs, n_cells, settings.strata_columns)
     codes = torch.from_numpy(codes)
-    sums = {c.candidate: _Sums(len(names), len(tokens)) for c in channels}
-    was_training = model.training
-    model.eval()
-    recorder = _Recorder(model, channels)
-    start = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                out = model(batch["gene_ids"], batch["values"], batch["padding_mask"])
-                gene_ids, where = _gene_tokens(batch)
-                genes = compact[gene_ids.cpu()]
-                strata = codes[:, start + where[0].cpu()]
-                for c in channels:
-                    with zeroed(model, [(c.module, c.row, c.col)]):
-                        hidden = model.encode(
-                            recorder.seen[("enter", c.layer)], batch["padding_mask"], c.layer
-                        )
-                        pruned = model.decode(hidden, None, heads=("expr",))["expr"]
-                    x_in = recorder.seen[("in", c.module)][..., c.col][where]
-                    values = torch.stack(
-                        [
-                            x_in,
-                            x_in.abs(),
-                            recorder.seen[("out", c.module)][..., c.row][where],
-                            recorder.seen[("resid", c.layer)][..., c.row][where],
-                            (pruned - out["expr"])[where],
-                        ]
-                    )
-                    sums[c.candidate].add(strata, genes, values.double().cpu())
+    channels = with_nulls(model, channels, settings.n_null, settings.band, settings.seed)
+    sums = {c.candidate: _Sums(len(names), len(tokens), len(c.nulls)) for c in channels}
+    with evaluation(model):
+        recorder = _Recorder(model, channels)
+        try:
+            start = 0
+            for batch in batches if channels else []:
+                strata = codes[:, start + _tokens(batch)[1][0].cpu()]
+                genes = compact[_tokens(batch)[0].cpu()]
+                for c, values in _measures(model, recorder, batch, channels):
+                    sums[c.candidate].add(strata, genes, values.cpu())
                 start += len(batch["gene_ids"])
-    finally:
-        recorder.close()
-        model.train(was_training)
+        finally:
+            recorder.close()
     id_to_gene = {i: g for g, i in vocab.items()}
-    gene_names = [id_to_gene.get(int(t), str(int(t))) for t in tokens]
+    gene_names = np.array([id_to_gene.get(int(t), str(int(t))) for t in tokens], dtype=object)
     interest = settings.genes_of_interest or default_genes_of_interest()
     missing = {g: "not in vocabulary" for g in interest if g not in vocab}
     if data_genes is not None:
         data = set(data_genes)
         missing |= {g: "not in the data" for g in interest if g in vocab and g not in data}
-    tables, interest_rows = [], []
+    gene_tables, cls_rows, interest_rows = [], [], []
     for c in channels:
         for s, (kind, stratum) in enumerate(names):
-            means, counts = sums[c.candidate].means(s)
-            ranked = _ranked(c, kind, stratum, gene_names, means, counts, settings.min_cells)
-            tables.append(ranked)
-            seen = dict(zip(gene_names, counts.astype(int), strict=True))
-            interest_rows += _interest(c, kind, stratum, ranked, seen, interest, missing)
-    genes_table = pd.concat(tables, ignore_index=True)[GENE_COLUMNS]
+            scores = sums[c.candidate].scores(s).assign(gene=gene_names)
+            scores.insert(0, "candidate", c.candidate)
+            scores = scores.assign(confirmed=c.confirmed, stratum_type=kind, stratum=stratum)
+            is_cls = scores["gene"] == CLS
+            cls_rows.append(scores.loc[is_cls & (scores["n_cells"] > 0), CLS_COLUMNS])
+            genes = scores[~is_cls & (scores["n_cells"] > 0)]
+            ranked = _ranked(genes, settings.min_cells)
+            gene_tables.append(ranked)
+            where = dict(zip(STRATUM, (c.candidate, c.confirmed, kind, stratum), strict=True))
+            interest_rows += _interest(where, genes, ranked, interest, missing, settings.min_cells)
+    genes_table = _concat(gene_tables, GENE_COLUMNS)
     interest_table = pd.DataFrame(interest_rows, columns=INTEREST_COLUMNS)
     _warn_missing(interest_table)
-    channel_table = pd.DataFrame([asdict(c) for c in channels])
+    channel_table = pd.DataFrame([c.row_dict() for c in channels], columns=CHANNEL_COLUMNS)
     summary = _summary(channels, genes_table, n_cells, len(tokens), settings)
-    return ChannelResult(genes_table, interest_table, channel_table, summary)
+    return ChannelResult(genes_table, interest_table, _concat(cls_rows, CLS_COLUMNS),
+                         channel_table, summary)  # fmt: skip
 
 
-def _gene_tokens(batch: Mapping[str, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Token ids of the gene positions (not padding, not `<cls>` at 0) and their indices."""
-    keep = ~batch["padding_mask"].bool()
-    keep[:, 0] = False
-    where = keep.nonzero(as_tuple=True)
+def _measures(model: ScGPTModel, recorder: _Recorder, batch, channels: Sequence[Channel]):
+    """(channel, values [len(MEASURES) + n_null, tokens]) of one batch, at `_tokens`."""
+    out = model(batch["gene_ids"], batch["values"], batch["padding_mask"])
+    where = _tokens(batch)[1]
+    for c in channels:
+        with zeroed(model, [(c.module, c.row, c.col)]):
+            hidden = model.encode(recorder.seen[("enter", c.layer)], batch["padding_mask"], c.layer)
+            pruned = model.decode(hidden, None, heads=("expr",))["expr"]
+        weight = dict(model.named_modules())[c.module].weight
+        rows, cols = map(list, zip(*[(c.row, c.col), *c.nulls], strict=True))
+        x = recorder.seen[("in", c.module)][where][:, cols]
+        contribution = (x * weight[rows, cols]).T.double()  # squares summed in float64
+        magnitude = contribution.abs()
+        observed = [
+            recorder.seen[("out", c.module)][..., c.row],
+            recorder.seen[("resid", c.layer)][..., c.row],
+            pruned - out["expr"],
+        ]
+        observed = [m[where][None].double() for m in observed]
+        values = [contribution[:1], magnitude[:1], magnitude[:1] ** 2, *observed, magnitude[1:]]
+        yield c, torch.cat(values)
+
+
+def _tokens(batch: Mapping[str, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Token ids of the non-padding positions (`<cls>` at 0 and the genes), and their indices."""
+    where = (~batch["padding_mask"].bool()).nonzero(as_tuple=True)
     return batch["gene_ids"][where], where
 
 
-def _ranked(c: Channel, kind, stratum, gene_names, means, counts, min_cells) -> pd.DataFrame:
-    keep = counts >= min_cells
-    frame = pd.DataFrame(
-        {
-            "candidate": c.candidate,
-            "confirmed": c.confirmed,
-            "stratum_type": kind,
-            "stratum": stratum,
-            "gene": np.asarray(gene_names, dtype=object)[keep],
-            "n_cells": counts[keep].astype(np.int64),
-            **{m: means[i][keep] for i, m in enumerate(MEASURES)},
-        }
-    )
-    frame["score"] = abs(c.weight) * frame.pop("abs_input")
-    frame = frame.sort_values(["score", "gene"], ascending=[False, True], kind="stable")
+def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def _ranked(genes: pd.DataFrame, min_cells: int) -> pd.DataFrame:
+    """Genes with at least `min_cells` cells and a defined z, by z (ties by name)."""
+    frame = genes[(genes["n_cells"] >= min_cells) & genes["z"].notna()]
+    frame = frame.sort_values(["z", "gene"], ascending=[False, True], kind="stable")
     n = len(frame)
-    frame["rank"] = np.arange(1, n + 1)
+    frame = frame.assign(rank=np.arange(1, n + 1))
     frame["percentile"] = 100.0 * (n - frame["rank"]) / (n - 1) if n > 1 else 100.0
-    return frame.reset_index(drop=True)
+    return frame[GENE_COLUMNS].reset_index(drop=True)
 
 
-def _interest(c, kind, stratum, ranked, seen, interest, missing) -> list[dict]:
-    """Rank, percentile and score of each gene of interest, or why it has none."""
+def _interest(stratum, genes, ranked, interest, missing, min_cells) -> list[dict]:
+    """Rank, percentile, z and p of each gene of interest, or why it has none."""
+    seen = genes.set_index("gene")
     by_gene = ranked.set_index("gene")
     rows = []
     for gene in interest:
-        n = int(seen.get(gene, 0))
+        n = int(seen.at[gene, "n_cells"]) if gene in seen.index else 0
         hit = by_gene.loc[gene] if gene in by_gene.index else None
         if gene in missing:
             status = missing[gene]
         elif hit is not None:
             status = "ranked"
+        elif n == 0:
+            status = "not in these cells"
         else:
-            status = "not in these cells" if n == 0 else "in fewer than min_cells cells"
-        rows.append(
-            {
-                "candidate": c.candidate,
-                "confirmed": c.confirmed,
-                "stratum_type": kind,
-                "stratum": stratum,
-                "gene": gene,
-                "status": status,
-                "n_cells": n,
-                "score": np.nan if hit is None else hit["score"],
-                "rank": np.nan if hit is None else hit["rank"],
-                "percentile": np.nan if hit is None else hit["percentile"],
-                "n_ranked": len(ranked),
-            }
-        )
+            status = NOT_RANKED["few"] if n < min_cells else NOT_RANKED["flat"]
+        keys = ("z", "p_null", "rank", "percentile")
+        values = {k: np.nan if hit is None else hit[k] for k in keys}
+        rows.append({**stratum, "gene": gene, "status": status, "n_cells": n, **values,
+                     "n_ranked": len(ranked)})  # fmt: skip
     return rows
 
 
@@ -401,7 +467,7 @@ def _summary(channels, genes: pd.DataFrame, n_cells: int, n_genes: int, settings
         "n_genes": n_genes,
         "candidates": [
             {
-                **asdict(c),
+                **c.row_dict(),
                 "top_genes": overall.loc[overall["candidate"] == c.candidate, "gene"]
                 .head(10)
                 .tolist(),
@@ -440,7 +506,8 @@ def map_channels(
 
 
 def write_outputs(result: ChannelResult, outputs) -> list[Path]:
-    """Write genes.tsv, genes_of_interest.tsv, channels.tsv and summary.json, each atomically.
+    """Write genes.tsv, genes_of_interest.tsv, cls.tsv, channels.tsv and summary.json, each
+    atomically.
 
     `outputs`: a folder or the rule's named outputs (`named_paths`).
     """

@@ -167,7 +167,7 @@ def cmd_enrich(args) -> None:
     genes = pd.read_csv(args.genes, sep="\t")
     gene_sets = load_gene_sets(settings_from(args, GeneSetSettings))
     enrich_candidates(genes, gene_sets, settings_from(args, EnrichSettings), args.out)
-    plot_candidates(genes, gene_sets, args.out)
+    plot_candidates(args.out)
     print(f"wrote enrichment tables and plots to {args.out}")
 
 

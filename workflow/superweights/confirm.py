@@ -179,7 +179,10 @@ def confirm_super_weights(
             rng = np.random.default_rng([settings.seed, i])
             with _from_layer(score, t["layer"]):
                 delta = runner.delta([WeightEdit.single(t["module"], t["row"], t["col"])])
-                null_kind, positions = _null_positions(model, t, settings, rng)
+                matrix = _weight(model, t["module"])
+                null_kind, positions = null_positions(
+                    matrix, t["row"], t["col"], settings.n_null, settings.band, rng
+                )
                 null_effects = []
                 for draw, (r, c) in enumerate(positions):
                     eff = float(runner.delta([WeightEdit.single(t["module"], r, c)]).mean())
@@ -356,22 +359,29 @@ def _restored_spike(model: nn.Module, t: dict, recorded: list[Tensor], padding) 
 # --- nulls and controls ---------------------------------------------------------------
 
 
-def _null_positions(model, t: dict, settings: ConfirmSettings, rng) -> tuple[str, list]:
-    """(which null, positions): magnitude-matched weights, else the matrix's largest."""
-    weight = _weight(model, t["module"]).float().abs().cpu()
+def null_positions(
+    weight: Tensor, row: int, col: int, n_null: int, band: float, rng
+) -> tuple[str, list[tuple[int, int]]]:
+    """(which null, positions) of `n_null` null weights for `weight[row, col]`.
+
+    Magnitude-matched: |w| within a factor `band` of the candidate's, its own row and
+    column excluded, drawn with `rng`; when fewer qualify, the matrix's largest-|w| weights
+    outside that row and column.
+    """
+    weight = weight.detach().float().abs().cpu()
     allowed = torch.ones_like(weight, dtype=torch.bool)
-    allowed[t["row"], :] = False
-    allowed[:, t["col"]] = False
-    magnitude = abs(t["weight"])
-    lo, hi = magnitude / settings.band, magnitude * settings.band
+    allowed[row, :] = False
+    allowed[:, col] = False
+    magnitude = float(weight[row, col])
+    lo, hi = magnitude / band, magnitude * band
     in_band = allowed & (weight >= lo) & (weight <= hi)
     eligible = torch.nonzero(in_band.flatten()).flatten().numpy()
-    if len(eligible) >= settings.n_null:
-        flat = np.sort(rng.choice(eligible, settings.n_null, replace=False))
+    if len(eligible) >= n_null:
+        flat = np.sort(rng.choice(eligible, n_null, replace=False))
         kind = f"|w| in [{lo:.3g}, {hi:.3g}] ({len(eligible)} weights)"
     else:
         ranked = weight.masked_fill(~allowed, -1.0).flatten()
-        flat = torch.topk(ranked, min(settings.n_null, int(allowed.sum()))).indices.numpy()
+        flat = torch.topk(ranked, min(n_null, int(allowed.sum()))).indices.numpy()
         kind = f"largest |w| of the matrix (only {len(eligible)} weights in [{lo:.3g}, {hi:.3g}])"
     width = weight.shape[1]
     return kind, [(int(f) // width, int(f) % width) for f in flat]

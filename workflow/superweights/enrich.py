@@ -1,12 +1,18 @@
-"""Gene-set enrichment of a super channel's gene ranking, offline by default.
+"""Gene-set enrichment of a super weight's gene ranking, offline by default.
 
-Libraries (library name -> set name -> genes): GO Biological Process 2023 and KEGG 2021
-Human read from blitzgsea's package data, every `*.gmt` file of the packaged `gene_sets`,
-GMT files named in config, and Enrichr libraries named in config (downloaded through
-gseapy, so only when Enrichr can be reached). Each library is tested on its own, so FDRs
-are per library: preranked GSEA over the whole ranking (`gseapy.prerank`) and
-over-representation of the top-ranked genes against all ranked genes (`gseapy.enrich`).
-Symbols are matched case-insensitively and reported as the ranking spells them.
+The ranking is the channel map's z-score per gene (`channels.py`). Libraries (library name
+-> set name -> genes): GO Biological Process 2023 and KEGG 2021 Human read from blitzgsea's
+package data, every `*.gmt` file of the packaged `gene_sets`, GMT files named in config,
+and Enrichr libraries named in config (downloaded through gseapy, so only when Enrichr can
+be reached). Each library is one family of tests with its own Benjamini-Hochberg FDR:
+preranked GSEA over the whole ranking (`gseapy.prerank`; "FDR q-val") and
+over-representation of the top-ranked genes (`gseapy.enrich`; "Adjusted P-value", BH over
+every set of the library that passes the size limits, overlapping or not) against the
+model's gene universe, every gene the map ranked. Tables keep gseapy's column names.
+A ranking whose scores are largely tied is not tested (the result would depend on how
+ties are ordered). Symbols are matched case-insensitively and reported as the ranking
+spells them. Weights that pruning did not confirm are enriched only on request, and
+everything about them is marked exploratory.
 """
 
 import logging
@@ -22,9 +28,10 @@ import gseapy
 import numpy as np
 import pandas as pd
 import requests
+from scipy.stats import false_discovery_control
 
 from .errors import UserError
-from .outputs import write_tsv
+from .outputs import write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +44,19 @@ AD_LIBRARIES = ("alzheimers_curated", "bellenguez2022_gwas")
 AD_PATTERN = re.compile(r"alzheimer|amyloid|\btau\b|tauopath|microglia|tyrobp", re.IGNORECASE)
 ENRICHR_HOST = ("maayanlab.cloud", 443)
 
-PRERANK_COLUMNS = ["library", "term", "size", "ES", "NES", "p", "FDR", "leading_edge"]
-ORA_COLUMNS = [
-    "library", "term", "size", "overlap", "odds_ratio", "combined_score", "p", "FDR", "genes"
-]  # fmt: skip
+PRERANK_COLUMNS = ["library", "Term", "size", "ES", "NES", "NOM p-val", "FDR q-val", "Tag %",
+                   "Lead_genes"]  # fmt: skip
+ORA_COLUMNS = ["library", "Term", "size", "Overlap", "Odds Ratio", "Combined Score", "P-value",
+               "Adjusted P-value", "Genes"]  # fmt: skip
+"""gseapy's result columns (res2d), with the library and the set's size in the ranking."""
+P_FDR = {"prerank": ("NOM p-val", "FDR q-val"), "ora": ("P-value", "Adjusted P-value")}
 OUTPUT_FILES = ("prerank.tsv", "ora.tsv", "ad_terms.tsv")
+EXPLORATORY = "exploratory (weight not confirmed by pruning)"
+SUMMARY_COLUMNS = [
+    "candidate", "confirmed", "status", "folder", "n_genes", "tied_fraction", "n_sets", "n_tests",
+    "n_significant", "n_ad_significant", "top_term", "top_library", "top_NES", "top_FDR",
+    "top_ad_term", "top_ad_library", "top_ad_NES", "top_ad_FDR", "reason", "n_tests_total",
+]  # fmt: skip
 
 
 @dataclass
@@ -73,7 +88,8 @@ class EnrichSettings:
     Sets are kept when `min_size` <= genes in the ranking <= `max_size`; `library_min_size`
     lowers the minimum for small curated libraries. `ora_top_n`: top-ranked genes tested
     for over-representation against all ranked genes. `fdr_threshold`: what the summary
-    and plots call significant.
+    and plots call significant. `max_tied`: largest fraction of genes whose score equals
+    another gene's that a ranking may have and still be tested.
     """
 
     method: str = "multilevel"
@@ -85,6 +101,7 @@ class EnrichSettings:
     )
     ora_top_n: int = 100
     fdr_threshold: float = 0.05
+    max_tied: float = 0.05
     threads: int = 2
     seed: int = 0
 
@@ -103,6 +120,8 @@ class EnrichSettings:
             raise UserError("permutation_num, ora_top_n and threads must be >= 1")
         if not 0 < self.fdr_threshold <= 1:
             raise UserError(f"fdr_threshold must be in (0, 1], not {self.fdr_threshold}")
+        if not 0 <= self.max_tied < 1:
+            raise UserError(f"max_tied must be in [0, 1), not {self.max_tied}")
 
     def min_size_of(self, library: str) -> int:
         return self.library_min_size.get(library, self.min_size)
@@ -209,6 +228,12 @@ def load_gene_sets(settings: GeneSetSettings) -> GeneSets:
 # --- tests ------------------------------------------------------------------------------
 
 
+def tied_fraction(scores) -> float:
+    """Fraction of the scores that equal another score."""
+    values = pd.Series(scores, dtype=float)
+    return float(values.duplicated(keep=False).mean()) if len(values) else 0.0
+
+
 def _clean_ranking(ranking: pd.Series) -> pd.Series:
     scores = pd.to_numeric(ranking, errors="coerce").astype(float)
     scores.index = scores.index.astype(str)
@@ -221,6 +246,17 @@ def _clean_ranking(ranking: pd.Series) -> pd.Series:
     frame = scores.rename("score").rename_axis("gene").reset_index()
     frame = frame.sort_values(["score", "gene"], ascending=[False, True])
     return frame.set_index("gene")["score"]
+
+
+def check_ties(ranking: pd.Series, max_tied: float) -> str:
+    """Why the ranking is too tied to be tested ('' if it is not)."""
+    tied = tied_fraction(_clean_ranking(ranking))
+    if tied <= max_tied:
+        return ""
+    return (
+        f"{tied:.0%} of the ranked genes share their score with another gene (at most "
+        f"{max_tied:.0%} allowed): a preranked test would depend on how ties are ordered"
+    )
 
 
 def _matched(sets: Mapping[str, list[str]], universe: Iterable[str], lo: int, hi: int):
@@ -236,28 +272,41 @@ def _matched(sets: Mapping[str, list[str]], universe: Iterable[str], lo: int, hi
     return matched
 
 
-def _empty(columns: Sequence[str]) -> pd.DataFrame:
-    return pd.DataFrame(columns=list(columns))
-
-
-def _by_fdr(frames: list[pd.DataFrame], columns: list[str], effect: str) -> pd.DataFrame:
+def _by_fdr(frames: list[pd.DataFrame], columns: list[str], analysis: str) -> pd.DataFrame:
+    """The libraries' rows together, by FDR, p, then decreasing |effect|."""
     frames = [f for f in frames if not f.empty]
     if not frames:
-        return _empty(columns)
+        return pd.DataFrame(columns=columns)
     table = pd.concat(frames, ignore_index=True)[columns]
+    p, fdr = P_FDR[analysis]
+    effect = "NES" if analysis == "prerank" else "Odds Ratio"
     order = table.assign(_effect=-table[effect].abs())
-    order = order.sort_values(["FDR", "p", "_effect", "library", "term"])
+    order = order.sort_values([fdr, p, "_effect", "library", "Term"])
     return table.loc[order.index].reset_index(drop=True)
 
 
-def prerank(ranking: pd.Series, gene_sets: GeneSets, settings: EnrichSettings) -> pd.DataFrame:
-    """Preranked GSEA of each library; one row per tested set, by FDR then |NES|.
+@dataclass
+class Prerank:
+    """Preranked GSEA: one row per tested set (`PRERANK_COLUMNS`), by FDR then |NES|; the
+    ranking as tested (highest first); and gseapy's running sums ("hits", "RES") of the
+    `keep_curves` best sets and best AD sets of each library with their NES, NOM p-val and
+    FDR q-val, keyed (library, Term)."""
 
-    `ranking`: score per gene (index), high = most associated. Columns: library, term,
-    size (set genes in the ranking), ES, NES, p, FDR, leading_edge (';'-joined).
-    """
+    table: pd.DataFrame
+    ranking: pd.Series
+    curves: dict[tuple[str, str], dict] = field(default_factory=dict)
+
+
+def prerank(
+    ranking: pd.Series, gene_sets: GeneSets, settings: EnrichSettings, keep_curves: int = 5
+) -> Prerank:
+    """Preranked GSEA (`gseapy.prerank`) of `ranking` (score per gene, high = most
+    associated) in each library; FDR q-val is BH within the library."""
     ranking = _clean_ranking(ranking)
-    frames = []
+    reason = check_ties(ranking, settings.max_tied)
+    if reason:
+        raise UserError(reason)
+    frames, curves = [], {}
     for library, sets in gene_sets.items():
         lo = settings.min_size_of(library)
         matched = _matched(sets, ranking.index, lo, settings.max_size)
@@ -277,31 +326,26 @@ def prerank(ranking: pd.Series, gene_sets: GeneSets, settings: EnrichSettings) -
             no_plot=True,
             verbose=False,
         )
-        res = result.res2d
-        frames.append(
-            pd.DataFrame(
-                {
-                    "library": library,
-                    "term": res["Term"].astype(str),
-                    "size": [len(matched[t]) for t in res["Term"]],
-                    "ES": res["ES"].astype(float),
-                    "NES": res["NES"].astype(float),
-                    "p": res["NOM p-val"].astype(float),
-                    "FDR": res["FDR q-val"].astype(float),
-                    "leading_edge": res["Lead_genes"].astype(str),
-                }
-            )
-        )
-    return _by_fdr(frames, PRERANK_COLUMNS, "NES")
+        res = result.res2d.assign(library=library)
+        res["size"] = [len(matched[t]) for t in res["Term"]]
+        res = res.astype({"ES": float, "NES": float, "NOM p-val": float, "FDR q-val": float})
+        res = _by_fdr([res], PRERANK_COLUMNS, "prerank")
+        frames.append(res)
+        by_term = res.set_index("Term")
+        for term in [*res["Term"].head(keep_curves), *ad_rows(res)["Term"].head(keep_curves)]:
+            run, tested = result.results[term], by_term.loc[term, ["NES", "NOM p-val", "FDR q-val"]]
+            curve = {"hits": list(map(int, run["hits"])), "RES": run["RES"], **tested.to_dict()}
+            curves[(library, term)] = curve
+    return Prerank(_by_fdr(frames, PRERANK_COLUMNS, "prerank"), ranking, curves)
 
 
 def ora(
     genes: Iterable[str], background: Iterable[str], gene_sets: GeneSets, settings: EnrichSettings
 ) -> pd.DataFrame:
-    """Over-representation (hypergeometric, BH per library) of `genes` among `background`.
+    """Over-representation (`gseapy.enrich`, hypergeometric) of `genes` among `background`.
 
-    Only sets with an overlap are listed. Columns: library, term, size (set genes in the
-    background), overlap, odds_ratio, combined_score, p, FDR, genes (';'-joined overlap).
+    Only sets with an overlap are listed, but the Adjusted P-value is BH over every set of
+    the library within the size limits (a set without overlap has p = 1).
     """
     background = list(dict.fromkeys(map(str, background)))
     in_background = {g.upper(): g for g in background}
@@ -313,8 +357,8 @@ def ora(
     chosen = set(selected)
     frames = []
     for library, sets in gene_sets.items():
-        matched = _matched(sets, background, settings.min_size_of(library), settings.max_size)
-        matched = {t: g for t, g in matched.items() if not chosen.isdisjoint(g)}
+        family = _matched(sets, background, settings.min_size_of(library), settings.max_size)
+        matched = {t: g for t, g in family.items() if not chosen.isdisjoint(g)}
         if not matched:
             continue
         res = gseapy.enrich(
@@ -328,29 +372,21 @@ def ora(
         ).res2d
         if res is None or res.empty:
             continue
-        frames.append(
-            pd.DataFrame(
-                {
-                    "library": library,
-                    "term": res["Term"].astype(str),
-                    "size": [len(matched[t]) for t in res["Term"]],
-                    "overlap": res["Overlap"].str.split("/").str[0].astype(int),
-                    "odds_ratio": res["Odds Ratio"].astype(float),
-                    "combined_score": res["Combined Score"].astype(float),
-                    "p": res["P-value"].astype(float),
-                    "FDR": res["Adjusted P-value"].astype(float),
-                    "genes": res["Genes"].astype(str),
-                }
-            )
+        p = res["P-value"].astype(float).to_numpy()
+        padded = np.concatenate([p, np.ones(len(family) - len(p))])
+        res = res.assign(
+            library=library, **{"Adjusted P-value": false_discovery_control(padded)[: len(p)]}
         )
-    return _by_fdr(frames, ORA_COLUMNS, "odds_ratio")
+        res["size"] = [len(matched[t]) for t in res["Term"]]
+        frames.append(res)
+    return _by_fdr(frames, ORA_COLUMNS, "ora")
 
 
 def ad_rows(table: pd.DataFrame, libraries: Sequence[str] = AD_LIBRARIES) -> pd.DataFrame:
     """Rows about Alzheimer's disease: curated libraries, or terms naming AD biology."""
     if table.empty:
         return table.copy()
-    keep = table["library"].isin(libraries) | table["term"].str.contains(AD_PATTERN)
+    keep = table["library"].isin(libraries) | table["Term"].str.contains(AD_PATTERN)
     return table.loc[keep].reset_index(drop=True)
 
 
@@ -361,27 +397,32 @@ def top_genes(ranking: pd.Series, n: int) -> list[str]:
 
 def enrich_ranking(
     ranking: pd.Series, gene_sets: GeneSets, settings: EnrichSettings
-) -> dict[str, pd.DataFrame]:
-    """Prerank, ORA of the top `ora_top_n` genes, and their AD rows, as {file name: table}."""
+) -> tuple[dict[str, pd.DataFrame], Prerank]:
+    """Prerank, ORA of the top `ora_top_n` genes against all ranked genes, and their AD
+    rows, as {file name: table}, with the prerank result."""
     pre = prerank(ranking, gene_sets, settings)
     over = ora(top_genes(ranking, settings.ora_top_n), ranking.index, gene_sets, settings)
     ad = pd.concat(
-        [ad_rows(pre).assign(analysis="prerank"), ad_rows(over).assign(analysis="ora")],
+        [ad_rows(pre.table).assign(analysis="prerank"), ad_rows(over).assign(analysis="ora")],
         ignore_index=True,
     )
     columns = ["analysis", *PRERANK_COLUMNS, *(c for c in ORA_COLUMNS if c not in PRERANK_COLUMNS)]
-    ad = ad.reindex(columns=columns)
-    return {"prerank.tsv": pre, "ora.tsv": over, "ad_terms.tsv": ad}
+    tables = {
+        "prerank.tsv": pre.table,
+        "ora.tsv": over,
+        "ad_terms.tsv": ad.reindex(columns=columns),
+    }
+    return tables, pre
 
 
 def ranking_from_genes(genes: pd.DataFrame, candidate: str, stratum_type: str = "all") -> pd.Series:
-    """A candidate's gene scores from the channel map's gene table (candidate, stratum_type,
-    gene, score columns), for its first stratum of `stratum_type`."""
+    """A candidate's gene z-scores from the channel map's gene table (candidate,
+    stratum_type, gene, z columns), for its first stratum of `stratum_type`."""
     rows = genes[(genes["candidate"] == candidate) & (genes["stratum_type"] == stratum_type)]
     if rows.empty:
         raise UserError(f"the gene table has no {stratum_type!r} rows for candidate {candidate}")
     rows = rows[rows["stratum"] == rows["stratum"].iloc[0]]
-    return rows.set_index("gene")["score"].astype(float)
+    return rows.set_index("gene")["z"].astype(float)
 
 
 def candidate_dirname(candidate: str) -> str:
@@ -398,8 +439,17 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | Path) -> lis
 
 def _best(table: pd.DataFrame, prefix: str) -> dict:
     """The first (most significant) row's term, library, NES and FDR."""
-    top = table.iloc[0] if len(table) else {"term": "", "library": "", "NES": np.nan, "FDR": np.nan}
-    return {f"{prefix}_{key}": top[key] for key in ("term", "library", "NES", "FDR")}
+    keys = {"term": "Term", "library": "library", "NES": "NES", "FDR": "FDR q-val"}
+    top = table.iloc[0] if len(table) else pd.Series(dtype=object)
+    return {f"{prefix}_{k}": top.get(c, np.nan) for k, c in keys.items()}
+
+
+def _curves_json(pre: Prerank) -> dict:
+    """The running sums gseapy tested, for `enrich_plots` (gseaplot's inputs)."""
+    return {
+        "rank_metric": pre.ranking.tolist(),
+        "curves": [{"library": lib, "Term": term, **c} for (lib, term), c in pre.curves.items()],
+    }
 
 
 def enrich_candidates(
@@ -407,33 +457,51 @@ def enrich_candidates(
 ) -> pd.DataFrame:
     """Enrich every candidate of the channel map's gene table (its "all" stratum).
 
-    Writes `<out_dir>/<candidate_dirname>/{prerank,ora,ad_terms}.tsv` and
-    `<out_dir>/summary.tsv` (one row per candidate, also returned).
+    Writes `<out_dir>/<candidate_dirname>/{prerank,ora,ad_terms}.tsv` and `gsea_curves.json`
+    (what `enrich_plots` draws), and `<out_dir>/summary.tsv`: one row per candidate (also
+    returned) with its status (confirmed or exploratory), the sets tested (`n_sets`, each by
+    prerank and by ORA: `n_tests`), the tests over all candidates and libraries
+    (`n_tests_total`), and why a candidate was not tested. Tables of unconfirmed candidates
+    carry the exploratory status in a first column.
     """
     rows = []
     for candidate in dict.fromkeys(genes["candidate"]):
+        confirmed = bool(genes.loc[genes["candidate"] == candidate, "confirmed"].iloc[0])
         ranking = ranking_from_genes(genes, candidate)
-        tables = enrich_ranking(ranking, gene_sets, settings)
         folder = candidate_dirname(candidate)
+        status = "confirmed" if confirmed else EXPLORATORY
+        row = {"candidate": candidate, "confirmed": confirmed, "status": status, "folder": folder,
+               "n_genes": len(ranking), "tied_fraction": tied_fraction(ranking)}  # fmt: skip
+        reason = check_ties(ranking, settings.max_tied)
+        if reason:
+            log.warning("%s not enriched: %s", candidate, reason)
+            rows.append({**row, "n_sets": 0, "n_tests": 0, "reason": reason})
+            continue
+        tables, pre = enrich_ranking(ranking, gene_sets, settings)
+        if not confirmed:
+            tables = {
+                name: t.assign(status=status)[["status", *t.columns]] for name, t in tables.items()
+            }
         write_tables(tables, Path(out_dir) / folder)
-        pre = tables["prerank.tsv"]
-        ad = ad_rows(pre)
-        confirmed = genes.loc[genes["candidate"] == candidate, "confirmed"].iloc[0]
+        write_json(Path(out_dir) / folder / "gsea_curves.json", _curves_json(pre))
+        table, ad = pre.table, ad_rows(pre.table)
+        fdr = settings.fdr_threshold
         rows.append(
             {
-                "candidate": candidate,
-                "confirmed": bool(confirmed),
-                "folder": folder,
-                "n_genes": len(ranking),
-                "n_sets": len(pre),
-                "n_significant": int((pre["FDR"] < settings.fdr_threshold).sum()),
-                "n_ad_significant": int((ad["FDR"] < settings.fdr_threshold).sum()),
-                **_best(pre, "top"),
+                **row,
+                "n_sets": len(table),
+                "n_tests": 2 * len(table),
+                "n_significant": int((table["FDR q-val"] < fdr).sum()),
+                "n_ad_significant": int((ad["FDR q-val"] < fdr).sum()),
+                **_best(table, "top"),
                 **_best(ad, "top_ad"),
+                "reason": "",
             }
         )
-        n_sig = rows[-1]["n_significant"]
-        log.info("%s: %d sets, %d at FDR < %g", candidate, len(pre), n_sig, settings.fdr_threshold)
-    summary = pd.DataFrame(rows)
+        log.info(
+            "%s: %d sets, %d at FDR < %g", candidate, len(table), rows[-1]["n_significant"], fdr
+        )
+    summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:-1])
+    summary["n_tests_total"] = int(summary["n_tests"].sum())
     write_tables({"summary.tsv": summary}, out_dir)
     return summary

@@ -81,21 +81,24 @@ PERSISTENCE_COLUMNS = [
 STRATA_COLUMNS = ["candidate", "stratum", "value", "n_cells", "n_donors", "effect", "ci_low",
                   "ci_high", "status"]  # fmt: skip
 INTEREST_COLUMNS = [
-    "candidate", "confirmed", "gene", "status", "n_cells", "rank", "n_ranked", "percentile",
-    "score",
+    "candidate", "confirmed", "gene", "status", "n_cells", "rank", "n_ranked", "percentile", "z",
+    "p_null",
 ]  # fmt: skip
 GENE_COLUMNS = [
-    "rank", "gene", "score", "n_cells", "input_act", "output_act", "resid_act", "ablation_effect"
+    "rank", "gene", "z", "p_null", "n_cells", "xw", "abs_xw", "se", "null_mean_abs",
+    "null_sd_abs", "ablation_effect",
 ]  # fmt: skip
 ENRICH_SUMMARY_COLUMNS = [
-    "candidate", "confirmed", "n_genes", "n_sets", "n_significant", "n_ad_significant",
-    "top_term", "top_NES", "top_FDR", "top_ad_term", "top_ad_FDR",
+    "candidate", "status", "n_genes", "n_sets", "n_tests", "n_significant", "n_ad_significant",
+    "top_term", "top_NES", "top_FDR", "top_ad_term", "top_ad_FDR", "reason",
 ]  # fmt: skip
 ENRICH_TABLES = {
-    "prerank": ["library", "term", "size", "NES", "FDR", "leading_edge"],
-    "ad_terms": ["analysis", "library", "term", "size", "NES", "odds_ratio", "FDR"],
-    "ora": ["library", "term", "size", "overlap", "odds_ratio", "FDR", "genes"],
-}
+    "prerank": ["status", "library", "Term", "size", "NES", "FDR q-val", "Lead_genes"],
+    "ad_terms": ["status", "analysis", "library", "Term", "size", "NES", "FDR q-val",
+                 "Odds Ratio", "Adjusted P-value"],
+    "ora": ["status", "library", "Term", "size", "Overlap", "Odds Ratio", "Adjusted P-value",
+            "Genes"],
+}  # fmt: skip
 QUANTIZE_COLUMNS = [
     "scheme", "method", "bits", "block_size", "mean_log_likelihood", "accuracy", "macro_f1",
     "weight_error", "n_clipped",
@@ -141,9 +144,12 @@ LABELS = {
     "finetuned_effect": "effect after",
     "robust_z": "robust z",
     "n_ranked": "genes ranked",
-    "input_act": "mean input act.",
-    "output_act": "mean output act.",
-    "resid_act": "mean residual act.",
+    "xw": "mean x·w",
+    "abs_xw": "mean |x·w|",
+    "se": "s.e. of |x·w|",
+    "null_mean_abs": "null mean |x·w|",
+    "null_sd_abs": "null sd |x·w|",
+    "p_null": "p (null)",
     "ablation_effect": "pruning effect on expr.",
     "mean_log_likelihood": "mean log p(true type)",
     "weight_error": "relative weight error",
@@ -151,8 +157,10 @@ LABELS = {
     "n_sets": "sets tested",
     "n_significant": "significant sets",
     "n_ad_significant": "significant AD sets",
-    "leading_edge": "leading-edge genes",
-    "odds_ratio": "odds ratio",
+    "n_tests": "tests (prerank + ORA)",
+    "Lead_genes": "leading-edge genes",
+    "Adjusted P-value": "ORA FDR (BH)",
+    "FDR q-val": "GSEA FDR q-val",
 }
 
 
@@ -704,21 +712,35 @@ def gene_statement(core_rows: pd.DataFrame | None, core: tuple[str, ...]) -> str
 
 
 def pathway_statement(summary: pd.DataFrame | None, n_folders: int, fdr: float) -> str:
+    """Per candidate, what enrichment found, with the number of tests behind every claim."""
     if summary is None or summary.empty or not n_folders:
         return "No candidate reached enrichment."
     parts = []
     for r in summary.itertuples():
+        who = r.candidate
+        if str(getattr(r, "status", "confirmed")) != "confirmed":
+            who += " (exploratory: not confirmed by pruning)"
+        if getattr(r, "reason", "") and isinstance(r.reason, str):
+            parts.append(f"{who}: not tested ({r.reason})")
+            continue
         if r.n_significant:
             text = (
-                f"{r.candidate}: {_plural(int(r.n_significant), 'gene set')} of {fmt(r.n_sets)} "
+                f"{who}: {_plural(int(r.n_significant), 'gene set')} of {fmt(r.n_sets)} "
                 f"at FDR < {fmt(fdr)} (top: {r.top_term}, NES {fmt(r.top_NES)})"
             )
         else:
-            text = f"{r.candidate}: no gene set at FDR < {fmt(fdr)} among {fmt(r.n_sets)} tested"
+            text = f"{who}: no gene set at FDR < {fmt(fdr)} among {fmt(r.n_sets)} tested"
         if getattr(r, "n_ad_significant", 0):
             text += f", {_plural(int(r.n_ad_significant), 'AD-related set')} significant"
         parts.append(text)
-    return "; ".join(parts) + "."
+    statement = "; ".join(parts) + "."
+    if "n_tests_total" in summary:
+        total = int(summary["n_tests_total"].iloc[0])
+        statement += (
+            f" {total:,} tests in all (prerank and ORA, across {_plural(len(summary), 'candidate')}"
+            " and every library; FDR by Benjamini-Hochberg within each library, not across them)."
+        )
+    return statement
 
 
 def quantize_statement(table: pd.DataFrame | None) -> str:
