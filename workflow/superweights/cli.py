@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .rule_io import setup_logging
+from .rule_io import USER_ERROR_EXIT, setup_logging
 
 
 def settings_arguments(parser: argparse.ArgumentParser, settings_class) -> None:
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
         args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     return 0
 
 
