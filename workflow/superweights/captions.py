@@ -51,12 +51,15 @@ CAPTIONS = {
     "mean predicted probability, pruned over original.",
     "ablate_celltypes": "Effect of pruning each candidate per cell type: mean drop of log "
     "p(true cell type) in nats (rows: candidates, columns: cell types).",
-    "channels_goi": "Rank, percentile and score of the genes of interest ("
+    "channels_goi": "Rank, percentile, z-score and null p of the genes of interest ("
     + ", ".join(GENES_OF_INTEREST)
-    + " and GWAS risk genes) on each super channel.",
-    "enrich_dotplot": "Top gene sets of the preranked GSEA: normalised enrichment score (NES) "
-    "on x, colour −log10 FDR, dot size = genes of the set in the ranking.",
-    "enrich_gsea": "Running enrichment score of one gene set along the gene ranking.",
+    + " and GWAS risk genes) for each super weight: how much more the weight adds at the "
+    "gene's token than magnitude-matched null weights of its matrix.",
+    "enrich_dotplot": "gseapy's dot plot of the top gene sets of the preranked GSEA on the gene "
+    "z-scores: NES on x, colour log10(1/FDR q-val), dot size = the leading edge's share of "
+    "the set.",
+    "enrich_gsea": "gseapy's running enrichment score of one gene set along the z-score "
+    "ranking, as tested.",
     "quantize_table": "Cell-type log-likelihood, accuracy and macro-F1 of the quantized "
     "model: round-to-nearest by block size, naive vs with super-weight holdout, and W8A8.",
     "quantize_figure": "Round-to-nearest weight quantization of the encoder's linear layers "
