@@ -27,8 +27,6 @@ rule quantize:
         gpu=1,
     params:
         settings=config["quantize"],
-        batch_size=config["finetune"]["batch_size"],
-        max_seq_len=config["finetune"]["max_seq_len"],
         seed=config["finetune"]["seed"],
     script:
         "../scripts/quantize.py"

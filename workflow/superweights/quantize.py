@@ -1,4 +1,4 @@
-"""Round-to-nearest quantization with and without super-weight holdout (Yu et al. 2024, §5).
+"""Round-to-nearest quantization as Yu et al. (2024, §5) measure it: three weight arms, W8A8.
 
 Weights: asymmetric min/max quantization per contiguous block of ``block_size`` elements
 of the flattened tensor (the paper's "128×128" block is 16,384 consecutive elements;
@@ -6,82 +6,86 @@ of the flattened tensor (the paper's "128×128" block is 16,384 consecutive elem
 in full precision, so ``q(w) = min + step · round((w - min) / step)`` with
 ``step = (max - min) / (2^bits - 1)`` (llama.cpp's Q4_1 layout): every value is within
 half a step of its block, the block's minimum is exact and a constant block is exact.
-Holdout: clip the tensor's outliers, quantize, then put the super weights back in full
-precision. By default only tensors holding a super weight are clipped, so that without
-super weights holdout equals naive; ``clip_scope="all"`` clips every tensor as in the
-paper's model-wide recipe.
+
+The arms of the paper's Tables 3-4 (`ARMS`): "naive" quantizes every tensor as it is;
+"clip" clamps the outliers of every quantized tensor (or, with ``clip_scope="super"``, of
+the tensors holding a super weight) at one threshold of a sweep, then quantizes;
+"clip_restore" does the same and puts the super weights back in full precision. Clip-only
+separates the gain from clipping from the gain from restoring the super weight.
 
 Activations (W8A8): weights INT8 symmetric per output channel (or per tensor), and the
 input of every linear map of the encoder (q/k/v, attention output, MLP up and down)
-fake-quantized to INT8 per tensor with a dynamic absmax scale, padding positions
-included. Holdout keeps whole channels in full precision and out of the absmax: the
-down-projection's input channel ``col`` at the super weight's layer (the input spike),
-and, unless disabled, the residual-stream channel ``row`` (the output spike, which the
-residual carries into every later layer's q/k/v and MLP inputs).
+fake-quantized to INT8 with an absmax scale per token or per tensor, taken over real
+tokens only (padding excluded). The holdout keeps the single super activation in full
+precision and out of the absmax: in each cell, the element at the spike token (where the
+down-projection's input channel ``col`` peaks) and channel ``col`` of that input, and,
+with ``hold_out_residual``, the element at the same token and residual channel ``row`` in
+the inputs of later layers' self-attention and MLP up-projection, where the residual
+stream carries the output spike.
+
+Every evaluation runs in true fp32: no autocast and no TF32 on a GPU, so the unquantized
+row and every full-precision part (restored weights, held-out activations) are fp32.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .editing import evaluation, layer_of
 from .errors import UserError
 from .model.finetuned import load_test_cells
-from .model.train import classification_metrics, evaluate
-from .outputs import write_tsv
+from .model.train import classification_metrics
+from .outputs import named_paths, write_tsv
+from .quantize_table import ARMS, COLUMNS, MEASURES
 
 log = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "transformer_encoder."
 HEAD_PREFIXES = ("decoder.", "cls_decoder.", "mvc_decoder.")
-CLIP_METHODS = ("zscore", "fraction", "none")
+CLIP_METHODS = ("zscore", "fraction")
 SUPER_WEIGHT_COLUMNS = ("module", "layer", "row", "col")
-MEASURES = ("mean_log_likelihood", "accuracy", "macro_f1", "weight_error")
-COLUMNS = (
-    "scheme",
-    "method",
-    "bits",
-    "block_size",
-    *MEASURES,
-    "n_cells",
-    "n_super_weights",
-    "n_clipped",
-)
-_LAYER = re.compile(r"layers\.(\d+)\.")
+
+Quantizer = Callable[[str, Tensor], tuple[Tensor, int]]
 
 
 @dataclass
 class QuantizeSettings:
-    """Settings of the quantization stage.
+    """Settings of the quantization stage (defaults as in the config schema).
 
-    `block_sizes`: elements per block (ints) or "tensor". `clip`: how holdout clips
-    outliers before quantizing: "zscore" (|w - mean| > clip_value · std of the tensor),
-    "fraction" (the top clip_value share of |w|) or "none"; `clip_scope`: clip the tensors
-    holding a super weight ("super") or every tensor ("all"). `include_heads`: also quantize
-    the decoders' weights. `w8a8_weights`: "channel" or "tensor" INT8 weight scales.
-    `hold_out_residual`: W8A8 holdout also keeps the super weight's output channel.
+    `bits`, `block_sizes` (elements per block, or "tensor"): the RTN grid. `clip`: how the
+    clip arms clamp outliers, "zscore" (beyond mean ± value · std of the tensor) or
+    "fraction" (the top `value` share of |w|), at each of `clip_values`; `clip_scope`:
+    clip every quantized tensor ("all") or only those holding a super weight ("super").
+    `include_heads`: also quantize the decoders. `w8a8_weights`: INT8 weight scales per
+    output "channel" or per "tensor"; `activation_scale`: activation absmax per "token" or
+    per "tensor"; `hold_out_residual`: the W8A8 holdout also keeps the super activation in
+    later layers' inputs. `batch_size`, `max_seq_len`: evaluation batches (use fine-tuning's
+    `max_seq_len` so that the unquantized row matches the fine-tuning metrics).
     """
 
-    bits: list[int] = field(default_factory=lambda: [8, 4])
+    bits: list[int] = field(default_factory=lambda: [4, 3])
     block_sizes: list[int | str] = field(
         default_factory=lambda: [64, 256, 1024, 4096, 16384, 65536, "tensor"]
     )
     clip: str = "zscore"
-    clip_value: float = 6.0
-    clip_scope: str = "super"
+    clip_values: list[float] = field(default_factory=lambda: [3.0, 6.0])
+    clip_scope: str = "all"
     include_heads: bool = False
     w8a8: bool = True
     w8a8_weights: str = "channel"
+    activation_scale: str = "tensor"
     hold_out_residual: bool = True
+    batch_size: int = 32
+    max_seq_len: int = 128
 
     def __post_init__(self):
         if not self.bits or any(not isinstance(b, int) or not 2 <= b <= 8 for b in self.bits):
@@ -90,13 +94,23 @@ class QuantizeSettings:
             raise UserError("quantize block_sizes is empty; give e.g. [64, 1024, 'tensor']")
         for size in self.block_sizes:
             _check_block(size)
-        _check_clip(self.clip, self.clip_value)
-        if self.clip_scope not in ("super", "all"):
-            raise UserError(f"clip_scope must be 'super' or 'all', not {self.clip_scope!r}")
-        if self.w8a8_weights not in ("channel", "tensor"):
+        if not self.clip_values:
+            raise UserError("quantize clip_values is empty; give e.g. [3.0, 6.0]")
+        for value in self.clip_values:
+            _check_clip(self.clip, value)
+        _check_choice("clip_scope", self.clip_scope, ("all", "super"))
+        _check_choice("w8a8_weights", self.w8a8_weights, ("channel", "tensor"))
+        _check_choice("activation_scale", self.activation_scale, ("token", "tensor"))
+        if self.batch_size < 1 or self.max_seq_len < 2:
             raise UserError(
-                f"w8a8_weights must be 'channel' or 'tensor', not {self.w8a8_weights!r}"
+                f"quantize needs batch_size >= 1 and max_seq_len >= 2, not "
+                f"{self.batch_size} and {self.max_seq_len}"
             )
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"quantize {key} must be one of {choices}, not {value!r}")
 
 
 def _check_block(block_size) -> None:
@@ -106,12 +120,11 @@ def _check_block(block_size) -> None:
 
 
 def _check_clip(clip: str, clip_value: float) -> None:
-    if clip not in CLIP_METHODS:
-        raise UserError(f"clip must be one of {CLIP_METHODS}, not {clip!r}")
+    _check_choice("clip", clip, CLIP_METHODS)
     if clip == "zscore" and not clip_value > 0:
-        raise UserError(f"zscore clipping needs clip_value > 0, not {clip_value}")
+        raise UserError(f"zscore clipping needs clip values > 0, not {clip_value}")
     if clip == "fraction" and not 0 < clip_value < 1:
-        raise UserError(f"fraction clipping needs 0 < clip_value < 1, not {clip_value}")
+        raise UserError(f"fraction clipping needs 0 < clip value < 1, not {clip_value}")
 
 
 # --- tensors ----------------------------------------------------------------------------
@@ -136,11 +149,9 @@ def quantize_dequantize(w: Tensor, bits: int, block_size: int | str = "tensor") 
 
 
 def clip_outliers(w: Tensor, clip: str = "zscore", clip_value: float = 6.0) -> Tensor:
-    """`w` with outliers clamped: beyond mean ± clip_value·std ("zscore"), beyond the
-    (1 - clip_value) quantile of |w| ("fraction"), or unchanged ("none")."""
+    """`w` with outliers clamped: beyond mean ± clip_value·std ("zscore"), or beyond the
+    (1 - clip_value) quantile of |w| ("fraction")."""
     _check_clip(clip, clip_value)
-    if clip == "none":
-        return w.detach().clone()
     x = w.detach().float()
     if clip == "zscore":
         mean, std = x.mean(), x.std()
@@ -152,19 +163,26 @@ def clip_outliers(w: Tensor, clip: str = "zscore", clip_value: float = 6.0) -> T
     return x.clamp(low, high).to(w.dtype)
 
 
-def quantize_with_holdout(
+def quantize_weight(
     w: Tensor,
     bits: int,
     block_size: int | str,
-    super_coords,
+    arm: str,
+    super_coords=(),
     clip: str = "zscore",
     clip_value: float = 6.0,
-) -> Tensor:
-    """Clip outliers, quantize per block, restore the weights at `super_coords` (row, col)."""
-    q = quantize_dequantize(clip_outliers(w, clip, clip_value), bits, block_size)
-    for row, col in super_coords:
-        q[row, col] = w.detach()[row, col]
-    return q
+) -> tuple[Tensor, int]:
+    """`w` quantized by `arm` (see `ARMS`) and how many of its weights clipping changed.
+
+    "clip_restore" puts the weights at `super_coords` [(row, col)] back unchanged.
+    """
+    _check_choice("arm", arm, ARMS)
+    x = w.detach() if arm == "naive" else clip_outliers(w, clip, clip_value)
+    q = quantize_dequantize(x, bits, block_size)
+    if arm == "clip_restore":
+        for row, col in super_coords:
+            q[row, col] = w.detach()[row, col]
+    return q, int((x != w).sum())
 
 
 def quantize_symmetric(w: Tensor, bits: int = 8, per_channel: bool = True) -> Tensor:
@@ -176,20 +194,31 @@ def quantize_symmetric(w: Tensor, bits: int = 8, per_channel: bool = True) -> Te
     return (torch.round(x / step) * step).to(w.dtype)
 
 
-def fake_quantize_activation(x: Tensor, bits: int = 8, keep: list[int] | None = None) -> Tensor:
-    """Symmetric INT absmax fake quantization over the whole tensor; the last-dimension
-    channels in `keep` stay in full precision and do not enter the absmax."""
+def fake_quantize_activation(
+    x: Tensor,
+    bits: int = 8,
+    per_token: bool = False,
+    real: Tensor | None = None,
+    keep: Tensor | None = None,
+) -> Tensor:
+    """Symmetric INT absmax fake quantization of `x` [..., C], scale per token (last
+    dimension) or per tensor.
+
+    `real` [...] (True = real token) limits the absmax to real tokens; elements where
+    `keep` (shaped like `x`) is True stay in full precision and do not enter the absmax.
+    """
     levels = 2 ** (bits - 1) - 1
     y = x.float()
-    scaled = y
-    if keep:
-        scaled = y.clone()
-        scaled[..., keep] = 0
-    absmax = scaled.abs().amax()
+    counted = y.abs()
+    if keep is not None:
+        counted = counted.masked_fill(keep, 0)
+    if real is not None:
+        counted = counted.masked_fill(~real.unsqueeze(-1), 0)
+    absmax = counted.amax(dim=-1, keepdim=True) if per_token else counted.amax()
     step = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))
     q = torch.round(y / step).clamp(-levels, levels) * step
-    if keep:
-        q[..., keep] = y[..., keep]
+    if keep is not None:
+        q = torch.where(keep, y, q)
     return q.to(x.dtype)
 
 
@@ -223,7 +252,7 @@ def read_super_weights(path: str | Path) -> pd.DataFrame:
     return table[confirmed].reset_index(drop=True)
 
 
-def _super_coords(model: nn.Module, super_weights: pd.DataFrame | None) -> dict:
+def super_weight_coords(model: nn.Module, super_weights: pd.DataFrame | None) -> dict:
     """Weight name -> [(row, col)] for every super weight, checked against the model."""
     coords: dict[str, list[tuple[int, int]]] = {}
     if super_weights is None:
@@ -242,57 +271,63 @@ def _super_coords(model: nn.Module, super_weights: pd.DataFrame | None) -> dict:
     return coords
 
 
-@torch.no_grad()
-def quantize_model(
-    model: nn.Module,
+@dataclass
+class WeightChange:
+    """What quantizing did to the weights: relative Frobenius error ‖W − Q‖ / ‖W‖ over all
+    quantized weights together, and the number of weights that clipping changed."""
+
+    weight_error: float
+    n_clipped: int
+
+
+@contextmanager
+def quantized_weights(
+    model: nn.Module, quantize: Quantizer, include_heads: bool = False
+) -> Iterator[WeightChange]:
+    """Inside, each quantizable weight of `model` is replaced by ``quantize(name, w)[0]``;
+    on exit every weight is restored bit for bit, also when the block fails."""
+    weights = quantizable_weights(model, include_heads)
+    saved = {name: w.detach().clone() for name, w in weights.items()}
+    diff = total = 0.0
+    n_clipped = 0
+    try:
+        with torch.no_grad():
+            for name, w in weights.items():
+                q, clipped = quantize(name, saved[name])
+                diff += float((saved[name].float() - q.float()).square().sum())
+                total += float(saved[name].float().square().sum())
+                n_clipped += clipped
+                w.copy_(q)
+        yield WeightChange((diff / total) ** 0.5 if total > 0 else 0.0, n_clipped)
+    finally:
+        with torch.no_grad():
+            for name, w in weights.items():
+                w.copy_(saved[name])
+
+
+def rtn_quantizer(
     bits: int,
     block_size: int | str,
-    holdout: bool,
-    super_weights: pd.DataFrame | None = None,
+    arm: str,
+    coords: dict | None = None,
     clip: str = "zscore",
     clip_value: float = 6.0,
-    clip_scope: str = "super",
-    include_heads: bool = False,
-) -> nn.Module:
-    """A copy of `model` with its linear weights quantized blockwise, the input untouched.
+    clip_scope: str = "all",
+) -> Quantizer:
+    """Blockwise RTN by `arm` for `quantized_weights`; `coords` from `super_weight_coords`.
+    With `clip_scope` "super", tensors without a super weight are quantized naively."""
+    coords = coords or {}
 
-    With `holdout`, the tensors holding a super weight (every tensor if `clip_scope` is
-    "all") are clipped before quantizing and the `super_weights` (table with module, row,
-    col) are restored in full precision.
-    """
-    coords = _super_coords(model, super_weights if holdout else None)
-    quantized = copy.deepcopy(model)
-    for name, weight in quantizable_weights(quantized, include_heads).items():
-        if holdout and (name in coords or clip_scope == "all"):
-            q = quantize_with_holdout(
-                weight, bits, block_size, coords.get(name, []), clip, clip_value
-            )
-        else:
-            q = quantize_dequantize(weight, bits, block_size)
-        weight.copy_(q)
-    return quantized
+    def quantize(name: str, w: Tensor) -> tuple[Tensor, int]:
+        scoped = arm if clip_scope == "all" or name in coords else "naive"
+        return quantize_weight(w, bits, block_size, scoped, coords.get(name, ()), clip, clip_value)
+
+    return quantize
 
 
-@torch.no_grad()
-def quantize_model_int8(
-    model: nn.Module, per_channel: bool = True, include_heads: bool = False
-) -> nn.Module:
-    """A copy of `model` with its linear weights INT8 symmetric (per output channel)."""
-    quantized = copy.deepcopy(model)
-    for weight in quantizable_weights(quantized, include_heads).values():
-        weight.copy_(quantize_symmetric(weight, 8, per_channel))
-    return quantized
-
-
-@torch.no_grad()
-def weight_error(original: nn.Module, quantized: nn.Module, include_heads: bool = False) -> float:
-    """Relative Frobenius error ‖W − Q‖ / ‖W‖ over all quantizable weights together."""
-    q = quantizable_weights(quantized, include_heads)
-    diff = total = 0.0
-    for name, w in quantizable_weights(original, include_heads).items():
-        diff += float((w.float() - q[name].float()).square().sum())
-        total += float(w.float().square().sum())
-    return (diff / total) ** 0.5 if total > 0 else 0.0
+def int8_quantizer(per_channel: bool = True) -> Quantizer:
+    """Symmetric INT8 weights (per output channel or per tensor) for `quantized_weights`."""
+    return lambda name, w: (quantize_symmetric(w, 8, per_channel), 0)
 
 
 def activation_inputs(model: nn.Module) -> dict[str, nn.Module]:
@@ -306,134 +341,212 @@ def activation_inputs(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def held_out_channels(
-    model: nn.Module, super_weights: pd.DataFrame | None, hold_out_residual: bool = True
-) -> dict[str, list[int]]:
-    """Module name -> input channels kept in full precision for the W8A8 holdout.
+@dataclass(frozen=True)
+class HeldOut:
+    """One held-out activation element: channel `channel` of super activation `index`; the
+    module where `locate` is set finds the spike token (argmax of |input[:, channel]|)."""
 
-    Per super weight: input channel `col` of its down-projection, and with
-    `hold_out_residual` channel `row` of the inputs of `self_attn` and `linear1` of
-    every later layer (where the residual stream carries the output spike).
+    index: int
+    channel: int
+    locate: bool
+
+
+def super_activation_sites(
+    model: nn.Module, super_weights: pd.DataFrame | None, hold_out_residual: bool = True
+) -> dict[str, list[HeldOut]]:
+    """Module name -> the super-activation elements held out of its input (W8A8 holdout).
+
+    Per super weight: input channel `col` of its down-projection, at the token where that
+    channel peaks; with `hold_out_residual`, residual channel `row` at the same token in
+    the inputs of `self_attn` and `linear1` of every later layer.
     """
     if super_weights is None:
         return {}
-    _super_coords(model, super_weights)
-    keep: dict[str, set[int]] = {}
+    super_weight_coords(model, super_weights)
+    sites: dict[str, list[HeldOut]] = {}
     inputs = activation_inputs(model)
-    for sw in super_weights.itertuples():
-        keep.setdefault(sw.module, set()).add(int(sw.col))
+    for index, sw in enumerate(super_weights.itertuples()):
+        sites.setdefault(sw.module, []).append(HeldOut(index, int(sw.col), True))
         if not hold_out_residual:
             continue
         for name in inputs:
-            layer = _LAYER.search(name)
-            residual = name.endswith((".self_attn", ".linear1"))
-            if residual and layer and int(layer.group(1)) > int(sw.layer):
-                keep.setdefault(name, set()).add(int(sw.row))
-    return {name: sorted(channels) for name, channels in keep.items()}
+            later = (layer_of(name) or 0) > int(sw.layer)
+            if later and name.endswith((".self_attn", ".linear1")):
+                sites.setdefault(name, []).append(HeldOut(index, int(sw.row), False))
+    return sites
 
 
 @contextmanager
 def activation_quantization(
-    model: nn.Module, keep: dict[str, list[int]] | None = None, bits: int = 8
+    model: nn.Module,
+    sites: dict[str, list[HeldOut]] | None = None,
+    bits: int = 8,
+    per_token: bool = False,
 ) -> Iterator[nn.Module]:
-    """Fake-quantize the input of every encoder linear map while inside; `keep` maps
-    module names to channels held out. The hooks are removed on exit."""
-    keep = keep or {}
-    handles = []
+    """Fake-quantize the input of every encoder linear map while inside.
 
-    def hook_for(channels):
+    The scale is taken over the real tokens of the batch (from the `padding_mask` given to
+    the model's forward); `sites` (from `super_activation_sites`) are held out. Runs on
+    padded batches; the hooks are removed on exit.
+    """
+    sites = sites or {}
+    batch: dict = {}
+
+    def start(module, args, kwargs):
+        if kwargs.get("packing") is not None:
+            raise ValueError("activation quantization needs padded batches, not packed ones")
+        padding = kwargs["padding_mask"] if "padding_mask" in kwargs else args[2]
+        batch.update(real=~padding.bool(), spikes={})
+
+    def hook_for(held: list[HeldOut]):
         def hook(module, args):
-            return (fake_quantize_activation(args[0], bits, channels), *args[1:])
+            x, real = args[0], batch["real"]
+            keep = None
+            if held:
+                keep = torch.zeros_like(x, dtype=torch.bool)
+                cells = torch.arange(x.shape[0], device=x.device)
+                for h in held:
+                    if h.locate:
+                        peak = x[..., h.channel].abs().masked_fill(~real, -1)
+                        batch["spikes"][h.index] = peak.argmax(dim=1)
+                    keep[cells, batch["spikes"][h.index], h.channel] = True
+            return (fake_quantize_activation(x, bits, per_token, real, keep), *args[1:])
 
         return hook
 
+    handles = [model.register_forward_pre_hook(start, with_kwargs=True)]
     try:
         for name, module in activation_inputs(model).items():
-            handles.append(module.register_forward_pre_hook(hook_for(keep.get(name))))
+            handles.append(module.register_forward_pre_hook(hook_for(sites.get(name, []))))
         yield model
     finally:
         for handle in handles:
             handle.remove()
 
 
-# --- the stage --------------------------------------------------------------------------
+# --- evaluation -------------------------------------------------------------------------
 
 
-def _measure(model, loader, classes, device) -> dict:
-    metrics = classification_metrics(*evaluate(model, loader, device), classes)
+@contextmanager
+def true_fp32(device: torch.device) -> Iterator[None]:
+    """No autocast and no TF32 matmuls while inside; the previous flags are restored."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def measure(model: nn.Module, batches, classes: list[str]) -> dict:
+    """Mean log p(true type), accuracy, macro F1 and cell count of the classifier, in true
+    fp32, on padded batches (dicts with gene_ids, values, padding_mask and labels)."""
+    first = next(model.parameters())
+    if first.dtype != torch.float32:
+        raise UserError(f"quantization compares against fp32; the model is {first.dtype}")
+    logits, labels = [], []
+    with evaluation(model), true_fp32(first.device):
+        for batch in batches:
+            gene_ids, values, padding = (
+                batch[k].to(first.device) for k in ("gene_ids", "values", "padding_mask")
+            )
+            out = model(gene_ids, values, padding_mask=padding, heads=("cls_logits",))
+            logits.append(out["cls_logits"].cpu())
+            labels.append(batch["labels"].cpu())
+    metrics = classification_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy(), classes)
     return {k: metrics[k] for k in ("mean_log_likelihood", "accuracy", "macro_f1", "n_cells")}
 
 
-def count_clipped(
-    model: nn.Module, super_weights: pd.DataFrame | None, settings: QuantizeSettings
-) -> int:
-    """How many quantizable weights the holdout's clipping changes."""
-    coords = _super_coords(model, super_weights)
-    return sum(
-        int((clip_outliers(w, settings.clip, settings.clip_value) != w).sum())
-        for name, w in quantizable_weights(model, settings.include_heads).items()
-        if name in coords or settings.clip_scope == "all"
-    )
+@dataclass(frozen=True)
+class _Case:
+    """One evaluated setting: its table fields, a key shared by settings that quantize
+    identically, its weight quantizer (None: unquantized) and, for W8A8, the held-out
+    activation sites (None: weights only)."""
+
+    fields: dict
+    key: tuple
+    quantizer: Quantizer | None = None
+    sites: dict | None = None
+
+
+def _cases(model: nn.Module, super_weights, settings: QuantizeSettings) -> Iterator[_Case]:
+    """The unquantized model, every arm × bits × block size (× clip value), then W8A8."""
+    coords = super_weight_coords(model, super_weights)
+    sizes = [w.numel() for w in quantizable_weights(model, settings.include_heads).values()]
+    yield _Case(dict(scheme="fp32", method="none", bits=32, block_size="none"), ("fp32",))
+    for bits in settings.bits:
+        for block in settings.block_sizes:
+            # sizes at or beyond a tensor's size act as "tensor"
+            blocks = tuple(n if block == "tensor" else min(int(block), n) for n in sizes)
+            fields = dict(scheme="weight", bits=bits, block_size=str(block))
+            naive = rtn_quantizer(bits, block, "naive")
+            yield _Case(fields | {"method": "naive"}, (bits, blocks, "naive"), naive)
+            for value in settings.clip_values:
+                for arm in ("clip", "clip_restore"):
+                    same = arm if coords else "clip"  # nothing to restore: clip only
+                    quantizer = rtn_quantizer(
+                        bits, block, same, coords, settings.clip, value, settings.clip_scope
+                    )
+                    key = (bits, blocks, same, value)
+                    yield _Case(fields | {"method": arm, "clip_value": value}, key, quantizer)
+    if settings.w8a8:
+        int8 = int8_quantizer(settings.w8a8_weights == "channel")
+        sites = super_activation_sites(model, super_weights, settings.hold_out_residual)
+        fields = dict(scheme="w8a8", bits=8, block_size=settings.w8a8_weights)
+        fields["activation_scale"] = settings.activation_scale
+        for method, held in (("naive", {}), ("holdout", sites)):
+            yield _Case(fields | {"method": method}, ("w8a8", bool(held)), int8, held)
+
+
+def _evaluate(model, batches, classes, case: _Case, settings: QuantizeSettings) -> dict:
+    if case.quantizer is None:
+        return measure(model, batches, classes) | {"weight_error": 0.0, "n_clipped": 0}
+    per_token = settings.activation_scale == "token"
+    with quantized_weights(model, case.quantizer, settings.include_heads) as change:
+        activations = (
+            nullcontext()
+            if case.sites is None
+            else activation_quantization(model, case.sites, 8, per_token)
+        )
+        with activations:
+            return measure(model, batches, classes) | asdict(change)
 
 
 def run_quantization(
     model: nn.Module,
-    loader,
+    batches,
     classes: list[str],
     super_weights: pd.DataFrame | None,
     settings: QuantizeSettings,
 ) -> pd.DataFrame:
-    """Evaluate fp32, blockwise RTN (naive vs holdout) per bits and block size, and W8A8.
+    """Evaluate the unquantized model, every arm × bits × block size (× clip value), and W8A8.
 
     `super_weights`: the super weights to hold out (module, layer, row, col), e.g. from
-    `read_super_weights`; empty or None holds none out. One row per setting, `COLUMNS`;
-    `n_clipped` counts the weights that the holdout's clipping changed.
+    `read_super_weights`; empty or None holds none out. One row per setting, `COLUMNS`.
+    Settings that quantize identically are evaluated once and their rows repeated: block
+    sizes at or beyond every tensor's size (= "tensor"), clip + restore with no super weight
+    to restore (= clip only), and W8A8 holdout with none to hold out (= naive). `model` ends
+    as it started.
     """
-    device = next(model.parameters()).device
-    heads = settings.include_heads
-    keep = held_out_channels(model, super_weights, settings.hold_out_residual)
-    n_clipped = count_clipped(model, super_weights, settings)
-    rows = []
-
-    def record(scheme, method, bits, block, quantized, error, clipped=0):
-        row = dict(scheme=scheme, method=method, bits=bits, block_size=str(block))
-        row |= _measure(quantized, loader, classes, device)
-        row |= dict(weight_error=error, n_clipped=clipped)
+    rows, done = [], {}
+    for case in _cases(model, super_weights, settings):
+        if case.key not in done:
+            done[case.key] = _evaluate(model, batches, classes, case, settings)
+        row = dict(clip_value=np.nan, activation_scale="none") | case.fields | done[case.key]
         measures = ", ".join(f"{k} {row[k]:.4f}" for k in MEASURES)
-        log.info("%s %s %d-bit block %s: %s", scheme, method, bits, block, measures)
+        log.info("%s: %s", ", ".join(f"{k} {v}" for k, v in case.fields.items()), measures)
         rows.append(row)
-
-    record("fp32", "none", 32, "none", model, 0.0)
-    for bits in settings.bits:
-        for block in settings.block_sizes:
-            for method in ("naive", "holdout"):
-                holdout = method == "holdout"
-                q = quantize_model(
-                    model,
-                    bits,
-                    block,
-                    holdout,
-                    super_weights,
-                    clip=settings.clip,
-                    clip_value=settings.clip_value,
-                    clip_scope=settings.clip_scope,
-                    include_heads=heads,
-                )
-                error = weight_error(model, q, heads)
-                record("weight", method, bits, block, q, error, n_clipped if holdout else 0)
-    if settings.w8a8:
-        q = quantize_model_int8(model, settings.w8a8_weights == "channel", heads)
-        error = weight_error(model, q, heads)
-        for method in ("naive", "holdout"):
-            with activation_quantization(q, keep if method == "holdout" else None):
-                record("w8a8", method, 8, settings.w8a8_weights, q, error)
     n_super = 0 if super_weights is None else len(super_weights)
     return pd.DataFrame(rows).assign(n_super_weights=n_super)[list(COLUMNS)]
 
 
-def write_outputs(frame: pd.DataFrame, out_dir: str | Path) -> Path:
-    """Write `out_dir/quantize.tsv` atomically; returns its path."""
-    return write_tsv(Path(out_dir) / "quantize.tsv", frame)
+def write_outputs(frame: pd.DataFrame, outputs) -> Path:
+    """Write the table (`quantize.tsv`) atomically; returns its path.
+
+    `outputs`: a folder or the rule's named outputs with `table` (`named_paths`).
+    """
+    return write_tsv(named_paths(outputs, {"table": "quantize.tsv"})["table"], frame)
 
 
 def quantize_checkpoint(
@@ -442,17 +555,16 @@ def quantize_checkpoint(
     super_weights,
     settings: QuantizeSettings,
     *,
-    batch_size: int,
-    max_seq_len: int,
     seed: int,
     device=None,
 ) -> pd.DataFrame:
-    """`run_quantization` of a fine-tuned checkpoint on its dataset's test cells."""
+    """`run_quantization` of a fine-tuned checkpoint on its dataset's test cells, cut to
+    `settings.max_seq_len` genes with fine-tuning's `seed` as fine-tuning cuts them."""
     test = load_test_cells(
         tokenised,
         checkpoint,
-        batch_size=batch_size,
-        max_seq_len=max_seq_len,
+        batch_size=settings.batch_size,
+        max_seq_len=settings.max_seq_len,
         seed=seed,
         device=device,
     )
