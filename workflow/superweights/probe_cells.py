@@ -317,8 +317,9 @@ def _statement(table: pd.DataFrame, n_cells: int, n_types: int, settings, n_ln: 
         )
     else:
         thresholds = (
-            f"input/output ratio ≥ {settings.input_ratio:g}/{settings.output_ratio:g}, "
-            f"contribution ≥ {settings.contribution_min:g}"
+            f"output ratio ≥ {settings.output_ratio:g} (layer) and {settings.token_ratio:g} "
+            f"(token), contribution ≥ {settings.contribution_min:g}, weight ratio in its column "
+            f"≥ {settings.weight_ratio:g}, input ratio ≥ {settings.input_ratio:g}"
             + (f", |activation| ≥ {settings.min_abs:g}" if settings.min_abs > 0 else "")
         )
         text = f"No super weight passed the thresholds ({thresholds}) in {cohort}"
