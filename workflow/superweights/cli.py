@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5ad (or folder with --rosmap)")
     p.add_argument("--n-cells", type=int, default=8000)
     p.add_argument("--n-genes", type=int, default=2400)
-    p.add_argument("--n-donors", type=int, default=28)
+    p.add_argument("--n-donors", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rosmap", action="store_true", help="write the ROSMAP-shaped folder instead")
     p.set_defaults(func=cmd_demo_data)

@@ -349,7 +349,7 @@ def _seaad_donors(n_donors: int, rng: np.random.Generator) -> pd.DataFrame:
 
 
 def make_demo_seaad(
-    n_cells: int = 8000, n_genes: int = 2400, n_donors: int = 28, seed: int = 0
+    n_cells: int = 8000, n_genes: int = 2400, n_donors: int = 60, seed: int = 0
 ) -> ad.AnnData:
     """A synthetic AnnData with the SEA-AD final-nuclei layout (obs, X, layers['UMIs'])."""
     rng_genes, rng_donors, rng_cells, rng_obs = _rngs(seed, 4)
