@@ -442,12 +442,14 @@ def test_measure_is_true_fp32_even_inside_autocast():
         measure(weight_model(0).to(torch.bfloat16), loader, CLASSES)
 
 
-def test_run_quantization_table_arms_and_outputs(tmp_path):
+def test_run_quantization_table_arms_and_outputs(tmp_path, caplog):
     model = weight_model(0)
     loader = labelled(model)
     before = state(model)
     settings = QuantizeSettings(bits=[4], block_sizes=[64, 100_000, "tensor"], clip_values=[3, 6])
-    frame = run_quantization(model, loader, CLASSES, super_table(), settings)
+    with caplog.at_level("INFO", logger="superweights.quantize"):
+        frame = run_quantization(model, loader, CLASSES, super_table(), settings)
+    assert "18 settings, 13 evaluated" in caplog.text  # 100,000 weights = one block per matrix
     assert list(frame.columns) == list(COLUMNS)
     assert len(frame) == 1 + 3 * (1 + 2 * 2) + 2
     fp32 = frame.iloc[0]
@@ -496,15 +498,22 @@ def test_run_quantization_table_arms_and_outputs(tmp_path):
     assert named["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_without_super_weights_restore_equals_clip_and_holdout_equals_naive():
+def test_without_super_weights_restore_equals_clip_and_holdout_equals_naive(caplog):
     model = weight_model(0)
     loader = labelled(model)
-    settings = QuantizeSettings(bits=[4], block_sizes=["tensor"], clip_values=[6])
-    frame = run_quantization(model, loader, CLASSES, super_table().iloc[:0], settings)
+    settings = QuantizeSettings(bits=[4], block_sizes=["tensor"], clip_values=[6, 100])
+    with caplog.at_level("INFO", logger="superweights.quantize"):
+        frame = run_quantization(model, loader, CLASSES, super_table().iloc[:0], settings)
+    assert "8 settings, 4 evaluated" in caplog.text  # z = 100 clips nothing: naive again
     measures = ["accuracy", "mean_log_likelihood", "weight_error", "n_clipped"]
-    rows = frame.set_index(["scheme", "method"])[measures]
-    assert rows.loc[("weight", "clip")].equals(rows.loc[("weight", "clip_restore")])
-    assert rows.loc[("w8a8", "naive")].equals(rows.loc[("w8a8", "holdout")])
+
+    def values(scheme, method):
+        return frame.loc[(frame.scheme == scheme) & (frame.method == method), measures]
+
+    assert np.array_equal(values("weight", "clip"), values("weight", "clip_restore"))
+    assert np.array_equal(values("w8a8", "naive"), values("w8a8", "holdout"))
+    clips = frame[frame.method == "clip"].set_index("clip_value")
+    assert clips.n_clipped[100] == 0 and clips.n_clipped[6] > 0
     assert set(frame.n_super_weights) == {0}
 
 

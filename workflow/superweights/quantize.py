@@ -29,6 +29,7 @@ row and every full-precision part (restored weights, held-out activations) are f
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -460,12 +461,10 @@ def measure(model: nn.Module, batches, classes: list[str]) -> dict:
 
 @dataclass(frozen=True)
 class _Case:
-    """One evaluated setting: its table fields, a key shared by settings that quantize
-    identically, its weight quantizer (None: unquantized) and, for W8A8, the held-out
-    activation sites (None: weights only)."""
+    """One setting: its table fields, its weight quantizer (None: unquantized) and, for
+    W8A8, the held-out activation sites (None: weights only)."""
 
     fields: dict
-    key: tuple
     quantizer: Quantizer | None = None
     sites: dict | None = None
 
@@ -473,44 +472,53 @@ class _Case:
 def _cases(model: nn.Module, super_weights, settings: QuantizeSettings) -> Iterator[_Case]:
     """The unquantized model, every arm × bits × block size (× clip value), then W8A8."""
     coords = super_weight_coords(model, super_weights)
-    sizes = [w.numel() for w in quantizable_weights(model, settings.include_heads).values()]
-    yield _Case(dict(scheme="fp32", method="none", bits=32, block_size="none"), ("fp32",))
+    yield _Case(dict(scheme="fp32", method="none", bits=32, block_size="none"))
     for bits in settings.bits:
         for block in settings.block_sizes:
-            # sizes at or beyond a tensor's size act as "tensor"
-            blocks = tuple(n if block == "tensor" else min(int(block), n) for n in sizes)
             fields = dict(scheme="weight", bits=bits, block_size=str(block))
-            naive = rtn_quantizer(bits, block, "naive")
-            yield _Case(fields | {"method": "naive"}, (bits, blocks, "naive"), naive)
+            yield _Case(fields | {"method": "naive"}, rtn_quantizer(bits, block, "naive"))
             for value in settings.clip_values:
                 for arm in ("clip", "clip_restore"):
-                    same = arm if coords else "clip"  # nothing to restore: clip only
                     quantizer = rtn_quantizer(
-                        bits, block, same, coords, settings.clip, value, settings.clip_scope
+                        bits, block, arm, coords, settings.clip, value, settings.clip_scope
                     )
-                    key = (bits, blocks, same, value)
-                    yield _Case(fields | {"method": arm, "clip_value": value}, key, quantizer)
+                    yield _Case(fields | {"method": arm, "clip_value": value}, quantizer)
     if settings.w8a8:
         int8 = int8_quantizer(settings.w8a8_weights == "channel")
         sites = super_activation_sites(model, super_weights, settings.hold_out_residual)
         fields = dict(scheme="w8a8", bits=8, block_size=settings.w8a8_weights)
         fields["activation_scale"] = settings.activation_scale
         for method, held in (("naive", {}), ("holdout", sites)):
-            yield _Case(fields | {"method": method}, ("w8a8", bool(held)), int8, held)
+            yield _Case(fields | {"method": method}, int8, held)
 
 
-def _evaluate(model, batches, classes, case: _Case, settings: QuantizeSettings) -> dict:
-    if case.quantizer is None:
-        return measure(model, batches, classes) | {"weight_error": 0.0, "n_clipped": 0}
+def _fingerprint(model: nn.Module, include_heads: bool) -> str:
+    """A digest of the quantizable weights as they are now."""
+    digest = hashlib.blake2b(digest_size=16)
+    for w in quantizable_weights(model, include_heads).values():
+        digest.update(w.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def _applied(model: nn.Module, case: _Case, settings: QuantizeSettings):
+    """Inside, `model` runs as `case` says; yields its `WeightChange` and a key that is
+    equal for cases whose forward passes are identical."""
+    heads = settings.include_heads
+    weights = (
+        nullcontext(WeightChange(0.0, 0))
+        if case.quantizer is None
+        else quantized_weights(model, case.quantizer, heads)
+    )
     per_token = settings.activation_scale == "token"
-    with quantized_weights(model, case.quantizer, settings.include_heads) as change:
-        activations = (
-            nullcontext()
-            if case.sites is None
-            else activation_quantization(model, case.sites, 8, per_token)
-        )
-        with activations:
-            return measure(model, batches, classes) | asdict(change)
+    activations = (
+        nullcontext()
+        if case.sites is None
+        else activation_quantization(model, case.sites, 8, per_token)
+    )
+    with weights as change, activations:
+        sites = None if case.sites is None else sorted((n, tuple(h)) for n, h in case.sites.items())
+        yield change, (_fingerprint(model, heads), repr(sites), per_token)
 
 
 def run_quantization(
@@ -524,20 +532,23 @@ def run_quantization(
 
     `super_weights`: the super weights to hold out (module, layer, row, col), e.g. from
     `read_super_weights`; empty or None holds none out. One row per setting, `COLUMNS`.
-    Settings that quantize identically are evaluated once and their rows repeated: block
-    sizes at or beyond every tensor's size (= "tensor"), clip + restore with no super weight
-    to restore (= clip only), and W8A8 holdout with none to hold out (= naive). `model` ends
-    as it started.
+    Settings whose quantized weights (and held-out activations) are identical are evaluated
+    once: e.g. block sizes at or beyond every matrix's size (= "tensor"), a clip threshold
+    that clips nothing (= naive), clip + restore with no super weight (= clip only), W8A8
+    holdout with none to hold out (= naive). `model` ends as it started.
     """
-    rows, done = [], {}
+    rows, measured = [], {}
     for case in _cases(model, super_weights, settings):
-        if case.key not in done:
-            done[case.key] = _evaluate(model, batches, classes, case, settings)
-        row = dict(clip_value=np.nan, activation_scale="none") | case.fields | done[case.key]
+        with _applied(model, case, settings) as (change, key):
+            if key not in measured:
+                measured[key] = measure(model, batches, classes)
+        row = dict(clip_value=np.nan, activation_scale="none") | case.fields
+        row |= measured[key] | asdict(change)
         measures = ", ".join(f"{k} {row[k]:.4f}" for k in MEASURES)
         log.info("%s: %s", ", ".join(f"{k} {v}" for k, v in case.fields.items()), measures)
         rows.append(row)
     n_super = 0 if super_weights is None else len(super_weights)
+    log.info("%d settings, %d evaluated", len(rows), len(measured))
     return pd.DataFrame(rows).assign(n_super_weights=n_super)[list(COLUMNS)]
 
 
