@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from superweights.errors import UserError
-from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+from superweights.model.scgpt import Packing, ScGPTConfig, ScGPTModel
 from superweights.quantize import (
     QuantizeSettings,
     activation_quantization,
@@ -425,6 +425,15 @@ def test_padding_does_not_enter_the_activation_scale_or_the_spike_search():
         with activation_quantization(model, sites, 8, per_token):
             same = logits(model, real), logits(model, padded)
         assert torch.allclose(*same, atol=1e-4), per_token
+
+
+def test_activation_quantization_refuses_packed_batches():
+    model = activation_model(0)
+    batch = cells(0, n=4)
+    packing = Packing.from_padding(batch["padding_mask"])
+    with activation_quantization(model), pytest.raises(ValueError, match="padded batches"):
+        model(batch["gene_ids"], batch["values"], batch["padding_mask"], packing=packing)
+    assert no_hooks(model)
 
 
 # --- evaluation and the stage -----------------------------------------------------------
