@@ -53,7 +53,7 @@ rule ablate:
         runtime=120,
         gpu=1,
     params:
-        settings=ablate_settings(),
+        settings=ablate_settings,
         probe_splits=config["probe"]["splits"],
     script:
         "../scripts/ablate.py"

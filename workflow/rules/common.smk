@@ -5,7 +5,7 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
-from superweights.config import stage_settings
+from superweights.config import dataset_configs, stage_settings
 from superweights.errors import UserError
 from superweights.model.checkpoint import read_args_and_vocab
 from superweights.rule_io import USER_ERROR_EXIT
@@ -35,12 +35,36 @@ def check_checkpoint():
             sys.exit(USER_ERROR_EXIT)
 
 
+def per_dataset_configs():
+    """Each dataset's config (its overrides merged in); stop now on a bad one."""
+    try:
+        return dataset_configs(config)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
 validate(config, "../superweights/config.schema.yaml")
 check_settings()
 check_checkpoint()
 
+DATASET_CONFIGS = per_dataset_configs()
 SOURCES = {d["name"]: d["source"] for d in config["datasets"]}
 DATASETS = list(SOURCES)
+
+
+def dataset_config(wildcards):
+    """The whole config of the wildcard's dataset."""
+    return DATASET_CONFIGS[wildcards.dataset]
+
+
+def dataset_section(section):
+    """A params function: the `section` settings of the wildcard's dataset."""
+
+    def settings(wildcards):
+        return DATASET_CONFIGS[wildcards.dataset][section]
+
+    return settings
 
 
 wildcard_constraints:
@@ -115,8 +139,10 @@ def launcher(wildcards, resources):
     return f"{python} -m superweights.cli"
 
 
-def ablate_settings():
-    """Ablate settings; expression effects only where fine-tuning trained the decoder."""
-    return config["ablate"] | {
-        "expression_trained": config["finetune"]["mlm_weight"] > 0
+def ablate_settings(wildcards):
+    """The dataset's ablate settings; expression effects only where fine-tuning trained the
+    decoder."""
+    trained = config["finetune"]["mlm_weight"] > 0
+    return DATASET_CONFIGS[wildcards.dataset]["ablate"] | {
+        "expression_trained": trained
     }

@@ -13,6 +13,7 @@ rule fetch:
         runtime=240,
     params:
         source=dataset_source,
+        config=dataset_config,
     script:
         "../scripts/fetch.py"
 
@@ -44,6 +45,6 @@ rule preprocess:
         mem_mb=8000,
         runtime=120,
     params:
-        settings=config["preprocess"],
+        settings=dataset_section("preprocess"),
     script:
         "../scripts/preprocess.py"

@@ -25,7 +25,7 @@ rule map_channels:
         runtime=60,
         gpu=1,
     params:
-        settings=config["channels"],
+        settings=dataset_section("channels"),
     script:
         "../scripts/map_channels.py"
 

@@ -49,7 +49,7 @@ rule confirm_base:
         runtime=120,
         gpu=1,
     params:
-        settings=ablate_settings(),
+        settings=ablate_settings,
     script:
         "../scripts/confirm_base.py"
 
@@ -84,6 +84,6 @@ rule persistence:
         runtime=60,
         gpu=1,
     params:
-        settings=ablate_settings(),
+        settings=ablate_settings,
     script:
         "../scripts/persistence.py"

@@ -41,5 +41,7 @@ rule report:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        config=dataset_config,
     script:
         "../scripts/report.py"

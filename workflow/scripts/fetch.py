@@ -6,6 +6,6 @@ from superweights.rule_io import rule_log
 with rule_log(snakemake):
     fetch(
         snakemake.params.source,
-        snakemake.config,
+        snakemake.params.config,
         Path(snakemake.output.h5ad),
     )

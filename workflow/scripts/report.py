@@ -5,6 +5,6 @@ with rule_log(snakemake):
     build_report(
         snakemake.input,
         snakemake.wildcards.dataset,
-        snakemake.config,
+        snakemake.params.config,
         snakemake.output.html,
     )

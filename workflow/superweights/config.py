@@ -79,6 +79,34 @@ def stage_settings(config: dict) -> dict[str, object]:
     return built
 
 
+DATASET_SECTIONS = ("demo", "seaad", "rosmap", "local", "preprocess", "ablate", "channels")
+"""Sections a `datasets:` entry may override for itself (source, labels, strata)."""
+
+
+def dataset_configs(config: dict) -> dict[str, dict]:
+    """Each dataset's config: the global sections with the entry's own overrides merged in.
+
+    Raises a one-line UserError on duplicated names or an override the schema rejects.
+    """
+    names = [d["name"] for d in config["datasets"]]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise UserError(f"datasets: the name(s) {duplicated} appear more than once")
+    merged = {}
+    for entry in config["datasets"]:
+        own = dict(config)
+        for key in DATASET_SECTIONS:
+            if key in entry:
+                own[key] = {**config.get(key, {}), **entry[key]}
+        try:
+            validate_config(own)
+            stage_settings(own)
+        except UserError as err:
+            raise UserError(f"dataset {entry['name']}: {err}") from None
+        merged[entry["name"]] = own
+    return merged
+
+
 # --- config/README.md ------------------------------------------------------------------
 
 
