@@ -73,5 +73,6 @@ def test_two_datasets_run_in_one_invocation_and_bad_entries_stop_it(tmp_path):
         [{"name": "a", "source": "nowhere"}],
     ):
         result = run_dry(tmp_path, CONFIG | {"datasets": entries})
-        assert result.returncode != 0
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ")
         assert not (tmp_path / "results").exists()

@@ -18,7 +18,10 @@ PROFILE = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text
 CPU_PARTITION = PROFILE["default-resources"]["slurm_partition"]
 (GPU_PARTITION,) = {r["slurm_partition"] for r in PROFILE["set-resources"].values()}
 LOCAL_RULES = {"fetch", "report"}
-GPU_RULES = {"pretrain", "finetune", "probe", "ablate", "map_channels", "quantize"}
+GPU_RULES = {
+    "pretrain", "finetune", "probe", "ablate", "probe_base", "confirm_base", "persistence",
+    "map_channels", "quantize",
+}  # fmt: skip
 SLURM_RULES = {"preprocess", "enrich"} | GPU_RULES
 
 REASON = why_unavailable()

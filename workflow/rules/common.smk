@@ -5,7 +5,7 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
-from superweights.config import dataset_configs, stage_settings
+from superweights.config import dataset_configs, stage_settings, validate_config
 from superweights.errors import UserError
 from superweights.model.checkpoint import read_args_and_vocab
 from superweights.rule_io import USER_ERROR_EXIT
@@ -14,11 +14,12 @@ min_version("9.0")
 
 
 def check_settings():
-    """Stop now, before any job, on a value a stage's settings reject: one line, exit 2.
-
-    The library's constructors check what the schema cannot (e.g. ablate.n_strongest: 0).
+    """Stop now, before any job, on a value the schema or a stage's settings reject: one
+    line, exit 2. The library's constructors check what the schema cannot (e.g. a top-k
+    fraction of 0); Snakemake's own validation then fills in the schema's defaults.
     """
     try:
+        validate_config(config)
         stage_settings(config)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -44,8 +45,8 @@ def per_dataset_configs():
         sys.exit(USER_ERROR_EXIT)
 
 
-validate(config, "../superweights/config.schema.yaml")
 check_settings()
+validate(config, "../superweights/config.schema.yaml")
 check_checkpoint()
 
 DATASET_CONFIGS = per_dataset_configs()
