@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 from superweights.data.vocab import load_vocab
 
@@ -94,3 +95,12 @@ def small_run(tmp_path_factory):
     result = run_snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir / "results" / "small"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: small models run faster, and alike under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

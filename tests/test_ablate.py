@@ -38,12 +38,7 @@ ROW, K = 5, 7  # the planted super weight: layer 0 linear2.weight[ROW, K]
 PLANTED = "transformer_encoder.layers.0.linear2"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokenised(n: int = 800, seed: int = 0) -> ad.AnnData:

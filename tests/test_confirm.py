@@ -14,12 +14,7 @@ from test_probe import llama, plant_llama
 DOWN = "model.layers.{}.mlp.down_proj"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(n: int = 12, seed: int = 1) -> dict:

@@ -14,13 +14,7 @@ from superweights.persistence import persistence
 from superweights.persistence_plots import write_figure
 from test_ablate import PLANTED, ROW, VOCAB, K, planted_model, tokenised, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_weight_kept_through_fine_tuning_persists_and_a_shrunk_one_is_lost(tmp_path):
