@@ -295,6 +295,14 @@ def test_confirm_cli_on_a_classifier_and_on_a_checkpoint_without_one(setup, tmp_
     )
     confirmed = pd.read_csv(tmp_path / "a" / "confirmed.tsv", sep="\t")
     assert confirmed["confirmed"].all() and "confirmed" in capsys.readouterr().out
+    # The quantize stage from the command line, holding the confirmed weight out.
+    quantize = ["quantize", "--checkpoint", str(classifier), "--data", str(data),
+                "--super-weights", str(tmp_path / "a" / "confirmed.tsv"), "--out",
+                str(tmp_path / "q"), "--bits", "4", "--block-sizes", "64", "--clip-values",
+                "3", "--no-w8a8", "--max-seq-len", "17"]  # fmt: skip
+    assert main(quantize) == 0
+    quantized = pd.read_csv(tmp_path / "q" / "quantize.tsv", sep="\t")
+    assert (tmp_path / "q" / "quantize.png").is_file() and len(quantized) > 1
     # Without a classifier head the masked-expression score is used.
     base = ScGPTModel(replace(model.config, n_cls=0))
     base.load_state_dict(

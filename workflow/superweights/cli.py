@@ -171,6 +171,17 @@ def cmd_enrich(args) -> None:
     print(f"wrote enrichment tables and plots to {args.out}")
 
 
+def cmd_quantize(args) -> None:
+    from .quantize import QuantizeSettings, quantize_checkpoint, write_outputs
+    from .quantize_plots import write_figures
+
+    settings = settings_from(args, QuantizeSettings)
+    frame = quantize_checkpoint(
+        args.data, args.checkpoint, args.super_weights, settings, seed=args.finetune_seed
+    )
+    print(f"wrote {write_outputs(frame, args.out)} and {write_figures(frame, args.out)}")
+
+
 def cmd_report(args) -> None:
     from .report import build_report
 
@@ -192,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .enrich import EnrichSettings, GeneSetSettings
     from .model.train import ModelSettings, TrainSettings
     from .probe_cells import ProbeSettings
+    from .quantize import QuantizeSettings
 
     parser = argparse.ArgumentParser(prog="superweights", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -275,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     settings_arguments(p, GeneSetSettings)
     settings_arguments(p, EnrichSettings)
     p.set_defaults(func=cmd_enrich)
+
+    p = sub.add_parser("quantize", help="weight and W8A8 quantization with super-weight holdout")
+    p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
+    p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+    p.add_argument("--super-weights", required=True, help="ablate's confirmed.tsv")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--finetune-seed", type=int, default=0, help="fine-tuning's seed (genes kept)")
+    settings_arguments(p, QuantizeSettings)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("report", help="the HTML report of a results/<dataset> folder")
     p.add_argument("--results", required=True, help="results/<dataset> folder")
