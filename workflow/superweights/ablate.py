@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import anndata as ad
@@ -102,9 +102,9 @@ class AblateSettings:
             raise UserError("max_cells and batch_size must be >= 1, max_seq_len >= 2")
 
     def confirm_settings(self) -> ConfirmSettings:
-        keys = ("n_null", "alpha", "min_effect", "band", "topk_fraction", "topk_sweep")
-        return ConfirmSettings(**{k: getattr(self, k) for k in keys}, n_boot=self.n_boot,
-                               seed=self.seed)  # fmt: skip
+        """The confirmation core's settings: every field of ConfirmSettings this stage has."""
+        shared = [f.name for f in fields(ConfirmSettings) if hasattr(self, f.name)]
+        return ConfirmSettings(**{name: getattr(self, name) for name in shared})
 
 
 @dataclass

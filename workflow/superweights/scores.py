@@ -10,6 +10,7 @@ l reruns only layers l.. and the head.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,7 +23,7 @@ from .model.scgpt import ScGPTModel
 from .model.tokens import mask_values
 
 
-class _CellScore:
+class _CellScore(ABC):
     """Runs the model over fixed batches, from layer 0 or from cached hidden states."""
 
     values_key = "values"
@@ -61,8 +62,9 @@ class _CellScore:
             out.append(self.per_cell(model, hidden, b).double())
         return torch.cat(out).cpu()
 
+    @abstractmethod
     def per_cell(self, model: ScGPTModel, hidden: Tensor, batch: dict) -> Tensor:
-        raise NotImplementedError
+        """Each cell's score [B] from the encoder's output `hidden` [B, L, D]."""
 
 
 class CellTypeScore(_CellScore):
