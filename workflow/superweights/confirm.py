@@ -160,7 +160,10 @@ def confirm_super_weights(
     every call. If it offers ``score.from_layer(layer)`` (a context manager reusing the
     hidden states entering ``layer``), evaluations that only touch that layer and later
     ones use it; if it has ``score.padding_masks`` (a [B, L] mask, True = pad, per forward
-    call of the module), padding tokens are never taken for the spike token. `groups`:
+    call of the module), padding tokens are never taken for the spike token; if it has
+    ``score.zeroed_scores(model, module, positions)`` (scores [positions, examples], each
+    weight pruned alone, for modules where ``score.batches_conditions(module)``), the
+    candidate and its null draws are scored through it. `groups`:
     one label per example for a grouped bootstrap. `settings` overrides `n_null`, `alpha`
     and `seed`. The model's weights and modes are restored.
     """
@@ -178,23 +181,21 @@ def confirm_super_weights(
         for i, t in enumerate(tqdm(targets, desc="confirm", disable=not progress)):
             rng = np.random.default_rng([settings.seed, i])
             with _from_layer(score, t["layer"]):
-                delta = runner.delta([WeightEdit.single(t["module"], t["row"], t["col"])])
                 matrix = _weight(model, t["module"])
                 null_kind, positions = null_positions(
                     matrix, t["row"], t["col"], settings.n_null, settings.band, rng
                 )
-                null_effects = []
-                for draw, (r, c) in enumerate(positions):
-                    eff = float(runner.delta([WeightEdit.single(t["module"], r, c)]).mean())
-                    null_effects.append(eff)
-                    weight = float(_weight(model, t["module"])[r, c])
+                deltas = runner.zeroed(t["module"], [(t["row"], t["col"]), *positions])
+                delta, null_effects = deltas[0], deltas[1:].mean(axis=1)
+                for draw, ((r, c), eff) in enumerate(zip(positions, null_effects, strict=True)):
                     nulls.append({"candidate": t["id"], "draw": draw, "row": r, "col": c})
-                    nulls[-1] |= {"weight": weight, "effect": eff}
+                    nulls[-1] |= {"weight": float(matrix[r, c]), "effect": float(eff)}
                 padding = getattr(score, "padding_masks", None)
-                with _restored_spike(model, t, recorded[t["id"]], padding):
+                packings = getattr(score, "packings", None)
+                with _restored_spike(model, t, recorded[t["id"]], padding, packings):
                     restored = runner.delta([WeightEdit.single(t["module"], t["row"], t["col"])])
             effects[t["id"]] = delta
-            rows.append(_row(t, delta, np.array(null_effects), null_kind, restored))
+            rows.append(_row(t, delta, null_effects, null_kind, restored))
             rows[-1] |= _bootstrap(delta, groups, settings, rng)
         topk = _topk_controls(model, targets, runner, settings)
     frame = _decide(pd.DataFrame(rows), topk, settings, warning)
@@ -286,6 +287,19 @@ class _Runner:
             what = f"with {edits[0].module}[{edits[0].rows[0]}, {edits[0].cols[0]}] edited"
             return self.base - _checked(self.score(self.model), len(self.base), what)
 
+    def zeroed(self, module: str, positions: list[tuple[int, int]]) -> np.ndarray:
+        """Drops [len(positions), examples], each weight of `module` pruned alone: in
+        stacked forward passes when the score offers them (``score.zeroed_scores``, for
+        modules where ``score.batches_conditions(module)``), else one after another."""
+        batches = getattr(self.score, "batches_conditions", None)
+        if batches is None or not batches(module):
+            return np.stack([self.delta([WeightEdit.single(module, r, c)]) for r, c in positions])
+        scores = self.score.zeroed_scores(self.model, module, positions)
+        return np.stack([
+            self.base - _checked(s, len(self.base), f"with {module}[{r}, {c}] zeroed")
+            for s, (r, c) in zip(scores, positions, strict=True)
+        ])  # fmt: skip
+
 
 def _from_layer(score: Score, layer: int | None):
     cached = getattr(score, "from_layer", None)
@@ -323,18 +337,27 @@ def _check_groups(groups, n: int) -> np.ndarray | None:
 
 
 @contextmanager
-def _restored_spike(model: nn.Module, t: dict, recorded: list[Tensor], padding) -> Iterator[None]:
+def _restored_spike(
+    model: nn.Module, t: dict, recorded: list[Tensor], padding, packings=None
+) -> Iterator[None]:
     """Write back the original output of channel `row` at each sequence's spike token.
 
     The spike token is where |original output| of that channel is largest in the sequence
-    (3-D outputs [B, L, D]) or in the call (2-D outputs [T, D]), outside the padding tokens
-    when `padding` gives a [B, L] mask (True = pad) per call. Calls are matched in order.
+    (3-D outputs [B, L, D], or 2-D outputs [T, D] of cells packed as `packings` give per
+    call) or in the call (other 2-D outputs), outside the padding tokens when `padding`
+    gives a [B, L] mask (True = pad) per call. Calls are matched in order.
     """
     calls = iter(recorded)
     masks = iter(padding) if padding is not None else None
+    packs = iter(packings) if packings is not None else None
 
     def hook(module, args, output):
         original = next(calls).to(output.dtype)
+        packing = next(packs) if packs is not None else None
+        if original.dim() == 1 and packing is not None:
+            spike = packing.starts() + packing.unpack(original.abs(), -1.0).argmax(1)
+            output[spike, t["row"]] = original[spike]
+            return output
         if original.dim() == 1:
             token = int(original.abs().argmax())
             output[token, t["row"]] = original[token]

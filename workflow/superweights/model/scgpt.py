@@ -79,6 +79,18 @@ class Packing:
         keep = torch.zeros(self.n_cells * self.width, dtype=torch.bool, device=self.index.device)
         return ~keep.index_fill(0, self.index, True).view(self.n_cells, self.width)
 
+    def starts(self) -> Tensor:
+        """[B] the packed row of each cell's first token (its `<cls>`)."""
+        return self.cu_seqlens[:-1].long()
+
+    def repeat(self, copies: int) -> "Packing":
+        """The packing of `copies` copies of the batch stacked in the batch dimension."""
+        tokens, cells = len(self.index), self.n_cells * self.width
+        shift = torch.arange(copies, device=self.index.device)
+        index = (self.index[None, :] + shift[:, None] * cells).flatten()
+        cu = self.cu_seqlens[1:][None, :] + (shift[:, None] * tokens).to(torch.int32)
+        return replace(self, index=index, cu_seqlens=torch.cat([self.cu_seqlens[:1], cu.flatten()]))
+
 
 @dataclass
 class ScGPTConfig:
@@ -265,6 +277,16 @@ def flash_attention_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def packing_pays(model: nn.Module) -> bool:
+    """Whether packed batches run faster for `model`: FlashAttention on its device and a
+    half-precision dtype (elsewhere packed attention pads the cells again)."""
+    weight = next(model.parameters())
+    return flash_attention_available(weight.device) and weight.dtype in (
+        torch.float16,
+        torch.bfloat16,
+    )
+
+
 def _packed_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, dropout: float):
     """Attention within each packed cell; q, k, v and the result are [T, heads, head_dim].
 
@@ -301,15 +323,26 @@ class EncoderLayer(nn.Module):
     def _attn(self, x: Tensor, keep: Tensor | None, packing: Packing | None) -> Tensor:
         return self.dropout1(self.self_attn(x, keep, packing))
 
-    def _mlp(self, x: Tensor) -> Tensor:
-        return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
-
-    def forward(self, x: Tensor, keep: Tensor | None, packing: Packing | None = None) -> Tensor:
+    def residual(
+        self, x: Tensor, keep: Tensor | None, packing: Packing | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(r, u): the residual stream after the MLP, before post-LN's final `norm2`, and
+        the down-projection's input u, so that `finish(r)` is the layer's output and
+        `linear2.weight[j, k]` adds `u[..., k] * weight[j, k]` to `r[..., j]`."""
         if self.pre_norm:
             x = x + self._attn(self.norm1(x), keep, packing)
-            return x + self._mlp(self.norm2(x))
-        x = self.norm1(x + self._attn(x, keep, packing))
-        return self.norm2(x + self._mlp(x))
+            u = self.dropout(F.relu(self.linear1(self.norm2(x))))
+        else:
+            x = self.norm1(x + self._attn(x, keep, packing))
+            u = self.dropout(F.relu(self.linear1(x)))
+        return x + self.dropout2(self.linear2(u)), u
+
+    def finish(self, r: Tensor) -> Tensor:
+        """The layer's output from the residual stream `r` of `residual`."""
+        return r if self.pre_norm else self.norm2(r)
+
+    def forward(self, x: Tensor, keep: Tensor | None, packing: Packing | None = None) -> Tensor:
+        return self.finish(self.residual(x, keep, packing)[0])
 
 
 class TransformerEncoder(nn.Module):
@@ -455,7 +488,7 @@ class ScGPTModel(nn.Module):
         if packing is None:
             cell_emb, unpack, cells = hidden[:, 0, :], (lambda t: t), None
         else:
-            cell_emb, unpack = hidden[packing.cu_seqlens[:-1].long()], packing.unpack
+            cell_emb, unpack = hidden[packing.starts()], packing.unpack
             cells = packing.cell_of_token()
         out = {"hidden": unpack(hidden), "cell_emb": cell_emb}
         if "expr" in wanted:
