@@ -10,7 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from superweights.errors import UserError
-from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+from superweights.model.scgpt import Packing, ScGPTConfig, ScGPTModel
 from superweights.probe import Candidate, LayerStat, find_super_weights, layernorm_outliers
 
 
@@ -146,6 +146,34 @@ def test_scgpt_planted_weight_is_recovered_with_padding(pre_norm):
     assert first["resid_max"].notna().all()
     if not pre_norm:  # post-LN: norm2 sees the residual sum that carries the spike
         assert first.loc[1, "resid_channel"] == 5 and first.loc[1, "resid_ratio"] > 20
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_packed_scgpt_run_gives_the_padded_run_statistics(pre_norm):
+    model = scgpt(pre_norm)
+    layer = model.transformer_encoder.layers[1]
+    with torch.no_grad():
+        layer.linear1.weight[9] *= 200
+        layer.linear2.weight[5, 9] = 5.0
+    batches = [cell_batch(seed) for seed in (1, 2)]
+    batches[1]["values"][2, 3] = 500.0  # the spike in the second call, third cell
+    batches[1]["padding_mask"][:2, 15:] = True
+
+    def run(packed):
+        def forward(m):
+            for b in batches:
+                packing = Packing.from_padding(b["padding_mask"]) if packed else None
+                m(**b, packing=packing)
+
+        return find_super_weights(model, forward, max_rounds=1).layers_frame()
+
+    padded, packed = run(False), run(True)
+    exact = ["item_in", "token_in", "channel_in", "item_out", "token_out", "channel_out",
+             "row", "col", "decision", "resid_channel"]  # fmt: skip
+    pd.testing.assert_frame_equal(packed[exact], padded[exact])
+    numbers = ["max_in", "median_in", "max_out", "median_out", "contribution", "resid_max"]
+    pd.testing.assert_frame_equal(packed[numbers], padded[numbers], rtol=1e-5)
+    assert (padded["item_out"] >= 4).any()  # spikes in the second call are located there
 
 
 def test_clean_scgpt_gives_no_candidate():

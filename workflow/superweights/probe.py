@@ -426,22 +426,30 @@ class _Tracker:
         self.tops: list[Tensor] = []  # that row
         self.pairs: list[Tensor] = []  # the paired tensor's row at the same place
         self.samples: list[tuple[Tensor, Tensor | None]] = []  # x on fixed rows, padding
-        self.layout: list[tuple[tuple[int, ...], int]] = []  # shape and first item per call
+        self.layout: list[tuple[tuple[int, ...], int, object]] = []  # shape, first item,
+        # and packing (cells laid end to end, see `model.scgpt.Packing`) per call
         self.items = 0
         self.stride = 1
 
-    def update(self, t: Tensor, pad_rows: Tensor | None, paired: Tensor | None = None) -> None:
+    def update(
+        self, t: Tensor, pad_rows: Tensor | None, paired: Tensor | None = None, packing=None
+    ) -> None:
         """Record ``t`` ([..., H]); ``pad_rows`` flags padding rows of ``t.view(-1, H)``.
 
         ``paired`` ([..., H'], same leading shape) is read at the row of ``t``'s peak.
+        ``packing`` (with ``index``, ``width``, ``n_cells``) says where the rows of a 2-D
+        ``t`` of packed sequences sit in the padded batch, so that spikes are located as
+        in it.
         """
         t = _dense(t)
         call, offset = len(self.layout), self.items
-        if t.dim() >= 3:
-            self.items += t.shape[0]
+        if packing is not None and (t.dim() != 2 or t.shape[0] != len(packing.index)):
+            packing = None
+        if t.dim() >= 3 or packing is not None:
+            self.items += t.shape[0] if packing is None else packing.n_cells
         if t.numel() == 0:
             return
-        self.layout.append((tuple(t.shape), offset))
+        self.layout.append((tuple(t.shape), offset, packing))
         rows = t.reshape(-1, t.shape[-1])
         if pad_rows is not None and pad_rows.shape[0] != rows.shape[0]:
             pad_rows = None
@@ -476,8 +484,11 @@ class _Tracker:
         call, row = self.calls[best], int(self.rows[best])
         top = self.tops[best].view(-1).float().cpu()
         channel = int(top.abs().argmax())
-        shape, offset = self.layout[call]
-        if len(shape) == 2:
+        shape, offset, packing = self.layout[call]
+        if packing is not None:
+            item, token = divmod(int(packing.index[row]), packing.width)
+            item += offset
+        elif len(shape) == 2:
             item, token = call, row
         else:
             per_item = math.prod(shape[1:-1])
@@ -515,6 +526,7 @@ class _Hooks:
 
     def __init__(self, model, down, norms, sample_rows):
         self.pad: Tensor | None = None  # padding flag of each token of the current call
+        self.packing = None  # the current call's packing of sequences, if any
         self.trackers = {
             (layer, part): _Tracker(sample_rows) for layer in down for part in ("in", "out")
         }
@@ -559,17 +571,19 @@ class _Hooks:
             named = dict(kwargs)
         pad = _padding_mask(named)
         self.pad = None if pad is None else pad.reshape(-1)  # one flag per token row
+        packing = named.get("packing")
+        self.packing = packing if hasattr(packing, "cu_seqlens") else None
 
     def _down_hook(self, layer):
         def hook(module, args, output):
-            self.trackers[layer, "in"].update(args[0], self.pad)
-            self.trackers[layer, "out"].update(output, self.pad, paired=args[0])
+            self.trackers[layer, "in"].update(args[0], self.pad, packing=self.packing)
+            self.trackers[layer, "out"].update(output, self.pad, args[0], self.packing)
 
         return hook
 
     def _norm_hook(self, layer):
         def hook(module, args):
-            self.trackers[layer, "resid"].update(args[0], self.pad)
+            self.trackers[layer, "resid"].update(args[0], self.pad, packing=self.packing)
 
         return hook
 
