@@ -69,7 +69,7 @@ def finetuned(tmp_path_factory, data, pretrained):
 
 
 def without_seconds(metrics: dict) -> dict:
-    timings = ("seconds", "train_seconds")
+    timings = ("seconds", "train_seconds", "spike_seconds")
     history = [{k: v for k, v in row.items() if k not in timings} for row in metrics["history"]]
     return {**metrics, "history": history}
 
@@ -82,14 +82,18 @@ def assert_same_weights(folder_a, folder_b):
 
 
 def test_pretrain_writes_checkpoint_and_history(pretrained, data):
-    assert sorted(p.name for p in pretrained.parent.iterdir()) == ["checkpoint", "history.tsv"]
+    assert sorted(p.name for p in pretrained.parent.iterdir()) == [
+        "checkpoint", "history.tsv", "spikes_over_training.tsv",
+    ]  # fmt: skip
     model, config, vocab = load_checkpoint(pretrained)
     assert config.n_cls == 0 and config.d_model == 32 and config.do_mvc
     # the vocabulary holds the data's genes and the special tokens, nothing else
     assert set(vocab) == set(data.var_names) | {"<pad>", "<cls>", "<eoc>"}
     assert vocab["<pad>"] == len(vocab) - 3
     history = pd.read_csv(pretrained.parent / "history.tsv", sep="\t")
-    assert list(history.columns) == ["epoch", "train_loss", "val_loss", "train_seconds", "seconds"]
+    assert list(history.columns) == [
+        "epoch", "train_loss", "val_loss", "train_seconds", "spike_seconds", "seconds",
+    ]  # fmt: skip
     assert history["epoch"].tolist() == [1, 2]
     # masked values are bins 1..50; a model that learned anything beats their variance
     assert history["val_loss"].iloc[-1] < 2 * data.X.data.var()
@@ -97,7 +101,9 @@ def test_pretrain_writes_checkpoint_and_history(pretrained, data):
 
 def test_finetune_writes_outputs_with_sane_metrics(finetuned, data):
     out, metrics = finetuned
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "history.tsv", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint", "history.tsv", "metrics.json", "spikes_over_training.tsv",
+    ]  # fmt: skip
     assert json.loads((out / "metrics.json").read_text()) == metrics
     n_test = int((data.obs["split"] == "test").sum())
     assert metrics["n_cells"] == n_test and metrics["classes"] == CLASSES

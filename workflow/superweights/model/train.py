@@ -6,6 +6,9 @@ epoch the whole training state (weights, optimiser, scheduler, RNG, history) is 
 atomically to a state file; a run started while that file exists continues from it and,
 on CPU, ends with the same model as an uninterrupted run. Cells are split by
 `obs["split"]`: train to learn, val to stop early, test (fine-tuning only) to report.
+With `spike_cells` > 0, a `SpikeMonitor` records the super-weight probe's statistics on
+fixed validation cells before training, every `spike_every` steps and after every epoch
+(`spikes_over_training.tsv`; its cost is the history's `spike_seconds`).
 """
 
 import contextlib
@@ -39,7 +42,9 @@ from .tokens import CellDataset, Collate, EpochSampler, gene_token_ids, mask_val
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds", "seconds")
+HISTORY_COLUMNS = (
+    "epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds", "spike_seconds", "seconds",
+)  # fmt: skip
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each waits for the GPU)
 
 
@@ -67,6 +72,9 @@ class TrainSettings:
     `mask_ratio`: share of each cell's genes whose value is masked for the expression
     objective; `mlm_weight`: weight of that objective when fine-tuning (0 = off).
     `patience`: epochs without a lower validation loss before stopping.
+    `spike_cells`: validation cells on which the probe's statistics are recorded over
+    training (0 = off); `spike_every`: steps between those passes besides the one before
+    training and the one after each epoch (0 = none).
     """
 
     epochs: int = 8
@@ -81,8 +89,15 @@ class TrainSettings:
     mlm_weight: float = 0.0
     seed: int = 0
     num_workers: int = 0
+    spike_cells: int = 64
+    spike_every: int = 0
 
     def __post_init__(self):
+        if self.spike_cells < 0 or self.spike_every < 0:
+            raise UserError(
+                f"spike_cells and spike_every must be >= 0 (got {self.spike_cells}, "
+                f"{self.spike_every})"
+            )
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.lr <= 0:
             raise UserError(
                 f"training needs epochs, batch_size, patience >= 1 and lr > 0 (got epochs="
@@ -445,9 +460,22 @@ def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
 
 
 def _fit(
-    model, train_loader, loss_fn, validate, settings, device, state_file, fingerprint, name, world
+    model,
+    train_loader,
+    loss_fn,
+    validate,
+    settings,
+    device,
+    state_file,
+    fingerprint,
+    name,
+    world,
+    monitor=None,
 ):
     """Train with early stopping; leaves the best epoch's weights in `model`.
+
+    `monitor` (a `SpikeMonitor`, optional) records before the first step, when it says a
+    step is due, and after each epoch's last step; its time is kept out of `train_seconds`.
 
     With several processes, steps run through DistributedDataParallel (gradients averaged
     over the parameters that require them: freeze heads the loss does not use); `validate`
@@ -473,9 +501,15 @@ def _fit(
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         run = {k: state[k] for k in run}
+        if monitor is not None:
+            monitor.load_state_dict(state["spikes"])
+    steps = len(train_loader)
 
     while run["epoch"] < settings.epochs and run["bad_epochs"] < settings.patience:
         epoch, start = run["epoch"], time.perf_counter()
+        spent = monitor.seconds if monitor is not None else 0.0
+        if monitor is not None and epoch == 0:
+            monitor.record(model, 0, 0.0)
         for part in (train_loader.sampler, train_loader.batch_sampler, train_loader.dataset):
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
@@ -495,9 +529,15 @@ def _fit(
             )
             if step % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
+            done = epoch * steps + step + 1
+            if monitor is not None and step + 1 < steps and monitor.due(done):
+                monitor.record(model, done, done / steps)
         train_loss = float(torch.stack(losses).float().mean())  # waits for the last step
         row = {"epoch": epoch + 1, "train_loss": train_loss}
-        row["train_seconds"] = round(time.perf_counter() - start, 2)
+        if monitor is not None:
+            monitor.record(model, (epoch + 1) * steps, float(epoch + 1))
+            row["spike_seconds"] = round(monitor.seconds - spent, 2)
+        row["train_seconds"] = round(time.perf_counter() - start - row.get("spike_seconds", 0), 2)
         row |= validate(model)
         row["seconds"] = round(time.perf_counter() - start, 2)
         run["history"].append(row)
@@ -512,6 +552,7 @@ def _fit(
                 {
                     **run,
                     "fingerprint": fingerprint,
+                    "spikes": monitor.state_dict() if monitor is not None else None,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -528,10 +569,33 @@ def _fit(
     return FitResult(run["history"], run["best_epoch"], run["epoch"])
 
 
+def _spike_monitor(adata, vocab, model, settings: TrainSettings, device, phase: str):
+    """A `SpikeMonitor` on `spike_cells` validation cells, or None when recording is off."""
+    if settings.spike_cells == 0:
+        return None
+    from ..spikes import SpikeMonitor, fixed_cells  # spikes imports cells, which imports us
+
+    batches = fixed_cells(
+        adata, vocab, model.config.pad_token_id, settings.spike_cells, settings.max_seq_len,
+        settings.seed, device,
+    )  # fmt: skip
+    return SpikeMonitor(batches, vocab, phase, settings.spike_every)
+
+
+def _write_spikes(monitor, out_dir: Path) -> None:
+    """spikes_over_training.tsv: the monitor's rows, or only the header when it was off."""
+    from ..spikes import SPIKES_FILE, write_spikes
+
+    write_spikes(monitor.rows if monitor is not None else [], out_dir / SPIKES_FILE)
+
+
 def _describe(row: dict) -> str:
-    timings = ("epoch", "train_seconds", "seconds")
+    timings = ("epoch", "train_seconds", "spike_seconds", "seconds")
     parts = [f"{k} {v:.4f}" for k, v in row.items() if k not in timings]
-    return ", ".join([*parts, f"{row['seconds']:.1f} s ({row['train_seconds']:.1f} s training)"])
+    spikes = f", {row['spike_seconds']:.1f} s spikes" if "spike_seconds" in row else ""
+    return ", ".join(
+        [*parts, f"{row['seconds']:.1f} s ({row['train_seconds']:.1f} s training{spikes})"]
+    )
 
 
 def _copy(model: nn.Module) -> dict[str, Tensor]:
@@ -598,6 +662,7 @@ def pretrain(
         with torch.no_grad():
             model.decoder.fc[-1].bias.fill_(float(data["train"].values.mean()))
         pad, pack = vocab["<pad>"], packs(device)
+        monitor = _spike_monitor(adata, vocab, model, settings, device, "pretrain")
         result = _fit(
             model,
             make_loader(data["train"], settings, pad, shuffle=True, world=world, pack=pack),
@@ -618,11 +683,13 @@ def pretrain(
             ),
             "pretrain",
             world,
+            monitor,
         )
     folder = out_dir / "checkpoint"
     if world.main:
         save_checkpoint(model, config, vocab, folder)
         write_history(result.history, out_dir / "history.tsv")
+        _write_spikes(monitor, out_dir)
         state_file.unlink(missing_ok=True)
     world.barrier()
     return folder
@@ -663,6 +730,7 @@ def finetune(
             raise UserError("no cells in split 'test'; preprocess needs more donors")
         pad, pack = config.pad_token_id, packs(device)
         val_share = range(world.rank, len(data["val"]), world.size)
+        monitor = _spike_monitor(adata, vocab, model, settings, device, "finetune")
         result = _fit(
             model,
             make_loader(data["train"], settings, pad, shuffle=True, world=world, pack=pack),
@@ -685,6 +753,7 @@ def finetune(
             ),
             "finetune",
             world,
+            monitor,
         )
         test = make_loader(data["test"], settings, pad, False, pack=pack)
         logits, labels = evaluate(model, test, device)
@@ -709,6 +778,7 @@ def finetune(
             extra_args={"classes": classes, "finetuned_from": str(init_checkpoint)},
         )
         write_history(result.history, out_dir / "history.tsv")
+        _write_spikes(monitor, out_dir)
         _write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         state_file.unlink(missing_ok=True)
     world.barrier()
