@@ -1,19 +1,29 @@
-"""Time `confirm_super_weights` on one candidate: null draws per second, cached vs naive.
+"""Time `confirm_super_weights` on one candidate: stacked conditions vs the per-draw loops.
 
-Builds a random scGPT classifier and random cells (the first token `<cls>`-like, a quarter
-of the cells padded to between half and full length), plants nothing (the time does not
-depend on the verdict), and confirms one candidate of layer `--layer` with `--null` draws,
-twice in the same run: with the score's cached prefix (layers below the candidate run
-once) and without it (every draw runs the whole model). Each row gives the wall time, the
-time per null draw, cell-forwards per second, and the time projected for 1,000 draws.
+Builds a random scGPT classifier and random cells (`<cls>`-like first token; lengths as
+bench_probe.py makes them), plants nothing (the time does not depend on the verdict), and
+confirms one candidate of layer `--layer`, in the same run:
+
+  stacked  the fast path: packed cells where it pays (FlashAttention, bf16), layers below
+           the candidate run once (prefix cache), the null draws scored as stacked
+           conditions (`CellTypeScore.zeroed_scores`), with --null draws;
+  cached   one forward per draw from the candidate's layer on, padded, --slow-null draws;
+  naive    one whole-model forward per draw, padded, --slow-null draws.
+
+The stacked path also runs with --slow-null draws, to check its null effects against the
+naive loop's (max |difference| printed). Each row gives the draws, the wall time, the
+time for 1,000 draws (measured for stacked when --null is 1000; otherwise projected
+from the time per evaluation) and the speed-up over naive ("x"). A "score" table
+compares one plain scoring pass, padded and packed, in cells/s.
 
     python benchmarks/bench_confirm.py                         # small, CPU
-    python benchmarks/bench_confirm.py --layers 12 --d-model 512 --vocab 60697 \\
-        --seq-len 1200 --cells 1000 --batch 100 --null 50 --dtype bf16   # released size, GPU
+    python benchmarks/bench_confirm.py --layers 12 --d-model 512 --vocab 60697 --seq-len 1200 \\
+        --min-len 314 --cells 1000 --batch 100 --null 1000 --slow-null 20 --dtype bf16  # GPU
 """
 
 import argparse
 import contextlib
+import logging
 import time
 
 import pandas as pd
@@ -33,10 +43,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--classes", type=int, default=14)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--min-len", type=int, default=None, help="shortest cell (bench_probe.py)")
     p.add_argument("--cells", type=int, default=200)
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--layer", type=int, default=1, help="layer of the candidate")
-    p.add_argument("--null", type=int, default=20, help="null draws per mode")
+    p.add_argument("--null", type=int, default=100, help="null draws of the stacked path")
+    p.add_argument("--slow-null", type=int, default=10, help="null draws of the loops")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, default=None)
@@ -44,15 +56,33 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-class Uncached(CellTypeScore):
-    """The same score without the prefix cache: every call runs the whole model."""
+class Cached(CellTypeScore):
+    """The score without stacked conditions: one forward per draw, from the cached prefix."""
+
+    batches_conditions = None
+
+
+class Uncached(Cached):
+    """Nor the prefix cache: every draw runs the whole model."""
 
     def from_layer(self, layer):
         return contextlib.nullcontext()
 
 
+def timed(device, fn):
+    """(seconds, result) of `fn()`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
+
+
 def main() -> None:
     args = parse_args()
+    logging.getLogger("superweights.confirm").setLevel(logging.ERROR)  # small-null warnings
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(
@@ -73,29 +103,62 @@ def main() -> None:
     candidate = pd.DataFrame(
         {"module": [f"transformer_encoder.layers.{args.layer}.linear2"], "row": [row], "col": [col]}
     )
-    settings = ConfirmSettings(n_null=args.null, n_boot=200, topk_sweep=())
-    rows, tables = [], {}
-    for name, score in (("cached", CellTypeScore), ("naive", Uncached)):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = confirm_super_weights(model, candidate, score(model, batches), settings=settings)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        tables[name] = result.nulls["effect"].to_numpy()
-        forwards = args.null + 4  # base, candidate, restore, top-k
-        rows.append((name, seconds, seconds / forwards, forwards * args.cells / seconds))
-    diff = float(abs(tables["cached"] - tables["naive"]).max())
+    tokens = sum(int((~b["padding_mask"]).sum()) for b in batches)
     print(
         f"# {device} {args.dtype}: {args.layers} layers, d {args.d_model}, seq {args.seq_len}, "
-        f"{args.cells} cells, batch {args.batch}, candidate in layer {args.layer}, "
-        f"{args.null} null draws; max |cached - naive| null effect {diff:.2e}"
+        f"{args.cells} cells ({tokens / args.cells:.0f} genes on average), batch {args.batch}, "
+        f"candidate in layer {args.layer}"
     )
-    print(f"{'mode':8} {'seconds':>9} {'s/draw':>8} {'cell-fwd/s':>11} {'1,000 draws':>12}")
-    for name, seconds, per_draw, rate in rows:
-        print(f"{name:8} {seconds:9.2f} {per_draw:8.3f} {rate:11.0f} {per_draw * 1004:11.0f}s")
-    print(f"speed-up cached/naive: {rows[1][1] / rows[0][1]:.2f}x")
+    score_table(model, batches, device)
+
+    def confirm(score_class, draws):
+        settings = ConfirmSettings(n_null=draws, n_boot=200, topk_sweep=())
+        score = score_class(model, batches)
+        return timed(
+            device, lambda: confirm_super_weights(model, candidate, score, settings=settings)
+        )
+
+    confirm(CellTypeScore, 2)  # warm-up: kernels, allocator
+    runs = {
+        "stacked": (CellTypeScore, args.null),
+        "stacked, check": (CellTypeScore, args.slow_null),
+        "cached": (Cached, args.slow_null),
+        "naive": (Uncached, args.slow_null),
+    }
+    rows, nulls = [], {}
+    for name, (score_class, draws) in runs.items():
+        seconds, result = confirm(score_class, draws)
+        nulls[name] = result.nulls["effect"].to_numpy()
+        evaluations = draws + 4  # base, candidate, restore, top-k
+        thousand = seconds if draws == 1000 else seconds / evaluations * 1004
+        rows.append((name, draws, seconds, thousand))
+    diff = float(abs(nulls["stacked, check"] - nulls["naive"]).max())
+    scale = float(abs(nulls["naive"]).max())
+    print(f"# max |stacked - naive| null effect {diff:.2e} (largest |effect| {scale:.2e})")
+    print(
+        f"| {'confirmation':14} | {'draws':>5} | {'seconds':>8} | {'1,000 draws':>11} | {'x':>5} |"
+    )
+    print(f"|{'-' * 16}|{'-' * 6}:|{'-' * 9}:|{'-' * 12}:|{'-' * 6}:|")
+    naive = rows[-1][3]
+    for name, draws, seconds, thousand in rows:
+        print(
+            f"| {name:14} | {draws:5} | {seconds:8.1f} | {thousand:10.0f}s "
+            f"| {naive / thousand:5.1f} |"
+        )
+
+
+def score_table(model, batches, device) -> None:
+    """Cells/s of one plain scoring pass (all layers, classifier), padded and packed."""
+    cells = sum(len(b["gene_ids"]) for b in batches)
+    seconds = {}
+    for name, packed in (("padded", False), ("packed", True)):
+        score = CellTypeScore(model, batches, packed=packed)
+        score(model)  # warm-up
+        seconds[name] = min(timed(device, lambda s=score: s(model))[0] for _ in range(3))
+    print(f"| {'score pass':10} | {'seconds':>8} | {'cells/s':>8} | {'x padded':>8} |")
+    print(f"|{'-' * 12}|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|")
+    for name, s in seconds.items():
+        print(f"| {name:10} | {s:8.3f} | {cells / s:8.0f} | {seconds['padded'] / s:8.2f} |")
 
 
 if __name__ == "__main__":

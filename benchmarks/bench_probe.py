@@ -1,22 +1,29 @@
-"""Time one probe round against a plain forward pass over the same cells.
+"""Time one probe round against a plain forward pass over the same cells, padded and packed.
 
-Builds a random scGPT model and random tokenised cells (a quarter of them padded to
-between half and full length), then reports the median wall time of each over several
-repeats, after warm-up; "probe" also records the residual entering each post-LN norm2
-(find_super_weights' default), "probe, no residual" does not. The target is a ratio ≤ 1.2.
+Builds a random scGPT model and random tokenised cells, then reports the median wall time
+of each row over several repeats, after warm-up. Cells are a quarter padded to between
+half and full length, or, with --min-len, uniform in length from --min-len to --seq-len
+(314..1200 averages 757 genes, as real cells do). "probe" also records the residual
+entering each post-LN norm2 (find_super_weights' default), "no residual" does not.
+"packed" rows run only the real tokens (`Packing`; FlashAttention on a GPU in bf16).
+"ratio" is each row's time over the plain forward of its own layout (the target is
+<= 1.15 for the probe); "x padded" is its cells/s over the padded forward's (the target
+for the packed forward is >= 2). --profile DIR writes a torch.profiler table of one
+packed probe round there.
 
     python benchmarks/bench_probe.py                       # small, CPU
     python benchmarks/bench_probe.py --layers 12 --d-model 512 --seq-len 1200 \\
-        --cells 512 --batch 32 --device auto --dtype bf16  # released scGPT size, GPU
+        --min-len 314 --cells 1024 --batch 32 --device auto --dtype bf16  # released, GPU
 """
 
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+from superweights.model.scgpt import Packing, ScGPTConfig, ScGPTModel
 from superweights.probe import find_super_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -30,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--min-len", type=int, default=None, help="shortest cell (see above)")
     p.add_argument("--cells", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
@@ -38,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None, help="folder for a profile of the probe")
     return p.parse_args()
 
 
@@ -51,10 +60,13 @@ def make_batches(args, device: torch.device) -> list[dict]:
         ids = torch.randint(0, pad_id, (n, args.seq_len), generator=g)
         values = torch.randint(0, 51, (n, args.seq_len), generator=g).float()
         values[:, 0] = 0
-        lengths = torch.full((n,), args.seq_len)
-        padded = torch.rand(n, generator=g) < 0.25
-        short = torch.randint(args.seq_len // 2, args.seq_len + 1, (n,), generator=g)
-        lengths[padded] = short[padded]
+        if getattr(args, "min_len", None):
+            lengths = torch.randint(args.min_len, args.seq_len + 1, (n,), generator=g)
+        else:
+            lengths = torch.full((n,), args.seq_len)
+            padded = torch.rand(n, generator=g) < 0.25
+            short = torch.randint(args.seq_len // 2, args.seq_len + 1, (n,), generator=g)
+            lengths[padded] = short[padded]
         pad = torch.arange(args.seq_len)[None, :] >= lengths[:, None]
         ids[pad], values[pad] = pad_id, -2.0
         batch = {"gene_ids": ids, "values": values, "padding_mask": pad}
@@ -98,28 +110,67 @@ def main() -> None:
     model = ScGPTModel(config).to(device=device, dtype=DTYPES[args.dtype]).eval()
     batches = make_batches(args, device)
 
-    def run(m: torch.nn.Module) -> None:
-        for batch in batches:
-            m(**batch)
+    packings = [Packing.from_padding(b["padding_mask"]) for b in batches]
 
-    def forward() -> None:
-        with torch.no_grad():
-            run(model)
+    def runner(packed: bool):
+        def run(m: torch.nn.Module) -> None:
+            for batch, packing in zip(batches, packings, strict=True):
+                m(**batch, packing=packing if packed else None)
+
+        return run
+
+    def forward(packed: bool):
+        def go() -> None:
+            with torch.no_grad():
+                runner(packed)(model)
+
+        return go
+
+    def probe(packed: bool, residual: bool = True):
+        return lambda: find_super_weights(model, runner(packed), max_rounds=1, residual=residual)
 
     fns = {
-        "forward": forward,
-        "probe": lambda: find_super_weights(model, run, max_rounds=1),
-        "probe, no residual": lambda: find_super_weights(model, run, max_rounds=1, residual=False),
+        "forward": forward(False),
+        "probe": probe(False),
+        "probe, no residual": probe(False, False),
+        "forward, packed": forward(True),
+        "probe, packed": probe(True),
+        "probe, packed, no resid.": probe(True, False),
     }
     seconds = timed(fns, device, args.warmup, args.repeats)
+    tokens = sum(int((~b["padding_mask"]).sum()) for b in batches)
     print(
-        f"# {device} {args.dtype}: {args.layers} layers, d {args.d_model}, "
-        f"seq {args.seq_len}, {args.cells} cells, batch {args.batch}, "
+        f"# {device} {args.dtype}: {args.layers} layers, d {args.d_model}, seq {args.seq_len}, "
+        f"{args.cells} cells ({tokens / args.cells:.0f} genes on average), batch {args.batch}, "
         f"median of {args.repeats}, threads {torch.get_num_threads()}"
     )
-    print(f"{'':18} {'seconds':>10} {'cells/s':>10} {'ratio':>7}")
+    print(f"| {'row':24} | {'seconds':>8} | {'cells/s':>8} | {'ratio':>6} | {'x padded':>8} |")
+    print(f"|{'-' * 26}|{'-' * 10}:|{'-' * 10}:|{'-' * 8}:|{'-' * 10}:|")
     for name, s in seconds.items():
-        print(f"{name:18} {s:10.4f} {args.cells / s:10.1f} {s / seconds['forward']:7.3f}")
+        own = seconds["forward, packed" if "packed" in name else "forward"]
+        print(
+            f"| {name:24} | {s:8.4f} | {args.cells / s:8.0f} | {s / own:6.3f} "
+            f"| {seconds['forward'] / s:8.2f} |"
+        )
+    if args.profile:
+        write_profile(probe(True), device, args.profile)
+
+
+def write_profile(fn, device: torch.device, folder: str) -> None:
+    """A torch.profiler table of one call of `fn`, by total time, in `folder`/profile.txt."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "profile.txt").write_text(table)
+    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    (Path(folder) / "profile_cpu.txt").write_text(cpu)
 
 
 if __name__ == "__main__":
