@@ -202,6 +202,22 @@ def test_scaling_shift_strata_and_cells(result):
     assert "omitted" in result.summary["expression"]
 
 
+def test_cell_map_holds_embeddings_effects_and_null_effects(result, setup):
+    """The per-cell null effects average to the null effects of nulls.tsv (same draws)."""
+    cells, planted = result.cell_map, f"L0[{ROW},{K}]"
+    assert cells.uns["candidates"] == list(result.confirmed["candidate"])
+    with torch.no_grad():
+        b = setup["batches"][0]
+        direct = setup["model"](b["gene_ids"], b["values"], b["padding_mask"])["cell_emb"]
+    np.testing.assert_allclose(cells.obsm["X_cls"][: len(direct)], direct.numpy(), atol=1e-5)
+    own = result.cells[result.cells["candidate"] == planted]
+    np.testing.assert_allclose(cells.obs[f"effect {planted}"], own["effect"])
+    nulls = result.nulls[result.nulls["candidate"] == planted]["effect"].to_numpy()
+    np.testing.assert_allclose(cells.obsm[f"null {planted}"].mean(axis=0), nulls, atol=1e-9)
+    assert list(cells.obs["cell_type"]) == list(own["cell_type"])
+    assert "Overall AD neuropathological Change" in cells.obs
+
+
 def test_expression_effect_only_when_the_decoder_was_trained(setup):
     settings = AblateSettings(n_null=5, n_boot=20, scales=(0.0,), expression_trained=True)
     cands = setup["cands"].iloc[:1]
@@ -213,7 +229,7 @@ def test_expression_effect_only_when_the_decoder_was_trained(setup):
 def test_outputs_and_figures_are_written(result, tmp_path):
     paths = write_outputs(result, tmp_path)
     names = {p.name for p in paths}
-    assert names == {f"{n}.tsv" for n in OUTPUT_TABLES} | {"summary.json"}
+    assert names == {f"{n}.tsv" for n in OUTPUT_TABLES} | {"summary.json", "cells.h5ad"}
     confirmed = pd.read_csv(tmp_path / "confirmed.tsv", sep="\t")
     assert list(confirmed["confirmed"]) == [True, False] and confirmed["reason"].notna().all()
     assert len(pd.read_csv(tmp_path / "nulls.tsv", sep="\t")) == 2 * 39

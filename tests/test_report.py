@@ -27,7 +27,8 @@ from superweights.quantize_table import MEASURES  # noqa: E402
 from superweights.report import INPUT_FILES, REQUIRED, build_report, fmt, make_table  # noqa: E402
 
 DATASET = "demo"
-SECTIONS = ("summary", "data", "probe", "pruning", "genes", "pathways", "quantization", "methods")
+SECTIONS = ("summary", "data", "probe", "pruning", "cells", "genes", "pathways", "quantization",
+            "methods")  # fmt: skip
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
@@ -37,7 +38,7 @@ FIGURES = (
     "preprocess/qc.png", "finetune/confusion.png", "finetune/training_curve.png",
     "probe/layer_spikes.png", "probe/cell_spikes.png", "ablate/forest.png",
     "ablate/null_histograms.png", "ablate/scaling.png", "ablate/prediction_shift.png",
-    "ablate/celltype_effect.png", "persistence/persistence.png",
+    "ablate/celltype_effect.png", "persistence/persistence.png", "cells/umap.png",
     "quantize/quantize.png", "enrich/L1_12_40/dotplot.png", "enrich/L1_12_40/gsea_top1.png",
     "enrich/L1_12_40/gsea_top2.png", "enrich/L1_12_40/gsea_ad1.png",
 )  # fmt: skip
@@ -158,6 +159,19 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "percentile": [34.5, np.nan, np.nan, 93.1, 6.9, 0, 89.7, np.nan, 96.0],
         "n_ranked": 30,
     })  # fmt: skip
+    tsv(root, "channels/cls.tsv", {
+        "candidate": tested[0], "confirmed": accepted, "stratum_type": ["all", "cell type"],
+        "stratum": ["all", "Astrocyte"], "n_cells": [50, 20], "xw": [-41.5, -40.0],
+        "abs_xw": [41.5, 40.0], "se": 0.2, "null_mean_abs": 0.3, "null_sd_abs": 0.1,
+        "z": [97.7, 95.0], "p_null": 0.02, "output_act": -40.0, "resid_act": 3.0,
+    })  # fmt: skip
+    tsv(root, "cells/association.tsv", {
+        "candidate": tested[0], "gene": ["CLU", "APOE", "GENE3"], "n_cells": 40,
+        "n_expressing": [30, 35, 12], "n_types": 3, "stouffer": [6.1, 4.2, 0.3],
+        "null_mean": 0.1, "null_sd": 1.1, "z": [5.45, 3.73, 0.18], "p_null": [0.01, 0.02, 0.8],
+        "rank": [1, 2, 3],
+    })  # fmt: skip
+    write_json(root, "cells/summary.json", {"notes": ["CELL NOTE"], "n_cells": 40})
     tsv(root, "enrich/summary.tsv", {
         "candidate": [tested[0]], "confirmed": [accepted],
         "status": ["confirmed" if accepted else "exploratory"], "folder": ["L1_12_40"],
@@ -313,6 +327,29 @@ def test_genes_of_interest_are_highlighted(results):
     assert "CLU" in others and "BIN1" not in others  # only ranked ones
 
 
+def test_cells_section_and_cell_level_columns_of_the_genes_of_interest(results):
+    page = html.unescape(build(results))
+    cells = section(page, "cells")
+    assert "CELL NOTE" in cells and CAPTIONS["cells_umap"].format(dataset=DATASET) in cells
+    assert "L1[12,40]: genes whose expression goes with the effect" in cells
+    assert cells.index(">CLU<") < cells.index(">APOE<") < cells.index("GENE3")
+    genes = section(page, "genes")
+    core = genes.split("Genes of interest")[1].split("Other genes")[0]
+    apoe = core[core.index(">APOE<") :].split("</tr>")[0]  # token rank 3, cell-level rank 2
+    values = re.findall(r"<td[^>]*>([^<]*)</td>", apoe)
+    assert values[-6:] == ["93.1", "19.9", "0.02", "2", "3.73", "0.02"]
+    assert "cell-level z" in core and "token z" in core
+    cls = genes.split("The <cls> token")[1].split("Top 20")[0]
+    assert ">97.7<" in cls and ">95<" not in cls  # the overall row, not the per-type one
+
+
+def test_without_the_cell_map_the_page_says_so(results):
+    shutil.rmtree(results / DATASET / "cells")
+    page = html.unescape(build(results))
+    assert "No cell map (results/demo/cells/summary.json is missing)." in section(page, "cells")
+    assert "cell-level z" not in section(page, "genes")
+
+
 def test_figures_are_embedded_and_nothing_is_fetched(results, png):
     page = build(results)
     sources = re.findall(r'\bsrc="([^"]*)"', page)
@@ -321,7 +358,9 @@ def test_figures_are_embedded_and_nothing_is_fetched(results, png):
     assert base64.b64decode(sources[0].split(",", 1)[1]) == png
     refs = re.findall(r'\b(?:src|href)="([^"]*)"', page)
     assert not [r for r in refs if re.match(r"(?i)\s*(https?:)?//", r)]
-    assert all(r.startswith(("#", "data:")) for r in refs)
+    files = [r for r in refs if not r.startswith(("#", "data:"))]
+    assert "../results/demo/ablate/confirmed.tsv" in files  # summary facts link their tables
+    assert all((results.parent / "report" / f).is_file() for f in files)
     assert "<script" not in page.lower() and "<link" not in page.lower()
 
 
@@ -416,7 +455,7 @@ def test_figure_captions_are_those_of_snakemakes_report(results, png):
         for rel, caption in SHOWN_BY_SNAKEMAKE.findall(smk.read_text())
         if rel.endswith(".png")
     }
-    assert len(figures) == 12
+    assert len(figures) == 13
     for rel in figures:  # each figure's own bytes, to tell them apart in the page
         (results / DATASET / rel).write_bytes(png + rel.encode())
     page = build(results)
@@ -475,3 +514,33 @@ def test_report_renders_in_a_browser(results, tmp_path):
     run = chromium(tmp_path, "shot", out, f"--screenshot={shot}", "--window-size=1280,4000")
     assert page_errors(run.stderr) == []
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+MEASURE = """<script>
+const figures = [...document.querySelectorAll("main > section > figure img")];
+const out = document.createElement("pre");
+out.id = "layout";
+out.textContent = JSON.stringify({
+  window: window.innerWidth,
+  viewport: document.documentElement.clientWidth,
+  page: document.documentElement.scrollWidth,
+  figures: figures.map(img => Math.round(img.getBoundingClientRect().width)),
+  tables: [...document.querySelectorAll(".table-wrap")].map(t => t.clientWidth),
+});
+document.body.appendChild(out);
+</script>"""
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs headless Chromium at /usr/bin/chromium")
+def test_report_layout_at_1280_pixels(results, tmp_path):
+    """No horizontal overflow of the page; every main figure at least 800 px wide; tables
+    scroll inside their box."""
+    out = build_report(results / DATASET, DATASET, CONFIG, tmp_path / "demo.html")
+    measured = tmp_path / "measured.html"
+    measured.write_text(out.read_text().replace("</body>", MEASURE + "</body>"))
+    dom = chromium(tmp_path, "layout", measured, "--window-size=1280,4000", "--dump-dom")
+    layout = json.loads(html.unescape(re.search(r'<pre id="layout">(.*?)</pre>', dom.stdout)[1]))
+    assert layout["window"] == 1280 and layout["page"] <= layout["viewport"]
+    assert len(layout["figures"]) >= 14 and min(layout["figures"]) >= 800
+    assert max(layout["tables"]) <= layout["viewport"]

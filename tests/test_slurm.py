@@ -22,7 +22,7 @@ GPU_RULES = {
     "pretrain", "finetune", "probe", "ablate", "probe_base", "confirm_base", "persistence",
     "map_channels", "quantize",
 }  # fmt: skip
-SLURM_RULES = {"preprocess", "enrich"} | GPU_RULES
+SLURM_RULES = {"preprocess", "enrich", "cell_map"} | GPU_RULES
 
 REASON = why_unavailable()
 if REASON and os.environ.get("SUPERWEIGHTS_REQUIRE_SLURM") == "1":

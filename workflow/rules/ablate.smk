@@ -15,6 +15,7 @@ rule ablate:
         shift="results/{dataset}/ablate/shift.tsv",
         strata="results/{dataset}/ablate/strata.tsv",
         cells="results/{dataset}/ablate/cells.tsv",
+        cells_h5ad="results/{dataset}/ablate/cells.h5ad",
         summary="results/{dataset}/ablate/summary.json",
         forest=report(
             "results/{dataset}/ablate/forest.png",

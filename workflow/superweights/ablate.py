@@ -8,7 +8,10 @@ configuration says so, and then the summary says it too. Beside the verdicts, th
 writes what a reader asks next: the effect of scaling each candidate (Yu et al.'s sweep),
 the shift of predicted class probabilities, the effect per cell type and per AD stratum
 (strata with fewer than `min_donors` test donors are marked, not compared), and each
-cell's own effect.
+cell's own effect. `cells.h5ad` holds, per evaluated cell, its `<cls>` embedding
+(`obsm["X_cls"]`), metadata, each candidate's effect (`obs["effect <candidate>"]`) and the
+per-cell effects of up to `CELL_NULLS` of its null weights (`obsm["null <candidate>"]`), for
+the cell map and the gene–effect association (`cell_map`).
 
 Expression measures (masked-expression log-likelihood) are reported only when the
 expression decoder was trained together with the encoder under test
@@ -42,13 +45,15 @@ from .model.checkpoint import checkpoint_config, read_args_and_vocab
 from .model.finetuned import load_test_cells
 from .model.scgpt import ScGPTModel
 from .model.train import class_names, read_tokenised
-from .outputs import named_paths, write_json, write_tsv
+from .outputs import named_paths, write_h5ad, write_json, write_tsv
 from .scores import CellTypeScore, MaskedExpressionScore
 
 log = logging.getLogger(__name__)
 
 CELL_TYPE = "cell type"
 SPLITS = ("train", "val", "test")
+CELL_NULLS = 99
+"""Null weights per candidate whose per-cell effects go to cells.h5ad (the first draws)."""
 
 
 @dataclass
@@ -119,10 +124,14 @@ class AblationResult:
     strata: pd.DataFrame
     cells: pd.DataFrame
     summary: dict
+    cell_map: ad.AnnData
 
 
 OUTPUT_TABLES = ("confirmed", "nulls", "topk", "scaling", "shift", "strata", "cells")
-OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
+OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {
+    "summary": "summary.json",
+    "cells_h5ad": "cells.h5ad",
+}
 
 
 def select_targets(model: ScGPTModel, candidates: pd.DataFrame, n_strongest: int):
@@ -224,6 +233,7 @@ def run_ablation(
             "encoder (fine-tuning mlm_weight is 0), so its predictions say nothing about it"
         )
     cells = _cells(result.example_effects, obs, labels, classes, result.base_scores)
+    cell_map = _cell_map(model, score, obs, labels, classes, result, settings.strata_columns)
     return AblationResult(
         confirmed=confirmed,
         nulls=result.nulls,
@@ -233,6 +243,7 @@ def run_ablation(
         strata=_strata(cells, obs, settings),
         cells=cells,
         summary=summary,
+        cell_map=cell_map,
     )
 
 
@@ -307,6 +318,41 @@ def _cells(effects: dict, obs: pd.DataFrame, labels, classes, base) -> pd.DataFr
         )
     columns = ["candidate", "cell_id", "cell_type", "donor", "log_likelihood", "effect"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _cell_map(model, score, obs, labels, classes, result: Confirmation, strata) -> ad.AnnData:
+    """Evaluated cells with their `<cls>` embedding, effects and null weights' effects."""
+    with torch.no_grad():
+        embedding = torch.cat(
+            [model(b["gene_ids"], b["values"], b["padding_mask"], heads=())["cell_emb"]
+             for b in score.batches]
+        )  # fmt: skip
+    meta = pd.DataFrame(
+        {"cell_type": [classes[i] for i in labels], "donor": obs["donor"].astype(str).to_numpy()},
+        index=obs.index.astype(str),
+    )
+    for column in strata:
+        if column in obs.columns:
+            meta[column] = obs[column].astype(str).to_numpy()
+    cells = ad.AnnData(obs=meta, obsm={"X_cls": embedding.float().cpu().numpy()})
+    cells.obs["log_likelihood"] = result.base_scores
+    for cid, delta in result.example_effects.items():
+        cells.obs[f"effect {cid}"] = delta
+        draws = result.nulls[result.nulls["candidate"] == cid].head(CELL_NULLS)
+        cells.obsm[f"null {cid}"] = _null_cell_effects(model, score, result, draws)
+    cells.uns["candidates"] = list(result.example_effects)
+    return cells
+
+
+def _null_cell_effects(model, score, result: Confirmation, draws: pd.DataFrame) -> np.ndarray:
+    """[cells, draws] drop of each cell's score with each null weight pruned."""
+    module = result.table.set_index("candidate").loc[draws["candidate"].iloc[0], "module"]
+    out = np.zeros((len(result.base_scores), len(draws)))
+    with score.from_layer(layer_of(module)):
+        for i, (r, c) in enumerate(zip(draws["row"], draws["col"], strict=True)):
+            with edited_weights(model, [WeightEdit.single(module, r, c)]):
+                out[:, i] = result.base_scores - score(model).numpy()
+    return out
 
 
 def _strata(cells: pd.DataFrame, obs: pd.DataFrame, settings: AblateSettings) -> pd.DataFrame:
@@ -449,4 +495,5 @@ def write_outputs(result: AblationResult, outputs) -> list[Path]:
     """
     paths = named_paths(outputs, OUTPUT_FILES)
     tables = [write_tsv(paths[name], getattr(result, name)) for name in OUTPUT_TABLES]
-    return [*tables, write_json(paths["summary"], result.summary)]
+    cell_map = write_h5ad(result.cell_map, paths["cells_h5ad"])
+    return [*tables, write_json(paths["summary"], result.summary), cell_map]

@@ -55,6 +55,16 @@ CAPTIONS = {
     + ", ".join(GENES_OF_INTEREST)
     + " and GWAS risk genes) for each super weight: how much more the weight adds at the "
     "gene's token than magnitude-matched null weights of its matrix.",
+    "cells_umap": "UMAP of the held-out cells of {dataset} from their <cls> embeddings "
+    "(scanpy), coloured by cell type, AD neuropathological change and each candidate's "
+    "per-cell effect: the drop of the cell's log p(true cell type) when the weight is set "
+    "to 0 (red: the cell depends on the weight).",
+    "cells_association": "Genes whose expression goes with the per-cell effect of each "
+    "candidate within cell types (Spearman correlation per type, Fisher z, Stouffer over "
+    "types), as a z-score against the same statistic for magnitude-matched null weights, "
+    "with a two-sided empirical p.",
+    "cls_table": "The candidate's contribution x·w at the <cls> token (the cell embedding "
+    "that the classifier reads) against magnitude-matched null weights of its matrix.",
     "enrich_dotplot": "gseapy's dot plot of the top gene sets of the preranked GSEA on the gene "
     "z-scores: NES on x, colour log10(1/FDR q-val), dot size = the leading edge's share of "
     "the set.",
@@ -83,8 +93,9 @@ CAPTIONS = {
     "probe found, the pruning test against controls, the genes and pathways of the super "
     "channels, and quantization.",
 }
-HTML_ONLY = ("enrich_dotplot", "enrich_gsea")
-"""Captions of figures inside the enrich folder, which `snakemake --report` does not show."""
+HTML_ONLY = ("enrich_dotplot", "enrich_gsea", "cls_table")
+"""Captions shown only in the HTML report: figures inside the enrich folder, which
+`snakemake --report` does not show, and the `<cls>` table."""
 
 
 def caption(name: str, dataset: str) -> str:

@@ -9,6 +9,7 @@ Missing optional outputs become a sentence; a missing required one is a `UserErr
 import base64
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,12 @@ INPUT_FILES = {
     "celltype_figure": "ablate/celltype_effect.png",
     "persistence": "persistence/persistence.tsv",
     "persistence_figure": "persistence/persistence.png",
+    "cell_map": "cells/umap.png",
+    "association": "cells/association.tsv",
+    "cells_summary": "cells/summary.json",
     "genes": "channels/genes.tsv",
     "genes_of_interest": "channels/genes_of_interest.tsv",
+    "cls": "channels/cls.tsv",
     "enrich": "enrich",
     "quantize": "quantize/quantize.tsv",
     "quantize_figure": "quantize/quantize.png",
@@ -82,9 +87,17 @@ PERSISTENCE_COLUMNS = [
 STRATA_COLUMNS = ["candidate", "stratum", "value", "n_cells", "n_donors", "effect", "ci_low",
                   "ci_high", "status"]  # fmt: skip
 INTEREST_COLUMNS = [
-    "candidate", "confirmed", "gene", "status", "n_cells", "rank", "n_ranked", "percentile", "z",
-    "p_null",
+    "candidate", "confirmed", "gene", "status", "n_cells", "token_rank", "n_ranked", "percentile",
+    "token_z", "token_p", "assoc_rank", "assoc_z", "assoc_p",
 ]  # fmt: skip
+TOKEN_COLUMNS = {"rank": "token_rank", "z": "token_z", "p_null": "token_p"}
+"""Token-level columns of genes_of_interest.tsv, renamed beside the cell-level ones."""
+CLS_COLUMNS = ["candidate", "confirmed", "n_cells", "xw", "abs_xw", "se", "null_mean_abs",
+               "null_sd_abs", "z", "p_null"]  # fmt: skip
+ASSOCIATION_COLUMNS = ["rank", "gene", "z", "p_null", "n_cells", "n_expressing", "n_types",
+                       "stouffer", "null_mean", "null_sd"]  # fmt: skip
+INTEREST_ASSOCIATION = {"z": "assoc_z", "p_null": "assoc_p", "rank": "assoc_rank"}
+"""Cell-level association columns (cells/association.tsv) joined to the genes of interest."""
 GENE_COLUMNS = [
     "rank", "gene", "z", "p_null", "n_cells", "xw", "abs_xw", "se", "null_mean_abs",
     "null_sd_abs", "ablation_effect",
@@ -170,6 +183,16 @@ LABELS = {
     "Lead_genes": "leading-edge genes",
     "Adjusted P-value": "ORA FDR (BH)",
     "FDR q-val": "GSEA FDR q-val",
+    "n_expressing": "cells expressing",
+    "n_types": "cell types",
+    "stouffer": "Stouffer z",
+    "null_sd": "null sd",
+    "token_rank": "token rank",
+    "token_z": "token z",
+    "token_p": "token p (null)",
+    "assoc_rank": "cell-level rank",
+    "assoc_z": "cell-level z",
+    "assoc_p": "cell-level p (null)",
 }
 
 
@@ -338,6 +361,14 @@ class Results:
         if path.is_file():
             src = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
         return Figure(src, caption(caption_name, self.dataset), self.label(key))
+
+    def links(self, page_dir: Path, *keys: str) -> list[tuple[str, str]]:
+        """(file name, path relative to the page's folder) of the existing files `keys`."""
+        return [
+            (self.path(k).name, os.path.relpath(self.path(k), page_dir))
+            for k in keys
+            if self.path(k).is_file()
+        ]
 
     def missing(self, key: str, what: str) -> str:
         return f"{what} ({self.label(key)} is missing)."
@@ -556,8 +587,16 @@ def persistence_statement(table: pd.DataFrame) -> str:
     )
 
 
-def _interest_frames(goi: pd.DataFrame, core: tuple[str, ...]):
+def _interest_frames(goi: pd.DataFrame, core: tuple[str, ...], association: pd.DataFrame | None):
+    """Genes of interest (overall stratum), token-level and, when mapped, cell-level columns:
+    the core genes in their order, and the other ranked ones by percentile."""
     overall = goi[goi["stratum_type"] == "all"] if "stratum_type" in goi else goi
+    overall = overall.rename(columns=TOKEN_COLUMNS)
+    if association is not None and not association.empty:
+        cell_level = association[["candidate", "gene", *INTEREST_ASSOCIATION]]
+        overall = overall.merge(
+            cell_level.rename(columns=INTEREST_ASSOCIATION), on=["candidate", "gene"], how="left"
+        )
     in_core = overall["gene"].isin(core)
     order = {g: i for i, g in enumerate(core)}
     core_rows = overall[in_core].sort_values(
@@ -572,7 +611,7 @@ def _interest_frames(goi: pd.DataFrame, core: tuple[str, ...]):
 
 
 def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.DataFrame | None]:
-    """Ranks of the genes of interest and the top genes of each mapped channel."""
+    """Ranks of the genes of interest, the `<cls>` token and the top genes of each channel."""
     sec = Section()
     highlight = frozenset(core)
     goi = res.tsv("genes_of_interest")
@@ -580,13 +619,18 @@ def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.Data
     if goi is None or goi.empty:
         sec.missing["goi"] = res.missing("genes_of_interest", "No channel was mapped to genes")
     else:
-        core_rows, others = _interest_frames(goi, core)
+        core_rows, others = _interest_frames(goi, core, res.tsv("association"))
         label = res.label("genes_of_interest")
         sec.tables["core"] = make_table(
             core_rows, INTEREST_COLUMNS, label, max_rows=60, highlight=highlight
         )
         if len(others):
             sec.tables["others"] = make_table(others, INTEREST_COLUMNS, label, max_rows=30)
+    cls = res.tsv("cls")
+    if cls is not None and not cls.empty:
+        overall = cls[cls["stratum_type"] == "all"] if "stratum_type" in cls else cls
+        sec.tables["cls"] = make_table(overall, CLS_COLUMNS, res.label("cls"))
+        sec.text["cls"] = caption("cls_table", res.dataset)
     genes = res.tsv("genes")
     if genes is None or genes.empty:
         sec.missing["genes"] = res.missing("genes", "No gene ranking")
@@ -600,6 +644,27 @@ def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.Data
             confirmed = "confirmed" in top and flags(top["confirmed"]).any()
             sec.text[str(candidate)] = "confirmed super weight" if confirmed else "unconfirmed"
     return sec, core_rows
+
+
+def cells_section(res: Results, core: tuple[str, ...]) -> Section:
+    """The cell map, its notes, and the genes whose expression goes with the effect."""
+    sec = Section()
+    summary = res.json("cells_summary")
+    if summary is None:
+        sec.missing["cells"] = res.missing("cells_summary", "No cell map")
+        return sec
+    sec.figures["umap"] = res.figure("cell_map", "cells_umap")
+    sec.text["notes"] = " ".join(summary.get("notes", []))
+    association = res.tsv("association")
+    if association is None or association.empty:
+        sec.missing["association"] = "No gene was associated with a per-cell effect."
+        return sec
+    for candidate, part in association.groupby("candidate", sort=False):
+        sec.tables[str(candidate)] = make_table(
+            part.sort_values("rank"), ASSOCIATION_COLUMNS, res.label("association"),
+            max_rows=TOP_GENES, highlight=frozenset(core),
+        )  # fmt: skip
+    return sec
 
 
 def _gsea_number(path: Path) -> int:
@@ -729,10 +794,13 @@ def gene_statement(core_rows: pd.DataFrame | None, core: tuple[str, ...]) -> str
             f"None of {', '.join(core)} ranks in the top {100 - TOP_PERCENTILE:g}% of genes "
             "on any mapped channel."
         )
-    parts = [
-        f"{r.gene} ranks {fmt(r.rank)} of {fmt(r.n_ranked)} on {r.candidate}"
-        for r in ranked.itertuples()
-    ]
+    parts = []
+    for r in ranked.itertuples():
+        text = f"{r.gene} ranks {fmt(r.token_rank)} of {fmt(r.n_ranked)} on {r.candidate}"
+        text += f" (token z {fmt(r.token_z)}, null p {fmt(r.token_p)}"
+        if pd.notna(getattr(r, "assoc_z", np.nan)):
+            text += f"; cell-level z {fmt(r.assoc_z)}, null p {fmt(r.assoc_p)}"
+        parts.append(text + ")")
     return f"Genes of interest in the top {100 - TOP_PERCENTILE:g}%: " + "; ".join(parts) + "."
 
 
@@ -864,6 +932,7 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
     probe, cands = probe_section(res, config)
     pruning, confirmed = pruning_section(res)
     genes, core_rows = genes_section(res, core)
+    cells = cells_section(res, core)
     pathways, candidates, enrich_summary = pathways_section(res)
     if not candidates:
         pathways.missing["enrich"] = "No candidate reached enrichment."
@@ -873,17 +942,20 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
     metrics = facts["metrics"]
     found = super_weight_statements(cands, confirmed)
     fdr = config.get("enrich", {}).get("fdr_threshold", 0.05)
+    here = Path(out_path).resolve().parent
     summary = {
         "headline": found[0],
         "found": confirmed is not None and bool(confirmed.get("confirmed", pd.Series()).any()),
         "facts": [
-            ("Super weights", " ".join(found[1:])),
+            ("Super weights", " ".join(found[1:]),
+             res.links(here, "confirmed", "candidates")),
             (
                 "Data",
                 f"{dataset} ({source}): {facts['cells']:,} cells of "
                 f"{_plural(facts['cell_types'], 'cell type')} from "
                 f"{_plural(facts['donors'], 'donor')} after QC, {facts['genes']:,} genes, "
                 "split by donor into training, validation and test sets.",
+                res.links(here, "qc"),
             ),
             (
                 "Classifier",
@@ -891,12 +963,15 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
                 f"reaches accuracy {fmt(metrics['accuracy'])} and macro F1 "
                 f"{fmt(metrics['macro_f1'])} (mean log p(true cell type) "
                 f"{fmt(metrics['mean_log_likelihood'])}).",
+                res.links(here, "metrics"),
             ),
-            ("Genes", gene_statement(core_rows, core)),
-            ("Pathways", pathway_statement(enrich_summary, len(candidates), fdr)),
-            ("Quantization", quantize_statement(quantize_table)),
+            ("Genes", gene_statement(core_rows, core),
+             res.links(here, "genes_of_interest", "association")),
+            ("Pathways", pathway_statement(enrich_summary, len(candidates), fdr),
+             res.links(here, "enrich/summary.tsv")),
+            ("Quantization", quantize_statement(quantize_table), res.links(here, "quantize")),
         ],
-    }
+    }  # fmt: skip
     html = (
         _environment()
         .get_template(TEMPLATE)
@@ -910,6 +985,7 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
             probe=probe,
             pruning=pruning,
             genes=genes,
+            cells=cells,
             pathways=pathways,
             enrich_candidates=candidates,
             quantize=quantize,
