@@ -4,6 +4,7 @@ rule pretrain:
     output:
         checkpoint=directory("results/{dataset}/pretrain/checkpoint"),
         history="results/{dataset}/pretrain/history.tsv",
+        spikes="results/{dataset}/pretrain/spikes_over_training.tsv",
     log:
         "results/{dataset}/logs/pretrain.log",
     benchmark:
@@ -30,6 +31,7 @@ rule finetune:
     output:
         checkpoint=directory("results/{dataset}/finetune/checkpoint"),
         history="results/{dataset}/finetune/history.tsv",
+        spikes="results/{dataset}/finetune/spikes_over_training.tsv",
         metrics=report(
             "results/{dataset}/finetune/metrics.json",
             caption="../report/finetune_metrics.rst",

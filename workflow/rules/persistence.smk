@@ -54,6 +54,12 @@ rule confirm_base:
         "../scripts/confirm_base.py"
 
 
+# Spike statistics over training: pretraining's (when it ran here), then fine-tuning's.
+TRAINING_PHASES = (
+    ["finetune"] if config["model"]["checkpoint"] else ["pretrain", "finetune"]
+)
+
+
 rule persistence:
     input:
         data="results/{dataset}/preprocess/tokenised.h5ad",
@@ -61,6 +67,10 @@ rule persistence:
         finetuned="results/{dataset}/finetune/checkpoint",
         base_confirmed="results/{dataset}/base/confirm/confirmed.tsv",
         finetuned_confirmed="results/{dataset}/ablate/confirmed.tsv",
+        spikes=expand(
+            "results/{{dataset}}/{phase}/spikes_over_training.tsv",
+            phase=TRAINING_PHASES,
+        ),
     output:
         table=report(
             "results/{dataset}/persistence/persistence.tsv",
@@ -70,6 +80,11 @@ rule persistence:
         figure=report(
             "results/{dataset}/persistence/persistence.png",
             caption="../report/persistence_figure.rst",
+            category="4. Pruning",
+        ),
+        spikes_figure=report(
+            "results/{dataset}/persistence/spikes_over_training.png",
+            caption="../report/spikes_figure.rst",
             category="4. Pruning",
         ),
     log:

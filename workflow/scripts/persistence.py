@@ -3,6 +3,8 @@ from superweights.outputs import write_tsv
 from superweights.persistence import persistence
 from superweights.persistence_plots import write_figure
 from superweights.rule_io import rule_log
+from superweights.spikes import read_spikes
+from superweights.spikes_plots import plot_spikes
 
 with rule_log(snakemake):
     inp, out = snakemake.input, snakemake.output
@@ -16,3 +18,4 @@ with rule_log(snakemake):
     )
     write_tsv(out.table, table)
     write_figure(table, out.figure)
+    plot_spikes([read_spikes(path) for path in inp.spikes], out.spikes_figure)

@@ -44,6 +44,10 @@ CAPTIONS = {
     "p(true cell type) after fine-tuning, with donor-bootstrap CIs) and each model's verdict.",
     "persistence_figure": "Super weights before and after fine-tuning: value in the starting "
     "vs the fine-tuned model (left; dashed: unchanged) and effect of pruning in each (right).",
+    "spikes_figure": "Super activations over training on fixed validation cells: each layer's "
+    "largest down-projection output and input over its layer median, and each tracked super "
+    "weight's value over its first recorded value, against training step (pretraining, then "
+    "fine-tuning).",
     "ablate_scaling": "Mean drop of log p(true cell type) as each candidate weight is "
     "multiplied by a factor (1 = unchanged); Yu et al. (2024) scaled the super weight of "
     "Llama-7B the same way.",
