@@ -11,7 +11,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from superweights.errors import UserError
 from superweights.model.scgpt import Packing, ScGPTConfig, ScGPTModel
-from superweights.probe import Candidate, LayerStat, find_super_weights, layernorm_outliers
+from superweights.probe import (
+    Candidate,
+    LayerStat,
+    _SampleRows,
+    find_super_weights,
+    layernorm_outliers,
+)
 
 
 def llama(seed: int = 0) -> LlamaForCausalLM:
@@ -446,3 +452,14 @@ def test_a_super_weight_is_found_after_typical_inputs_have_grown():
     assert cand.output_ratio >= 100 and cand.weight_ratio >= 10
     old_rule = find_super_weights(model, x, max_rounds=1, input_ratio=100)
     assert not old_rule.found and "input ratio at the spike" in old_rule.layer_stats[0].reason
+
+
+def test_sample_rows_are_one_random_row_per_stratum_reproducibly():
+    rows = torch.zeros(1000, 64)
+    picks, pad = _SampleRows(size=640, seed=3)(rows, None)  # 10 rows of 64 values
+    assert pad is None and len(picks) == 10
+    assert torch.equal(picks // 100, torch.arange(10))  # one in each stratum of 100 rows
+    assert torch.equal(picks, _SampleRows(size=640, seed=3)(rows, None)[0])
+    assert not torch.equal(picks, _SampleRows(size=640, seed=4)(rows, None)[0])
+    few, _ = _SampleRows(size=640, seed=3)(torch.zeros(7, 64), None)
+    assert torch.equal(few, torch.arange(7))  # no more rows than wanted: all of them

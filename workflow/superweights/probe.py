@@ -375,8 +375,10 @@ class _SampleRows:
     """Fixed random rows (tokens) at which activations of one shape are read for the median.
 
     Whole rows are read (coalesced memory access): ``size // width`` of them, at least
-    ``MIN_ROWS``, or every row when there are no more. Their padding flags are computed
-    once per forward call and shared by all hooks.
+    ``MIN_ROWS``, or every row when there are no more; one random row in each of that
+    many equal strata, drawn on the activations' device without a host round trip (packed
+    batches bring a new shape per call). Their padding flags are computed once per
+    forward call and shared by all hooks.
     """
 
     MIN_ROWS = 8
@@ -384,6 +386,7 @@ class _SampleRows:
     def __init__(self, size: int, seed: int):
         self.size = size
         self.generator = torch.Generator().manual_seed(seed)
+        self.strata: dict[tuple[int, torch.device], Tensor] = {}  # i + U(0, 1), i < k
         self.picks: dict[tuple[int, int, torch.device], Tensor] = {}
         self.pad: Tensor | None = None
         self.picked_pad: dict[tuple[int, int, torch.device], Tensor] = {}
@@ -393,8 +396,9 @@ class _SampleRows:
         key = (n, width, rows.device)
         if key not in self.picks:
             k = max(self.size // width, self.MIN_ROWS)
-            picks = torch.arange(n) if n <= k else torch.randperm(n, generator=self.generator)[:k]
-            self.picks[key] = picks.sort().values.to(rows.device)
+            self.picks[key] = (
+                torch.arange(n, device=rows.device) if n <= k else self._stratified(n, k, rows)
+            )
         if pad_rows is None:
             return self.picks[key], None
         if pad_rows is not self.pad:
@@ -402,6 +406,12 @@ class _SampleRows:
         if key not in self.picked_pad:
             self.picked_pad[key] = pad_rows.index_select(0, self.picks[key])
         return self.picks[key], self.picked_pad[key]
+
+    def _stratified(self, n: int, k: int, rows: Tensor) -> Tensor:
+        if (k, rows.device) not in self.strata:
+            offsets = torch.rand(k, generator=self.generator, dtype=torch.float64)
+            self.strata[k, rows.device] = (torch.arange(k) + offsets).to(rows.device)
+        return (self.strata[k, rows.device] * (n / k)).long().clamp_(max=n - 1)
 
 
 class _Tracker:
