@@ -463,3 +463,53 @@ def test_sample_rows_are_one_random_row_per_stratum_reproducibly():
     assert not torch.equal(picks, _SampleRows(size=640, seed=4)(rows, None)[0])
     few, _ = _SampleRows(size=640, seed=3)(torch.zeros(7, 64), None)
     assert torch.equal(few, torch.arange(7))  # no more rows than wanted: all of them
+
+
+class InPlaceBlock(nn.Module):
+    """An MLP block that scales its down-projection's output in place after the hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = self.down(torch.relu(self.up(x)))
+        y.mul_(0.5)
+        return x + y
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """Activations held and measured together at the end of each call, as on a GPU."""
+    monkeypatch.setattr("superweights.probe._Hooks.AT_ONCE", ())
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_measuring_held_activations_together_gives_the_same_statistics(pre_norm, monkeypatch):
+    model = scgpt(pre_norm)
+    with torch.no_grad():
+        model.transformer_encoder.layers[1].linear1.weight[9] *= 200
+        model.transformer_encoder.layers[1].linear2.weight[5, 9] = 5.0
+    batches = [cell_batch(seed) for seed in (1, 2, 3)]
+
+    def run(m):
+        for b in batches:
+            m(**b)
+
+    at_once = find_super_weights(model, run, max_rounds=2).layers_frame()
+    monkeypatch.setattr("superweights.probe._Hooks.AT_ONCE", ())
+    monkeypatch.setattr("superweights.probe._Hooks.PENDING_BYTES", 30_000)  # some mid-call
+    together = find_super_weights(model, run, max_rounds=2).layers_frame()
+    pd.testing.assert_frame_equal(together, at_once)
+
+
+@pytest.mark.usefixtures("deferred")
+def test_an_activation_changed_in_place_after_its_hook_is_measured_before_the_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(InPlaceBlock(), InPlaceBlock())
+    x = torch.randn(3, 5, 8)
+    result = find_super_weights(model, x, r"^(\d+)\.down$", max_rounds=1)
+    with torch.no_grad():
+        y = model[0].down(torch.relu(model[0].up(x)))
+    first = result.layers_frame().set_index("layer")
+    assert first.loc[0, "max_out"] == pytest.approx(float(y.abs().max()), rel=1e-6)
