@@ -16,6 +16,7 @@ from superweights.data.preprocess import (
     preprocess,
     split_donors,
 )
+from superweights.errors import UserError
 
 
 def settings(**changes):
@@ -40,14 +41,15 @@ def test_bin_row_follows_scgpt_quantile_bins():
 
 def test_preprocess_outputs(counts_h5ad, counts_adata):
     tok, qc = preprocess(counts_h5ad, settings())
-    assert tok.X.max() <= 50 and tok.X.min() >= 0
+    bins = tok.layers["X_binned"]
+    assert bins.max() <= 50 and bins.min() >= 0
     # QC flag: every 50th cell is flagged unused and must be gone
     assert not any(int(c.removeprefix("cell")) % 50 == 0 for c in tok.obs_names)
     # counts layer is the input counts of the chosen cells and genes
     expected = counts_adata[tok.obs_names, tok.var_names].layers["UMIs"].toarray()
     np.testing.assert_array_equal(tok.layers["counts"].toarray(), expected)
     # a bin is present exactly where a count is
-    np.testing.assert_array_equal(tok.X.toarray() > 0, expected > 0)
+    np.testing.assert_array_equal(bins.toarray() > 0, expected > 0)
     # genes of interest kept whatever their variance; token ids from the vocabulary
     assert {"APP", "MAPT", "APOE"} <= set(tok.var_names)
     assert tok.var.loc[["APP", "MAPT", "APOE"], "gene_of_interest"].all()
@@ -64,9 +66,34 @@ def test_preprocess_outputs(counts_h5ad, counts_adata):
 def test_preprocess_is_chunk_size_invariant_and_seeded(counts_h5ad):
     a, _ = preprocess(counts_h5ad, settings(chunk_size=97))
     b, _ = preprocess(counts_h5ad, settings(chunk_size=5000))
-    assert (a.X != b.X).nnz == 0
+    assert (a.layers["X_binned"] != b.layers["X_binned"]).nnz == 0
     c, _ = preprocess(counts_h5ad, settings(chunk_size=97, seed=5))
-    assert (a.X != c.X).nnz > 0
+    assert (a.layers["X_binned"] != c.layers["X_binned"]).nnz > 0
+
+
+def test_scanpy_conventions(counts_h5ad, counts_adata):
+    """QC columns as calculate_qc_metrics names and computes them, seurat_v3 HVG as scanpy
+    computes it on the chosen cells' counts, X = log1p(counts per 10k), bins in X_binned."""
+    import scanpy as sc
+
+    tok, _ = preprocess(counts_h5ad, settings())
+    raw = ad.AnnData(counts_adata.layers["UMIs"].copy(), obs=counts_adata.obs[[]],
+                     var=pd.DataFrame(index=counts_adata.var_names))  # fmt: skip
+    raw.var["mt"] = raw.var_names.str.startswith("MT-")
+    sc.pp.calculate_qc_metrics(raw, qc_vars=["mt"], inplace=True, percent_top=None)
+    for column in ("n_genes_by_counts", "total_counts", "pct_counts_mt"):
+        np.testing.assert_allclose(tok.obs[column], raw.obs.loc[tok.obs_names, column], rtol=1e-6)
+    chosen = raw[tok.obs_names].copy()
+    sc.pp.highly_variable_genes(chosen, flavor="seurat_v3", n_top_genes=50)
+    expected = set(chosen.var_names[chosen.var["highly_variable"]])
+    assert set(tok.var_names[tok.var["highly_variable"]]) == expected
+    totals = raw.obs.loc[tok.obs_names, "total_counts"].to_numpy()
+    logged = np.log1p(tok.layers["counts"].toarray() * (1e4 / totals)[:, None])
+    np.testing.assert_allclose(tok.X.toarray(), logged, rtol=1e-5, atol=1e-6)
+    dispersion, _ = preprocess(counts_h5ad, settings(hvg_flavor="seurat"))
+    assert "dispersions_norm" in dispersion.var and "variances_norm" in tok.var
+    with pytest.raises(UserError, match="hvg_flavor"):
+        settings(hvg_flavor="cell_ranger")
 
 
 def test_caps_and_rare_types(tmp_path, counts_adata, caplog):

@@ -1,12 +1,16 @@
 """Streaming preprocessing to scGPT tokens: QC, vocabulary mapping, HVG, binning, donor split.
 
 The output h5ad (cells x selected genes) holds:
-- `X`: scGPT expression bins per cell (0 = not expressed, 1..n_bins-1), CSR float32;
-- `layers["counts"]`: the raw counts of the selected genes;
-- `obs`: the input columns plus `label`, `donor`, `split` (train/val/test, by donor),
-  `n_genes`, `total_counts`, `mito_fraction`;
-- `var`: `token_id` (vocabulary id), `highly_variable`, `gene_of_interest`, `mean_counts`,
-  `dispersion_norm`;
+- `X`: log1p(counts per 10,000), library sizes over all genes, CSR float32;
+- `layers["X_binned"]`: scGPT expression bins per cell (0 = not expressed, 1..n_bins-1), the
+  model's input; `layers["counts"]`: the raw counts of the selected genes;
+- `obs`: the input columns plus `label`, `donor`, `split` (train/val/test, by donor) and
+  the QC metrics named as `scanpy.pp.calculate_qc_metrics` names them: `n_genes_by_counts`,
+  `total_counts`, `pct_counts_mt` (percent);
+- `var`: `token_id` (vocabulary id), `highly_variable`, `gene_of_interest`, `mean_counts`, and
+  the HVG score: `variances_norm` (`hvg_flavor` seurat_v3, as scGPT's own preprocessor: scanpy
+  on the counts of the chosen cells) or `dispersions_norm` (seurat: normalised dispersion of
+  all cells passing QC, streamed);
 - `uns["preprocess"]`: the settings, vocabulary and its match rate, dropped cell types,
   label order.
 
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 
 QC_FLAG_COLUMN = "Used in analysis"
 SPLITS = ("train", "val", "test")
+HVG_FLAVORS = ("seurat_v3", "seurat")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class PreprocessSettings:
     min_genes: int = 200
     max_mito_fraction: float = 0.2
     n_hvg: int = 1200
+    hvg_flavor: str = "seurat_v3"
     genes_of_interest: list[str] = field(default_factory=lambda: list(GENES_OF_INTEREST))
     min_vocab_match: float = 0.5
     n_bins: int = 51
@@ -59,6 +65,12 @@ class PreprocessSettings:
     min_test_donors: int = 3
     chunk_size: int = 10000
     seed: int = 0
+
+    def __post_init__(self):
+        if self.hvg_flavor not in HVG_FLAVORS:
+            raise UserError(
+                f"hvg_flavor must be one of {list(HVG_FLAVORS)}, not {self.hvg_flavor!r}"
+            )
 
 
 def bin_row(values: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
@@ -195,9 +207,9 @@ def first_pass(matrix, source, in_vocab, mito, flag, settings):
     mean[~in_vocab] = 0
     metrics = pd.DataFrame(
         {
-            "n_genes": n_expr,
+            "n_genes_by_counts": n_expr,
             "total_counts": totals,
-            "mito_fraction": mito_counts / np.maximum(totals, 1),
+            "pct_counts_mt": 100 * mito_counts / np.maximum(totals, 1),
         }
     )
     return metrics, passed, mean, var
@@ -232,21 +244,24 @@ def choose_cells(obs: pd.DataFrame, passed: np.ndarray, settings) -> tuple[np.nd
     return np.sort(np.concatenate(chosen)), {"dropped_cell_types": rare, "cell_types": kept_types}
 
 
-def second_pass(matrix, rows, genes, totals, settings):
-    """Counts and scGPT bins of the chosen cells and genes, read chunk by chunk."""
-    rng = np.random.default_rng(settings.seed)
-    counts_parts, bin_parts = [], []
-    bounds = range(0, matrix.shape[0], settings.chunk_size)
-    for start in tqdm(bounds, desc="tokenise"):
+def read_rows(matrix, rows, genes, settings) -> sp.csr_matrix:
+    """Counts of the chosen cells `rows` and columns `genes`, read chunk by chunk."""
+    parts = []
+    for start in tqdm(range(0, matrix.shape[0], settings.chunk_size), desc="read cells"):
         stop = min(start + settings.chunk_size, matrix.shape[0])
         local = rows[(rows >= start) & (rows < stop)] - start
-        if local.size == 0:
-            continue
-        chunk = matrix.rows(start, stop)[local]
-        norm = normalise(chunk, totals[local + start])[:, genes]
-        counts_parts.append(sp.csr_matrix(chunk[:, genes], dtype=np.float32))
-        bin_parts.append(bin_rows(norm, settings.n_bins, rng))
-    return sp.vstack(counts_parts, format="csr"), sp.vstack(bin_parts, format="csr")
+        if local.size:
+            parts.append(sp.csr_matrix(matrix.rows(start, stop)[local][:, genes], dtype=np.float32))
+    return sp.vstack(parts, format="csr")
+
+
+def seurat_v3_variances(counts: sp.csr_matrix) -> np.ndarray:
+    """scanpy's seurat_v3 HVG score (`variances_norm`) of each column of raw `counts`."""
+    import scanpy as sc
+
+    data = ad.AnnData(X=counts)
+    sc.pp.highly_variable_genes(data, flavor="seurat_v3", n_top_genes=1, subset=False)
+    return data.var["variances_norm"].to_numpy()
 
 
 def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
@@ -288,10 +303,19 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
                 f"max_mito_fraction={settings.max_mito_fraction}, use_qc_flag={use_flag})"
             )
         rows, report = choose_cells(obs, passed, settings)
-        genes, var_out = select_genes(symbols, in_vocab, mean, variance, settings)
-        counts, bins = second_pass(
-            matrix, rows, genes, metrics["total_counts"].to_numpy(), settings
-        )
+        if settings.hvg_flavor == "seurat_v3":
+            vocab_genes = np.flatnonzero(in_vocab)
+            counts = read_rows(matrix, rows, vocab_genes, settings)
+            score = np.full(len(symbols), -np.inf)
+            score[vocab_genes] = seurat_v3_variances(counts)
+            genes, var_out = select_genes(symbols, in_vocab, mean, score, settings)
+            counts = counts[:, np.searchsorted(vocab_genes, genes)]
+        else:
+            score = normalised_dispersion(mean, variance)
+            genes, var_out = select_genes(symbols, in_vocab, mean, score, settings)
+            counts = read_rows(matrix, rows, genes, settings)
+    logged = normalise(counts, metrics["total_counts"].to_numpy()[rows])
+    bins = bin_rows(logged, settings.n_bins, np.random.default_rng(settings.seed))
 
     obs_out = obs.iloc[rows].copy()
     obs_out["label"] = pd.Categorical(
@@ -319,7 +343,8 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
 
     vocab = vocab or genes_vocab(var_out.index)
     var_out.insert(0, "token_id", [vocab[g] for g in var_out.index])
-    tokenised = ad.AnnData(X=bins, obs=obs_out, var=var_out, layers={"counts": counts})
+    layers = {"counts": counts, "X_binned": bins}
+    tokenised = ad.AnnData(X=logged, obs=obs_out, var=var_out, layers=layers)
     tokenised.uns["preprocess"] = {
         **{k: v for k, v in asdict(settings).items()},
         "input": str(path),
@@ -334,23 +359,24 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
     return tokenised, qc
 
 
-def select_genes(symbols, in_vocab, mean, variance, settings):
-    """Highly variable in-vocabulary genes plus the genes of interest, in input order."""
-    dispersion = normalised_dispersion(mean, variance)
-    order = np.argsort(-dispersion, kind="stable")
+def select_genes(symbols, in_vocab, mean, score, settings):
+    """The `n_hvg` in-vocabulary genes of highest HVG `score` plus the genes of interest, in
+    input order."""
+    order = np.argsort(-score, kind="stable")
     hvg = np.zeros(len(symbols), bool)
-    hvg[[i for i in order[: settings.n_hvg] if np.isfinite(dispersion[i])]] = True
+    hvg[[i for i in order[: settings.n_hvg] if np.isfinite(score[i])]] = True
     interest = np.asarray(symbols.isin(settings.genes_of_interest)) & in_vocab
     missing = sorted(set(settings.genes_of_interest) - set(symbols[interest]))
     if missing:
         log.warning("genes of interest not in the data or vocabulary: %s", ", ".join(missing))
     genes = np.flatnonzero((hvg | interest) & in_vocab)
+    name = "variances_norm" if settings.hvg_flavor == "seurat_v3" else "dispersions_norm"
     var_out = pd.DataFrame(
         {
             "highly_variable": hvg[genes],
             "gene_of_interest": interest[genes],
             "mean_counts": mean[genes],
-            "dispersion_norm": np.where(np.isfinite(dispersion[genes]), dispersion[genes], np.nan),
+            name: np.where(np.isfinite(score[genes]), score[genes], np.nan),
         },
         index=pd.Index(symbols[genes], name="gene"),
     )
@@ -359,7 +385,7 @@ def select_genes(symbols, in_vocab, mean, variance, settings):
 
 def qc_table(obs, flag, metrics, passed, rows, tokenised, report, settings) -> pd.DataFrame:
     """Cells kept at each step, then cells per split and cell type."""
-    n_genes_ok = metrics["n_genes"].to_numpy() >= settings.min_genes
+    n_genes_ok = metrics["n_genes_by_counts"].to_numpy() >= settings.min_genes
     steps = [
         ("input", "all", len(obs)),
         ("qc_flag", "pass", int(flag.sum())),

@@ -174,7 +174,7 @@ def split_datasets(
     """A CellDataset per split (train/val/test) over the genes that `vocab` knows; the
     `required` splits must hold cells."""
     columns, token_ids = gene_token_ids(list(map(str, adata.var_names)), vocab)
-    bins = adata.X[:, columns]
+    bins = (adata.layers["X_binned"] if "X_binned" in adata.layers else adata.X)[:, columns]
     split = adata.obs["split"].astype(str).to_numpy()
     codes = adata.obs["label"].astype("category").cat.codes.to_numpy() if labelled else None
     datasets = {}
