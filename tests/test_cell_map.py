@@ -99,3 +99,19 @@ def test_bad_inputs(tmp_path):
         read_cells(bad)
     with pytest.raises(UserError, match="cannot read"):
         read_cells(tmp_path / "missing.h5ad")
+
+
+def test_cells_cli(tmp_path, capsys):
+    from superweights.cli import main
+
+    cells, tokenised = synthetic(n_per_type=15)
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    tokenised.write_h5ad(tmp_path / "tok.h5ad")
+    args = ["cells", "--cells", str(tmp_path / "cells.h5ad"), "--data", str(tmp_path / "tok.h5ad")]
+    assert main([*args, "--out", str(tmp_path / "out"), "--min-cells", "5"]) == 0
+    table = pd.read_csv(tmp_path / "out" / "association.tsv", sep="\t")
+    assert table.iloc[0]["gene"] == "DRIVER"
+    assert (tmp_path / "out" / "umap.png").stat().st_size > 20_000
+    bad = ["cells", "--cells", *args[4:], "--data", *args[4:], "--out", str(tmp_path / "bad")]
+    assert main(bad) == 2
+    assert "not a cells.h5ad" in capsys.readouterr().err and not (tmp_path / "bad").exists()

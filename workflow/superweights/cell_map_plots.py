@@ -16,12 +16,13 @@ from .outputs import save_figure  # noqa: E402
 
 ADNC = "Overall AD neuropathological Change"
 MAX_EFFECT_PANELS = 4
-COLUMNS = 3
+COLUMNS = 2
 
 
 def plot_cell_map(cells: ad.AnnData) -> Figure:
     """Panels: cell type, ADNC (when present), then the effect of up to 4 candidates, on a
-    colour scale centred at 0 (red: the cell's log p(true type) drops when pruned)."""
+    colour scale centred at 0 (red: the cell's log p(true type) drops when pruned). 11 inches
+    wide, so that 10-pt labels stay at least 9 pt in the report's 1,050-pixel column."""
     import scanpy as sc
 
     if "X_umap" not in cells.obsm:
@@ -33,7 +34,7 @@ def plot_cell_map(cells: ad.AnnData) -> Figure:
     effects = [f"effect {c}" for c in cells.uns.get("candidates", [])][:MAX_EFFECT_PANELS]
     panels += effects
     rows = -(-len(panels) // COLUMNS)
-    fig, axes = plt.subplots(rows, COLUMNS, figsize=(16, 4.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, COLUMNS, figsize=(11, 4.4 * rows), squeeze=False)
     for ax, key in zip(axes.flat, panels, strict=False):
         title = key if key != "cell_type" else "cell type"
         if key in effects:

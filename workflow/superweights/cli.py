@@ -146,6 +146,19 @@ def cmd_ablate(args) -> None:
         print(f"{candidate}: {reason}")
 
 
+def cmd_cells(args) -> None:
+    from .cell_map import map_cells, read_cells, read_tokenised, write_outputs
+    from .cell_map_plots import write_cell_map_figure
+
+    cells = read_cells(args.cells)
+    result = map_cells(cells, read_tokenised(args.data), args.min_cells, args.seed)
+    written = write_outputs(result, args.out)
+    written.append(write_cell_map_figure(result.cells, Path(args.out) / "umap.png"))
+    for note in result.summary["notes"]:
+        print(note)
+    print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
+
+
 def cmd_map(args) -> None:
     from .channels import ChannelSettings, map_channels, write_outputs
 
@@ -272,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--probe-splits", nargs="*", default=["val"], metavar="SPLIT")
             p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("cells", help="cell map and gene-effect association of ablate's cells")
+    p.add_argument("--cells", required=True, help="ablate's cells.h5ad")
+    p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--min-cells", type=int, default=10, help="cells per type and per gene")
+    p.add_argument("--seed", type=int, default=0, help="UMAP seed")
+    p.set_defaults(func=cmd_cells)
 
     p = sub.add_parser("map", help="super channels to genes")
     p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")

@@ -29,7 +29,7 @@ def _positive(values: pd.Series) -> np.ndarray:
 def plot_layer_spikes(layers: pd.DataFrame, candidates: pd.DataFrame) -> Figure:
     """Round 1: each layer's max |input| and |output| of the down-projection and the medians."""
     first = layers[layers["round"] == 1].sort_values("layer")
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(first) + 2.5), 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     x = first["layer"].to_numpy()
     ax.plot(x, _positive(first["max_in"]), "o-", color="tab:blue", label="max |input|")
     ax.plot(x, _positive(first["max_out"]), "s-", color="tab:red", label="max |output|")
@@ -45,14 +45,14 @@ def plot_layer_spikes(layers: pd.DataFrame, candidates: pd.DataFrame) -> Figure:
             (c.layer, abs(c.output_value)),
             xytext=(4, 6),
             textcoords="offset points",
-            fontsize=8,
+            fontsize=9,
         )
     ax.set_xticks(x)
     ax.set_xlabel("layer")
     ax.set_ylabel("|activation| of the MLP down-projection")
     found = f"{len(accepted)} candidate(s) marked" if len(accepted) else "no candidate accepted"
-    ax.set_title(f"Largest activations per layer, all probed cells ({found})", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(f"Largest activations per layer, all probed cells ({found})", fontsize=10)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -70,7 +70,7 @@ def plot_cell_spikes(cells: pd.DataFrame) -> Figure:
     shown = np.log10(np.where(finite, ratio, np.nan))
     if finite.any():
         shown[np.isposinf(ratio)] = np.nanmax(shown)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.4 * matrix.shape[1] + 3), 6))
+    fig, ax = plt.subplots(figsize=(10, 6))
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="magma")
     fig.colorbar(image, ax=ax, label="log10 (max |output| / cell median)")
     labels = order.drop_duplicates("cell_id")["label"].to_numpy()
