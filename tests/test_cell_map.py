@@ -49,7 +49,9 @@ def test_within_type_association_finds_the_driver_not_the_marker():
     by_gene = table.set_index("gene")
     assert table.iloc[0]["gene"] == "DRIVER" and by_gene.loc["DRIVER", "rank"] == 1
     assert by_gene.loc["DRIVER", "z"] > 5 and by_gene.loc["DRIVER", "p_null"] == 1 / 50
-    assert by_gene.loc["DRIVER", "n_types"] == 3
+    assert by_gene.loc["DRIVER", "n_types"] == 3 and by_gene.loc["DRIVER", "q_z"] < 1e-6
+    assert (table["q_z"] >= table["p_z"]).all() and (table["q_z"] > 0.05).mean() > 0.9
+    assert set(table["status"]) == {"exploratory"}
     # MARKER separates the types (and their effects), but within a type it says nothing
     assert abs(by_gene.loc["MARKER", "z"]) < 3
     others = table[table["gene"].str.startswith("G")]
@@ -68,7 +70,10 @@ def test_map_cells_writes_a_umap_and_tables(tmp_path):
     cells, tokenised = synthetic(n_per_type=20)
     path = tmp_path / "ablate_cells.h5ad"
     cells.write_h5ad(path)
-    result = map_cells(read_cells(path), tokenised, min_cells=5)
+    cells = read_cells(path)
+    cells.uns["confirmed"] = [CID]
+    result = map_cells(cells, tokenised, min_cells=5)
+    assert set(result.association["status"]) == {"confirmed"}
     assert result.cells.obsm["X_umap"].shape == (60, 2)
     assert result.summary["notes"] == [] and result.summary["n_genes_ranked"][CID] > 10
     written = write_outputs(result, tmp_path / "out")

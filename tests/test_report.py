@@ -169,7 +169,8 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "candidate": tested[0], "gene": ["CLU", "APOE", "GENE3"], "n_cells": 40,
         "n_expressing": [30, 35, 12], "n_types": 3, "stouffer": [6.1, 4.2, 0.3],
         "null_mean": 0.1, "null_sd": 1.1, "z": [5.45, 3.73, 0.18], "p_null": [0.01, 0.02, 0.8],
-        "rank": [1, 2, 3],
+        "p_z": [1e-5, 2e-4, 0.86], "q_z": [3e-5, 3e-4, 0.86], "rank": [1, 2, 3],
+        "status": "confirmed",
     })  # fmt: skip
     write_json(root, "cells/summary.json", {"notes": ["CELL NOTE"], "n_cells": 40})
     tsv(root, "enrich/summary.tsv", {
@@ -331,7 +332,10 @@ def test_cells_section_and_cell_level_columns_of_the_genes_of_interest(results):
     page = html.unescape(build(results))
     cells = section(page, "cells")
     assert "CELL NOTE" in cells and CAPTIONS["cells_umap"].format(dataset=DATASET) in cells
-    assert "L1[12,40]: genes whose expression goes with the effect" in cells
+    assert (
+        "L1[12,40]: genes whose expression goes with the effect (confirmed; 2 of 3 genes at "
+        "q ≤ 0.05" in cells
+    )
     assert cells.index(">CLU<") < cells.index(">APOE<") < cells.index("GENE3")
     genes = section(page, "genes")
     core = genes.split("Genes of interest")[1].split("Other genes")[0]

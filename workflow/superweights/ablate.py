@@ -341,6 +341,7 @@ def _cell_map(model, score, obs, labels, classes, result: Confirmation, strata) 
         draws = result.nulls[result.nulls["candidate"] == cid].head(CELL_NULLS)
         cells.obsm[f"null {cid}"] = _null_cell_effects(model, score, result, draws)
     cells.uns["candidates"] = list(result.example_effects)
+    cells.uns["confirmed"] = result.confirmed
     return cells
 
 

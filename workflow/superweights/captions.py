@@ -66,7 +66,8 @@ CAPTIONS = {
     "cells_association": "Genes whose expression goes with the per-cell effect of each "
     "candidate within cell types (Spearman correlation per type, Fisher z, Stouffer over "
     "types), as a z-score against the same statistic for magnitude-matched null weights, "
-    "with a two-sided empirical p.",
+    "with a two-sided empirical p, the normal p of z and its Benjamini-Hochberg q over the "
+    "candidate's genes.",
     "cls_table": "The candidate's contribution x·w at the <cls> token (the cell embedding "
     "that the classifier reads) against magnitude-matched null weights of its matrix.",
     "enrich_dotplot": "gseapy's dot plot of the top gene sets of the preranked GSEA on the gene "

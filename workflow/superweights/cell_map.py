@@ -14,7 +14,12 @@ when the weight is zeroed, and the same for up to 99 of its magnitude-matched nu
   effects gives the null: z = (S − mean S_null) / sd S_null and the two-sided empirical
   p_null = (1 + #{|S_null − mean| ≥ |S − mean|}) / (n_null + 1). A gene is ranked when it is
   expressed in at least `min_cells` of the cells used. Positive z: cells expressing the gene
-  more depend more on the weight than they would on a comparable weight.
+  more depend more on the weight than they would on a comparable weight. The empirical p
+  cannot go below 1 / (n_null + 1), too coarse for thousands of genes, so `p_z` reads z on
+  the normal (S under the null is a sum of near-normal Fisher z's, standardised by the null
+  weights' own mean and sd) and `q_z` is Benjamini-Hochberg over the candidate's ranked
+  genes. `status`: "confirmed", or "exploratory" for a candidate the pruning test did not
+  confirm.
 """
 
 from __future__ import annotations
@@ -27,15 +32,16 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.stats import rankdata
+from scipy.stats import false_discovery_control, norm, rankdata
 
 from .errors import UserError
 from .outputs import named_paths, write_h5ad, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
-ASSOCIATION_COLUMNS = ["candidate", "gene", "n_cells", "n_expressing", "n_types", "stouffer",
-                       "null_mean", "null_sd", "z", "p_null", "rank"]  # fmt: skip
+ASSOCIATION_COLUMNS = ["candidate", "status", "gene", "n_cells", "n_expressing", "n_types",
+                       "stouffer", "null_mean", "null_sd", "z", "p_null", "p_z", "q_z",
+                       "rank"]  # fmt: skip
 OUTPUT_FILES = {"cells": "cells.h5ad", "association": "association.tsv",
                 "summary": "summary.json"}  # fmt: skip
 
@@ -151,7 +157,11 @@ def association(
     )
     table = table[np.isfinite(table["z"]) & (table["n_expressing"] >= min_cells)]
     table = table.sort_values("z", ascending=False, kind="stable").reset_index(drop=True)
+    table["p_z"] = 2 * norm.sf(table["z"].abs())
+    table["q_z"] = false_discovery_control(table["p_z"]) if len(table) else []
     table["rank"] = np.arange(1, len(table) + 1)
+    confirmed = candidate in cells.uns.get("confirmed", [])
+    table["status"] = "confirmed" if confirmed else "exploratory"
     return table[ASSOCIATION_COLUMNS]
 
 

@@ -94,10 +94,11 @@ TOKEN_COLUMNS = {"rank": "token_rank", "z": "token_z", "p_null": "token_p"}
 """Token-level columns of genes_of_interest.tsv, renamed beside the cell-level ones."""
 CLS_COLUMNS = ["candidate", "confirmed", "n_cells", "xw", "abs_xw", "se", "null_mean_abs",
                "null_sd_abs", "z", "p_null"]  # fmt: skip
-ASSOCIATION_COLUMNS = ["rank", "gene", "z", "p_null", "n_cells", "n_expressing", "n_types",
-                       "stouffer", "null_mean", "null_sd"]  # fmt: skip
+ASSOCIATION_COLUMNS = ["rank", "gene", "z", "p_null", "p_z", "q_z", "n_cells", "n_expressing",
+                       "n_types", "stouffer", "null_mean", "null_sd"]  # fmt: skip
 INTEREST_ASSOCIATION = {"z": "assoc_z", "p_null": "assoc_p", "rank": "assoc_rank"}
 """Cell-level association columns (cells/association.tsv) joined to the genes of interest."""
+ASSOCIATION_FDR = 0.05
 GENE_COLUMNS = [
     "rank", "gene", "z", "p_null", "n_cells", "xw", "abs_xw", "se", "null_mean_abs",
     "null_sd_abs", "ablation_effect",
@@ -187,6 +188,8 @@ LABELS = {
     "n_types": "cell types",
     "stouffer": "Stouffer z",
     "null_sd": "null sd",
+    "p_z": "p (normal)",
+    "q_z": "q (BH of p normal)",
     "token_rank": "token rank",
     "token_z": "token z",
     "token_p": "token p (null)",
@@ -664,6 +667,12 @@ def cells_section(res: Results, core: tuple[str, ...]) -> Section:
             part.sort_values("rank"), ASSOCIATION_COLUMNS, res.label("association"),
             max_rows=TOP_GENES, highlight=frozenset(core),
         )  # fmt: skip
+        status = str(part["status"].iloc[0]) if "status" in part else "confirmed"
+        q = pd.to_numeric(part.get("q_z"), errors="coerce")
+        sec.text[str(candidate)] = (
+            f"{status}; {int((q <= ASSOCIATION_FDR).sum())} of {len(part):,} genes at "
+            f"q ≤ {ASSOCIATION_FDR} (Benjamini-Hochberg over this candidate's genes)"
+        )
     return sec
 
 
