@@ -168,7 +168,8 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
     tsv(root, "cells/association.tsv", {
         "candidate": tested[0], "gene": ["CLU", "APOE", "GENE3"], "n_cells": 40,
         "n_expressing": [30, 35, 12], "n_types": 3, "stouffer": [6.1, 4.2, 0.3],
-        "null_mean": 0.1, "null_sd": 1.1, "z": [5.45, 3.73, 0.18], "p_null": [0.01, 0.02, 0.8],
+        "null_stouffer_mean": 0.1, "null_stouffer_sd": 1.1, "z": [5.45, 3.73, 0.18],
+        "p_null": [0.01, 0.02, 0.8],
         "p_z": [1e-5, 2e-4, 0.86], "q_z": [3e-5, 3e-4, 0.86], "rank": [1, 2, 3],
         "status": "confirmed",
     })  # fmt: skip

@@ -40,8 +40,8 @@ from .outputs import named_paths, write_h5ad, write_json, write_tsv
 log = logging.getLogger(__name__)
 
 ASSOCIATION_COLUMNS = ["candidate", "status", "gene", "n_cells", "n_expressing", "n_types",
-                       "stouffer", "null_mean", "null_sd", "z", "p_null", "p_z", "q_z",
-                       "rank"]  # fmt: skip
+                       "stouffer", "null_stouffer_mean", "null_stouffer_sd", "z", "p_null",
+                       "p_z", "q_z", "rank"]  # fmt: skip
 OUTPUT_FILES = {"cells": "cells.h5ad", "association": "association.tsv",
                 "summary": "summary.json"}  # fmt: skip
 
@@ -149,8 +149,8 @@ def association(
             "n_expressing": (x[used] > 0).sum(axis=0),
             "n_types": types[:, 0].astype(int),
             "stouffer": own,
-            "null_mean": mean,
-            "null_sd": sd,
+            "null_stouffer_mean": mean,
+            "null_stouffer_sd": sd,
             "z": z,
             "p_null": (1 + extreme) / (null.shape[1] + 1),
         }

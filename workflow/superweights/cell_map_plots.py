@@ -10,11 +10,13 @@ matplotlib.use("Agg")
 import anndata as ad  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .outputs import save_figure  # noqa: E402
 
 ADNC = "Overall AD neuropathological Change"
+ADNC_ORDER = ("Reference", "Not AD", "Low", "Intermediate", "High")
 MAX_EFFECT_PANELS = 4
 COLUMNS = 2
 
@@ -31,6 +33,10 @@ def plot_cell_map(cells: ad.AnnData) -> Figure:
         ax.text(0.5, 0.5, f"no cell map: only {cells.n_obs} evaluated cells", ha="center")
         return fig
     panels = ["cell_type"] + ([ADNC] if ADNC in cells.obs else [])
+    if ADNC in cells.obs and set(cells.obs[ADNC].astype(str)) <= set(ADNC_ORDER):
+        cells = cells.copy()  # stages in their order, not alphabetical
+        present = [s for s in ADNC_ORDER if s in set(cells.obs[ADNC].astype(str))]
+        cells.obs[ADNC] = pd.Categorical(cells.obs[ADNC].astype(str), categories=present)
     effects = [f"effect {c}" for c in cells.uns.get("candidates", [])][:MAX_EFFECT_PANELS]
     panels += effects
     rows = -(-len(panels) // COLUMNS)

@@ -95,7 +95,7 @@ TOKEN_COLUMNS = {"rank": "token_rank", "z": "token_z", "p_null": "token_p"}
 CLS_COLUMNS = ["candidate", "confirmed", "n_cells", "xw", "abs_xw", "se", "null_mean_abs",
                "null_sd_abs", "z", "p_null"]  # fmt: skip
 ASSOCIATION_COLUMNS = ["rank", "gene", "z", "p_null", "p_z", "q_z", "n_cells", "n_expressing",
-                       "n_types", "stouffer", "null_mean", "null_sd"]  # fmt: skip
+                       "n_types", "stouffer", "null_stouffer_mean", "null_stouffer_sd"]  # fmt: skip
 INTEREST_ASSOCIATION = {"z": "assoc_z", "p_null": "assoc_p", "rank": "assoc_rank"}
 """Cell-level association columns (cells/association.tsv) joined to the genes of interest."""
 ASSOCIATION_FDR = 0.05
@@ -187,7 +187,8 @@ LABELS = {
     "n_expressing": "cells expressing",
     "n_types": "cell types",
     "stouffer": "Stouffer z",
-    "null_sd": "null sd",
+    "null_stouffer_mean": "null Stouffer z (mean)",
+    "null_stouffer_sd": "null Stouffer z (sd)",
     "p_z": "p (normal)",
     "q_z": "q (BH of p normal)",
     "token_rank": "token rank",
