@@ -342,10 +342,25 @@ def test_cells_section_and_cell_level_columns_of_the_genes_of_interest(results):
     core = genes.split("Genes of interest")[1].split("Other genes")[0]
     apoe = core[core.index(">APOE<") :].split("</tr>")[0]  # token rank 3, cell-level rank 2
     values = re.findall(r"<td[^>]*>([^<]*)</td>", apoe)
-    assert values[-6:] == ["93.1", "19.9", "0.02", "2", "3.73", "0.02"]
+    assert values[-7:] == ["93.1", "19.9", "0.02", "2", "3.73", "0.02", "0.0003"]
     assert "cell-level z" in core and "token z" in core
+    summary = section(page, "summary")
+    assert "At the cell level, at q ≤ 0.05: APOE on L1[12,40] (z 3.73, q 0.0003)." in summary
     cls = genes.split("The <cls> token")[1].split("Top 20")[0]
     assert ">97.7<" in cls and ">95<" not in cls  # the overall row, not the per-type one
+
+
+def test_genes_of_interest_at_the_cell_level_alone(results):
+    """No channel mapped (no confirmed weight): the cell-level columns still list them."""
+    goi = results / DATASET / "channels" / "genes_of_interest.tsv"
+    goi.write_text(goi.read_text().splitlines()[0] + "\n")
+    page = html.unescape(build(results))
+    genes = section(page, "genes")
+    assert "genes_of_interest.tsv has no rows" in genes
+    core = genes.split("Genes of interest")[1].split("The <cls> token")[0]
+    assert ">APOE<" in core and "3.73" in core and ">APP<" not in core
+    assert "token rank" not in core
+    assert "At the cell level, at q ≤ 0.05: APOE" in section(page, "summary")
 
 
 def test_without_the_cell_map_the_page_says_so(results):

@@ -88,7 +88,7 @@ STRATA_COLUMNS = ["candidate", "stratum", "value", "n_cells", "n_donors", "effec
                   "ci_high", "status"]  # fmt: skip
 INTEREST_COLUMNS = [
     "candidate", "confirmed", "gene", "status", "n_cells", "token_rank", "n_ranked", "percentile",
-    "token_z", "token_p", "assoc_rank", "assoc_z", "assoc_p",
+    "token_z", "token_p", "assoc_rank", "assoc_z", "assoc_p", "assoc_q",
 ]  # fmt: skip
 TOKEN_COLUMNS = {"rank": "token_rank", "z": "token_z", "p_null": "token_p"}
 """Token-level columns of genes_of_interest.tsv, renamed beside the cell-level ones."""
@@ -96,7 +96,8 @@ CLS_COLUMNS = ["candidate", "confirmed", "n_cells", "xw", "abs_xw", "se", "null_
                "null_sd_abs", "z", "p_null"]  # fmt: skip
 ASSOCIATION_COLUMNS = ["rank", "gene", "z", "p_null", "p_z", "q_z", "n_cells", "n_expressing",
                        "n_types", "stouffer", "null_stouffer_mean", "null_stouffer_sd"]  # fmt: skip
-INTEREST_ASSOCIATION = {"z": "assoc_z", "p_null": "assoc_p", "rank": "assoc_rank"}
+INTEREST_ASSOCIATION = {"z": "assoc_z", "p_null": "assoc_p", "q_z": "assoc_q",
+                        "rank": "assoc_rank"}  # fmt: skip
 """Cell-level association columns (cells/association.tsv) joined to the genes of interest."""
 ASSOCIATION_FDR = 0.05
 GENE_COLUMNS = [
@@ -197,6 +198,7 @@ LABELS = {
     "assoc_rank": "cell-level rank",
     "assoc_z": "cell-level z",
     "assoc_p": "cell-level p (null)",
+    "assoc_q": "cell-level q (BH)",
 }
 
 
@@ -591,22 +593,26 @@ def persistence_statement(table: pd.DataFrame) -> str:
     )
 
 
-def _interest_frames(goi: pd.DataFrame, core: tuple[str, ...], association: pd.DataFrame | None):
-    """Genes of interest (overall stratum), token-level and, when mapped, cell-level columns:
-    the core genes in their order, and the other ranked ones by percentile."""
-    overall = goi[goi["stratum_type"] == "all"] if "stratum_type" in goi else goi
-    overall = overall.rename(columns=TOKEN_COLUMNS)
+def _interest_frames(goi: pd.DataFrame | None, core: tuple[str, ...], association):
+    """Genes of interest with token-level (channel map, overall stratum) and cell-level
+    (association) columns, each where it exists: the core genes in their order, and the
+    other ranked genes of interest by percentile."""
+    token = pd.DataFrame(columns=["candidate", "gene"]) if goi is None or goi.empty else goi
+    if "stratum_type" in token:
+        token = token[token["stratum_type"] == "all"]
+    token = token.rename(columns=TOKEN_COLUMNS)
     if association is not None and not association.empty:
-        cell_level = association[["candidate", "gene", *INTEREST_ASSOCIATION]]
-        overall = overall.merge(
-            cell_level.rename(columns=INTEREST_ASSOCIATION), on=["candidate", "gene"], how="left"
+        wanted = association["gene"].isin(set(core) | set(token["gene"]))
+        cell_level = association.loc[wanted, ["candidate", "gene", *INTEREST_ASSOCIATION]]
+        token = token.merge(
+            cell_level.rename(columns=INTEREST_ASSOCIATION), on=["candidate", "gene"], how="outer"
         )
-    in_core = overall["gene"].isin(core)
+    in_core = token["gene"].isin(core)
     order = {g: i for i, g in enumerate(core)}
-    core_rows = overall[in_core].sort_values(
+    core_rows = token[in_core].sort_values(
         ["candidate", "gene"], key=lambda s: s.map(order) if s.name == "gene" else s, kind="stable"
     )
-    others = overall[~in_core]
+    others = token[~in_core]
     if "status" in others:
         others = others[others["status"] == "ranked"]
     if "percentile" in others:
@@ -619,17 +625,23 @@ def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.Data
     sec = Section()
     highlight = frozenset(core)
     goi = res.tsv("genes_of_interest")
-    core_rows = None
-    if goi is None or goi.empty:
+    core_rows, others = _interest_frames(goi, core, res.tsv("association"))
+    label = res.label("genes_of_interest")
+    if goi is None:
         sec.missing["goi"] = res.missing("genes_of_interest", "No channel was mapped to genes")
-    else:
-        core_rows, others = _interest_frames(goi, core, res.tsv("association"))
-        label = res.label("genes_of_interest")
+    elif goi.empty:
+        sec.missing["goi"] = (
+            f"No channel was mapped to genes ({label} has no rows): the map covers confirmed "
+            "super weights and the `channels.n_unconfirmed` strongest unconfirmed ones."
+        )
+    if len(core_rows):
         sec.tables["core"] = make_table(
             core_rows, INTEREST_COLUMNS, label, max_rows=60, highlight=highlight
         )
-        if len(others):
-            sec.tables["others"] = make_table(others, INTEREST_COLUMNS, label, max_rows=30)
+    else:
+        core_rows = None
+    if len(others):
+        sec.tables["others"] = make_table(others, INTEREST_COLUMNS, label, max_rows=30)
     cls = res.tsv("cls")
     if cls is not None and not cls.empty:
         overall = cls[cls["stratum_type"] == "all"] if "stratum_type" in cls else cls
@@ -794,24 +806,42 @@ def super_weight_statements(cands: pd.DataFrame, confirmed: pd.DataFrame | None)
 
 
 def gene_statement(core_rows: pd.DataFrame | None, core: tuple[str, ...]) -> str:
+    """Genes of interest near the top of a token-level ranking, then at the cell level."""
     if core_rows is None:
-        return "No channel was mapped to genes."
-    ranked = core_rows
-    if "percentile" in ranked:
-        ranked = ranked[pd.to_numeric(ranked["percentile"], errors="coerce") >= TOP_PERCENTILE]
-    if ranked.empty:
-        return (
-            f"None of {', '.join(core)} ranks in the top {100 - TOP_PERCENTILE:g}% of genes "
-            "on any mapped channel."
-        )
+        return "No gene of interest was ranked on a candidate."
     parts = []
-    for r in ranked.itertuples():
-        text = f"{r.gene} ranks {fmt(r.token_rank)} of {fmt(r.n_ranked)} on {r.candidate}"
-        text += f" (token z {fmt(r.token_z)}, null p {fmt(r.token_p)}"
-        if pd.notna(getattr(r, "assoc_z", np.nan)):
-            text += f"; cell-level z {fmt(r.assoc_z)}, null p {fmt(r.assoc_p)}"
-        parts.append(text + ")")
-    return f"Genes of interest in the top {100 - TOP_PERCENTILE:g}%: " + "; ".join(parts) + "."
+    if "percentile" in core_rows:
+        top = core_rows[pd.to_numeric(core_rows["percentile"], errors="coerce") >= TOP_PERCENTILE]
+        ranked = [
+            f"{r.gene} ranks {fmt(r.token_rank)} of {fmt(r.n_ranked)} on {r.candidate} "
+            f"(token z {fmt(r.token_z)}, null p {fmt(r.token_p)})"
+            for r in top.itertuples()
+        ]
+        parts.append(
+            f"Genes of interest in the top {100 - TOP_PERCENTILE:g}% of a token-level ranking: "
+            + "; ".join(ranked)
+            + "."
+            if ranked
+            else f"None of {', '.join(core)} ranks in the top {100 - TOP_PERCENTILE:g}% of "
+            "genes on any mapped channel."
+        )
+    if "assoc_q" in core_rows:
+        cell = core_rows.dropna(subset=["assoc_q"]).sort_values("assoc_q", kind="stable")
+        hits = cell[cell["assoc_q"] <= ASSOCIATION_FDR]
+        if len(hits):
+            listed = "; ".join(
+                f"{r.gene} on {r.candidate} (z {fmt(r.assoc_z)}, q {fmt(r.assoc_q)})"
+                for r in hits.itertuples()
+            )
+            parts.append(f"At the cell level, at q ≤ {ASSOCIATION_FDR}: {listed}.")
+        elif len(cell):
+            best = cell.iloc[0]
+            parts.append(
+                f"At the cell level no gene of interest goes with the dependence on a weight "
+                f"at q ≤ {ASSOCIATION_FDR} (closest: {best.gene} on {best.candidate}, z "
+                f"{fmt(best.assoc_z)}, q {fmt(best.assoc_q)})."
+            )
+    return " ".join(parts) or "No gene of interest was ranked on a candidate."
 
 
 def pathway_statement(summary: pd.DataFrame | None, n_folders: int, fdr: float) -> str:
