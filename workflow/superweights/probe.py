@@ -285,7 +285,9 @@ def find_super_weights(
     sample_rows = _SampleRows(median_sample, seed)
     with ExitStack() as edits, evaluation(model), _Hooks(model, down, norms, sample_rows) as hooks:
         for rnd in range(1, max_rounds + 1):
-            found = _round(model, inputs, hooks)
+            hooks.reset()
+            _forward(model, inputs)
+            found = hooks.spikes()
             for layer, (name, module) in down.items():
                 spike_in, spike_out, resid = found[layer]
                 stat = _judge(
@@ -412,43 +414,13 @@ class _SampleRows:
         return (self.strata[k, rows.device] * (n / k)).long().clamp_(max=n - 1)
 
 
-@dataclass
-class _Found:
-    """One activation's largest |x| [1], its row [1], that row [1, H], and the sample
-    rows [k, H] (with their padding flags) for the median."""
-
-    magnitude: Tensor
-    row: Tensor
-    top: Tensor
-    sample: Tensor
-    pad: Tensor | None
-
-
-def _measure(rows: list[Tensor], pad_rows: Tensor | None, sample_rows) -> list[_Found]:
-    """`_Found` of each of several same-shape activations [N, H], in a few kernels for all:
-    they are stacked (one copy), so that the work per forward call does not grow with the
-    number of hooks."""
-    stack = torch.stack(rows) if len(rows) > 1 else rows[0][None]
-    peak = _row_peaks(stack)
-    if pad_rows is not None:
-        peak.masked_fill_(pad_rows, 0)
-    magnitude, row = peak.max(1)
-    tops = stack[torch.arange(len(rows), device=stack.device), row]
-    picks, picked_pad = sample_rows(rows[0], pad_rows)
-    samples = stack.index_select(1, picks)
-    return [
-        _Found(magnitude[i : i + 1], row[i : i + 1], tops[i : i + 1], samples[i], picked_pad)
-        for i in range(len(rows))
-    ]
-
-
 class _Tracker:
     """What one hook saw in one round: the row holding the largest |x|, and samples of |x|.
 
-    Per forward call only a per-row abs-max and small gathers run (`_measure`); memory
-    stays bounded however many calls there are (only the best row is kept every
-    ``2 * KEEP`` calls; samples of every other call are dropped when more than ``KEEP``
-    are held). ``spike()`` does the rest once per round.
+    Per forward call only a per-row abs-max and small gathers run, with no copy of the
+    activations; memory stays bounded however many calls there are (only the best row is
+    kept every ``2 * KEEP`` calls; samples of every other call are dropped when more than
+    ``KEEP`` are held). ``spike()`` does the rest once per round.
     """
 
     KEEP = 32
@@ -469,11 +441,16 @@ class _Tracker:
         self.items = 0
         self.stride = 1
 
-    def begin(self, t: Tensor, packing=None) -> tuple[Tensor, int] | None:
-        """Account for one call's ``t`` ([..., H]); its rows [N, H] and the call's index, or
-        None when it is empty. ``packing`` (with ``index``, ``width``, ``n_cells``) says
-        where the rows of a 2-D ``t`` of packed sequences sit in the padded batch, so that
-        spikes are located as in it."""
+    def update(
+        self, t: Tensor, pad_rows: Tensor | None, paired: Tensor | None = None, packing=None
+    ) -> None:
+        """Record ``t`` ([..., H]); ``pad_rows`` flags padding rows of ``t.view(-1, H)``.
+
+        ``paired`` ([..., H'], same leading shape) is read at the row of ``t``'s peak.
+        ``packing`` (with ``index``, ``width``, ``n_cells``) says where the rows of a 2-D
+        ``t`` of packed sequences sit in the padded batch, so that spikes are located as
+        in it.
+        """
         t = _dense(t)
         call, offset = len(self.layout), self.items
         if packing is not None and (t.dim() != 2 or t.shape[0] != len(packing.index)):
@@ -481,24 +458,29 @@ class _Tracker:
         if t.dim() >= 3 or packing is not None:
             self.items += t.shape[0] if packing is None else packing.n_cells
         if t.numel() == 0:
-            return None
+            return
         self.layout.append((tuple(t.shape), offset, packing))
-        return t.reshape(-1, t.shape[-1]), call
-
-    def record(self, call: int, found: _Found, pair: Tensor | None) -> None:
-        """Keep what `_measure` found in call ``call``; ``pair`` is the paired row."""
-        self.peaks.append(found.magnitude)
+        rows = t.reshape(-1, t.shape[-1])
+        if pad_rows is not None and pad_rows.shape[0] != rows.shape[0]:
+            pad_rows = None
+        peak = _row_peaks(rows)
+        if pad_rows is not None:
+            peak.masked_fill_(pad_rows, 0)
+        magnitude, row = peak.max(0, keepdim=True)
+        self.peaks.append(magnitude)
         self.calls.append(call)
-        self.rows.append(found.row)
-        self.tops.append(found.top)
-        if pair is not None:
-            self.pairs.append(pair)
+        self.rows.append(row)
+        self.tops.append(rows.index_select(0, row))
+        if paired is not None:
+            paired = _dense(paired)
+            self.pairs.append(paired.reshape(-1, paired.shape[-1]).index_select(0, row))
         if len(self.peaks) >= 2 * self.KEEP:  # keep the best so far (one sync per 64 calls)
             best = int(torch.cat(self.peaks).argmax())
             for kept in (self.peaks, self.calls, self.rows, self.tops, self.pairs):
                 kept[:] = kept[best : best + 1]
         if call % self.stride == 0:
-            self.samples.append((found.sample, found.pad))
+            picks, picked_pad = self.sample_rows(rows, pad_rows)
+            self.samples.append((rows.index_select(0, picks), picked_pad))
             if len(self.samples) > self.KEEP:
                 self.samples = self.samples[::2]
                 self.stride *= 2
@@ -549,41 +531,19 @@ def _row_peaks(rows: Tensor) -> Tensor:
     return torch.linalg.vector_norm(rows, math.inf, dim=-1)
 
 
-class _Modified(Exception):
-    """An activation held for `_Hooks.flush` was changed in place before it ran."""
-
-
 class _Hooks:
-    """Forward hooks on the down-projections (input and output), the norms and the model.
-
-    On a GPU the hooks only hold their activations; `flush` measures them together at the
-    end of each forward call of the model (or once ``PENDING_BYTES`` are held), in a few
-    kernels for all of them, so the probe adds few kernel launches per call (on a CPU,
-    each is measured at once). If the model changes a
-    held activation in place before then, `flush` raises `_Modified`; with ``defer``
-    False every activation is measured as soon as its hook sees it.
-    """
-
-    PENDING_BYTES = 2**30
-    AT_ONCE = ("cpu",)  # device types whose activations are measured at once, uncopied
+    """Forward hooks on the down-projections (input and output), the norms and the model."""
 
     def __init__(self, model, down, norms, sample_rows):
         self.pad: Tensor | None = None  # padding flag of each token of the current call
         self.packing = None  # the current call's packing of sequences, if any
-        self.sample_rows = sample_rows
-        self.defer = True
-        self.pending: list[tuple] = []  # (tracker, call, rows, pad, version, paired entry)
-        self.pending_bytes = 0
         self.trackers = {
             (layer, part): _Tracker(sample_rows) for layer in down for part in ("in", "out")
         }
         self.trackers |= {(layer, "resid"): _Tracker(sample_rows) for layer in norms}
         self.names = {layer: name for layer, (name, _) in down.items()}
         self.signature = inspect.signature(model.forward)
-        self.handles = [
-            model.register_forward_pre_hook(self._watch_mask, with_kwargs=True),
-            model.register_forward_hook(lambda *args: self.flush()),
-        ]
+        self.handles = [model.register_forward_pre_hook(self._watch_mask, with_kwargs=True)]
         for layer, (_, module) in down.items():
             self.handles.append(module.register_forward_hook(self._down_hook(layer)))
         for layer, (_, module) in norms.items():
@@ -597,12 +557,10 @@ class _Hooks:
             handle.remove()
 
     def reset(self) -> None:
-        self.pending, self.pending_bytes = [], 0
         for tracker in self.trackers.values():
             tracker.reset()
 
     def spikes(self) -> dict[int, tuple[Spike, Spike, Spike | None]]:
-        self.flush()
         found = {}
         for layer, name in self.names.items():
             spike_in = self.trackers[layer, "in"].spike()
@@ -616,41 +574,6 @@ class _Hooks:
             found[layer] = (spike_in, spike_out, resid.spike() if resid else None)
         return found
 
-    def flush(self) -> None:
-        """Measure the held activations, grouped by shape, and hand each to its tracker."""
-        pending, self.pending, self.pending_bytes = self.pending, [], 0
-        if any(rows._version != version for _, _, rows, _, version, _ in pending):
-            raise _Modified
-        groups: dict[tuple, list[int]] = {}
-        for i, (_, _, rows, pad, _, _) in enumerate(pending):
-            alone = rows.device.type in self.AT_ONCE  # no launch costs to save: no copy
-            key = (i if alone else -1, tuple(rows.shape), rows.dtype, rows.device, id(pad))
-            groups.setdefault(key, []).append(i)
-        found: dict[int, _Found] = {}
-        for members in groups.values():
-            rows = [pending[i][2] for i in members]
-            found |= dict(zip(members, _measure(rows, pending[members[0]][3], self.sample_rows),
-                              strict=True))  # fmt: skip
-        for i, (tracker, call, _, _, _, paired) in enumerate(pending):
-            pair = None if paired is None else pending[paired][2].index_select(0, found[i].row)
-            tracker.record(call, found[i], pair)
-
-    def _hold(self, key, t: Tensor, paired: int | None = None) -> int | None:
-        """Queue activation ``t`` of tracker ``key``; its entry, or None when empty."""
-        begun = self.trackers[key].begin(t, self.packing)
-        if begun is None:
-            return None
-        rows, call = begun
-        pad = self.pad if self.pad is not None and len(self.pad) == len(rows) else None
-        self.pending.append((self.trackers[key], call, rows, pad, rows._version, paired))
-        self.pending_bytes += rows.numel() * rows.element_size()
-        return len(self.pending) - 1
-
-    def _held(self) -> None:
-        at_once = bool(self.pending) and self.pending[-1][2].device.type in self.AT_ONCE
-        if at_once or not self.defer or self.pending_bytes > self.PENDING_BYTES:
-            self.flush()
-
     def _watch_mask(self, module, args, kwargs) -> None:
         try:
             named = self.signature.bind_partial(*args, **kwargs).arguments
@@ -663,16 +586,14 @@ class _Hooks:
 
     def _down_hook(self, layer):
         def hook(module, args, output):
-            entry = self._hold((layer, "in"), args[0])
-            self._hold((layer, "out"), output, entry)
-            self._held()
+            self.trackers[layer, "in"].update(args[0], self.pad, packing=self.packing)
+            self.trackers[layer, "out"].update(output, self.pad, args[0], self.packing)
 
         return hook
 
     def _norm_hook(self, layer):
         def hook(module, args):
-            self._hold((layer, "resid"), args[0])
-            self._held()
+            self.trackers[layer, "resid"].update(args[0], self.pad, packing=self.packing)
 
         return hook
 
@@ -697,18 +618,6 @@ def _forward(model: nn.Module, inputs) -> None:
         inputs(model)
     else:
         raise TypeError(f"inputs must be a dict, a tensor or a callable, not {type(inputs)}")
-
-
-def _round(model: nn.Module, inputs, hooks: _Hooks) -> dict:
-    """One forward pass over the inputs and the spikes the hooks saw; run again with each
-    activation measured at once if the model changed a held one in place."""
-    hooks.reset()
-    try:
-        _forward(model, inputs)
-        return hooks.spikes()
-    except _Modified:
-        hooks.defer = False
-        return _round(model, inputs, hooks)
 
 
 def _judge(rnd, layer, name, weight, spike_in, spike_out, th, accepted) -> LayerStat:
