@@ -338,22 +338,10 @@ def _cell_map(model, score, obs, labels, classes, result: Confirmation, strata) 
     cells.obs["log_likelihood"] = result.base_scores
     for cid, delta in result.example_effects.items():
         cells.obs[f"effect {cid}"] = delta
-        draws = result.nulls[result.nulls["candidate"] == cid].head(CELL_NULLS)
-        cells.obsm[f"null {cid}"] = _null_cell_effects(model, score, result, draws)
+        cells.obsm[f"null {cid}"] = result.null_example_effects[cid][:CELL_NULLS].T
     cells.uns["candidates"] = list(result.example_effects)
     cells.uns["confirmed"] = result.confirmed
     return cells
-
-
-def _null_cell_effects(model, score, result: Confirmation, draws: pd.DataFrame) -> np.ndarray:
-    """[cells, draws] drop of each cell's score with each null weight pruned."""
-    module = result.table.set_index("candidate").loc[draws["candidate"].iloc[0], "module"]
-    out = np.zeros((len(result.base_scores), len(draws)))
-    with score.from_layer(layer_of(module)):
-        for i, (r, c) in enumerate(zip(draws["row"], draws["col"], strict=True)):
-            with edited_weights(model, [WeightEdit.single(module, r, c)]):
-                out[:, i] = result.base_scores - score(model).numpy()
-    return out
 
 
 def _strata(cells: pd.DataFrame, obs: pd.DataFrame, settings: AblateSettings) -> pd.DataFrame:

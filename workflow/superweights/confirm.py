@@ -117,7 +117,9 @@ class ConfirmSettings:
 
 @dataclass
 class Confirmation:
-    """Per-candidate verdicts, the null and top-k effects, and per-example effects."""
+    """Per-candidate verdicts, the null and top-k effects, and per-example effects: of each
+    candidate (`example_effects`) and of its null draws (`null_example_effects`, [draws,
+    examples] in the order of `nulls`)."""
 
     table: pd.DataFrame
     nulls: pd.DataFrame
@@ -127,6 +129,7 @@ class Confirmation:
     settings: dict
     warning: str = ""
     groups: np.ndarray | None = field(default=None, repr=False)
+    null_example_effects: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_frame(self) -> pd.DataFrame:
         return self.table.copy()
@@ -177,7 +180,7 @@ def confirm_super_weights(
         base, recorded = _base_scores(model, score, targets)
         groups = _check_groups(groups, len(base))
         runner = _Runner(model, score, base)
-        rows, nulls, effects = [], [], {}
+        rows, nulls, effects, null_effects_per_example = [], [], {}, {}
         for i, t in enumerate(tqdm(targets, desc="confirm", disable=not progress)):
             rng = np.random.default_rng([settings.seed, i])
             with _from_layer(score, t["layer"]):
@@ -195,6 +198,7 @@ def confirm_super_weights(
                 with _restored_spike(model, t, recorded[t["id"]], padding, packings):
                     restored = runner.delta([WeightEdit.single(t["module"], t["row"], t["col"])])
             effects[t["id"]] = delta
+            null_effects_per_example[t["id"]] = deltas[1:]
             rows.append(_row(t, delta, null_effects, null_kind, restored))
             rows[-1] |= _bootstrap(delta, groups, settings, rng)
         topk = _topk_controls(model, targets, runner, settings)
@@ -208,6 +212,7 @@ def confirm_super_weights(
         settings=asdict(settings),
         warning=warning,
         groups=groups,
+        null_example_effects=null_effects_per_example,
     )
 
 
