@@ -96,6 +96,8 @@ def test_bad_inputs(tmp_path):
     cells, tokenised = synthetic(n_per_type=10, n_null=1)
     with pytest.raises(UserError, match="fewer than 2 null"):
         association(cells, log_expression(tokenised, cells.obs_names), CID, 3)
+    noted = map_cells(cells, tokenised, min_cells=3)
+    assert noted.association.empty and "fewer than 2 null" in noted.summary["notes"][0]
     with pytest.raises(UserError, match="not in the tokenised data"):
         log_expression(tokenised[:5], cells.obs_names)
     bad = tmp_path / "bad.h5ad"

@@ -186,6 +186,9 @@ def map_cells(cells: ad.AnnData, tokenised: ad.AnnData, min_cells: int = 10,
             flat.append(cid)
             notes.append(f"{cid}: every cell's effect is exactly 0; no cell depends on it")
             continue
+        if cells.obsm[f"null {cid}"].shape[1] < 2:
+            notes.append(f"{cid}: fewer than 2 null weights; no gene association without a null")
+            continue
         frames.append(association(cells, expr, cid, min_cells))
     table = (
         pd.concat(frames, ignore_index=True)
