@@ -632,8 +632,9 @@ def pretrain(
 
     The model's vocabulary is `data_vocab` of the data's genes; it is saved as the
     checkpoint's vocab.json (map genes through it, not through `var["token_id"]`).
-    Writes `out_dir/checkpoint/` (best epoch by val masked MSE) and `out_dir/history.tsv`;
-    returns the checkpoint folder. `state_file` defaults to `out_dir/train_state.pt`.
+    Writes `out_dir/checkpoint/` (best epoch by val masked MSE), `out_dir/history.tsv` and
+    `out_dir/spikes_over_training.tsv`; returns the checkpoint folder. `state_file` defaults
+    to `out_dir/train_state.pt`.
     """
     settings, out_dir = train_settings, Path(out_dir)
     if settings.mask_ratio <= 0:
@@ -705,8 +706,8 @@ def finetune(
     """Cell-type classification from a checkpoint folder; returns the test metrics.
 
     Writes `out_dir/checkpoint/` (best epoch by val cross-entropy, classes in args.json),
-    `out_dir/history.tsv` and `out_dir/metrics.json` (test donors). `state_file` defaults
-    to `out_dir/train_state.pt`.
+    `out_dir/history.tsv`, `out_dir/spikes_over_training.tsv` and `out_dir/metrics.json`
+    (test donors). `state_file` defaults to `out_dir/train_state.pt`.
     """
     settings, out_dir = train_settings, Path(out_dir)
     if settings.mlm_weight > 0 and settings.mask_ratio <= 0:
