@@ -39,6 +39,7 @@ FIGURES = (
     "probe/layer_spikes.png", "probe/cell_spikes.png", "ablate/forest.png",
     "ablate/null_histograms.png", "ablate/scaling.png", "ablate/prediction_shift.png",
     "ablate/celltype_effect.png", "persistence/persistence.png", "cells/umap.png",
+    "persistence/spikes_over_training.png",
     "quantize/quantize.png", "enrich/L1_12_40/dotplot.png", "enrich/L1_12_40/gsea_top1.png",
     "enrich/L1_12_40/gsea_top2.png", "enrich/L1_12_40/gsea_ad1.png",
 )  # fmt: skip
@@ -475,7 +476,7 @@ def test_figure_captions_are_those_of_snakemakes_report(results, png):
         for rel, caption in SHOWN_BY_SNAKEMAKE.findall(smk.read_text())
         if rel.endswith(".png")
     }
-    assert len(figures) == 13
+    assert len(figures) == 14
     for rel in figures:  # each figure's own bytes, to tell them apart in the page
         (results / DATASET / rel).write_bytes(png + rel.encode())
     page = build(results)

@@ -22,6 +22,7 @@ rule report:
         celltype_figure="results/{dataset}/ablate/celltype_effect.png",
         persistence="results/{dataset}/persistence/persistence.tsv",
         persistence_figure="results/{dataset}/persistence/persistence.png",
+        spikes_figure="results/{dataset}/persistence/spikes_over_training.png",
         cell_map="results/{dataset}/cells/umap.png",
         association="results/{dataset}/cells/association.tsv",
         cells_summary="results/{dataset}/cells/summary.json",

@@ -51,6 +51,7 @@ INPUT_FILES = {
     "celltype_figure": "ablate/celltype_effect.png",
     "persistence": "persistence/persistence.tsv",
     "persistence_figure": "persistence/persistence.png",
+    "spikes_figure": "persistence/spikes_over_training.png",
     "cell_map": "cells/umap.png",
     "association": "cells/association.tsv",
     "cells_summary": "cells/summary.json",
@@ -576,6 +577,7 @@ def pruning_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
         )
         sec.text["persistence"] = persistence_statement(persistence)
     sec.figures["persistence"] = res.figure("persistence_figure", "persistence_figure")
+    sec.figures["spikes"] = res.figure("spikes_figure", "spikes_figure")
     return sec, confirmed
 
 
