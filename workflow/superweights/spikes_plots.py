@@ -36,7 +36,7 @@ def plot_spikes(tables: list[pd.DataFrame], path: str | Path) -> Path:
     axis, with a line where a phase starts.
     """
     frame = _steps(tables)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, axes = plt.subplots(3, 1, figsize=(10, 11))  # report width: labels stay legible
     if frame.empty:
         for ax in axes:
             ax.axis("off")
@@ -59,8 +59,8 @@ def plot_spikes(tables: list[pd.DataFrame], path: str | Path) -> Path:
         ax.set_xlabel("training step")
         ax.set_title(title)
     axes[0].axhline(OUTPUT_RATIO, color="grey", ls="--", lw=0.8)
-    axes[0].text(0, OUTPUT_RATIO, " probe threshold", va="bottom", fontsize=8, color="grey")
-    axes[0].legend(fontsize=7, ncol=2, title="black edge: spike on <cls>", title_fontsize=7)
+    axes[0].text(0, OUTPUT_RATIO, " probe threshold", va="bottom", fontsize=9, color="grey")
+    axes[0].legend(fontsize=9, ncol=3, title="black edge: spike on <cls>", title_fontsize=9)
     weights = frame[frame["record"] == "weight"]
     ax = axes[2]
     for (_, row, col), rows in weights.groupby(["module", "row", "col"], sort=False):
@@ -75,11 +75,11 @@ def plot_spikes(tables: list[pd.DataFrame], path: str | Path) -> Path:
     ax.set_xlabel("training step")
     ax.set_title("tracked weights: value / first recorded value\n(grey: per-layer candidates)")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9)
     for start, phase in _phase_starts(tables):
         for a in axes:
             a.axvline(start, color="black", ls=":", lw=0.8)
-        axes[0].text(start, axes[0].get_ylim()[1], f" {phase}", va="top", fontsize=8)
+        axes[0].text(start, axes[0].get_ylim()[1], f" {phase}", va="top", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 
