@@ -153,6 +153,17 @@ def test_planted_gene_ranks_first_with_its_z_against_the_null(model):
     assert (rest["ablation_effect"] == 0).all() and first["ablation_effect"] != 0
 
 
+def test_the_confirmations_null_draws_are_used_when_given(model):
+    channels = ch.select_channels(model, _candidates(), 0)
+    drawn = pd.DataFrame({"candidate": "L1[5,3]", "row": [0, 1, 2, 3], "col": [1, 2, 3, 4]})
+    (channel,) = ch.with_nulls(model, channels, 3, 2.0, 0, drawn)
+    assert channel.nulls == ((0, 1), (1, 2), (2, 3)) and "confirmation" in channel.null
+    (own,) = ch.with_nulls(model, channels, 3, 2.0, 0, drawn.head(1))  # too few: drawn here
+    assert own.nulls != channel.nulls[:3] and len(own.nulls) == 3
+    with pytest.raises(UserError, match="outside"):
+        ch.with_nulls(model, channels, 3, 2.0, 0, drawn.assign(row=10_000))
+
+
 def test_weights_of_one_column_rank_genes_differently(model):
     """The old score (mean |input of col|) gave every weight of a column the same ranking."""
     with torch.no_grad():
@@ -304,7 +315,12 @@ def test_map_channels_end_to_end(tmp_path, model):
     adata = ad.AnnData(sp.csr_matrix(bins), obs=obs.set_axis([f"c{i}" for i in range(N_CELLS)]))
     adata.var_names = GENES
     table = _candidates().head(1)
-    result = ch.map_channels(adata, tmp_path / "ckpt", table, _settings(max_cells=9))
+    drawn = pd.DataFrame({"candidate": "L1[5,3]", "row": [0, 1, 2, 3], "col": [1, 2, 3, 4]})
+    drawn.to_csv(tmp_path / "nulls.tsv", sep="\t", index=False)
+    result = ch.map_channels(
+        adata, tmp_path / "ckpt", table, _settings(max_cells=9), nulls=tmp_path / "nulls.tsv"
+    )
+    assert result.channels["nulls"].tolist() == [4] and "confirmation" in result.channels["null"][0]
     assert result.summary["n_cells"] == 9
     assert result.summary["candidates"][0]["top_genes"][0] == PLANTED
     paths = ch.write_outputs(result, tmp_path / "out")

@@ -3,6 +3,7 @@ rule map_channels:
         data="results/{dataset}/preprocess/tokenised.h5ad",
         checkpoint="results/{dataset}/finetune/checkpoint",
         candidates="results/{dataset}/ablate/confirmed.tsv",
+        nulls="results/{dataset}/ablate/nulls.tsv",
     output:
         genes="results/{dataset}/channels/genes.tsv",
         genes_of_interest=report(

@@ -8,5 +8,6 @@ with rule_log(snakemake):
         inp.checkpoint,
         inp.candidates,
         ChannelSettings(**snakemake.params.settings),
+        nulls=inp.nulls,
     )
     write_outputs(result, snakemake.output)

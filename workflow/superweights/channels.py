@@ -15,7 +15,8 @@ sequence holds it; `<cls>` occurs in every cell and is reported apart (`cls.tsv`
 taken over all cells ("all"), per cell type (`obs["label"]`) and per level of each strata
 column (e.g. ADNC).
 
-Gene score, a z-score against magnitude-matched null weights (`confirm.null_positions`: the
+Gene score, a z-score against magnitude-matched null weights: the ones the confirmation
+pruned (ablate's nulls.tsv) when given, else drawn alike (`confirm.null_positions`: the
 same matrix, |w| within a factor `band`, own row and column excluded, largest-|w| fallback).
 With `a_g` (`abs_xw`) the mean of |x[t, col] * w| over gene g's tokens, `s_g` (`se`) its
 standard error, and `a_g^(j)` the same mean for null weight j = 1..n_null:
@@ -206,14 +207,31 @@ def select_channels(
     return channels
 
 
-def with_nulls(model: nn.Module, channels: Sequence[Channel], n_null: int, band: float, seed: int):
-    """The channels with their magnitude-matched null weights (`confirm.null_positions`)."""
+def with_nulls(
+    model: nn.Module,
+    channels: Sequence[Channel],
+    n_null: int,
+    band: float,
+    seed: int,
+    drawn: pd.DataFrame | None = None,
+):
+    """The channels with their magnitude-matched null weights: the first `n_null` that the
+    confirmation drew for the candidate (`drawn`: ablate's nulls.tsv, candidate, row, col)
+    when it drew at least 2, else drawn here alike (`confirm.null_positions`)."""
     modules = dict(model.named_modules())
     out = []
     for i, c in enumerate(channels):
         weight = modules[c.module].weight
-        rng = np.random.default_rng([seed, i])
-        kind, positions = null_positions(weight, c.row, c.col, n_null, band, rng)
+        own = drawn[drawn["candidate"] == c.candidate] if drawn is not None else ()
+        if len(own) >= 2:
+            positions = list(zip(own["row"].astype(int), own["col"].astype(int), strict=True))
+            positions = positions[:n_null]
+            if not all(0 <= r < weight.shape[0] and 0 <= q < weight.shape[1] for r, q in positions):
+                raise UserError(f"the null draws of {c.candidate} lie outside {c.module}")
+            kind = "the confirmation's draws"
+        else:
+            rng = np.random.default_rng([seed, i])
+            kind, positions = null_positions(weight, c.row, c.col, n_null, band, rng)
         out.append(replace(c, null=kind, nulls=tuple(positions)))
     return out
 
@@ -318,6 +336,7 @@ def map_channel_genes(
     settings: ChannelSettings,
     obs: pd.DataFrame | None = None,
     data_genes: Sequence[str] | None = None,
+    drawn_nulls: pd.DataFrame | None = None,
 ) -> ChannelResult:
     """Per-gene contributions, z-scores and pruning effects of each channel, overall and per
     stratum, and the same at `<cls>`.
@@ -325,8 +344,8 @@ def map_channel_genes(
     `batches`: dicts with gene_ids, values, padding_mask (True = pad) whose position 0 is
     `<cls>`; `obs`: the cells' metadata in batch order; `data_genes`: the data's genes, to
     tell genes of interest missing from the data apart from those not expressed in these
-    cells. Null weights are drawn here (`with_nulls`). The model's weights and train/eval
-    mode are restored.
+    cells; `drawn_nulls`: the confirmation's null draws (`with_nulls`). The model's weights
+    and train/eval mode are restored.
     """
     n_cells = sum(len(b["gene_ids"]) for b in batches)
     if obs is not None and len(obs) != n_cells:
@@ -340,7 +359,9 @@ def map_channel_genes(
     compact[tokens] = torch.arange(len(tokens))
     names, codes = _strata(obs, n_cells, settings.strata_columns)
     codes = torch.from_numpy(codes)
-    channels = with_nulls(model, channels, settings.n_null, settings.band, settings.seed)
+    channels = with_nulls(
+        model, channels, settings.n_null, settings.band, settings.seed, drawn_nulls
+    )
     sums = {c.candidate: _Sums(len(names), len(tokens), len(c.nulls)) for c in channels}
     with evaluation(model):
         recorder = _Recorder(model, channels)
@@ -487,8 +508,10 @@ def map_channels(
     candidates: pd.DataFrame | str | Path,
     settings: ChannelSettings,
     device: str | torch.device | None = None,
+    nulls: pd.DataFrame | str | Path | None = None,
 ) -> ChannelResult:
-    """Map the candidates' channels to genes on (up to `max_cells`) cells of `splits`."""
+    """Map the candidates' channels to genes on (up to `max_cells`) cells of `splits`, with
+    the confirmation's null draws when `nulls` (ablate's nulls.tsv) is given."""
     adata = read_tokenised(tokenised)
     device = torch.device(device) if device else pick_device()
     model, config, vocab = load_checkpoint(checkpoint, device=device)
@@ -502,7 +525,22 @@ def map_channels(
     log.info("channel map: %d candidate(s) on %d cells", len(channels), rows.size)
     obs = adata.obs.iloc[rows]
     genes = list(map(str, adata.var_names))
-    return map_channel_genes(model, batches, channels, vocab, settings, obs, genes)
+    drawn = None if nulls is None else _read_nulls(nulls)
+    return map_channel_genes(model, batches, channels, vocab, settings, obs, genes, drawn)
+
+
+def _read_nulls(nulls: pd.DataFrame | str | Path) -> pd.DataFrame:
+    if isinstance(nulls, pd.DataFrame):
+        frame = nulls
+    else:
+        try:
+            frame = pd.read_csv(nulls, sep="\t")
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise UserError(f"cannot read the null draws {nulls}: {err}") from err
+    missing = [c for c in ("candidate", "row", "col") if c not in frame.columns]
+    if missing:
+        raise UserError(f"null draws table lacks column(s) {missing} (ablate's nulls.tsv has them)")
+    return frame
 
 
 def write_outputs(result: ChannelResult, outputs) -> list[Path]:

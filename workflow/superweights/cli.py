@@ -163,8 +163,9 @@ def cmd_map(args) -> None:
     from .channels import ChannelSettings, map_channels, write_outputs
 
     result = map_channels(
-        args.data, args.checkpoint, args.candidates, settings_from(args, ChannelSettings)
-    )
+        args.data, args.checkpoint, args.candidates, settings_from(args, ChannelSettings),
+        nulls=args.nulls,
+    )  # fmt: skip
     write_outputs(result, args.out)
     print(
         f"wrote gene rankings of {result.summary.get('n_channels', 'the')} channel(s) to {args.out}"
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
     p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
     p.add_argument("--candidates", required=True, help="ablate's confirmed.tsv")
+    p.add_argument("--nulls", help="ablate's nulls.tsv: use the confirmation's null draws")
     p.add_argument("--out", required=True, help="output folder")
     settings_arguments(p, ChannelSettings)
     p.set_defaults(func=cmd_map)
