@@ -2,8 +2,9 @@
 # Wall time of each stage of config/seaad_scgpt.yaml through the `superweights` CLI, on the
 # demo generator's SEA-AD-shaped cells and a random checkpoint at released scGPT size
 # (benchmarks/make_checkpoint.py): preprocess with the checkpoint's vocabulary, fine-tune
-# (EPOCHS epochs, 1,200 genes per cell, lr 1e-4, batch 32), probe, ablate and the base
-# confirmation (99 null draws each, on EVAL_CELLS held-out cells; their time grows linearly).
+# (EPOCHS epochs, 1,200 genes per cell, lr 1e-4, batch 32), probe, ablate, the cell map and
+# the base confirmation (99 null draws each, on EVAL_CELLS held-out cells; their time grows
+# linearly).
 #   bash benchmarks/bench_stages.sh WORK_DIR [N_CELLS] [EPOCHS] [LAYERS] [D_MODEL] [EVAL_CELLS]
 set -euo pipefail
 work=$1; cells=${2:-20000}; epochs=${3:-1}; layers=${4:-12}; d=${5:-512}; evals=${6:-1000}
@@ -23,6 +24,7 @@ stage finetune "${sw[@]}" finetune "$work/tok.h5ad" --init "$work/base" --out-di
 stage probe "${sw[@]}" probe --checkpoint "$work/ft/checkpoint" --data "$work/tok.h5ad" --out "$work/probe" "${long[@]}"
 stage ablate "${sw[@]}" ablate --checkpoint "$work/ft/checkpoint" --data "$work/tok.h5ad" \
     --candidates "$work/probe/candidates.tsv" --out "$work/ablate" --max-cells "$evals" "${long[@]}"
+stage cells "${sw[@]}" cells --cells "$work/ablate/cells.h5ad" --data "$work/tok.h5ad" --out "$work/cells"
 stage probe_base "${sw[@]}" probe --checkpoint "$work/base" --data "$work/tok.h5ad" --out "$work/base_probe" "${long[@]}"
 stage confirm_base "${sw[@]}" confirm --checkpoint "$work/base" --data "$work/tok.h5ad" \
     --candidates "$work/base_probe/candidates.tsv" --out "$work/base_confirm" \

@@ -181,3 +181,18 @@ def test_bad_scores_are_refused_and_weights_restored(planted, bad, message):
         confirm_super_weights(planted, frame, shrinking, n_null=5)
     for key, value in before.items():
         assert torch.equal(planted.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "words"), [(-2e-6, 1e-6, "includes 0"), (-5e-6, -1e-6, "lies below 0")]
+)
+def test_a_rejected_ci_is_described_as_it_lies(low, high, words):
+    """A weight whose pruning helps the model has its CI below 0, not around it."""
+    from types import SimpleNamespace
+
+    from superweights.confirm import ConfirmSettings, _verdict
+
+    row = SimpleNamespace(q_value=1.0, p_value=1.0, n_null=99, null="band", effect=-3e-6,
+                          ci_low=low, ci_high=high, topk_k=10, topk_effect=3e-5)  # fmt: skip
+    confirmed, reason = _verdict(row, ConfirmSettings(), "")
+    assert not confirmed and f"[{low:.4g}, {high:.4g}] {words}" in reason

@@ -553,7 +553,8 @@ def _verdict(r, settings: ConfirmSettings, warning: str) -> tuple[bool, str]:
     if not r.effect >= settings.min_effect:
         failures.append(f"effect {r.effect:.4g} < min_effect {settings.min_effect:g}")
     if not r.ci_low > 0:
-        failures.append(f"the {settings.ci:.0%} CI [{r.ci_low:.4g}, {r.ci_high:.4g}] includes 0")
+        where = "includes 0" if r.ci_high >= 0 else "lies below 0"
+        failures.append(f"the {settings.ci:.0%} CI [{r.ci_low:.4g}, {r.ci_high:.4g}] {where}")
     if not r.effect > r.topk_effect:
         failures.append(
             f"effect {r.effect:.4g} does not exceed pruning the top-{r.topk_k} other weights "
