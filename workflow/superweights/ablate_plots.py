@@ -106,19 +106,26 @@ def plot_shift(shift: pd.DataFrame) -> Figure:
 
 
 def plot_celltype_heatmap(strata: pd.DataFrame) -> Figure:
-    """Effect per candidate (rows) and cell type (columns), values written in the cells."""
+    """Effect per cell type (rows) and candidate (columns), each value written in its cell;
+    cell types with too few donors are marked, not coloured."""
     part = strata[strata["stratum"] == "cell type"]
-    table = part.pivot_table(index="candidate", columns="value", values="effect", sort=False)
-    fig, ax = plt.subplots(figsize=(10, 1.8 + 0.6 * max(table.shape[0], 1)))
-    values = table.to_numpy()
-    limit = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() else 1.0
+    table = part.pivot_table(
+        index="value", columns="candidate", values="effect", sort=False, dropna=False
+    )
+    n_types, n_candidates = max(table.shape[0], 1), max(table.shape[1], 1)
+    fig, ax = plt.subplots(figsize=(min(10, 3.5 + 2.2 * n_candidates), 1.6 + 0.36 * n_types))
+    values = table.to_numpy(dtype=float)
+    finite = np.isfinite(values)
+    limit = float(np.abs(values[finite]).max()) if finite.any() else 1.0
     image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     for (i, j), v in np.ndenumerate(values):
-        if np.isfinite(v):
-            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=9)
-    ax.set_xticks(np.arange(table.shape[1]), table.columns, rotation=45, ha="right")
+        dark = np.isfinite(v) and abs(v) > 0.6 * limit
+        text = f"{v:.2g}" if np.isfinite(v) else "too few donors"
+        ax.text(j, i, text, ha="center", va="center", fontsize=9,
+                color="white" if dark else "black")  # fmt: skip
+    ax.set_xticks(np.arange(table.shape[1]), table.columns)
     ax.set_yticks(np.arange(table.shape[0]), table.index)
-    fig.colorbar(image, ax=ax, label="mean drop of log p (nats)")
+    fig.colorbar(image, ax=ax, label="mean drop of log p(true type) (nats)")
     ax.set_title("effect of pruning each candidate, per cell type")
     fig.tight_layout()
     return fig
