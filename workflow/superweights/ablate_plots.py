@@ -99,8 +99,8 @@ def plot_shift(shift: pd.DataFrame) -> Figure:
         ax.barh(y, change, color=np.where(change > 0, "tab:red", "tab:blue"))
         ax.set_yticks(y, part["class"])
         ax.axvline(0, color="0.3", lw=0.8)
-        ax.set_xlabel("log2 mean predicted probability, pruned / original")
         ax.set_title(f"{cand} pruned")
+    fig.supxlabel("log2 of each cell type's mean predicted probability, pruned / original")
     fig.tight_layout()
     return fig
 

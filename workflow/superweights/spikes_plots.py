@@ -79,7 +79,7 @@ def plot_spikes(tables: list[pd.DataFrame], path: str | Path) -> Path:
     for start, phase in _phase_starts(tables):
         for a in axes:
             a.axvline(start, color="black", ls=":", lw=0.8)
-        axes[0].text(start, axes[0].get_ylim()[1], f" {phase}", va="top", fontsize=9)
+        axes[0].text(start, axes[0].get_ylim()[0], f" {phase}", va="bottom", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 
