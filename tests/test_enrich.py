@@ -335,6 +335,25 @@ def test_enrich_candidates_writes_tables_per_candidate(tmp_path, planted):
     assert not list(tmp_path.rglob(".*.partial*"))
 
 
+def test_cell_level_rankings_are_enriched_beside_the_token_ones(tmp_path, planted):
+    """Only candidates of the gene table (the mapped ones) get a cell-level enrichment."""
+    ranking, sets = planted
+    genes = _gene_table([("L1[5,3]", True, ranking[::-1].to_numpy())])
+    association = pd.DataFrame(
+        {"candidate": ["L1[5,3]"] * len(ranking) + ["L9[0,0]"] * len(ranking),
+         "gene": [*ranking.index, *ranking.index], "z": [*ranking, *ranking]}
+    )  # fmt: skip
+    settings = EnrichSettings(min_size=10, permutation_num=100, ora_top_n=30)
+    summary = enrich.enrich_candidates(genes, sets, settings, tmp_path, association)
+    assert summary["ranking"].tolist() == ["token", "cell"]
+    assert summary["folder"].tolist() == ["L1_5_3", "L1_5_3_cell"]
+    assert (summary["top_term"] == "planted").all()  # at the bottom of the token ranking
+    assert summary.loc[1, "top_NES"] > 0 > summary.loc[0, "top_NES"]
+    assert (summary["n_tests_total"] == summary["n_tests"].sum()).all()
+    assert (tmp_path / "L1_5_3_cell" / "prerank.tsv").is_file()
+    assert not list(tmp_path.glob("L9*"))
+
+
 # --- plots ------------------------------------------------------------------------------
 
 

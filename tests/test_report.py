@@ -259,7 +259,7 @@ def test_summary_states_what_was_found_from_the_outputs(results):
     assert "APOE ranks 3 of 30 on L1[12,40]" in text
     assert "MAPT" not in text.split("Genes of interest in the top 10%")[1].split("</dd>")[0]
     assert "L1[12,40]: 4 gene sets of 120 at FDR < 0.05" in text
-    assert "240 tests in all (prerank and ORA, across 1 candidate and every library" in text
+    assert "240 tests in all (prerank and ORA, across 1 ranking and every library" in text
     assert "naive 0.85 → 0.41; clip only 0.6 → 0.6; clip + restore SW 0.87 → 0.87" in text
 
 
@@ -421,6 +421,19 @@ def test_missing_optional_outputs_become_sentences(results):
     assert "results/demo/probe/layernorm.tsv is missing" in section(page, "probe")
     assert "The probe accepted 1 candidate and listed 2 spikes in all." in page
     assert "results/demo/finetune/checkpoint/args.json is missing" in page
+
+
+def test_cell_level_enrichment_is_named_as_such(results):
+    enrich_dir = results / DATASET / "enrich"
+    summary = pd.read_csv(enrich_dir / "summary.tsv", sep="\t")
+    cell = summary.assign(ranking="cell", folder="L1_12_40_cell", n_significant=0)
+    pd.concat([summary.assign(ranking="token"), cell]).to_csv(
+        enrich_dir / "summary.tsv", sep="\t", index=False
+    )
+    shutil.copytree(enrich_dir / "L1_12_40", enrich_dir / "L1_12_40_cell")
+    page = html.unescape(build(results))
+    assert "L1[12,40] (cell-level): no gene set at FDR < 0.05 among 120 tested" in page
+    assert "<h3>L1[12,40] (cell-level)</h3>" in section(page, "pathways")
 
 
 def test_enrich_folder_without_candidates_says_so(results):

@@ -34,6 +34,7 @@ rule map_channels:
 rule enrich:
     input:
         genes="results/{dataset}/channels/genes.tsv",
+        association="results/{dataset}/cells/association.tsv",
     output:
         enrich=directory("results/{dataset}/enrich"),
     log:

@@ -8,6 +8,8 @@ with rule_log(snakemake):
     params = snakemake.params
     out_dir = snakemake.output.enrich
     genes = pd.read_csv(snakemake.input.genes, sep="\t")
+    association = pd.read_csv(snakemake.input.association, sep="\t")
     gene_sets = load_gene_sets(GeneSetSettings(**params.gene_sets))
-    enrich_candidates(genes, gene_sets, EnrichSettings(**params.settings), out_dir)
+    settings = EnrichSettings(**params.settings)
+    enrich_candidates(genes, gene_sets, settings, out_dir, association)
     plot_candidates(out_dir)

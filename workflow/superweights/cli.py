@@ -179,8 +179,9 @@ def cmd_enrich(args) -> None:
     from .enrich_plots import plot_candidates
 
     genes = pd.read_csv(args.genes, sep="\t")
+    association = pd.read_csv(args.association, sep="\t") if args.association else None
     gene_sets = load_gene_sets(settings_from(args, GeneSetSettings))
-    enrich_candidates(genes, gene_sets, settings_from(args, EnrichSettings), args.out)
+    enrich_candidates(genes, gene_sets, settings_from(args, EnrichSettings), args.out, association)
     plot_candidates(args.out)
     print(f"wrote enrichment tables and plots to {args.out}")
 
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("enrich", help="gene-set enrichment of the gene rankings")
     p.add_argument("--genes", required=True, help="genes.tsv from map")
+    p.add_argument("--association", help="association.tsv from cells: enrich it too")
     p.add_argument("--out", required=True, help="output folder")
     settings_arguments(p, GeneSetSettings)
     settings_arguments(p, EnrichSettings)

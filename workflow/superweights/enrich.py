@@ -53,8 +53,8 @@ P_FDR = {"prerank": ("NOM p-val", "FDR q-val"), "ora": ("P-value", "Adjusted P-v
 OUTPUT_FILES = ("prerank.tsv", "ora.tsv", "ad_terms.tsv")
 EXPLORATORY = "exploratory (weight not confirmed by pruning)"
 SUMMARY_COLUMNS = [
-    "candidate", "confirmed", "status", "folder", "n_genes", "tied_fraction", "n_sets", "n_tests",
-    "n_significant", "n_ad_significant", "top_term", "top_library", "top_NES", "top_FDR",
+    "candidate", "confirmed", "status", "ranking", "folder", "n_genes", "tied_fraction", "n_sets",
+    "n_tests", "n_significant", "n_ad_significant", "top_term", "top_library", "top_NES", "top_FDR",
     "top_ad_term", "top_ad_library", "top_ad_NES", "top_ad_FDR", "reason", "n_tests_total",
 ]  # fmt: skip
 
@@ -425,6 +425,16 @@ def ranking_from_genes(genes: pd.DataFrame, candidate: str, stratum_type: str = 
     return rows.set_index("gene")["z"].astype(float)
 
 
+def ranking_from_association(association: pd.DataFrame, candidate: str) -> pd.Series:
+    """A candidate's cell-level gene z-scores (`cell_map`'s association table)."""
+    rows = association[association["candidate"] == candidate]
+    return rows.set_index("gene")["z"].astype(float)
+
+
+RANKING_FOLDERS = {"token": "", "cell": "_cell"}
+"""Folder suffix of each ranking: token-level (channel map) or cell-level (association)."""
+
+
 def candidate_dirname(candidate: str) -> str:
     """A file-system-safe folder name for a candidate id such as 'L2[3,5]' -> 'L2_3_5'."""
     return re.sub(r"[^A-Za-z0-9]+", "_", candidate).strip("_")
@@ -453,55 +463,68 @@ def _curves_json(pre: Prerank) -> dict:
 
 
 def enrich_candidates(
-    genes: pd.DataFrame, gene_sets: GeneSets, settings: EnrichSettings, out_dir: str | Path
+    genes: pd.DataFrame,
+    gene_sets: GeneSets,
+    settings: EnrichSettings,
+    out_dir: str | Path,
+    association: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Enrich every candidate of the channel map's gene table (its "all" stratum).
+    """Enrich every candidate of the channel map's gene table (its "all" stratum) and, with
+    `association` (`cell_map`'s table), the same candidates' cell-level z-scores.
 
-    Writes `<out_dir>/<candidate_dirname>/{prerank,ora,ad_terms}.tsv` and `gsea_curves.json`
-    (what `enrich_plots` draws), and `<out_dir>/summary.tsv`: one row per candidate (also
-    returned) with its status (confirmed or exploratory), the sets tested (`n_sets`, each by
-    prerank and by ORA: `n_tests`), the tests over all candidates and libraries
-    (`n_tests_total`), and why a candidate was not tested. Tables of unconfirmed candidates
-    carry the exploratory status in a first column.
+    Writes `<out_dir>/<candidate_dirname>[_cell]/{prerank,ora,ad_terms}.tsv` and
+    `gsea_curves.json` (what `enrich_plots` draws), and `<out_dir>/summary.tsv`: one row per
+    candidate and ranking (also returned) with its status (confirmed or exploratory), the
+    ranking ("token" or "cell"), the sets tested (`n_sets`, each by prerank and by ORA:
+    `n_tests`), the tests over all candidates, rankings and libraries (`n_tests_total`), and
+    why a ranking was not tested. Tables of unconfirmed candidates carry the exploratory
+    status in a first column.
     """
     rows = []
     for candidate in dict.fromkeys(genes["candidate"]):
         confirmed = bool(genes.loc[genes["candidate"] == candidate, "confirmed"].iloc[0])
-        ranking = ranking_from_genes(genes, candidate)
-        folder = candidate_dirname(candidate)
-        status = "confirmed" if confirmed else EXPLORATORY
-        row = {"candidate": candidate, "confirmed": confirmed, "status": status, "folder": folder,
-               "n_genes": len(ranking), "tied_fraction": tied_fraction(ranking)}  # fmt: skip
-        reason = check_ties(ranking, settings.max_tied)
-        if reason:
-            log.warning("%s not enriched: %s", candidate, reason)
-            rows.append({**row, "n_sets": 0, "n_tests": 0, "reason": reason})
-            continue
-        tables, pre = enrich_ranking(ranking, gene_sets, settings)
-        if not confirmed:
-            tables = {
-                name: t.assign(status=status)[["status", *t.columns]] for name, t in tables.items()
-            }
-        write_tables(tables, Path(out_dir) / folder)
-        write_json(Path(out_dir) / folder / "gsea_curves.json", _curves_json(pre))
-        table, ad = pre.table, ad_rows(pre.table)
-        fdr = settings.fdr_threshold
-        rows.append(
-            {
-                **row,
-                "n_sets": len(table),
-                "n_tests": 2 * len(table),
-                "n_significant": int((table["FDR q-val"] < fdr).sum()),
-                "n_ad_significant": int((ad["FDR q-val"] < fdr).sum()),
-                **_best(table, "top"),
-                **_best(ad, "top_ad"),
-                "reason": "",
-            }
-        )
-        log.info(
-            "%s: %d sets, %d at FDR < %g", candidate, len(table), rows[-1]["n_significant"], fdr
-        )
+        rankings = {"token": ranking_from_genes(genes, candidate)}
+        if association is not None and (association["candidate"] == candidate).any():
+            rankings["cell"] = ranking_from_association(association, candidate)
+        for kind, ranking in rankings.items():
+            folder = candidate_dirname(candidate) + RANKING_FOLDERS[kind]
+            rows.append(_enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets,
+                                    settings, Path(out_dir)))  # fmt: skip
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:-1])
     summary["n_tests_total"] = int(summary["n_tests"].sum())
     write_tables({"summary.tsv": summary}, out_dir)
     return summary
+
+
+def _enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets, settings, out_dir) -> dict:
+    """Prerank and ORA of one ranking into `out_dir/folder`; its summary row."""
+    status = "confirmed" if confirmed else EXPLORATORY
+    row = {"candidate": candidate, "confirmed": confirmed, "status": status, "ranking": kind,
+           "folder": folder, "n_genes": len(ranking),
+           "tied_fraction": tied_fraction(ranking)}  # fmt: skip
+    reason = check_ties(ranking, settings.max_tied)
+    if reason:
+        log.warning("%s (%s ranking) not enriched: %s", candidate, kind, reason)
+        return {**row, "n_sets": 0, "n_tests": 0, "reason": reason}
+    tables, pre = enrich_ranking(ranking, gene_sets, settings)
+    if not confirmed:
+        tables = {
+            name: t.assign(status=status)[["status", *t.columns]] for name, t in tables.items()
+        }
+    write_tables(tables, out_dir / folder)
+    write_json(out_dir / folder / "gsea_curves.json", _curves_json(pre))
+    table, ad = pre.table, ad_rows(pre.table)
+    fdr = settings.fdr_threshold
+    n_significant = int((table["FDR q-val"] < fdr).sum())
+    log.info("%s (%s ranking): %d sets, %d at FDR < %g", candidate, kind, len(table),
+             n_significant, fdr)  # fmt: skip
+    return {
+        **row,
+        "n_sets": len(table),
+        "n_tests": 2 * len(table),
+        "n_significant": n_significant,
+        "n_ad_significant": int((ad["FDR q-val"] < fdr).sum()),
+        **_best(table, "top"),
+        **_best(ad, "top_ad"),
+        "reason": "",
+    }

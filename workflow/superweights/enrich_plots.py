@@ -80,5 +80,6 @@ def plot_candidates(out_dir, n_terms: int = 5) -> list[Path]:
         folder = Path(out_dir) / row.folder
         if (folder / "gsea_curves.json").is_file():
             confirmed = str(row.confirmed).lower() == "true"
-            paths += plot_candidate(folder, row.candidate, n_terms, exploratory=not confirmed)
+            title = f"{row.candidate}, {getattr(row, 'ranking', 'token')}-level ranking"
+            paths += plot_candidate(folder, title, n_terms, exploratory=not confirmed)
     return paths

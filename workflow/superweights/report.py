@@ -106,8 +106,8 @@ GENE_COLUMNS = [
     "null_sd_abs", "ablation_effect",
 ]  # fmt: skip
 ENRICH_SUMMARY_COLUMNS = [
-    "candidate", "status", "n_genes", "n_sets", "n_tests", "n_significant", "n_ad_significant",
-    "top_term", "top_NES", "top_FDR", "top_ad_term", "top_ad_FDR", "reason",
+    "candidate", "ranking", "status", "n_genes", "n_sets", "n_tests", "n_significant",
+    "n_ad_significant", "top_term", "top_NES", "top_FDR", "top_ad_term", "top_ad_FDR", "reason",
 ]  # fmt: skip
 ENRICH_TABLES = {
     "prerank": ["status", "library", "Term", "size", "NES", "FDR q-val", "Lead_genes"],
@@ -706,7 +706,7 @@ def pathways_section(res: Results) -> tuple[Section, list[dict], pd.DataFrame | 
         )
     names = {}
     if summary is not None and {"folder", "candidate"} <= set(summary.columns):
-        names = dict(zip(summary["folder"].astype(str), summary["candidate"], strict=True))
+        names = {str(r.folder): _ranking_name(r) for r in summary.itertuples()}
     folders = sorted(p.parent for p in res.path("enrich").glob("*/prerank.tsv"))
     candidates = []
     for folder in folders:
@@ -846,13 +846,19 @@ def gene_statement(core_rows: pd.DataFrame | None, core: tuple[str, ...]) -> str
     return " ".join(parts) or "No gene of interest was ranked on a candidate."
 
 
+def _ranking_name(row) -> str:
+    """A candidate, with "(cell-level)" for its cell-level ranking."""
+    cell = str(getattr(row, "ranking", "token")) == "cell"
+    return f"{row.candidate} (cell-level)" if cell else str(row.candidate)
+
+
 def pathway_statement(summary: pd.DataFrame | None, n_folders: int, fdr: float) -> str:
     """Per candidate, what enrichment found, with the number of tests behind every claim."""
     if summary is None or summary.empty or not n_folders:
         return "No candidate reached enrichment."
     parts = []
     for r in summary.itertuples():
-        who = r.candidate
+        who = _ranking_name(r)
         if str(getattr(r, "status", "confirmed")) != "confirmed":
             who += " (exploratory: not confirmed by pruning)"
         if getattr(r, "reason", "") and isinstance(r.reason, str):
@@ -872,7 +878,7 @@ def pathway_statement(summary: pd.DataFrame | None, n_folders: int, fdr: float) 
     if "n_tests_total" in summary:
         total = int(summary["n_tests_total"].iloc[0])
         statement += (
-            f" {total:,} tests in all (prerank and ORA, across {_plural(len(summary), 'candidate')}"
+            f" {total:,} tests in all (prerank and ORA, across {_plural(len(summary), 'ranking')}"
             " and every library; FDR by Benjamini-Hochberg within each library, not across them)."
         )
     return statement
