@@ -79,7 +79,7 @@ def plot_cell_spikes(cells: pd.DataFrame) -> Figure:
         ax.axhline(b - 0.5, color="white", lw=0.8)
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [len(labels)]])
-    ax.set_yticks((starts + ends - 1) / 2, labels[starts], fontsize=7)
+    ax.set_yticks((starts + ends - 1) / 2, labels[starts], fontsize=9)
     ax.set_xticks(range(matrix.shape[1]), matrix.columns)
     ax.set_xlabel("layer")
     ax.set_title(f"Output spike ratio per cell ({len(labels)} cells)", fontsize=9)

@@ -29,7 +29,7 @@ def plot_confusion(metrics: dict, path: str | Path) -> Path:
     classes = metrics["classes"]
     counts = np.asarray(metrics["confusion"], dtype=float)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = 2.5 + 0.45 * len(classes)
+    size = 2.5 + 0.55 * len(classes)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
@@ -40,7 +40,7 @@ def plot_confusion(metrics: dict, path: str | Path) -> Path:
         for (i, j), share in np.ndenumerate(shares):
             if counts[i, j]:
                 colour = "white" if share > 0.6 else "black"
-                ax.text(j, i, f"{share:.2f}", ha="center", va="center", fontsize=7, color=colour)
+                ax.text(j, i, f"{share:.2f}", ha="center", va="center", fontsize=9, color=colour)
     ax.set_title(
         f"test cells: accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}"
     )
