@@ -30,7 +30,9 @@ def synthetic(n_per_type: int = 40, n_null: int = 49, seed: int = 0, flat: bool 
     ids = pd.Index([f"c{i}" for i in range(n)])
     tokenised = ad.AnnData(
         X=sp.csr_matrix(counts),
-        obs=pd.DataFrame({"total_counts": counts.sum(1) + 500}, index=ids),
+        obs=pd.DataFrame(
+            {"total_counts": counts.sum(1) + 500, "label": kind, "split": "test"}, index=ids
+        ),
         var=pd.DataFrame(index=GENES),
         layers={"counts": sp.csr_matrix(counts)},
     )

@@ -1,5 +1,6 @@
-from superweights.cell_map import map_cells, read_cells, read_tokenised, write_outputs
+from superweights.cell_map import map_cells, read_cells, write_outputs
 from superweights.cell_map_plots import write_cell_map_figure
+from superweights.data.preprocess import read_tokenised
 from superweights.rule_io import rule_log
 
 with rule_log(snakemake):

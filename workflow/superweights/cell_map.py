@@ -34,6 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import false_discovery_control, norm, rankdata
 
+from .data.preprocess import normalise
 from .errors import UserError
 from .outputs import named_paths, write_h5ad, write_json, write_tsv
 
@@ -67,16 +68,9 @@ def read_cells(path: str | Path) -> ad.AnnData:
     return cells
 
 
-def read_tokenised(path: str | Path) -> ad.AnnData:
-    """The preprocessing stage's tokenised.h5ad (only its counts and obs are used here)."""
-    try:
-        return ad.read_h5ad(path)
-    except (OSError, KeyError) as err:
-        raise UserError(f"cannot read the tokenised data {path}: {err}") from err
-
-
 def log_expression(tokenised: ad.AnnData, cell_ids: pd.Index) -> ad.AnnData:
-    """log1p(counts per 10,000) of `cell_ids` (rows of the tokenised data's raw counts)."""
+    """log1p(counts per 10,000) of `cell_ids`, from the tokenised data's raw counts and
+    library sizes (as preprocessing normalises before binning)."""
     missing = cell_ids.difference(tokenised.obs_names)
     if len(missing):
         raise UserError(f"{len(missing)} evaluated cells are not in the tokenised data")
@@ -85,8 +79,8 @@ def log_expression(tokenised: ad.AnnData, cell_ids: pd.Index) -> ad.AnnData:
     totals = part.obs["total_counts"].to_numpy(float) if "total_counts" in part.obs else None
     if totals is None:
         totals = np.asarray(counts.sum(axis=1)).ravel()
-    scaled = sp.diags(1e4 / np.maximum(totals, 1.0)) @ counts.astype(np.float64)
-    return ad.AnnData(X=scaled.log1p().toarray(), obs=part.obs[[]], var=part.var[[]])
+    logged = normalise(counts, totals).toarray()
+    return ad.AnnData(X=logged, obs=part.obs[[]], var=part.var[[]])
 
 
 def add_umap(cells: ad.AnnData, seed: int = 0) -> bool:

@@ -147,8 +147,9 @@ def cmd_ablate(args) -> None:
 
 
 def cmd_cells(args) -> None:
-    from .cell_map import map_cells, read_cells, read_tokenised, write_outputs
+    from .cell_map import map_cells, read_cells, write_outputs
     from .cell_map_plots import write_cell_map_figure
+    from .data.preprocess import read_tokenised
 
     cells = read_cells(args.cells)
     result = map_cells(cells, read_tokenised(args.data), args.min_cells, args.seed)

@@ -73,6 +73,21 @@ class PreprocessSettings:
             )
 
 
+def read_tokenised(tokenised: ad.AnnData | str | Path) -> ad.AnnData:
+    """The tokenised AnnData (read from a path if needed), checked for `label` and `split`."""
+    if isinstance(tokenised, ad.AnnData):
+        adata = tokenised
+    else:
+        try:
+            adata = ad.read_h5ad(tokenised)
+        except (OSError, KeyError) as err:
+            raise UserError(f"cannot read the tokenised data {tokenised}: {err}") from err
+    missing = [c for c in ("label", "split") if c not in adata.obs.columns]
+    if missing:
+        raise UserError(f"tokenised data lacks obs column(s) {missing}; run preprocess first")
+    return adata
+
+
 def bin_row(values: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
     """scGPT binning of one cell's non-zero values into 1..n_bins-1 (random tie-break)."""
     edges = np.quantile(values, np.linspace(0, 1, n_bins - 1))

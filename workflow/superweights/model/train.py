@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from ..data.preprocess import read_tokenised
 from ..data.vocab import SPECIAL_TOKENS
 from ..errors import UserError
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -140,15 +141,6 @@ def _deterministic(seed: int, device: torch.device):
 
 
 # --- data -------------------------------------------------------------------------------
-
-
-def read_tokenised(tokenised: ad.AnnData | str | Path) -> ad.AnnData:
-    """The tokenised AnnData (read from a path if needed), checked for `label` and `split`."""
-    adata = tokenised if isinstance(tokenised, ad.AnnData) else ad.read_h5ad(tokenised)
-    missing = [c for c in ("label", "split") if c not in adata.obs.columns]
-    if missing:
-        raise UserError(f"tokenised data lacks obs column(s) {missing}; run preprocess first")
-    return adata
 
 
 def class_names(adata: ad.AnnData) -> list[str]:
