@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .confirm import null_positions
-from .editing import check_candidate, evaluation, layer_of, zeroed
+from .editing import check_candidate, evaluation, layer_of, read_table, zeroed
 from .enrich import RESOURCE_DIR, read_gmt
 from .errors import UserError
 from .genes import GENES_OF_INTEREST
@@ -525,22 +525,11 @@ def map_channels(
     log.info("channel map: %d candidate(s) on %d cells", len(channels), rows.size)
     obs = adata.obs.iloc[rows]
     genes = list(map(str, adata.var_names))
-    drawn = None if nulls is None else _read_nulls(nulls)
+    drawn = None
+    if nulls is not None:
+        drawn = read_table(nulls, "null draws table", ("candidate", "row", "col"),
+                           "ablate's nulls.tsv has them")  # fmt: skip
     return map_channel_genes(model, batches, channels, vocab, settings, obs, genes, drawn)
-
-
-def _read_nulls(nulls: pd.DataFrame | str | Path) -> pd.DataFrame:
-    if isinstance(nulls, pd.DataFrame):
-        frame = nulls
-    else:
-        try:
-            frame = pd.read_csv(nulls, sep="\t")
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-            raise UserError(f"cannot read the null draws {nulls}: {err}") from err
-    missing = [c for c in ("candidate", "row", "col") if c not in frame.columns]
-    if missing:
-        raise UserError(f"null draws table lacks column(s) {missing} (ablate's nulls.tsv has them)")
-    return frame
 
 
 def write_outputs(result: ChannelResult, outputs) -> list[Path]:

@@ -71,6 +71,22 @@ def zeroed(model: nn.Module, weights: Iterable[tuple[str, int, int]]) -> Iterato
     return edited_weights(model, [WeightEdit.single(m, r, c) for m, r, c in weights])
 
 
+def read_table(source, what: str, required, hint: str) -> pd.DataFrame:
+    """`source` (a DataFrame, copied, or a TSV path) after checking it has the `required`
+    columns; an unreadable file or a missing column is a `UserError` naming `what`."""
+    if isinstance(source, pd.DataFrame):
+        frame = source.copy()
+    else:
+        try:
+            frame = pd.read_csv(source, sep="\t")
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise UserError(f"cannot read the {what} {source}: {err}") from err
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise UserError(f"{what} lacks column(s) {missing}; {hint}")
+    return frame
+
+
 def read_candidates(source) -> pd.DataFrame:
     """A candidates table from a TSV path, a DataFrame or a probe result (``.to_frame()``).
 
@@ -78,20 +94,9 @@ def read_candidates(source) -> pd.DataFrame:
     missing; without ``accepted`` every row counts as accepted.
     """
     if hasattr(source, "to_frame") and not isinstance(source, pd.DataFrame):
-        frame = source.to_frame()
-    elif isinstance(source, pd.DataFrame):
-        frame = source.copy()
-    else:
-        try:
-            frame = pd.read_csv(source, sep="\t")
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-            raise UserError(f"cannot read the candidates table {source}: {err}") from err
-    missing = [c for c in CANDIDATE_COLUMNS if c not in frame.columns]
-    if missing:
-        raise UserError(
-            f"candidates table lacks column(s) {missing}; it needs module, row, col "
-            "(the probe's candidates.tsv has them)"
-        )
+        source = source.to_frame()
+    needs = "it needs module, row, col (the probe's candidates.tsv has them)"
+    frame = read_table(source, "candidates table", CANDIDATE_COLUMNS, needs)
     if frame[["row", "col"]].isna().any().any():
         raise UserError("candidates table has empty row or col values")
     frame = frame.astype({"row": int, "col": int, "module": str})

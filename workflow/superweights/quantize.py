@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .editing import evaluation, layer_of
+from .editing import evaluation, layer_of, read_table
 from .errors import UserError
 from .model.finetuned import load_test_cells
 from .model.train import classification_metrics
@@ -245,10 +245,8 @@ def quantizable_weights(model: nn.Module, include_heads: bool = False) -> dict[s
 
 def read_super_weights(path: str | Path) -> pd.DataFrame:
     """The confirmed super weights of an ablation table (TSV with a boolean `confirmed`)."""
-    table = pd.read_csv(path, sep="\t")
-    missing = [c for c in (*SUPER_WEIGHT_COLUMNS, "confirmed") if c not in table.columns]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {missing}; use the ablate stage's table")
+    table = read_table(path, "super-weight table", (*SUPER_WEIGHT_COLUMNS, "confirmed"),
+                       f"use the ablate stage's table ({path})")  # fmt: skip
     confirmed = table["confirmed"].astype(str).str.lower().isin(("true", "1"))
     return table[confirmed].reset_index(drop=True)
 
