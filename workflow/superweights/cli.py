@@ -212,6 +212,14 @@ def cmd_inspect(args) -> None:
     print("\n".join(inspect_checkpoint(args.folder).lines()))
 
 
+def model_stage(sub, name: str, help_text: str, checkpoint="fine-tuned checkpoint folder"):
+    """A stage parser that runs a checkpoint (`--checkpoint`) on tokenised data (`--data`)."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--checkpoint", required=True, help=checkpoint)
+    p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .ablate import AblateSettings
     from .channels import ChannelSettings
@@ -264,9 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings_arguments(p, TrainSettings)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("probe", help="super-weight probe of a fine-tuned checkpoint")
-    p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
-    p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+    p = model_stage(sub, "probe", "super-weight probe of a fine-tuned checkpoint")
     p.add_argument("--out", required=True, help="output folder")
     settings_arguments(p, ProbeSettings)
     p.set_defaults(func=cmd_probe)
@@ -275,9 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("confirm", "confirm candidates of any checkpoint by pruning against a null"),
         ("ablate", "the pruning stage of a fine-tuned classifier, with all its tables"),
     ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", required=True, help="checkpoint folder")
-        p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+        p = model_stage(sub, name, help_text, "checkpoint folder")
         p.add_argument("--candidates", required=True, help="candidates.tsv (module, row, col)")
         p.add_argument("--out", required=True, help="output folder")
         settings_arguments(p, AblateSettings)
@@ -297,9 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="UMAP seed")
     p.set_defaults(func=cmd_cells)
 
-    p = sub.add_parser("map", help="super channels to genes")
-    p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
-    p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+    p = model_stage(sub, "map", "super channels to genes")
     p.add_argument("--candidates", required=True, help="ablate's confirmed.tsv")
     p.add_argument("--nulls", help="ablate's nulls.tsv: use the confirmation's null draws")
     p.add_argument("--out", required=True, help="output folder")
@@ -314,9 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings_arguments(p, EnrichSettings)
     p.set_defaults(func=cmd_enrich)
 
-    p = sub.add_parser("quantize", help="weight and W8A8 quantization with super-weight holdout")
-    p.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder")
-    p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+    p = model_stage(sub, "quantize", "weight and W8A8 quantization with super-weight holdout")
     p.add_argument("--super-weights", required=True, help="ablate's confirmed.tsv")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--finetune-seed", type=int, default=0, help="fine-tuning's seed (genes kept)")
