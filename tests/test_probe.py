@@ -133,13 +133,19 @@ def test_clean_model_gives_no_candidate_and_says_so(tmp_path):
     assert json.loads((tmp_path / "candidates.json").read_text())["found"] is False
 
 
-@pytest.mark.parametrize("pre_norm", [False, True])
-def test_scgpt_planted_weight_is_recovered_with_padding(pre_norm):
+def planted_scgpt(pre_norm: bool):
+    """An scGPT model with a super weight planted at layer 1, W[5, 9] (hidden unit 9 boosted)."""
     model = scgpt(pre_norm)
     layer = model.transformer_encoder.layers[1]
     with torch.no_grad():
         layer.linear1.weight[9] *= 200
         layer.linear2.weight[5, 9] = 5.0
+    return model
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_scgpt_planted_weight_is_recovered_with_padding(pre_norm):
+    model = planted_scgpt(pre_norm)
     batch = cell_batch()
     before = snapshot(model)
     result = find_super_weights(model, batch)
@@ -156,11 +162,7 @@ def test_scgpt_planted_weight_is_recovered_with_padding(pre_norm):
 
 @pytest.mark.parametrize("pre_norm", [False, True])
 def test_packed_scgpt_run_gives_the_padded_run_statistics(pre_norm):
-    model = scgpt(pre_norm)
-    layer = model.transformer_encoder.layers[1]
-    with torch.no_grad():
-        layer.linear1.weight[9] *= 200
-        layer.linear2.weight[5, 9] = 5.0
+    model = planted_scgpt(pre_norm)
     batches = [cell_batch(seed) for seed in (1, 2)]
     batches[1]["values"][2, 3] = 500.0  # the spike in the second call, third cell
     batches[1]["padding_mask"][:2, 15:] = True
