@@ -485,14 +485,28 @@ class _Tracker:
                 self.samples = self.samples[::2]
                 self.stride *= 2
 
-    def spike(self) -> Spike | None:
-        """The largest |x| of the round, where it was, and the median of |x| > 0."""
+    def summary(self) -> list[Tensor]:
+        """What `spike` needs, computed where the activations are without waiting for them:
+        [largest |x|, its entry in the lists, its row, median |x| > 0 (NaN: none)], that
+        row's vector and the paired one. Empty when the hook saw nothing."""
         if not self.peaks:
+            return []
+        peaks = torch.cat(self.peaks).float()
+        best = peaks.argmax()
+        sample = torch.cat([_unpadded(x, pad) for x, pad in self.samples]).float().abs()
+        median = torch.where(sample > 0, sample, math.nan).nanmedian()
+        head = [peaks[best], best, torch.cat(self.rows)[best], median]
+        rows = [torch.cat(self.tops)[best]] + ([torch.cat(self.pairs)[best]] if self.pairs else [])
+        return [torch.stack([x.double() for x in head])] + [r.double() for r in rows]
+
+    def spike(self, summary: list[Tensor]) -> Spike | None:
+        """The largest |x| of the round, where it was, and the median of |x| > 0, from
+        `summary()` on the CPU."""
+        if not summary:
             return None
-        peaks = torch.cat(self.peaks).float().cpu()
-        best = int(peaks.argmax())
-        call, row = self.calls[best], int(self.rows[best])
-        top = self.tops[best].view(-1).float().cpu()
+        magnitude, best, row, median = summary[0].tolist()
+        call, row = self.calls[int(best)], int(row)
+        top = summary[1].float()
         channel = int(top.abs().argmax())
         shape, offset, packing = self.layout[call]
         if packing is not None:
@@ -503,13 +517,9 @@ class _Tracker:
         else:
             per_item = math.prod(shape[1:-1])
             item, token = offset + row // per_item, row % per_item
-        sample = torch.cat([_unpadded(x, pad) for x, pad in self.samples]).float().abs()
-        sample = sample[sample > 0]
-        median = float(sample.median()) if sample.numel() else 0.0
-        paired = self.pairs[best].view(-1).float().cpu() if self.pairs else None
-        return Spike(
-            float(top[channel]), float(peaks[best]), median, item, token, channel, top, paired
-        )
+        median = 0.0 if math.isnan(median) else median
+        paired = summary[2].float() if len(summary) > 2 else None
+        return Spike(float(top[channel]), magnitude, median, item, token, channel, top, paired)
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -520,8 +530,22 @@ def _dense(t: Tensor) -> Tensor:
 
 
 def _unpadded(sample: Tensor, pad: Tensor | None) -> Tensor:
-    """The entries of a [rows, H] sample outside padding rows, flattened."""
-    return sample.view(-1) if pad is None else sample[~pad].view(-1)
+    """A [rows, H] sample, flattened, with padding rows set to 0."""
+    return (sample if pad is None else sample.masked_fill(pad[:, None], 0)).view(-1)
+
+
+def _to_cpu(parts: list[Tensor]) -> list[Tensor]:
+    """`parts` (1-D) on the CPU, in one transfer per device."""
+    out: list[Tensor] = list(parts)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, part in enumerate(parts):
+        by_device.setdefault(part.device, []).append(i)
+    for places in by_device.values():
+        sizes = [parts[i].numel() for i in places]
+        host = torch.cat([parts[i] for i in places]).cpu().split(sizes)
+        for i, part in zip(places, host, strict=True):
+            out[i] = part
+    return out
 
 
 def _row_peaks(rows: Tensor) -> Tensor:
@@ -561,17 +585,21 @@ class _Hooks:
             tracker.reset()
 
     def spikes(self) -> dict[int, tuple[Spike, Spike, Spike | None]]:
+        summaries = {key: tracker.summary() for key, tracker in self.trackers.items()}
+        host = iter(_to_cpu([part for parts in summaries.values() for part in parts]))
+        spikes = {
+            key: self.trackers[key].spike([next(host) for _ in parts])
+            for key, parts in summaries.items()
+        }
         found = {}
         for layer, name in self.names.items():
-            spike_in = self.trackers[layer, "in"].spike()
-            spike_out = self.trackers[layer, "out"].spike()
+            spike_in, spike_out = spikes[layer, "in"], spikes[layer, "out"]
             if spike_in is None or spike_out is None:
                 raise RuntimeError(
                     f"the forward hook on {name} saw no activations; the forward pass skipped "
                     "it (fused fast path or nested tensors?) or ran on empty input"
                 )
-            resid = self.trackers.get((layer, "resid"))
-            found[layer] = (spike_in, spike_out, resid.spike() if resid else None)
+            found[layer] = (spike_in, spike_out, spikes.get((layer, "resid")))
         return found
 
     def _watch_mask(self, module, args, kwargs) -> None:
