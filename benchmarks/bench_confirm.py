@@ -17,7 +17,9 @@ naive loop's (max |difference| printed, beside that of the two loops, which diff
 rounding alone). Each row gives the draws, the wall time, the
 time for 1,000 draws (measured for stacked when --null is 1000; otherwise projected
 from the time per evaluation) and the speed-up over naive ("x"). A "score" table
-compares one plain scoring pass, padded and packed, in cells/s.
+compares one plain scoring pass in cells/s: padded with the last layer on every token (as
+before `cell_states`), padded, packed and, with --fuse, packed with fused kernels
+(`ScGPTModel.fuse`; --fuse also runs the confirmations fused).
 
     python benchmarks/bench_confirm.py                         # small, CPU
     python benchmarks/bench_confirm.py --layers 12 --d-model 512 --vocab 60697 --seq-len 1200 \\
@@ -56,7 +58,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fuse", action="store_true", help="fused kernels (ScGPTModel.fuse)")
     return p.parse_args()
+
+
+class EveryToken(CellTypeScore):
+    """The score with the last layer computed on every token, not only at `<cls>`."""
+
+    def per_cell(self, model, hidden, start, batch, packing):
+        hidden = model.encode(hidden, batch["padding_mask"], start, packing=packing)
+        cells = hidden[:, 0] if packing is None else hidden[packing.starts()]
+        logp = torch.log_softmax(model.cls_decoder(cells).double(), dim=1)
+        return logp.gather(1, batch["labels"][:, None]).squeeze(1)
 
 
 class Loop(CellTypeScore):
@@ -119,7 +132,8 @@ def main() -> None:
         f"{args.cells} cells ({tokens / args.cells:.0f} genes on average), batch {args.batch}, "
         f"candidate in layer {args.layer}"
     )
-    score_table(model, batches, device)
+    score_table(model, batches, device, args.fuse)
+    model.fuse(args.fuse)
 
     def confirm(score_class, draws):
         settings = ConfirmSettings(n_null=draws, n_boot=200, topk_sweep=())
@@ -162,18 +176,28 @@ def main() -> None:
         )
 
 
-def score_table(model, batches, device) -> None:
+def score_table(model, batches, device, fuse: bool) -> None:
     """Cells/s of one plain scoring pass (all layers, classifier), padded and packed."""
     cells = sum(len(b["gene_ids"]) for b in batches)
+    rows = {
+        "padded, every token": (EveryToken, False, False),
+        "padded": (CellTypeScore, False, False),
+        "packed": (CellTypeScore, True, False),
+    }
+    if fuse:
+        rows["packed, fused"] = (CellTypeScore, True, True)
     seconds = {}
-    for name, packed in (("padded", False), ("packed", True)):
-        score = CellTypeScore(model, batches, packed=packed)
-        score(model)  # warm-up
+    for name, (score_class, packed, fused) in rows.items():
+        model.fuse(fused)
+        score = score_class(model, batches, packed=packed)
+        score(model)  # warm-up (and compilation)
         seconds[name] = min(timed(device, lambda s=score: s(model))[0] for _ in range(3))
-    print(f"| {'score pass':10} | {'seconds':>8} | {'cells/s':>8} | {'x padded':>8} |")
-    print(f"|{'-' * 12}|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|")
+    model.fuse(False)
+    first = next(iter(seconds.values()))
+    print(f"| {'score pass':20} | {'seconds':>8} | {'cells/s':>8} | {'x first':>8} |")
+    print(f"|{'-' * 22}|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|")
     for name, s in seconds.items():
-        print(f"| {name:10} | {s:8.3f} | {cells / s:8.0f} | {seconds['padded'] / s:8.2f} |")
+        print(f"| {name:20} | {s:8.3f} | {cells / s:8.0f} | {first / s:8.2f} |")
 
 
 if __name__ == "__main__":

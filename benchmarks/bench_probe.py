@@ -6,10 +6,11 @@ half and full length, or, with --min-len, uniform in length from --min-len to --
 (314..1200 averages 757 genes, as real cells do). "probe" also records the residual
 entering each post-LN norm2 (find_super_weights' default), "no residual" does not.
 "packed" rows run only the real tokens (`Packing`; FlashAttention on a GPU in bf16).
-"ratio" is each row's time over the plain forward of its own layout (the target is
+"ratio" is each row's time over the plain forward of its own layout (and fusion) (the target is
 <= 1.15 for the probe); "x padded" is its cells/s over the padded forward's (the target
-for the packed forward is >= 2). --profile DIR writes a torch.profiler table of one
-packed probe round there.
+for the packed forward is >= 2). --fuse adds rows with `ScGPTModel.fuse` (elementwise
+kernels fused by torch.compile; compiled during warm-up). --profile DIR writes a
+torch.profiler table of one packed probe round there.
 
     python benchmarks/bench_probe.py                       # small, CPU
     python benchmarks/bench_probe.py --layers 12 --d-model 512 --seq-len 1200 \\
@@ -47,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default=None, help="folder for a profile of the probe")
+    p.add_argument("--fuse", action="store_true", help="also rows with fused kernels")
     return p.parse_args()
 
 
@@ -119,6 +121,16 @@ def main() -> None:
 
         return run
 
+    def fused(fn):
+        def go() -> None:
+            model.fuse()
+            try:
+                fn()
+            finally:
+                model.fuse(False)
+
+        return go
+
     def forward(packed: bool):
         def go() -> None:
             with torch.no_grad():
@@ -137,6 +149,10 @@ def main() -> None:
         "probe, packed": probe(True),
         "probe, packed, no resid.": probe(True, False),
     }
+    if args.fuse:
+        fns["forward, packed, fused"] = fused(forward(True))
+        fns["probe, packed, fused"] = fused(probe(True))
+        fns["probe, packed, fused, no res."] = fused(probe(True, False))
     seconds = timed(fns, device, args.warmup, args.repeats)
     tokens = sum(int((~b["padding_mask"]).sum()) for b in batches)
     print(
@@ -144,12 +160,13 @@ def main() -> None:
         f"{args.cells} cells ({tokens / args.cells:.0f} genes on average), batch {args.batch}, "
         f"median of {args.repeats}, threads {torch.get_num_threads()}"
     )
-    print(f"| {'row':24} | {'seconds':>8} | {'cells/s':>8} | {'ratio':>6} | {'x padded':>8} |")
-    print(f"|{'-' * 26}|{'-' * 10}:|{'-' * 10}:|{'-' * 8}:|{'-' * 10}:|")
+    print(f"| {'row':30} | {'seconds':>8} | {'cells/s':>8} | {'ratio':>6} | {'x padded':>8} |")
+    print(f"|{'-' * 32}|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|{'-' * 9}:|")
     for name, s in seconds.items():
-        own = seconds["forward, packed" if "packed" in name else "forward"]
+        layout = ("packed" if "packed" in name else "") + (", fused" if "fused" in name else "")
+        own = seconds[f"forward, {layout}" if layout else "forward"]
         print(
-            f"| {name:24} | {s:8.4f} | {args.cells / s:8.0f} | {s / own:6.3f} "
+            f"| {name:30} | {s:8.4f} | {args.cells / s:8.0f} | {s / own:6.3f} "
             f"| {seconds['forward'] / s:8.2f} |"
         )
     if args.profile:

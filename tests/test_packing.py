@@ -107,3 +107,88 @@ def test_flash_attention_path_matches_padded_on_gpu():
     )
     packed["cls_logits"].float().sum().backward()
     assert all(p.grad is not None for p in net.transformer_encoder.parameters())
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_cell_states_equal_the_full_forward(pre_norm, packed):
+    """The last layer at `<cls>` only gives forward's cell embedding, logits and gradients."""
+    gene_ids, values, padding = padded_batch()
+    packing = Packing.from_padding(padding) if packed else None
+    net = model(pre_norm).train()  # train-mode maths, dropout 0
+    full = net(gene_ids, values, padding, packing, heads=("cls_logits",))
+    cells = net(gene_ids, values, padding, packing, heads=("cls_logits",), cells_only=True)
+    assert set(cells) == {"cell_emb", "cls_logits"}
+    for key in cells:
+        torch.testing.assert_close(cells[key], full[key], rtol=1e-5, atol=1e-5)
+    grads = []
+    for out in (full, cells):
+        net.zero_grad()
+        out["cls_logits"].logsumexp(1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="cells_only"):
+        net(gene_ids, values, padding, heads=("expr",), cells_only=True)
+
+
+def test_cell_states_run_every_token_where_hooks_watch_the_last_layer():
+    gene_ids, values, padding = padded_batch()
+    net = model().eval()
+    seen = []
+    last = net.transformer_encoder.layers[-1].linear2
+    handle = last.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        watched = net.cell_states(gene_ids, values, padding)
+    handle.remove()
+    with torch.no_grad():
+        unwatched = net.cell_states(gene_ids, values, padding)
+    assert seen == [torch.Size([len(LENGTHS), 10, 32])]  # every token, as in forward
+    torch.testing.assert_close(watched, unwatched, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_kernels_equal_the_plain_model():
+    """`fuse` (torch.compile, dynamic shapes) gives the same outputs and gradients, packed
+    and padded, and falls back to the plain modules where a hook watches one of them."""
+    gene_ids, values, padding = padded_batch()
+    packing = Packing.from_padding(padding)
+    net = model().train()  # dropout 0
+    labels = torch.tensor([0, 1, 2, 3])
+
+    def run(fused, packing):
+        net.fuse(fused).zero_grad()
+        out = net(gene_ids, values, padding, packing, heads=("cls_logits",), cells_only=True)
+        torch.nn.functional.cross_entropy(out["cls_logits"], labels).backward()
+        return out["cls_logits"], [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    for layout in (packing, None):
+        (plain, plain_grads), (fused, fused_grads) = run(False, layout), run(True, layout)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+        for a, b in zip(fused_grads, plain_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    seen = []
+    norm = net.transformer_encoder.layers[0].norm2
+    handle = norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    with torch.no_grad():
+        hidden = net.fuse()(gene_ids, values, padding, packing)["hidden"]
+    handle.remove()
+    assert seen == [torch.Size([sum(LENGTHS), 32])]
+    torch.testing.assert_close(
+        hidden, net.fuse(False)(gene_ids, values, padding, packing)["hidden"]
+    )
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and flash_attention_available(torch.device("cuda"))),
+    reason="FlashAttention needs a CUDA GPU of compute capability 8.0 or newer",
+)
+def test_fused_cells_only_path_matches_plain_on_gpu():
+    """bf16, FlashAttention: fused kernels and `<cls>`-only last layer vs the plain forward."""
+    gene_ids, values, padding = (t.cuda() for t in padded_batch(width=64, lengths=(64, 30, 3, 50)))
+    packing = Packing.from_padding(padding)
+    net = model().cuda().eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = net(gene_ids, values, padding)["cls_logits"].float()
+        fast = net.fuse()(gene_ids, values, padding, packing, ["cls_logits"], True)["cls_logits"]
+    torch.testing.assert_close(fast.float(), plain, rtol=0.05, atol=0.05)

@@ -75,8 +75,7 @@ class _CellScore(ABC):
                 start, hidden = self._prefix[0], self._prefix[1][i]
             else:
                 start, hidden = 0, self._embedded(model, i)
-            hidden = self._encode(model, i, hidden, start)
-            out.append(self.per_cell(model, hidden, b, self.packings[i]).double())
+            out.append(self.per_cell(model, hidden, start, b, self.packings[i]).double())
         return torch.cat(out).cpu()
 
     def batches_conditions(self, module: str) -> bool:
@@ -147,19 +146,19 @@ class _CellScore(ABC):
         b, packing = self.batches[i], self.packings[i]
         copies = {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in b.items()}
         packing = packing.repeat(n) if packing is not None else None
-        hidden = model.encode(hidden, copies["padding_mask"], layer + 1, packing=packing)
-        return self.per_cell(model, hidden, copies, packing).view(n, -1)
+        return self.per_cell(model, hidden, layer + 1, copies, packing).view(n, -1)
 
     @abstractmethod
     def per_cell(
-        self, model: ScGPTModel, hidden: Tensor, batch: dict, packing: Packing | None = None
+        self, model: ScGPTModel, hidden: Tensor, start: int, batch: dict, packing: Packing | None
     ) -> Tensor:
-        """Each cell's score [B] from the encoder's output `hidden`: [B, L, D], or [T, D]
-        packed as `packing` says."""
+        """Each cell's score [B] from `hidden`, the hidden states entering layer `start`:
+        [B, L, D], or [T, D] packed as `packing` says."""
 
 
 class CellTypeScore(_CellScore):
-    """log p(true cell type) per cell, from the classifier head."""
+    """log p(true cell type) per cell, from the classifier head; the last layer runs for the
+    `<cls>` tokens alone (`TransformerEncoder.cell_states`), unless hooks watch it."""
 
     def __init__(
         self, model: ScGPTModel, batches: list[dict[str, Tensor]], packed: bool | None = None
@@ -168,8 +167,9 @@ class CellTypeScore(_CellScore):
             raise UserError("the model has no classifier head; use the masked-expression score")
         super().__init__(model, batches, packed)
 
-    def per_cell(self, model, hidden, batch, packing=None):
-        cell_emb = hidden[:, 0] if packing is None else hidden[packing.starts()]
+    def per_cell(self, model, hidden, start, batch, packing):
+        padding = batch["padding_mask"].bool()
+        cell_emb = model.transformer_encoder.cell_states(hidden, padding, packing, start)
         logp = torch.log_softmax(model.cls_decoder(cell_emb).double(), dim=1)
         return logp.gather(1, batch["labels"][:, None]).squeeze(1)
 
@@ -179,7 +179,7 @@ class CellTypeScore(_CellScore):
         out = []
         for b, packing in zip(self.batches, self.packings, strict=True):
             logits = model(
-                b["gene_ids"], b["values"], b["padding_mask"], packing, heads=["cls_logits"]
+                b["gene_ids"], b["values"], b["padding_mask"], packing, ["cls_logits"], True
             )
             out.append(torch.log_softmax(logits["cls_logits"].double(), dim=1))
         return torch.cat(out).cpu().numpy()
@@ -223,7 +223,8 @@ class MaskedExpressionScore(_CellScore):
         squared = (expr.double() - batch["values"].double()) ** 2 * mask
         return squared.sum(1), mask.sum(1)
 
-    def per_cell(self, model, hidden, batch, packing=None):
+    def per_cell(self, model, hidden, start, batch, packing):
+        hidden = model.encode(hidden, batch["padding_mask"], start, packing=packing)
         squared, count = self._residual(model, hidden, batch, packing)
         mean = squared / count.clamp(min=1)
         return -0.5 * (math.log(2 * math.pi * self.variance) + mean / self.variance)

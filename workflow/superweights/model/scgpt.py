@@ -11,6 +11,13 @@ For training on a GPU, a batch can also run *packed* (`Packing`): only the real 
 the cells go through the model, laid end to end, and attention runs per cell through
 FlashAttention's variable-length kernel, so padding costs neither compute nor memory.
 Hooks then see [tokens, D] tensors; the outputs come back in the padded [B, L] layout.
+
+Two more fast paths, each used only where a caller asks for it and skipped where hooks
+watch the modules it bypasses: `ScGPTModel.fuse` runs the elementwise work around each layer's
+matrix products (dropout, residual add, LayerNorm, ReLU, the value encoder) as kernels
+fused by `torch.compile`, with dynamic token counts so packed batches do not recompile;
+`ScGPTModel.cell_states` computes the last layer at the `<cls>` tokens only, which is all
+the classifier reads.
 """
 
 import functools
@@ -259,16 +266,36 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, keep: Tensor | None, packing: Packing | None = None) -> Tensor:
         """x [B, L, D] with keep [B, 1, 1, L] (True for keys that may be attended to), or
         x [T, D] packed as `packing` says (keep unused)."""
+        return self.out_proj(self.attend(x, keep, packing))
+
+    def attend(self, x: Tensor, keep: Tensor | None, packing: Packing | None = None) -> Tensor:
+        """The heads' outputs, concatenated, before `out_proj`; arguments as `forward`."""
         p = self.dropout if self.training else 0.0
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         if packing is not None:
             T, D = x.shape
             q, k, v = qkv.view(T, 3, self.nhead, D // self.nhead).unbind(1)
-            return self.out_proj(_packed_attention(q, k, v, packing, p).reshape(T, D))
+            return _packed_attention(q, k, v, packing, p).reshape(T, D)
         B, L, D = x.shape
         q, k, v = qkv.view(B, L, 3, self.nhead, D // self.nhead).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
-        return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
+        return y.transpose(1, 2).reshape(B, L, D)
+
+    def attend_cls(self, x: Tensor, keep: Tensor | None, packing: Packing | None = None) -> Tensor:
+        """`attend` for the query at each cell's first token (`<cls>`) only: [B, D]."""
+        p = self.dropout if self.training else 0.0
+        D = x.shape[-1]
+        heads = (self.nhead, D // self.nhead)
+        first = x[:, 0] if packing is None else x[packing.starts()]
+        B = first.shape[0]
+        q = F.linear(first, self.in_proj_weight[:D], self.in_proj_bias[:D]).view(B, *heads)
+        kv = F.linear(x, self.in_proj_weight[D:], self.in_proj_bias[D:])
+        if packing is not None:
+            k, v = kv.view(-1, 2, *heads).unbind(1)
+            return _packed_attention(q, k, v, packing, p, queries=1).reshape(B, D)
+        k, v = kv.view(B, -1, 2, *heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=keep, dropout_p=p)
+        return y.reshape(B, D)
 
 
 @functools.cache
@@ -287,25 +314,69 @@ def packing_pays(model: nn.Module) -> bool:
     )
 
 
-def _packed_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, dropout: float):
-    """Attention within each packed cell; q, k, v and the result are [T, heads, head_dim].
+def _packed_attention(
+    q: Tensor, k: Tensor, v: Tensor, packing: Packing, dropout: float, queries: int = 0
+):
+    """Attention within each packed cell; k, v and the result are [T, heads, head_dim], and
+    so is q, unless `queries` is set: then q holds each cell's first `queries` tokens only,
+    [B * queries, heads, head_dim], and so does the result.
 
     FlashAttention's variable-length kernel on a GPU in half precision; elsewhere the cells
     are padded again for `scaled_dot_product_attention` (same maths, no speed-up).
     """
+    cu, n = packing.cu_seqlens, packing.max_len
+    cu_q, n_q = cu, n
+    if queries:
+        cu_q = queries * torch.arange(len(cu), device=cu.device, dtype=cu.dtype)
+        n_q = queries
     if flash_attention_available(q.device) and q.dtype in (torch.float16, torch.bfloat16):
-        cu, n = packing.cu_seqlens, packing.max_len
         return torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, n, n, dropout, False, False
+            q, k, v, cu_q, cu, n_q, n, dropout, False, False
         )[0]
-    q, k, v = (packing.unpack(t).transpose(1, 2) for t in (q, k, v))
+    k, v = (packing.unpack(t).transpose(1, 2) for t in (k, v))
+    q = (q.unflatten(0, (-1, queries)) if queries else packing.unpack(q)).transpose(1, 2)
     keep = ~packing.padding_mask()[:, None, None, :]
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
-    return packing.pack(y.transpose(1, 2))
+    y = y.transpose(1, 2)
+    return y.flatten(0, 1) if queries else packing.pack(y)
+
+
+def _observed(*modules: nn.Module) -> bool:
+    """Whether forward hooks watch any of `modules` (the fused paths would skip them)."""
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+@functools.cache
+def _compiled(fn):
+    """`fn` compiled with dynamic shapes, so that a new token count reuses the kernels."""
+    return torch.compile(fn, dynamic=True)
+
+
+def _after_attention(x, a, out_w, out_b, norm_w, norm_b, w1, b1, p_attn, p_mlp, training, pre):
+    """(residual stream after attention, the down-projection's input) from the heads'
+    output `a`; `norm_*` is norm1 post-LN (`pre` False) and norm2 pre-LN."""
+    a = F.dropout(F.linear(a, out_w, out_b), p_attn, training)
+    if pre:
+        x = x + a
+        h = F.layer_norm(x, x.shape[-1:], norm_w, norm_b, LAYER_NORM_EPS)
+    else:
+        x = h = F.layer_norm(x + a, x.shape[-1:], norm_w, norm_b, LAYER_NORM_EPS)
+    return x, F.dropout(F.relu(F.linear(h, w1, b1)), p_mlp, training)
+
+
+def _after_mlp(x, y, norm_w, norm_b, p_out, training, pre):
+    """The layer's output from the residual stream `x` and the down-projection's output `y`."""
+    r = x + F.dropout(y, p_out, training)
+    return r if pre else F.layer_norm(r, r.shape[-1:], norm_w, norm_b, LAYER_NORM_EPS)
 
 
 class EncoderLayer(nn.Module):
     """Transformer encoder layer with ReLU MLP; post-LN (scGPT) or pre-LN."""
+
+    fused = False  # set by ScGPTModel.fuse
 
     def __init__(self, config: ScGPTConfig):
         super().__init__()
@@ -342,7 +413,40 @@ class EncoderLayer(nn.Module):
         return r if self.pre_norm else self.norm2(r)
 
     def forward(self, x: Tensor, keep: Tensor | None, packing: Packing | None = None) -> Tensor:
-        return self.finish(self.residual(x, keep, packing)[0])
+        if not self.fused or self._watched():
+            return self.finish(self.residual(x, keep, packing)[0])
+        heads = self.self_attn.attend(self.norm1(x) if self.pre_norm else x, keep, packing)
+        return self._rest(x, heads)
+
+    def forward_cls(self, x: Tensor, keep: Tensor | None, packing: Packing | None = None) -> Tensor:
+        """The layer's output at each cell's first token (`<cls>`) only, [B, D]; the other
+        tokens serve as keys and values. Arguments as `forward`; hooks on the layer's
+        modules see the [B, ...] rows of the `<cls>` tokens."""
+        heads = self.self_attn.attend_cls(self.norm1(x) if self.pre_norm else x, keep, packing)
+        return self._rest(x[:, 0] if packing is None else x[packing.starts()], heads)
+
+    def _rest(self, x: Tensor, heads: Tensor) -> Tensor:
+        """The layer after attention, as plain functions (compiled when fused): from the
+        residual stream `x` entering the layer and the heads' output."""
+        norm = self.norm2 if self.pre_norm else self.norm1
+        after_attention, after_mlp = _after_attention, _after_mlp
+        if self.fused:
+            after_attention, after_mlp = _compiled(_after_attention), _compiled(_after_mlp)
+        x, u = after_attention(
+            x, heads, self.self_attn.out_proj.weight, self.self_attn.out_proj.bias,
+            norm.weight, norm.bias, self.linear1.weight, self.linear1.bias,
+            self.dropout1.p, self.dropout.p, self.training, self.pre_norm,
+        )  # fmt: skip
+        y = self.linear2(u)
+        return after_mlp(
+            x, y, self.norm2.weight, self.norm2.bias, self.dropout2.p, self.training, self.pre_norm
+        )
+
+    def _watched(self) -> bool:
+        """Whether hooks watch a module that `_rest` calls as a plain function."""
+        attn = self.self_attn
+        return _observed(attn, attn.out_proj, self.norm1, self.norm2, self.linear1,
+                         self.dropout, self.dropout1, self.dropout2)  # fmt: skip
 
 
 class TransformerEncoder(nn.Module):
@@ -365,6 +469,20 @@ class TransformerEncoder(nn.Module):
         for layer in self.layers[start:stop]:
             x = layer(x, keep, packing)
         return x
+
+    def cell_states(
+        self, x: Tensor, padding_mask: Tensor, packing: Packing | None = None, start: int = 0
+    ) -> Tensor:
+        """[B, D] output of the last layer at each cell's `<cls>` token, from `x` entering
+        layer `start`. The last layer runs for the `<cls>` queries only, unless hooks watch
+        this module or any of the last layer's (they then see every token, as in `forward`)."""
+        last = len(self.layers) - 1
+        if start <= last and not _observed(self, *self.layers[last].modules()):
+            x = self(x, padding_mask, packing, start, last)
+            keep = None if packing is not None else ~padding_mask.bool()[:, None, None, :]
+            return self.layers[last].forward_cls(x, keep, packing)
+        x = self(x, padding_mask, packing, start)
+        return x[:, 0] if packing is None else x[packing.starts()]
 
 
 class ExprDecoder(nn.Module):
@@ -418,8 +536,21 @@ class MVCDecoder(nn.Module):
         return torch.einsum("bld,bd->bl", query, cell_emb)
 
 
+def _embedding(ids, values, table, pad_id, gene_w, gene_b, w1, b1, w2, b2, norm_w, norm_b,
+               max_value, p, training):  # fmt: skip
+    """`ScGPTModel.embed` as one function (see `GeneEncoder`, `ContinuousValueEncoder`)."""
+    gene = F.embedding(ids, table, pad_id)
+    gene = F.layer_norm(gene, gene.shape[-1:], gene_w, gene_b, LAYER_NORM_EPS)
+    x = values.to(gene.dtype).unsqueeze(-1).clamp(max=max_value)
+    x = F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)
+    x = F.layer_norm(x, x.shape[-1:], norm_w, norm_b, LAYER_NORM_EPS)
+    return gene + F.dropout(x, p, training), gene
+
+
 class ScGPTModel(nn.Module):
     """scGPT TransformerModel: gene + value embeddings, encoder, and output heads."""
+
+    fused = False  # see `fuse`
 
     def __init__(self, config: ScGPTConfig):
         super().__init__()
@@ -441,19 +572,29 @@ class ScGPTModel(nn.Module):
         padding_mask: Tensor,
         packing: Packing | None = None,
         heads: Sequence[str] | None = None,
+        cells_only: bool = False,
     ) -> dict[str, Tensor]:
         """gene_ids [B, L] long, values [B, L] float, padding_mask [B, L] bool (True = pad).
 
         Returns "hidden" [B, L, D], "cell_emb" [B, D] (output at `<cls>`, position 0) and the
         heads among "expr" [B, L], "cls_logits" [B, n_cls], "mvc" [B, L] that the model has
         and `heads` asks for (None: all). With `packing`, only the real tokens are computed
-        (see `Packing`); outputs at padding positions are then 0.
+        (see `Packing`); outputs at padding positions are then 0. `cells_only` computes just
+        what "cell_emb" and "cls_logits" need (`cell_states`) and returns only those (asking
+        for another head is an error).
         """
         if gene_ids.shape != values.shape or gene_ids.shape != padding_mask.shape:
             raise ValueError(
                 f"gene_ids {tuple(gene_ids.shape)}, values {tuple(values.shape)} and "
                 f"padding_mask {tuple(padding_mask.shape)} must have the same [B, L] shape"
             )
+        if cells_only:
+            if heads is not None and set(heads) & {"expr", "mvc"}:
+                raise ValueError('cells_only computes "cell_emb" and "cls_logits" only')
+            out = {"cell_emb": self.cell_states(gene_ids, values, padding_mask, packing)}
+            if self.config.n_cls > 0 and (heads is None or "cls_logits" in heads):
+                out["cls_logits"] = self.cls_decoder(out["cell_emb"])
+            return out
         if packing is not None:
             gene_ids, values = packing.pack(gene_ids), packing.pack(values)
         x, gene_emb = self.embed(gene_ids, values)
@@ -461,8 +602,40 @@ class ScGPTModel(nn.Module):
 
     def embed(self, gene_ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """(hidden states entering layer 0, gene embeddings): gene + value embedding."""
-        gene_emb = self.encoder(gene_ids)
-        return gene_emb + self.value_encoder(values.to(gene_emb.dtype)), gene_emb
+        if not self.fused or _observed(*self.encoder.modules(), *self.value_encoder.modules()):
+            gene_emb = self.encoder(gene_ids)
+            return gene_emb + self.value_encoder(values.to(gene_emb.dtype)), gene_emb
+        genes, value = self.encoder, self.value_encoder
+        return _compiled(_embedding)(
+            gene_ids, values, genes.embedding.weight, self.config.pad_token_id,
+            genes.enc_norm.weight, genes.enc_norm.bias, value.linear1.weight, value.linear1.bias,
+            value.linear2.weight, value.linear2.bias, value.norm.weight, value.norm.bias,
+            value.max_value, value.dropout.p, self.training,
+        )  # fmt: skip
+
+    def fuse(self, enabled: bool = True) -> "ScGPTModel":
+        """Run the elementwise work of the embeddings and of each layer (dropout, residual
+        adds, LayerNorms, ReLU) as kernels fused by `torch.compile`, with dynamic shapes;
+        the matrix products, attention and the down-projection stay ordinary calls, and any
+        part that forward hooks watch runs unfused. Compiling takes a while on the first
+        batches: worth it for training and long runs on a GPU. Returns the model."""
+        if enabled:  # train/eval, grad/no grad, packed/padded, dtypes: one graph each
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.fused = enabled
+        for layer in self.transformer_encoder.layers:
+            layer.fused = enabled
+        return self
+
+    def cell_states(
+        self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor, packing: Packing | None = None
+    ) -> Tensor:
+        """[B, D] encoder output at each cell's `<cls>` token (`forward`'s "cell_emb"), with
+        the last layer computed for those tokens only (see `TransformerEncoder.cell_states`);
+        arguments as `forward`."""
+        if packing is not None:
+            gene_ids, values = packing.pack(gene_ids), packing.pack(values)
+        hidden = self.embed(gene_ids, values)[0]
+        return self.transformer_encoder.cell_states(hidden, padding_mask.bool(), packing)
 
     def encode(
         self,
