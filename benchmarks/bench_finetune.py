@@ -6,10 +6,16 @@ cell lengths uniform from --min-genes to --seq-len tokens):
   scgpt  scGPT 0.2.4's TransformerModel (PyTorch attention path), fp16 autocast +
          GradScaler, Adam, every batch padded to --seq-len, as in its annotation tutorial;
   same   ScGPTModel, bf16 autocast, otherwise the same recipe and batches;
-  packed ScGPTModel as `superweights finetune` trains on a GPU: packed batches (only real
-         tokens computed, FlashAttention per cell; consecutive cells until --tokens real
-         tokens, default --batch x --seq-len, the scgpt row's padded batch), only the
-         classifier head computed, fused AdamW.
+  packed ScGPTModel packed: only real tokens computed, FlashAttention per cell;
+         consecutive cells until --tokens real tokens, default --batch x --seq-len, the
+         scgpt row's padded batch; only the classifier head computed, and the last layer
+         at the `<cls>` tokens only (`cells_only`); fused AdamW;
+  fused  the same with `ScGPTModel.fuse` (elementwise kernels fused by torch.compile);
+  graphed  as `superweights finetune` trains on a GPU: --graph-cells cells per step (KEY@N
+         sets N), packed into few shapes (`Collate(bucket=1024)`), each step replayed from
+         a CUDA graph (`GraphedSteps`; captured for every shape during the warm-up),
+         capturable fused AdamW;
+  graphed_fused  the same with fused kernels.
 
 Every row takes --warmup untimed steps (kernel selection, allocator warm-up), then trains over the
 same timed cells (--steps x --batch). Cells/s and tokens/s count real cells and
@@ -41,8 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from superweights.model.graphed import GraphedSteps, capturable_adamw
 from superweights.model.scgpt import Packing, ScGPTConfig, ScGPTModel
 from superweights.model.scgpt_reference import load_reference_module
+from superweights.model.tokens import Collate
 
 LR, ADAM_EPS, CLIP_NORM = 1e-4, 1e-4, 1.0  # scGPT's annotation tutorial (eps 1e-4 with AMP)
 N_BINS = 51
@@ -58,6 +66,8 @@ class Recipe:
     grad_scaler: bool = False
     fused_adamw: bool = False
     packed: bool = False
+    fuse: bool = False
+    graphed: bool = False
 
 
 @dataclass
@@ -77,12 +87,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
-    p.add_argument("--rows", default="scgpt,same,packed", help="comma-separated row keys")
+    p.add_argument(
+        "--rows",
+        default="scgpt,same,packed,fused",
+        help="comma-separated row keys; KEY@N: a packed row with N tokens per batch",
+    )
     p.add_argument("--steps", type=int, default=64, help="timed steps at --batch")
     p.add_argument("--cells", type=int, default=None, help="timed cells (default steps x batch)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per row")
     p.add_argument("--batch", type=int, default=32, help="batch of the scgpt and same rows")
     p.add_argument("--tokens", type=int, default=None, help="packed rows: tokens per batch")
+    p.add_argument("--graph-cells", type=int, default=48, help="graphed rows: cells per step")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-hid", type=int, default=None, help="MLP width (default: d-model)")
@@ -101,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cells = args.cells or args.steps * args.batch
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     args.tokens = args.tokens or args.batch * args.seq_len
-    unknown = set(args.rows) - set(RECIPES)
+    unknown = {r.partition("@")[0] for r in args.rows} - set(RECIPES)
     if unknown or not 2 <= args.min_genes <= args.seq_len or args.tokens < args.seq_len:
         p.error(
             f"unknown rows {sorted(unknown)}, --min-genes outside 2..--seq-len or --tokens "
@@ -121,6 +136,26 @@ def make_cells(n: int, args: argparse.Namespace, g: torch.Generator) -> Cells:
     gene_ids[pad], values[pad] = pad_id, -2.0
     labels = torch.randint(0, args.n_cls, (n,), generator=g)
     return Cells(gene_ids, values, lengths, labels)
+
+
+def graph_batches(cells: Cells, args: argparse.Namespace) -> list[dict]:
+    """Batches of --graph-cells cells in order, as `superweights finetune` makes them for
+    CUDA graphs (`Collate` with a bucket), pinned on the host."""
+    pad_id = args.vocab - 3
+    collate = Collate(pad_id, pack=True, bucket=min(1024, args.seq_len), width=args.seq_len)
+    batches = []
+    for start in range(0, len(cells.lengths), args.graph_cells):
+        stop = min(start + args.graph_cells, len(cells.lengths))
+        items = [
+            {"gene_ids": cells.gene_ids[i, :n], "values": cells.values[i, :n],
+             "label": cells.labels[i]}
+            for i, n in zip(range(start, stop), cells.lengths[start:stop].tolist(), strict=True)
+        ]  # fmt: skip
+        batch = collate(items)
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+        batch.update(cells=stop - start, tokens=int(cells.lengths[start:stop].sum()))
+        batches.append(batch)
+    return batches
 
 
 def make_batches(
@@ -203,7 +238,9 @@ def build_ours(args: argparse.Namespace):
     )
 
     def forward(m: nn.Module, b: dict) -> Tensor:
-        out = m(b["gene_ids"], b["values"], b["padding_mask"], b.get("packing"), ("cls_logits",))
+        packing = b.get("packing")
+        cells_only = packing is not None
+        out = m(b["gene_ids"], b["values"], b["padding_mask"], packing, ("cls_logits",), cells_only)
         return out["cls_logits"]
 
     return ScGPTModel(config), forward
@@ -213,6 +250,15 @@ RECIPES = {
     "scgpt": Recipe("scGPT 0.2.4", build_scgpt, torch.float16, grad_scaler=True),
     "same": Recipe("ours, same recipe", build_ours, torch.bfloat16),
     "packed": Recipe("ours, packed", build_ours, torch.bfloat16, fused_adamw=True, packed=True),
+    "fused": Recipe(
+        "ours, packed, fused", build_ours, torch.bfloat16, fused_adamw=True, packed=True, fuse=True
+    ),
+    "graphed": Recipe(
+        "ours, CUDA graphs", build_ours, torch.bfloat16, fused_adamw=True, packed=True, graphed=True
+    ),
+    "graphed_fused": Recipe(
+        "ours, CUDA graphs, fused", build_ours, torch.bfloat16, True, True, True, True, True
+    ),
 }
 
 
@@ -269,7 +315,11 @@ def measure(recipe, args, device, warm_cells, timed_cells) -> dict:
     torch.manual_seed(args.seed)
     model, forward = recipe.build(args)
     model.to(device).train()
-    if recipe.fused_adamw:
+    if recipe.fuse:
+        model.fuse()
+    if recipe.graphed:
+        optimizer = capturable_adamw(model.parameters(), LR, device, eps=ADAM_EPS, weight_decay=0)
+    elif recipe.fused_adamw:
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=LR, eps=ADAM_EPS, weight_decay=0.0, fused=True
         )
@@ -277,26 +327,45 @@ def measure(recipe, args, device, warm_cells, timed_cells) -> dict:
         optimizer = torch.optim.Adam(model.parameters(), lr=LR, eps=ADAM_EPS)
     scaler = torch.amp.GradScaler(device.type) if recipe.grad_scaler else None
     warm = make_batches(warm_cells, args, device, recipe.packed)[: args.warmup]
-    timed = make_batches(timed_cells, args, device, recipe.packed)
+
+    def step(model, batch):
+        return train_step(model, forward, batch, optimizer, scaler, recipe, device)
+
+    if recipe.graphed:
+        timed = graph_batches(timed_cells, args)
+        graphs = GraphedSteps(
+            model,
+            lambda m, b: F.cross_entropy(forward(m, b), b["labels"]),
+            optimizer,
+            CLIP_NORM,
+            lambda: torch.autocast(device.type, dtype=recipe.amp_dtype, cache_enabled=False),
+        )
+        tensors = ("gene_ids", "values", "padding_mask", "labels", "packing")
+        step = lambda model, batch: graphs({k: batch[k] for k in tensors})  # noqa: E731
+        shapes = {(tuple(b["gene_ids"].shape), len(b["packing"].index)): b for b in timed}
+        warm = warm[:1] + list(shapes.values())  # the first step runs eagerly
+    else:
+        timed = make_batches(timed_cells, args, device, recipe.packed)
 
     sync(device)
     start = time.perf_counter()
-    for batch in warm:
-        train_step(model, forward, batch, optimizer, scaler, recipe, device)
+    for i, batch in enumerate(warm):
+        if recipe.graphed and i == 0:
+            train_step(model, forward, batch, optimizer, scaler, recipe, device)
+        else:
+            step(model, batch)
     sync(device)
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for batch in timed:
-        loss = train_step(model, forward, batch, optimizer, scaler, recipe, device)
+        loss = step(model, batch)
     sync(device)
     seconds = time.perf_counter() - start
     cells = sum(b["cells"] for b in timed)
     tokens = sum(b["tokens"] for b in timed)
     padded_tokens = sum(b["gene_ids"].numel() for b in timed)
     return {
-        "batch": f"≤ {args.tokens:,} tokens ({cells / len(timed):.0f} cells)"
-        if recipe.packed
-        else str(args.batch),
+        "batch": batch_label(recipe, args, cells / len(timed), tokens / len(timed)),
         "steps": len(timed),
         "cells": cells,
         "real_tokens": tokens,
@@ -313,6 +382,14 @@ def measure(recipe, args, device, warm_cells, timed_cells) -> dict:
     }
 
 
+def batch_label(recipe: Recipe, args: argparse.Namespace, cells: float, tokens: float) -> str:
+    if recipe.graphed:
+        return f"{args.graph_cells} cells ({tokens:,.0f} real tokens)"
+    if recipe.packed:
+        return f"≤ {args.tokens:,} tokens ({cells:.0f} cells)"
+    return str(args.batch)
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -320,9 +397,13 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_row(key, args, device, warm_cells, timed_cells) -> dict:
-    """One row; an exception becomes an error row."""
+def run_row(spec, args, device, warm_cells, timed_cells) -> dict:
+    """One row (`KEY` or `KEY@tokens`); an exception becomes an error row."""
+    key, _, budget = spec.partition("@")
     recipe = RECIPES[key]
+    if budget:
+        field = "graph_cells" if recipe.graphed else "tokens"
+        args = argparse.Namespace(**{**vars(args), field: int(budget)})
     row = {"row": key, "label": recipe.label, "error": None}
     free_memory(device)
     print(f"running {recipe.label} ...", flush=True)
@@ -384,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     flops_peak = matmul_peak(device, peak_n)
     g = torch.Generator().manual_seed(args.seed)
     timed_cells = make_cells(args.cells, args, g)
-    warm_cells = make_cells(args.warmup * max(args.batch, args.tokens // args.min_genes), args, g)
+    most = max([args.tokens] + [int(r.partition("@")[2] or 0) for r in args.rows])
+    warm_cells = make_cells(args.warmup * max(args.batch, most // args.min_genes), args, g)
     real = float(timed_cells.lengths.float().mean())
     header = (
         f"Fine-tuning throughput, CLS objective: {args.layers} layers, d_model {args.d_model}, "

@@ -7,7 +7,7 @@ each epoch and reproducible from (seed, epoch, cell index). Batches are padded w
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 CLS_VALUE = 0.0
 PAD_VALUE = -2.0
 MASK_VALUE = -1.0
+IGNORE_LABEL = -100
+"""Label of filler rows; `F.cross_entropy` leaves it out by default."""
 
 
 def gene_token_ids(genes, vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -98,25 +100,43 @@ class Collate:
     """Pad a list of cells to the longest one: gene_ids, values, padding_mask (True = pad).
 
     With `pack`, the batch also holds its `Packing` (for the model's packed forward pass).
+    With `bucket` (and `pack`), batches come in few shapes, for CUDA graphs: padded to
+    `width` columns, plus one filler row of `<pad>` tokens counted as real (label
+    `IGNORE_LABEL`, its own sequence in the packing) that brings the packed token count to
+    the next multiple of `bucket` (at most `width`); the packing's `max_len` is `width`.
     """
 
     pad_id: int
     pad_value: float = PAD_VALUE
     pack: bool = False
+    bucket: int = 0
+    width: int | None = None
+
+    def __post_init__(self):
+        if self.bucket and not (self.pack and self.width and 0 < self.bucket <= self.width):
+            raise ValueError(f"bucket {self.bucket} needs pack and 0 < bucket <= width")
 
     def __call__(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        length = max(len(item["gene_ids"]) for item in items)
-        gene_ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
-        values = torch.full((len(items), length), self.pad_value, dtype=torch.float32)
+        lengths = [len(item["gene_ids"]) for item in items]
+        length = self.width if self.bucket else max(lengths)
+        rows = len(items) + (1 if self.bucket else 0)
+        gene_ids = torch.full((rows, length), self.pad_id, dtype=torch.long)
+        values = torch.full((rows, length), self.pad_value, dtype=torch.float32)
         for row, item in enumerate(items):
-            n = len(item["gene_ids"])
-            gene_ids[row, :n] = item["gene_ids"]
-            values[row, :n] = item["values"]
-        batch = {"gene_ids": gene_ids, "values": values, "padding_mask": gene_ids == self.pad_id}
+            gene_ids[row, : lengths[row]] = item["gene_ids"]
+            values[row, : lengths[row]] = item["values"]
+        padding = gene_ids == self.pad_id
+        if self.bucket:
+            padding[-1, : self.bucket - sum(lengths) % self.bucket] = False  # the filler
+        batch = {"gene_ids": gene_ids, "values": values, "padding_mask": padding}
         if "label" in items[0]:
-            batch["labels"] = torch.stack([item["label"] for item in items])
+            labels = [item["label"] for item in items]
+            if self.bucket:
+                labels.append(torch.tensor(IGNORE_LABEL))
+            batch["labels"] = torch.stack(labels)
         if self.pack:
-            batch["packing"] = Packing.from_padding(batch["padding_mask"])
+            packing = Packing.from_padding(padding)
+            batch["packing"] = replace(packing, max_len=length) if self.bucket else packing
         return batch
 
 

@@ -37,6 +37,7 @@ from ..data.vocab import SPECIAL_TOKENS
 from ..errors import UserError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import SINGLE, RankSlices, World, all_sum, init_world, loss_weight
+from .graphed import GraphedSteps, capturable_adamw
 from .scgpt import ScGPTConfig, ScGPTModel, flash_attention_available
 from .tokens import CellDataset, Collate, EpochSampler, gene_token_ids, mask_values
 
@@ -47,6 +48,7 @@ HISTORY_COLUMNS = (
     "epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds", "spike_seconds", "seconds",
 )  # fmt: skip
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each waits for the GPU)
+GRAPH_BUCKET = 1024  # tokens: graphed batches are padded to a multiple (few shapes)
 
 
 @dataclass
@@ -75,7 +77,9 @@ class TrainSettings:
     `patience`: epochs without a lower validation loss before stopping.
     `spike_cells`: validation cells on which the probe's statistics are recorded over
     training (0 = off); `spike_every`: steps between those passes besides the one before
-    training and the one after each epoch (0 = none).
+    training and the one after each epoch (0 = none). `cuda_graphs`: on a GPU, replay
+    fine-tuning steps from CUDA graphs (`graphed.GraphedSteps`; classifier objective alone,
+    one process), with the elementwise kernels fused (`ScGPTModel.fuse`).
     """
 
     epochs: int = 8
@@ -92,6 +96,7 @@ class TrainSettings:
     num_workers: int = 0
     spike_cells: int = 64
     spike_every: int = 0
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         if self.spike_cells < 0 or self.spike_every < 0:
@@ -120,9 +125,23 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _graph_autocast():
+    """bf16 autocast inside a CUDA graph capture (no cache of cast weights across it)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+
+
 def packs(device: torch.device) -> bool:
     """Whether batches run packed (`Packing`): on GPUs where FlashAttention runs."""
     return flash_attention_available(device)
+
+
+def graph_bucket(device: torch.device, world: World, settings: TrainSettings) -> int:
+    """The token bucket of fine-tuning batches replayed from CUDA graphs (see
+    `graphed.GraphedSteps`), or 0 where steps run eagerly: other devices, several
+    processes, masked-value objectives, or `cuda_graphs` off."""
+    if not (settings.cuda_graphs and packs(device) and world.size == 1):
+        return 0
+    return 0 if settings.mlm_weight > 0 else min(GRAPH_BUCKET, settings.max_seq_len)
 
 
 @contextlib.contextmanager
@@ -207,16 +226,19 @@ def make_loader(
     sampler: Sampler | Iterable[int] | None = None,
     world: World = SINGLE,
     pack: bool = False,
+    bucket: int = 0,
 ) -> DataLoader:
     """Batches of padded cells; the sampler (default: seeded EpochSampler) is replaceable.
 
     With several data-parallel processes, each gets its slice of every global batch.
-    `pack`: batches also carry their `Packing` (see `packs`).
+    `pack`: batches also carry their `Packing` (see `packs`); `bucket`: and come in few
+    shapes (see `Collate`).
     """
     if sampler is None:
         sampler = EpochSampler(len(dataset), shuffle, settings.seed)
+    width = settings.max_seq_len if bucket else None
     common = {
-        "collate_fn": Collate(pad_id, pack=pack),
+        "collate_fn": Collate(pad_id, pack=pack, bucket=bucket, width=width),
         "num_workers": settings.num_workers,
         "pin_memory": torch.cuda.is_available(),
     }
@@ -233,9 +255,15 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def _run(model, batch: dict, values: Tensor, heads: tuple[str, ...]) -> dict[str, Tensor]:
-    """The model's forward pass on one batch (packed when the batch says so)."""
+    """The model's forward pass on one batch (packed when the batch says so); with the
+    classifier head alone, only what the `<cls>` outputs need (see `ScGPTModel.cell_states`)."""
     return model(
-        batch["gene_ids"], values, batch["padding_mask"], packing=batch.get("packing"), heads=heads
+        batch["gene_ids"],
+        values,
+        batch["padding_mask"],
+        packing=batch.get("packing"),
+        heads=heads,
+        cells_only=tuple(heads) == ("cls_logits",),
     )
 
 
@@ -433,21 +461,24 @@ class FitResult:
     epochs_run: int
 
 
-def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+def _optimizer(
+    model: nn.Module, settings: TrainSettings, capturable: bool = False
+) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only (not on biases, norms, embeddings:
     rows of genes absent from the data would otherwise shrink without ever being used);
-    the fused kernel on a GPU."""
-    groups: dict[bool, list] = {True: [], False: []}
+    the fused kernel on a GPU, `capturable` for CUDA graphs."""
+    split: dict[bool, list] = {True: [], False: []}
     for name, param in model.named_parameters():
-        groups[param.ndim >= 2 and "embedding" not in name].append(param)
+        split[param.ndim >= 2 and "embedding" not in name].append(param)
+    groups = [
+        {"params": split[True], "weight_decay": settings.weight_decay},
+        {"params": split[False]},
+    ]
+    device = next(model.parameters()).device
+    if capturable:
+        return capturable_adamw(groups, settings.lr, device, weight_decay=0.0)
     return torch.optim.AdamW(
-        [
-            {"params": groups[True], "weight_decay": settings.weight_decay},
-            {"params": groups[False]},
-        ],
-        lr=settings.lr,
-        weight_decay=0.0,
-        fused=next(model.parameters()).is_cuda or None,
+        groups, lr=settings.lr, weight_decay=0.0, fused=device.type == "cuda" or None
     )
 
 
@@ -463,8 +494,13 @@ def _fit(
     name,
     world,
     monitor=None,
+    graphed: bool = False,
 ):
     """Train with early stopping; leaves the best epoch's weights in `model`.
+
+    `graphed`: once the optimiser has its state (after the first step, or on resuming),
+    steps are replayed from CUDA graphs (`GraphedSteps`; the loader must bucket its
+    batches, see `graph_bucket`).
 
     `monitor` (a `SpikeMonitor`, optional) records before the first step, when it says a
     step is due, and after each epoch's last step; its time is kept out of `train_seconds`.
@@ -477,7 +513,12 @@ def _fit(
     if world.size > 1:
         ids = [device.index] if device.type == "cuda" else None
         trained = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
-    optimizer = _optimizer(model, settings)
+    optimizer = _optimizer(model, settings, capturable=graphed)
+    graphs = None
+    if graphed:
+        graphs = GraphedSteps(
+            model, lambda m, b: loss_fn(m, b, 0), optimizer, settings.grad_clip, _graph_autocast
+        )
     total = settings.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(total, settings.warmup_fraction)
@@ -514,11 +555,12 @@ def _fit(
             weight = 1.0
             if global_sizes is not None:
                 weight = loss_weight(len(batch["gene_ids"]), global_sizes[step], world)
-            losses.append(
-                train_step(
-                    trained, batch, loss_fn, seed, optimizer, scheduler, settings, device, weight
-                )
-            )
+            if graphs is not None and optimizer.state:  # the first step made the state
+                losses.append(graphs(batch))
+                scheduler.step()
+            else:
+                args = (batch, loss_fn, seed, optimizer, scheduler, settings, device, weight)
+                losses.append(train_step(trained, *args))
             if step % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
             done = epoch * steps + step + 1
@@ -722,11 +764,16 @@ def finetune(
         if len(data["test"]) == 0:
             raise UserError("no cells in split 'test'; preprocess needs more donors")
         pad, pack = config.pad_token_id, packs(device)
+        bucket = graph_bucket(device, world, settings)
+        model.fuse(bucket > 0)  # graphed steps no longer wait on the host: fusion pays
         val_share = range(world.rank, len(data["val"]), world.size)
         monitor = _spike_monitor(adata, vocab, model, settings, device, "finetune")
+        train = make_loader(
+            data["train"], settings, pad, True, world=world, pack=pack, bucket=bucket
+        )
         result = _fit(
             model,
-            make_loader(data["train"], settings, pad, shuffle=True, world=world, pack=pack),
+            train,
             _finetune_loss(settings),
             _classifier_validation(
                 make_loader(data["val"], settings, pad, False, val_share, pack=pack),
@@ -747,6 +794,7 @@ def finetune(
             "finetune",
             world,
             monitor,
+            graphed=bucket > 0,
         )
         test = make_loader(data["test"], settings, pad, False, pack=pack)
         logits, labels = evaluate(model, test, device)
