@@ -89,8 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     p.add_argument(
         "--rows",
-        default="scgpt,same,packed,fused",
-        help="comma-separated row keys; KEY@N: a packed row with N tokens per batch",
+        default="scgpt,same,packed,graphed,graphed_fused",
+        help="comma-separated row keys; KEY@N: N tokens per batch (packed and fused rows) "
+        "or N cells per step (graphed rows)",
     )
     p.add_argument("--steps", type=int, default=64, help="timed steps at --batch")
     p.add_argument("--cells", type=int, default=None, help="timed cells (default steps x batch)")
@@ -257,7 +258,13 @@ RECIPES = {
         "ours, CUDA graphs", build_ours, torch.bfloat16, fused_adamw=True, packed=True, graphed=True
     ),
     "graphed_fused": Recipe(
-        "ours, CUDA graphs, fused", build_ours, torch.bfloat16, True, True, True, True, True
+        "ours, CUDA graphs, fused",
+        build_ours,
+        torch.bfloat16,
+        fused_adamw=True,
+        packed=True,
+        fuse=True,
+        graphed=True,
     ),
 }
 
@@ -341,7 +348,10 @@ def measure(recipe, args, device, warm_cells, timed_cells) -> dict:
             lambda: torch.autocast(device.type, dtype=recipe.amp_dtype, cache_enabled=False),
         )
         tensors = ("gene_ids", "values", "padding_mask", "labels", "packing")
-        step = lambda model, batch: graphs({k: batch[k] for k in tensors})  # noqa: E731
+
+        def step(model, batch):
+            return graphs({k: batch[k] for k in tensors})
+
         shapes = {(tuple(b["gene_ids"].shape), len(b["packing"].index)): b for b in timed}
         warm = warm[:1] + list(shapes.values())  # the first step runs eagerly
     else:
@@ -398,7 +408,7 @@ def free_memory(device: torch.device) -> None:
 
 
 def run_row(spec, args, device, warm_cells, timed_cells) -> dict:
-    """One row (`KEY` or `KEY@tokens`); an exception becomes an error row."""
+    """One row (`KEY` or `KEY@N`, see --rows); an exception becomes an error row."""
     key, _, budget = spec.partition("@")
     recipe = RECIPES[key]
     if budget:

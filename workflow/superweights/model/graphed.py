@@ -8,7 +8,7 @@ packed with `Collate(bucket=...)`, the shape only changes with the number of cel
 real-token count rounded up to the bucket. All graphs share one memory pool and one set
 of gradient tensors (accumulated into, after zeroing, inside each graph).
 
-Requirements, checked by `graphs_apply`: a CUDA device, one process, and a loss that
+Requirements (`train.graph_bucket` checks them): a CUDA device, one process, and a loss that
 depends on the batch tensors alone (the classifier loss; masked-value objectives draw
 their masks on the host). The optimiser must be capturable (`capturable_adamw`), and its
 state must exist before the first capture: the first step runs eagerly.
