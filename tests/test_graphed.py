@@ -12,6 +12,11 @@ from superweights.model.tokens import IGNORE_LABEL, Collate
 
 PAD_ID = 47
 
+NEEDS_FLASH = pytest.mark.skipif(
+    not (torch.cuda.is_available() and flash_attention_available(torch.device("cuda"))),
+    reason="CUDA graphs of packed steps need a GPU with FlashAttention",
+)
+
 
 def cells(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -60,10 +65,7 @@ def test_filler_row_changes_no_cell_result():
     torch.testing.assert_close(loss, F.cross_entropy(outs[0]["cls_logits"], plain["labels"]))
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and flash_attention_available(torch.device("cuda"))),
-    reason="CUDA graphs of packed steps need a GPU with FlashAttention",
-)
+@NEEDS_FLASH
 @pytest.mark.parametrize("fuse", [False, True])
 def test_replayed_steps_equal_eager_steps_on_gpu(fuse):
     torch.manual_seed(0)
@@ -107,10 +109,7 @@ def test_replayed_steps_equal_eager_steps_on_gpu(fuse):
     assert losses["graphed"][-1] != losses["graphed"][1]  # the steps did train
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and flash_attention_available(torch.device("cuda"))),
-    reason="CUDA graphs of packed steps need a GPU with FlashAttention",
-)
+@NEEDS_FLASH
 @pytest.mark.parametrize("fuse", [False, True])
 def test_replays_draw_new_dropout_masks_on_gpu(fuse):
     """Dropout (eager, fused and in attention) draws new masks at every replay: with the

@@ -12,6 +12,11 @@ from superweights.model.scgpt import (
 from superweights.model.tokens import Collate
 
 PAD_ID = 47
+
+NEEDS_FLASH = pytest.mark.skipif(
+    not (torch.cuda.is_available() and flash_attention_available(torch.device("cuda"))),
+    reason="FlashAttention needs a CUDA GPU of compute capability 8.0 or newer",
+)
 LENGTHS = (9, 5, 2, 7)
 
 
@@ -86,10 +91,7 @@ def test_collate_packs_on_request():
     assert torch.equal(batch["packing"].padding_mask(), batch["padding_mask"])
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and flash_attention_available(torch.device("cuda"))),
-    reason="FlashAttention needs a CUDA GPU of compute capability 8.0 or newer",
-)
+@NEEDS_FLASH
 def test_flash_attention_path_matches_padded_on_gpu():
     """bf16 FlashAttention varlen kernel vs padded SDPA, same weights (run on the GPU tool)."""
     gene_ids, values, padding = (t.cuda() for t in padded_batch(width=64, lengths=(64, 30, 3, 50)))
@@ -179,10 +181,7 @@ def test_fused_kernels_equal_the_plain_model():
     )
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and flash_attention_available(torch.device("cuda"))),
-    reason="FlashAttention needs a CUDA GPU of compute capability 8.0 or newer",
-)
+@NEEDS_FLASH
 def test_fused_cells_only_path_matches_plain_on_gpu():
     """bf16, FlashAttention: fused kernels and `<cls>`-only last layer vs the plain forward."""
     gene_ids, values, padding = (t.cuda() for t in padded_batch(width=64, lengths=(64, 30, 3, 50)))
