@@ -1,8 +1,11 @@
 """Packed batches (only real tokens, attention per cell) give the padded batch's results."""
 
+import functools
+
 import pytest
 import torch
 
+from superweights.model import scgpt
 from superweights.model.scgpt import (
     Packing,
     ScGPTConfig,
@@ -191,3 +194,22 @@ def test_fused_cells_only_path_matches_plain_on_gpu():
         plain = net(gene_ids, values, padding)["cls_logits"].float()
         fast = net.fuse()(gene_ids, values, padding, packing, ["cls_logits"], True)["cls_logits"]
     torch.testing.assert_close(fast.float(), plain, rtol=0.05, atol=0.05)
+
+
+def test_fused_kernels_fall_back_to_plain_functions_where_compiling_fails(monkeypatch, caplog):
+    """No working compiler (here: a C++ compiler that does not exist): one warning, and the
+    model runs on, unfused, with the same results."""
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(scgpt._Compiled, "failed", False)
+    monkeypatch.setattr(scgpt, "_compiled", functools.cache(scgpt._Compiled))
+    torch._dynamo.reset()
+    gene_ids, values, padding = padded_batch()
+    net = model().eval()
+    with torch.no_grad():
+        plain = net(gene_ids, values, padding)["hidden"]
+        with caplog.at_level("WARNING", logger="superweights.model.scgpt"):
+            fused = net.fuse()(gene_ids, values, padding)["hidden"]
+    assert scgpt._Compiled.failed
+    assert len([r for r in caplog.records if "fused kernels are off" in r.message]) == 1
+    torch.testing.assert_close(fused, plain)

@@ -21,6 +21,7 @@ the classifier reads.
 """
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
 
 LAYER_NORM_EPS = 1e-5
 HEADS = ("expr", "cls_logits", "mvc")
@@ -349,10 +352,30 @@ def _observed(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+class _Compiled:
+    """`fn` compiled by torch.compile with dynamic shapes, so that a new token count reuses
+    the kernels; where compiling fails (no working C compiler, say), `fn` itself from then
+    on, for every model, with one warning."""
+
+    failed = False
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if not _Compiled.failed:
+            try:
+                return self.compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as err:
+                _Compiled.failed = True
+                reason = str(err).strip().splitlines()[0]
+                log.warning("fused kernels are off, torch.compile failed: %s", reason)
+        return self.fn(*args)
+
+
 @functools.cache
-def _compiled(fn):
-    """`fn` compiled with dynamic shapes, so that a new token count reuses the kernels."""
-    return torch.compile(fn, dynamic=True)
+def _compiled(fn) -> _Compiled:
+    return _Compiled(fn)
 
 
 def _after_attention(x, a, out_w, out_b, norm_w, norm_b, w1, b1, p_attn, p_mlp, training, pre):
