@@ -169,6 +169,7 @@ def test_fused_kernels_equal_the_plain_model():
 
     for layout in (packing, None):
         (plain, plain_grads), (fused, fused_grads) = run(False, layout), run(True, layout)
+        assert not scgpt._Compiled.failed  # compiled, not the plain functions again
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
         for a, b in zip(fused_grads, plain_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -10,8 +10,10 @@ of gradient tensors (accumulated into, after zeroing, inside each graph).
 
 Requirements (`train.graph_bucket` checks them): a CUDA device, one process, and a loss that
 depends on the batch tensors alone (the classifier loss; masked-value objectives draw
-their masks on the host). The optimiser must be capturable (`capturable_adamw`), and its
-state must exist before the first capture: the first step runs eagerly.
+their masks on the host). The optimiser's state must exist before the first capture (the
+first step runs eagerly, or the state comes from a resumed run); each capture makes the
+optimiser capturable first (`make_capturable`: a resumed state brings its learning rate
+back as a CPU number).
 """
 
 import torch
@@ -28,6 +30,16 @@ def capturable_adamw(params, lr: float, device: torch.device, **options) -> torc
     scheduler's current value; `options` go to AdamW."""
     lr = torch.tensor(lr, device=device)
     return torch.optim.AdamW(params, lr=lr, fused=True, capturable=True, **options)
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Every parameter group capturable, its learning rate a tensor on `device` (with the
+    value it has): `load_state_dict` brings back whatever the saved state held."""
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if not (isinstance(lr, Tensor) and lr.device == device):
+            group["lr"] = torch.tensor(float(lr), device=device)
+        group["capturable"] = True
 
 
 class GraphedSteps:
@@ -63,9 +75,10 @@ class GraphedSteps:
 
     def _capture(self, batch: dict):
         device = next(self.model.parameters()).device
+        make_capturable(self.optimizer, device)
         static = {name: value.to(device) for name, value in batch.items()}
         for param in self.model.parameters():  # one set of gradients for all graphs
-            if param.requires_grad and param.grad is None:
+            if param.grad is None and param in self.optimizer.state:  # not the unused ones
                 param.grad = torch.zeros_like(param)
         main = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -76,7 +89,8 @@ class GraphedSteps:
                 self._loss(static).backward()
         main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a DataLoader thread pinning memory meanwhile does not break it
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             self.optimizer.zero_grad(set_to_none=False)
             loss = self._loss(static)
             loss.backward()

@@ -345,11 +345,16 @@ def _packed_attention(
 
 
 def _observed(*modules: nn.Module) -> bool:
-    """Whether forward hooks watch any of `modules` (the fused paths would skip them)."""
+    """Whether hooks watch any of `modules` (the fused paths would skip them)."""
     hooks = nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    if hooks._global_backward_hooks or hooks._global_backward_pre_hooks:
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in modules
+    )
 
 
 class _Compiled:
@@ -443,8 +448,9 @@ class EncoderLayer(nn.Module):
 
     def forward_cls(self, x: Tensor, keep: Tensor | None, packing: Packing | None = None) -> Tensor:
         """The layer's output at each cell's first token (`<cls>`) only, [B, D]; the other
-        tokens serve as keys and values. Arguments as `forward`; hooks on the layer's
-        modules see the [B, ...] rows of the `<cls>` tokens."""
+        tokens serve as keys and values. Arguments as `forward`. Only `linear2` (and, pre-LN,
+        `norm1`) run as module calls, so hooks on the other modules are not called: use
+        `TransformerEncoder.cell_states`, which runs the whole layer where hooks watch it."""
         heads = self.self_attn.attend_cls(self.norm1(x) if self.pre_norm else x, keep, packing)
         return self._rest(x[:, 0] if packing is None else x[packing.starts()], heads)
 
@@ -643,7 +649,9 @@ class ScGPTModel(nn.Module):
         part that forward hooks watch runs unfused. Compiling takes a while on the first
         batches: worth it for training and long runs on a GPU. Returns the model."""
         if enabled:  # train/eval, grad/no grad, packed/padded, dtypes: one graph each
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), 64))
         self.fused = enabled
         for layer in self.transformer_encoder.layers:
             layer.fused = enabled

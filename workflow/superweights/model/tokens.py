@@ -102,8 +102,9 @@ class Collate:
     With `pack`, the batch also holds its `Packing` (for the model's packed forward pass).
     With `bucket` (and `pack`), batches come in few shapes, for CUDA graphs: padded to
     `width` columns, plus one filler row of `<pad>` tokens counted as real (label
-    `IGNORE_LABEL`, its own sequence in the packing) that brings the packed token count to
-    the next multiple of `bucket` (at most `width`); the packing's `max_len` is `width`.
+    `IGNORE_LABEL`, its own sequence in the packing) of 1 to `bucket` tokens that brings
+    the packed token count to a multiple of `bucket` (at most `width`); the packing's
+    `max_len` is `width`.
     """
 
     pad_id: int
