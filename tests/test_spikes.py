@@ -21,7 +21,7 @@ from superweights.probe import find_super_weights
 from superweights.spikes import COLUMNS, SPIKES_FILE, read_spikes
 from superweights.spikes_plots import plot_spikes
 from test_ablate import VOCAB, tokenised
-from test_train import MODEL, SETTINGS, synthetic_tokenised
+from test_train import MODEL, SETTINGS, training_cells
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,8 +34,7 @@ STAT_COLUMNS = ["ratio_in", "ratio_out", "max_in", "max_out", "median_in", "medi
 
 @pytest.fixture(scope="module")
 def data(vocab):
-    genes = [g for g in vocab if g.isalnum() and g.isupper()][:60]
-    return synthetic_tokenised(genes)
+    return training_cells(vocab)
 
 
 @pytest.fixture(scope="module")

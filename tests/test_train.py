@@ -51,10 +51,14 @@ def synthetic_tokenised(genes: list[str], n_cells: int = 600, seed: int = 0) -> 
     return ad.AnnData(X=sp.csr_matrix(bins), obs=obs, var=pd.DataFrame(index=genes))
 
 
+def training_cells(vocab) -> ad.AnnData:
+    """The tokenised cells of the training tests: `synthetic_tokenised` on 60 vocabulary genes."""
+    return synthetic_tokenised([g for g in vocab if g.isalnum() and g.isupper()][:60])
+
+
 @pytest.fixture(scope="module")
 def data(vocab):
-    genes = [g for g in vocab if g.isalnum() and g.isupper()][:60]
-    return synthetic_tokenised(genes)
+    return training_cells(vocab)
 
 
 @pytest.fixture(scope="module")
