@@ -36,6 +36,7 @@ VOCAB = {g: i for i, g in enumerate(GENES)} | {"<pad>": 60, "<cls>": 61, "<eoc>"
 CLASSES = ["astro", "micro", "neuron", "oligo"]
 ROW, K = 5, 7  # the planted super weight: layer 0 linear2.weight[ROW, K]
 PLANTED = "transformer_encoder.layers.0.linear2"
+DONOR_PREFIX = {"train": "T", "val": "V", "test": "D"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,7 +59,10 @@ def tokenised(n: int = 800, seed: int = 0) -> ad.AnnData:
             "label": pd.Categorical([CLASSES[t] for t in types], categories=CLASSES),
             "split": split,
             "Braak": rng.choice(["Braak II", "Braak V"], n),
-            "donor": [f"D{d}" for d in rng.integers(0, 8, n)],
+            # Donors never span splits: test donors D0-D7, training T*, validation V*.
+            "donor": [
+                DONOR_PREFIX[s] + str(d) for s, d in zip(split, rng.integers(0, 8, n), strict=True)
+            ],
         },
         index=[f"cell{i}" for i in range(n)],
     )
@@ -171,12 +175,21 @@ def result(setup):
 def test_planted_super_weight_is_confirmed_and_an_ordinary_weight_is_not(result):
     table = result.confirmed.set_index("candidate")
     planted, ordinary = table.loc[f"L0[{ROW},{K}]"], table.loc["L1" + table.index[1][2:]]
-    assert planted.confirmed and planted.reason.startswith("confirmed")
+    assert planted.confirmed and planted.tier == "super weight"
+    assert planted.reason.startswith("super weight: confirmed")
     assert planted.effect > 1.0 and planted.ci_low > 0.5 and planted.p_value == 1 / 40
+    assert planted.p_contribution == 1 / 40 and planted.massive
     assert planted.n_groups == 8  # donors
     assert not ordinary.confirmed and abs(ordinary.effect) < 1e-3
+    assert ordinary.tier == "not confirmed"
     assert planted.recovered > 0.9  # restoring the <cls> spike brings the classifier back
     assert result.summary["confirmed"] == [f"L0[{ROW},{K}]"]
+    assert result.summary["super_weights"] == [f"L0[{ROW},{K}]"]
+    # The spike varies between cells, but the classifier uses it as a fixed bias (it only
+    # has to cancel the gate's -40): its mean over cells does the job, 0 does not.
+    assert planted.spike_mean > 40 and planted.spike_sd > 0
+    assert abs(planted.mean_spike_effect) < 0.01 * planted.effect
+    assert planted.zero_spike_effect > 0.9 * planted.effect
     assert result.summary["original_accuracy"] > 0.9
 
 
@@ -199,6 +212,14 @@ def test_scaling_shift_strata_and_cells(result):
     assert high.n_donors == 2 and np.isnan(high.effect) and high.status.startswith("too few")
     low = strata.loc[("Overall AD neuropathological Change", "Low")]
     assert low.n_donors == 6 and low.ci_low <= low.effect <= low.ci_high
+    # The super activation per cell, and its spread per stratum, add up to the overall mean.
+    overall = result.confirmed.set_index("candidate").loc[planted, "spike_mean"]
+    assert cells["spike"].mean() == pytest.approx(overall)
+    types = strata.loc["cell type"]
+    assert (types["spike_mean"] * types["n_cells"]).sum() / types["n_cells"].sum() == (
+        pytest.approx(overall)
+    )
+    assert (types["spike_sd"] > 0).all()
     assert "omitted" in result.summary["expression"]
 
 
@@ -212,7 +233,8 @@ def test_cell_map_holds_embeddings_effects_and_null_effects(result, setup):
     np.testing.assert_allclose(cells.obsm["X_cls"][: len(direct)], direct.numpy(), atol=1e-5)
     own = result.cells[result.cells["candidate"] == planted]
     np.testing.assert_allclose(cells.obs[f"effect {planted}"], own["effect"])
-    nulls = result.nulls[result.nulls["candidate"] == planted]["effect"].to_numpy()
+    own_nulls = result.nulls[result.nulls["candidate"] == planted]
+    nulls = own_nulls.loc[own_nulls["kind"] == "magnitude", "effect"].to_numpy()
     np.testing.assert_allclose(cells.obsm[f"null {planted}"].mean(axis=0), nulls, atol=1e-9)
     assert list(cells.obs["cell_type"]) == list(own["cell_type"])
     assert "Overall AD neuropathological Change" in cells.obs
@@ -232,7 +254,7 @@ def test_outputs_and_figures_are_written(result, tmp_path):
     assert names == {f"{n}.tsv" for n in OUTPUT_TABLES} | {"summary.json", "cells.h5ad"}
     confirmed = pd.read_csv(tmp_path / "confirmed.tsv", sep="\t")
     assert list(confirmed["confirmed"]) == [True, False] and confirmed["reason"].notna().all()
-    assert len(pd.read_csv(tmp_path / "nulls.tsv", sep="\t")) == 2 * 39
+    assert len(pd.read_csv(tmp_path / "nulls.tsv", sep="\t")) == 2 * 2 * 39  # two nulls each
     figures = write_figures(result, tmp_path)
     assert [p.name for p in figures] == list(FIGURE_FILES.values())
     assert all(p.stat().st_size > 5000 for p in figures)
@@ -247,6 +269,8 @@ def test_without_accepted_candidates_the_strongest_spikes_are_tested(setup):
     (row,) = out.confirmed.itertuples()
     assert (row.layer, row.row, row.col) == (0, ROW, K) and not row.probe_accepted
     assert row.source.startswith("probe: strongest") and row.confirmed
+    # Confirmed, but the probe did not call its spike massive: not a super weight.
+    assert row.tier == "important weight" and "no massive activation" in row.reason
     # An empty table falls back to the largest weight of each down-projection.
     empty = read_candidates(cands.iloc[:0])
     out = run_ablation(model, setup["batches"], CLASSES, empty, settings, setup["obs"])

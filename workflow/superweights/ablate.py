@@ -60,8 +60,8 @@ CELL_NULLS = 99
 class AblateSettings:
     """Cells, null, thresholds and extra tables of the pruning test.
 
-    `n_null`, `alpha`, `min_effect`, `band`, `topk_fraction`, `topk_sweep`, `n_boot`: see
-    `ConfirmSettings`. `n_strongest`: candidates tested when the probe accepted none.
+    `n_null`, `alpha`, `min_effect`, `band`, `topk_fraction`, `topk_sweep`, `min_recovery`,
+    `n_boot`: see `ConfirmSettings`. `n_strongest`: candidates tested when the probe accepted none.
     `split`: cells evaluated (never those the probe selected on, by default). `min_donors`:
     strata with fewer test donors are reported as too few, not compared. `scales`: the
     factors of the scaling sweep. `expression_trained`: the expression decoder was trained
@@ -74,6 +74,7 @@ class AblateSettings:
     band: float = 2.0
     topk_fraction: float = PAPER_TOPK_FRACTION
     topk_sweep: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
+    min_recovery: float = 0.5
     n_boot: int = 1000
     n_strongest: int = 3
     split: str = "test"
@@ -192,8 +193,9 @@ def run_ablation(
     score = CellTypeScore(model, batches)
     donors = obs["donor"].astype(str).to_numpy()
     result = confirm_super_weights(
-        model, targets, score, settings=settings.confirm_settings(), groups=donors, progress=True
-    )
+        model, targets.assign(accepted=targets["probe_accepted"]), score,
+        settings=settings.confirm_settings(), groups=donors, progress=True,
+    )  # fmt: skip
     confirmed = result.to_frame()
     confirmed.insert(6, "probe_accepted", targets["probe_accepted"].to_numpy())
     confirmed.insert(7, "source", targets["source"].to_numpy())
@@ -209,6 +211,8 @@ def run_ablation(
         "original_accuracy": float((score.log_probs(model).argmax(1) == labels).mean()),
         "n_candidates": len(confirmed),
         "confirmed": result.confirmed,
+        "super_weights": result.super_weights,
+        "tiers": dict(zip(confirmed["candidate"], confirmed["tier"], strict=True)),
         "decisions": dict(zip(confirmed["candidate"], confirmed["reason"], strict=True)),
         "warning": result.warning,
         "settings": asdict(settings),
@@ -232,7 +236,7 @@ def run_ablation(
             "expression measures omitted: the expression decoder was not trained with this "
             "encoder (fine-tuning mlm_weight is 0), so its predictions say nothing about it"
         )
-    cells = _cells(result.example_effects, obs, labels, classes, result.base_scores)
+    cells = _cells(result, obs, labels, classes)
     cell_map = _cell_map(model, score, obs, labels, classes, result, settings.strata_columns)
     return AblationResult(
         confirmed=confirmed,
@@ -300,10 +304,11 @@ def _shift(model, score: CellTypeScore, targets: pd.DataFrame, classes) -> pd.Da
     )
 
 
-def _cells(effects: dict, obs: pd.DataFrame, labels, classes, base) -> pd.DataFrame:
-    """One row per candidate and cell: the drop of its log p(true type) when pruned."""
+def _cells(result: Confirmation, obs: pd.DataFrame, labels, classes) -> pd.DataFrame:
+    """One row per candidate and cell: the drop of its log p(true type) when pruned, and
+    the super activation on the cell's spike token (`spike`)."""
     frames = []
-    for cid, delta in effects.items():
+    for cid, delta in result.example_effects.items():
         frames.append(
             pd.DataFrame(
                 {
@@ -311,13 +316,19 @@ def _cells(effects: dict, obs: pd.DataFrame, labels, classes, base) -> pd.DataFr
                     "cell_id": obs.index.astype(str),
                     "cell_type": [classes[i] for i in labels],
                     "donor": obs["donor"].astype(str).to_numpy(),
-                    "log_likelihood": base,
+                    "log_likelihood": result.base_scores,
                     "effect": delta,
+                    "spike": _per_cell(result.spike_values.get(cid), len(delta)),
                 }
             )
         )
-    columns = ["candidate", "cell_id", "cell_type", "donor", "log_likelihood", "effect"]
+    columns = ["candidate", "cell_id", "cell_type", "donor", "log_likelihood", "effect", "spike"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _per_cell(values: np.ndarray | None, n: int) -> np.ndarray:
+    """One spike value per cell, or NaN when they were not recorded one per cell."""
+    return values if values is not None and len(values) == n else np.full(n, math.nan)
 
 
 def _cell_map(model, score, obs, labels, classes, result: Confirmation, strata) -> ad.AnnData:
@@ -338,9 +349,11 @@ def _cell_map(model, score, obs, labels, classes, result: Confirmation, strata) 
     cells.obs["log_likelihood"] = result.base_scores
     for cid, delta in result.example_effects.items():
         cells.obs[f"effect {cid}"] = delta
+        cells.obs[f"spike {cid}"] = _per_cell(result.spike_values.get(cid), len(delta))
         cells.obsm[f"null {cid}"] = result.null_example_effects[cid][:CELL_NULLS].T
     cells.uns["candidates"] = list(result.example_effects)
     cells.uns["confirmed"] = result.confirmed
+    cells.uns["super_weights"] = result.super_weights
     return cells
 
 
@@ -348,7 +361,9 @@ def _strata(cells: pd.DataFrame, obs: pd.DataFrame, settings: AblateSettings) ->
     """Effect per candidate within each cell type and each value of the strata columns.
 
     The CI is a bootstrap over the stratum's donors. Strata with fewer than `min_donors`
-    donors keep their cell and donor counts but no effect: too few to compare.
+    donors keep their cell and donor counts but no effect: too few to compare. The super
+    activation's mean and SD over the stratum's cells (`spike_mean`, `spike_sd`) show
+    whether it is a fixed bias or varies between cell types and stages.
     """
     groups = [(CELL_TYPE, cells["cell_type"].to_numpy())]
     for column in settings.strata_columns:
@@ -368,16 +383,18 @@ def _strata(cells: pd.DataFrame, obs: pd.DataFrame, settings: AblateSettings) ->
                 rows.append(
                     _stratum_row(cid, column, str(value), part, settings, rng)
                 )  # fmt: skip
-    columns = ["candidate", "stratum", "value", "n_cells", "n_donors", "effect", "ci_low",
-               "ci_high", "status"]  # fmt: skip
+    columns = ["candidate", "stratum", "value", "n_cells", "n_donors", "spike_mean", "spike_sd",
+               "effect", "ci_low", "ci_high", "status"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
 
 
 def _stratum_row(cid, column, value, part, settings: AblateSettings, rng) -> dict:
     donors = part["donor"].to_numpy()
     n_donors = len(set(donors))
+    spike = part["spike"].astype(float)
     row = {"candidate": cid, "stratum": column, "value": value, "n_cells": len(part),
-           "n_donors": n_donors}  # fmt: skip
+           "n_donors": n_donors, "spike_mean": spike.mean(),
+           "spike_sd": spike.std(ddof=1)}  # fmt: skip
     if n_donors < settings.min_donors:
         return row | {"effect": math.nan, "ci_low": math.nan, "ci_high": math.nan,
                       "status": f"too few donors ({n_donors} < {settings.min_donors})"}  # fmt: skip

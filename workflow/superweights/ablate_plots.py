@@ -30,25 +30,31 @@ _EFFECT = "mean drop of log p(true cell type) when pruned (nats per cell)"
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10})
 
 
+TIER_COLORS = {"super weight": "tab:red", "important weight": "tab:orange"}
+"""Marker colour per verdict tier; `not confirmed` is grey."""
+
+
 def plot_forest(confirmed: pd.DataFrame) -> Figure:
-    """Each candidate's effect with its CI, beside the null's 95th percentile and top-k."""
+    """Each candidate's effect with its CI, beside both nulls' 95th percentiles and top-k,
+    labelled with its tier."""
     n = max(len(confirmed), 1)
     fig, ax = plt.subplots(figsize=(10, 1.4 + 0.55 * n))
     y = np.arange(len(confirmed))[::-1]
     for yi, r in zip(y, confirmed.itertuples(), strict=True):
         ax.plot([r.null_mean, r.null_q95], [yi, yi], color="0.75", lw=8, solid_capstyle="butt")
-        color = "tab:red" if r.confirmed else "0.3"
+        ax.plot(r.contribution_null_q95, yi, marker="|", color="tab:purple", ms=14, mew=2)
+        color = TIER_COLORS.get(r.tier, "0.3")
         err = [[r.effect - r.ci_low], [r.ci_high - r.effect]]
         ax.errorbar(r.effect, yi, xerr=err, fmt="o", color=color, capsize=4)
         ax.plot(r.topk_effect, yi, marker="|", color="tab:blue", ms=14, mew=2)
-    ax.set_yticks(y, [f"{c} ({'confirmed' if ok else 'not confirmed'})"
-                      for c, ok in zip(confirmed["candidate"], confirmed["confirmed"],
-                                       strict=True)])  # fmt: skip
+    ax.set_yticks(y, [f"{c} ({tier})" for c, tier in
+                      zip(confirmed["candidate"], confirmed["tier"], strict=True)])  # fmt: skip
     ax.axvline(0, color="0.3", lw=0.8)
     ax.set_xlabel(_EFFECT)
     ax.set_title(
-        "effect ± 95% CI (donor bootstrap); grey band: null mean to 95th percentile; "
-        "blue tick: top-k control",
+        "effect ± 95% CI (donor bootstrap); grey band: magnitude-matched null mean to 95th "
+        "percentile;\npurple tick: contribution-matched null's 95th percentile; blue tick: "
+        "top-k control",
         fontsize=10,
     )
     fig.tight_layout()
@@ -56,14 +62,21 @@ def plot_forest(confirmed: pd.DataFrame) -> Figure:
 
 
 def plot_null_histograms(confirmed: pd.DataFrame, nulls: pd.DataFrame) -> Figure:
-    """Per candidate: the null effects as a histogram, the candidate's effect marked."""
+    """Per candidate: both nulls' effects as histograms, the candidate's effect marked."""
     n = max(len(confirmed), 1)
-    fig, axes = plt.subplots(n, 1, figsize=(10, 2.4 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 1, figsize=(10, 2.6 * n), squeeze=False)
     for ax, r in zip(axes[:, 0], confirmed.itertuples(), strict=False):
-        null = nulls.loc[nulls["candidate"] == r.candidate, "effect"]
-        ax.hist(null, bins=30, color="0.6", label=f"{len(null)} null weights")
+        own = nulls[nulls["candidate"] == r.candidate]
+        for kind, color in (("magnitude", "0.6"), ("contribution", "tab:purple")):
+            null = own.loc[own["kind"] == kind, "effect"]
+            ax.hist(null, bins=30, color=color, alpha=0.6,
+                    label=f"{len(null)} {kind}-matched null weights")  # fmt: skip
         ax.axvline(r.effect, color="tab:red", lw=2, label=f"{r.candidate}: {r.effect:.3g}")
-        ax.set_title(f"{r.candidate}: p = {r.p_value:.3g}, q = {r.q_value:.3g}; null: {r.null}")
+        ax.set_title(
+            f"{r.candidate} ({r.tier}): p = {r.p_value:.3g}, q = {r.q_value:.3g} (magnitude); "
+            f"p = {r.p_contribution:.3g}, q = {r.q_contribution:.3g} (contribution)",
+            fontsize=10,
+        )
         ax.set_xlabel(_EFFECT)
         ax.legend(fontsize=9)
     fig.tight_layout()

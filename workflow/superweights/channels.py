@@ -216,9 +216,12 @@ def with_nulls(
     drawn: pd.DataFrame | None = None,
 ):
     """The channels with their magnitude-matched null weights: the first `n_null` that the
-    confirmation drew for the candidate (`drawn`: ablate's nulls.tsv, candidate, row, col)
-    when it drew at least 2, else drawn here alike (`confirm.null_positions`)."""
+    confirmation drew for the candidate (`drawn`: ablate's nulls.tsv, candidate, row, col,
+    and `kind`, of which the magnitude-matched draws are used) when it drew at least 2,
+    else drawn here alike (`confirm.null_positions`)."""
     modules = dict(model.named_modules())
+    if drawn is not None and "kind" in drawn.columns:
+        drawn = drawn[drawn["kind"] == "magnitude"]
     out = []
     for i, c in enumerate(channels):
         weight = modules[c.module].weight
