@@ -115,12 +115,53 @@ def test_llama_two_planted_weights_in_different_layers_are_both_recovered():
     assert all(1 <= c.round < result.rounds for c in result.candidates)
 
 
+def plant_behind_a_diffuse_spike(model, layer: int = 1) -> None:
+    """Layer `layer` gets a super weight W[5, 7] that spikes on token 0 only (about 3e4) and
+    a larger diffuse spike in output channel 9 on every other token (about 1.4e5) made by
+    40 weights W[9, 100:140] of equal share, none of which makes most of it."""
+    emb, mlp = model.model.embed_tokens.weight, model.model.layers[layer].mlp
+    sink, shared = range(8), range(8, 16)
+    with torch.no_grad():
+        emb[:, sink], emb[:, shared] = -0.05, 0.05
+        emb[0] = 0.0
+        emb[0, sink] = 1.0
+        for proj in (mlp.up_proj, mlp.gate_proj):
+            proj.weight[7] = 0.0
+            proj.weight[7, sink] = 3.5
+            proj.weight[100:140] = 0.0
+            proj.weight[100:140, shared] = 1.0
+        mlp.down_proj.weight[5, 7] = 5.0
+        mlp.down_proj.weight[9, 100:140] = 10.0
+
+
+def test_a_super_weight_behind_a_larger_diffuse_spike_is_found():
+    model = llama()
+    plant_behind_a_diffuse_spike(model)
+    ids = token_batch()["input_ids"] % 99 + 1
+    ids[:, 0] = 0
+    result = find_super_weights(model, {"input_ids": ids})
+    assert (1, 5, 7) in coordinates(result)
+    assert not any(c.layer == 1 and c.row == 9 for c in result.candidates)
+    frame = result.layers_frame().query("layer == 1")
+    first, second = frame.iloc[0], frame.iloc[1]
+    # Round 1 sees the diffuse spike, larger than the super weight's, and rejects it ...
+    assert first.channel_out == 9 and first.decision == "rejected"
+    assert "contribution" in first.reason and first.ratio_out >= 100
+    # ... round 2 masks its channel and finds the super weight behind it.
+    assert second.masked_channels == "9" and second.decision == "accepted"
+    assert (second.row, second.col) == (5, 7) and second.max_out < first.max_out
+    assert "candidate(s)" in result.summary() and "super weight(s)" not in result.summary()
+    # Without the masking the search would have stopped after round 1 empty-handed.
+    once = find_super_weights(model, {"input_ids": ids}, max_rounds=1)
+    assert (1, 5, 7) not in coordinates(once)
+
+
 def test_clean_model_gives_no_candidate_and_says_so(tmp_path):
     model = llama()
     result = find_super_weights(model, token_batch())
     assert not result.found and result.candidates == []
     assert result.rounds == 1 and result.stopped == "no spike left"
-    assert result.summary().startswith("no super weight found")
+    assert result.summary().startswith("no candidate found")
     top = result.strongest(2)
     assert len(top) == 2 and top["ratio_out"].is_monotonic_decreasing
     assert (top["decision"] == "rejected").all() and top["reason"].str.len().gt(0).all()
@@ -283,10 +324,13 @@ def test_low_contribution_is_rejected():
     x[1, 3] = 30.0
     x[1, 3, 4] = 40.0
     result = find_super_weights(model, x, **LOW)
-    (stat,) = result.layer_stats
+    stat, after = result.layer_stats[0], result.layer_stats[1:]
     assert (stat.channel_in, stat.channel_out, stat.token_in, stat.token_out) == (4, 2, 3, 3)
     assert stat.contribution == pytest.approx(40 * 0.6 / (0.6 * (15 * 30 + 40)), rel=1e-5)
     assert stat.reason.startswith("contribution 0.08 < 0.5") and not result.found
+    # The rejected spike's channel is masked for the next round, which finds nothing more.
+    assert [a.masked_channels for a in after] == ["2"] and after[0].channel_out != 2
+    assert result.stopped == "no spike left"
     assert find_super_weights(model, x, contribution_min=0.05, weight_ratio=3, **LOW).found
 
 

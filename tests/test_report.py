@@ -133,7 +133,12 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "n_groups": [6, 6], "null_mean": [0.001, 0.002], "null_q95": [0.004, 0.005],
         "n_null": [99, 99], "p_value": [0.01, 0.4], "q_value": [0.02, 0.4], "topk_k": [1, 1],
         "topk_effect": [0.02, 0.02], "recovered": [0.8, np.nan], "confirmed": [accepted, False],
-        "reason": ["confirmed: REASON ONE" if accepted else "rejected: REASON ONE",
+        "tier": ["super weight" if accepted else "not confirmed", "not confirmed"],
+        "p_contribution": [0.01, 0.5], "q_contribution": [0.02, 0.5],
+        "contribution_null_q95": [0.01, 0.02], "spike_mean": [410.0, 3.0],
+        "spike_sd": [12.0, 1.0], "mean_spike_effect": [0.002, 0.0],
+        "zero_spike_effect": [3.7, 0.01],
+        "reason": ["super weight: REASON ONE" if accepted else "not confirmed: REASON ONE",
                    "rejected: drop 0.01 does not exceed pruning the top-8 weights (0.09)"],
     })  # fmt: skip
     genes = ["GFAP", "AQP4", "APOE", "CLU", "SLC1A2"] + [f"GENE{i}" for i in range(25)]
@@ -251,9 +256,15 @@ def test_every_section_has_an_id_a_heading_and_a_toc_entry(results):
 
 def test_summary_states_what_was_found_from_the_outputs(results):
     text = html.unescape(section(build(results), "summary"))
-    assert "1 confirmed super weight: layer 1, W[12, 40]." in text
-    assert "The probe accepted 1 candidate super weight; pruning confirmed 1 of the 2" in text
+    assert "1 super weight: layer 1, W[12, 40]." in text
+    assert (
+        "The probe accepted 1 candidate (massive activations); pruning confirmed 1 of the 2 "
+        "tested weights, 1 with the super-weight mechanism" in text
+    )
+    assert "(transformer_encoder.layers.1.linear2), super weight: pruning" in text
     assert "lowers the mean log-likelihood of the true cell type by 3.89" in text
+    assert "p = 0.01, q = 0.02 against weights whose largest term |x·w| is as large" in text
+    assert "restoring its activation recovers 80% of the drop" in text
     assert "accuracy 0.912 and macro F1 0.877" in text
     assert "demo (demo): 849 cells of 3 cell types from 10 donors after QC, 1,201 genes" in text
     assert "APOE ranks 3 of 30 on L1[12,40]" in text
@@ -267,9 +278,9 @@ def test_no_super_weight_is_stated_plainly(tmp_path, png):
     write_results(tmp_path / "results", png, accepted=False)
     page = html.unescape(build(tmp_path / "results"))
     summary = section(page, "summary")
-    assert "No confirmed super weight." in summary
+    assert "No super weight: no tested weight was confirmed by pruning." in summary
     assert (
-        "No super weight passed the probe's thresholds; the 2 strongest spikes were tested by "
+        "No spike passed the probe's thresholds; the 2 strongest spikes were tested by "
         "pruning and none lowered the cell-type log-likelihood beyond its null and the top-k "
         "control." in summary
     )
@@ -290,7 +301,7 @@ def test_sections_show_the_stage_outputs(results):
     assert "transformer_encoder.layers.1.norm2" in probe  # LayerNorm outliers
     assert "<strong>layer 2, W[3, 5]</strong>: spikes on different tokens" in probe
     pruning = section(page, "pruning")
-    assert "confirmed: REASON ONE" in pruning and "EXPRESSION NOTE" in pruning
+    assert "super weight: REASON ONE" in pruning and "EXPRESSION NOTE" in pruning
     assert "<strong>L2[3,5] (probe: accepted)</strong>: rejected: drop 0.01" in pruning
     assert "too few donors (2 &lt; 3)" in pruning or "too few donors (2 < 3)" in pruning
     assert "q (BH)" in pruning and "top-k drop" in pruning
@@ -543,7 +554,7 @@ def test_report_renders_in_a_browser(results, tmp_path):
     assert page_errors(dom.stderr) == []
     for name in SECTIONS:
         assert re.search(rf'<section id="{name}">\s*<h2>', dom.stdout), name
-    assert "1 confirmed super weight" in dom.stdout
+    assert "1 super weight: layer 1" in dom.stdout
     shot = tmp_path / "report.png"
     run = chromium(tmp_path, "shot", out, f"--screenshot={shot}", "--window-size=1280,4000")
     assert page_errors(run.stderr) == []

@@ -6,8 +6,11 @@ same token ``t``, with ``Y[t, j]`` coming mostly from ``X[t, k] · W[j, k]``. Th
 every down-projection, records each layer's largest |input| and |output| with their
 location and compares them with the layer's median magnitude (an absolute cut-off alone
 never fires on post-LayerNorm models). Layers passing every test give candidates; those
-weights are zeroed and the model is run again until no spike is left. The model's weights
-and train/eval modes are restored before returning.
+weights are zeroed, the output channels of spikes that failed (a diffuse spike that no
+single weight makes) are masked so that a smaller spike of the same layer can be seen,
+and the model is run again until no spike is left. The probe reports *candidates*: only
+the confirmation by pruning (`superweights.confirm`) can call one a super weight. The
+model's weights and train/eval modes are restored before returning.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ class LayerStat:
     that token and column (``input_at_spike``), its ratio to the layer's input median, its
     |w| over the median |w| of its column (``weight_ratio``) and the spike over the median
     |output| of its token (``token_ratio``). ``collateral_of`` names the accepted weight
-    whose input spike lights an ordinary weight up.
+    whose input spike lights an ordinary weight up. ``masked_channels``: output channels of
+    this layer left out of this round's search (rejected spikes of earlier rounds).
     """
 
     round: int
@@ -129,6 +133,7 @@ class LayerStat:
     resid_median: float | None = None
     resid_ratio: float | None = None
     resid_channel: int | None = None
+    masked_channels: str = ""
 
 
 @dataclass
@@ -146,7 +151,7 @@ class ProbeResult:
         return bool(self.candidates)
 
     def to_frame(self) -> pd.DataFrame:
-        """Candidates as a table (one row per super weight; columns even when empty)."""
+        """Candidates as a table (one row per candidate; columns even when empty)."""
         return _frame(self.candidates, Candidate)
 
     def layers_frame(self) -> pd.DataFrame:
@@ -164,13 +169,16 @@ class ProbeResult:
         """One line saying what was found, or that nothing was and what came closest."""
         if self.found:
             where = ", ".join(f"({c.layer}, {c.row}, {c.col})" for c in self.candidates)
-            return f"{len(self.candidates)} super weight(s) (layer, row, col): {where}"
+            return (
+                f"{len(self.candidates)} candidate(s) (layer, row, col): {where}; only "
+                "confirmation by pruning (superweights.confirm) makes one a super weight"
+            )
         top = self.strongest(1)
         if top.empty:
-            return "no super weight found; no layer was probed"
+            return "no candidate found; no layer was probed"
         s = top.iloc[0]
         return (
-            f"no super weight found; strongest spike layer {s.layer}: output ratio "
+            f"no candidate found; strongest spike layer {s.layer}: output ratio "
             f"{s.ratio_out:.1f}, input ratio {s.ratio_in:.1f} ({s.reason})"
         )
 
@@ -248,8 +256,12 @@ def find_super_weights(
     ``X[t, k]`` reaches ``input_ratio`` × the layer's input median, and both magnitudes
     reach ``min_abs`` (see `_judge`). Accepted weights are zeroed and the model rerun, for
     at most ``max_rounds`` rounds; spikes that an accepted weight's input column still
-    lights up through ordinary weights are recorded as its collateral. Candidates come out
-    strongest first (output ratio), numbered by ``rank``.
+    lights up through ordinary weights are recorded as its collateral. A spike that reaches
+    ``output_ratio`` but fails another test (a diffuse spike: no single weight makes most
+    of it) has its output channel masked in that layer from the next round on, so that a
+    smaller super weight of the same layer is not hidden behind it; the search stops after
+    a round that accepts nothing and rejects no new spike. Candidates come out strongest
+    first (output ratio), numbered by ``rank``.
     With ``residual``, the input of each post-LN norm (regex ``norm_pattern`` with the layer
     as group 1; default the down-projection's sibling ``norm2``) is recorded too.
     Medians are of the non-zero |x| (exact zeros are ReLU outputs or padding) in about
@@ -288,6 +300,7 @@ def find_super_weights(
             hooks.reset()
             _forward(model, inputs)
             found = hooks.spikes()
+            rejected = []
             for layer, (name, module) in down.items():
                 spike_in, spike_out, resid = found[layer]
                 stat = _judge(
@@ -296,15 +309,20 @@ def find_super_weights(
                 if resid is not None:
                     stat.resid_max, stat.resid_median = resid.magnitude, resid.median
                     stat.resid_ratio, stat.resid_channel = resid.ratio, resid.channel
+                stat.masked_channels = hooks.masked_channels(layer)
                 stats.append(stat)
                 if stat.decision == "accepted":
                     candidates.append(_candidate(stat, spike_out))
+                elif stat.decision == "rejected" and _is_spike(spike_out, thresholds):
+                    rejected.append((layer, spike_out.channel))
             accepted = [(c.module, c.row, c.col) for c in candidates if c.round == rnd]
-            if not accepted:
+            if not accepted and not rejected:
                 stopped = "no spike left"
                 break
             if rnd < max_rounds:
                 edits.enter_context(zeroed(model, accepted))
+                for layer, channel in rejected:
+                    hooks.mask(layer, channel)
     candidates.sort(key=lambda c: -c.output_ratio)
     for rank, c in enumerate(candidates, start=1):
         c.rank = rank
@@ -427,7 +445,14 @@ class _Tracker:
 
     def __init__(self, sample_rows: _SampleRows):
         self.sample_rows = sample_rows
+        self.masked: list[int] = []  # channels left out (kept across rounds)
+        self._masked_on: dict[torch.device, Tensor] = {}
         self.reset()
+
+    def mask(self, channel: int) -> None:
+        """Leave `channel` out of the peaks, rows and samples from the next call on."""
+        self.masked.append(channel)
+        self._masked_on = {}
 
     def reset(self) -> None:
         self.peaks: list[Tensor] = []  # largest |x| of each call
@@ -461,6 +486,10 @@ class _Tracker:
             return
         self.layout.append((tuple(t.shape), offset, packing))
         rows = t.reshape(-1, t.shape[-1])
+        if self.masked:  # a copy, only in layers where a rejected spike was masked
+            if rows.device not in self._masked_on:
+                self._masked_on[rows.device] = torch.tensor(self.masked, device=rows.device)
+            rows = rows.index_fill(1, self._masked_on[rows.device], 0)
         if pad_rows is not None and pad_rows.shape[0] != rows.shape[0]:
             pad_rows = None
         peak = _row_peaks(rows)
@@ -583,6 +612,13 @@ class _Hooks:
     def reset(self) -> None:
         for tracker in self.trackers.values():
             tracker.reset()
+
+    def mask(self, layer: int, channel: int) -> None:
+        """Leave output `channel` of `layer`'s down-projection out of the search."""
+        self.trackers[layer, "out"].mask(channel)
+
+    def masked_channels(self, layer: int) -> str:
+        return ",".join(str(c) for c in self.trackers[layer, "out"].masked)
 
     def spikes(self) -> dict[int, tuple[Spike, Spike, Spike | None]]:
         summaries = {key: tracker.summary() for key, tracker in self.trackers.items()}
@@ -723,6 +759,11 @@ def _judge(rnd, layer, name, weight, spike_in, spike_out, th, accepted) -> Layer
         token_ratio=token_ratio,
         collateral_of=f"({layer}, {source.row}, {source.col})" if collateral else "",
     )
+
+
+def _is_spike(spike: Spike, th: dict) -> bool:
+    """Whether an output spike stands out in its layer (`output_ratio`, `min_abs`)."""
+    return spike.ratio >= th["output_ratio"] and spike.magnitude >= th["min_abs"]
 
 
 def _ratio(value: float, median: float) -> float:

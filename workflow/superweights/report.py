@@ -76,17 +76,19 @@ CANDIDATE_COLUMNS = [
 ]  # fmt: skip
 LAYERNORM_COLUMNS = ["module", "layer", "channel", "gain", "robust_z", "median_abs_gain"]
 CONFIRMED_COLUMNS = [
-    "candidate", "confirmed", "weight", "effect", "ci_low", "ci_high", "null_mean", "null_q95",
-    "n_null", "p_value", "q_value", "topk_k", "topk_effect", "recovered", "expr_effect",
+    "candidate", "tier", "weight", "effect", "ci_low", "ci_high", "null_mean", "null_q95",
+    "p_value", "q_value", "contribution_null_q95", "p_contribution", "q_contribution",
+    "topk_k", "topk_effect", "recovered", "spike_mean", "spike_sd", "mean_spike_effect",
+    "zero_spike_effect", "expr_effect",
 ]  # fmt: skip
-TOPK_COLUMNS = ["fraction", "k", "effect", "decides"]
+TOPK_COLUMNS = ["fraction", "k", "of_weights", "matrices_hit", "effect", "decides"]
 PERSISTENCE_COLUMNS = [
     "candidate", "status", "confirmed_in_base", "confirmed_in_finetuned", "weight_base",
     "weight_finetuned", "relative_change", "base_effect", "base_ci_low", "base_ci_high",
     "finetuned_effect", "finetuned_ci_low", "finetuned_ci_high",
 ]  # fmt: skip
-STRATA_COLUMNS = ["candidate", "stratum", "value", "n_cells", "n_donors", "effect", "ci_low",
-                  "ci_high", "status"]  # fmt: skip
+STRATA_COLUMNS = ["candidate", "stratum", "value", "n_cells", "n_donors", "spike_mean",
+                  "spike_sd", "effect", "ci_low", "ci_high", "status"]  # fmt: skip
 INTEREST_COLUMNS = [
     "candidate", "confirmed", "gene", "status", "n_cells", "token_rank", "n_ranked", "percentile",
     "token_z", "token_p", "assoc_rank", "assoc_z", "assoc_p", "assoc_q",
@@ -160,6 +162,16 @@ LABELS = {
     "topk_k": "top-k k",
     "topk_effect": "top-k drop",
     "recovered": "recovered by restoring the spike",
+    "tier": "verdict",
+    "contribution_null_q95": "contribution null drop (95th pct.)",
+    "p_contribution": "p (contribution)",
+    "q_contribution": "q (contribution)",
+    "spike_mean": "activation (mean)",
+    "spike_sd": "activation (SD)",
+    "mean_spike_effect": "drop, activation set to its mean",
+    "zero_spike_effect": "drop, activation set to 0",
+    "of_weights": "of weights",
+    "matrices_hit": "matrices hit",
     "expr_effect": "drop in expression log-lik.",
     "n_donors": "donors",
     "weight_base": "weight before",
@@ -543,12 +555,13 @@ def pruning_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
     confirmed = res.tsv("confirmed", required=True)
     _need_columns(confirmed, ("candidate", "confirmed", "effect", "reason"), res.label("confirmed"))
     confirmed["confirmed"] = flags(confirmed["confirmed"])
+    confirmed["tier"] = tiers_of(confirmed)
     sec = Section()
     sec.tables["confirmed"] = make_table(
         confirmed,
         CONFIRMED_COLUMNS,
         res.label("confirmed"),
-        row_class=lambda r: "sig" if r.get("confirmed") else "",
+        row_class=lambda r: "sig" if r.get("tier") == "super weight" else "",
     )
     source = confirmed.get("source", pd.Series("", index=confirmed.index))
     sec.lists["reasons"] = [
@@ -762,21 +775,37 @@ def arms_display(arms: pd.DataFrame) -> pd.DataFrame:
 # --- summary statements -----------------------------------------------------------------
 
 
+def tiers_of(confirmed: pd.DataFrame) -> pd.Series:
+    """Each tested weight's verdict tier (`confirm.TIERS`); a table without a `tier` column
+    (written before tiers existed) cannot show the mechanism: its confirmed rows count as
+    important weights."""
+    if "tier" in confirmed:
+        return confirmed["tier"].astype(str)
+    return pd.Series(np.where(confirmed["confirmed"], "important weight", "not confirmed"),
+                     index=confirmed.index)  # fmt: skip
+
+
 def super_weight_statements(cands: pd.DataFrame, confirmed: pd.DataFrame | None) -> list[str]:
-    """The headline (what was found), how the probe and pruning got there, and each finding."""
+    """The headline (super weights only), how the probe and pruning got there, and each
+    confirmed weight with its tier, effect, both nulls and its mechanism."""
     n_accepted = int(cands["accepted"].sum())
     if n_accepted:
-        probe = f"The probe accepted {_plural(n_accepted, 'candidate super weight')}"
+        probe = f"The probe accepted {_plural(n_accepted, 'candidate')} (massive activations)"
     elif len(cands):
-        probe = "No super weight passed the probe's thresholds"
+        probe = "No spike passed the probe's thresholds"
     else:
         probe = "The probe listed no spike at all"
     if confirmed is None or confirmed.empty or "confirmed" not in confirmed:
         return ["Pruning results are missing: no super weight could be confirmed.", probe + "."]
-    hits = confirmed[confirmed["confirmed"]]
+    tiers = tiers_of(confirmed)
+    hits = confirmed[confirmed["confirmed"]].assign(tier=tiers[confirmed["confirmed"]])
+    supers = hits[hits["tier"] == "super weight"]
     n_tested, n_hits = len(confirmed), len(hits)
     if n_accepted:
-        pruning = f"; pruning confirmed {n_hits} of the {_plural(n_tested, 'tested weight')}"
+        pruning = (
+            f"; pruning confirmed {n_hits} of the {_plural(n_tested, 'tested weight')}, "
+            f"{len(supers)} with the super-weight mechanism"
+        )
     else:
         tested = (
             f"the {_plural(n_tested, 'strongest spike')}"
@@ -791,20 +820,55 @@ def super_weight_statements(cands: pd.DataFrame, confirmed: pd.DataFrame | None)
         )
         pruning = f"; {tested} {verb} tested by pruning and {outcome}"
     if not n_hits:
-        return ["No confirmed super weight.", probe + pruning + "."]
-    where = "; ".join(f"layer {r.layer}, W[{r.row}, {r.col}]" for r in hits.itertuples())
-    lines = [f"{_plural(n_hits, 'confirmed super weight')}: {where}.", probe + pruning + "."]
+        return [
+            "No super weight: no tested weight was confirmed by pruning.",
+            probe + pruning + ".",
+        ]
+    where = "; ".join(f"layer {r.layer}, W[{r.row}, {r.col}]" for r in supers.itertuples())
+    important = len(hits) - len(supers)
+    if len(supers):
+        headline = f"{_plural(len(supers), 'super weight')}: {where}."
+        if important:
+            headline += f" Also {_plural(important, 'important weight')} (see below)."
+    else:
+        headline = (
+            f"No super weight; {_plural(important, 'important weight')} confirmed by pruning "
+            "without the super-weight mechanism."
+        )
+    lines = [headline, probe + pruning + "."]
     for r in hits.itertuples():
         lines.append(
-            f"Layer {r.layer}, W[{r.row}, {r.col}] = {fmt(r.weight)} ({r.module}): pruning this "
-            f"single weight lowers the mean log-likelihood of the true cell type by "
-            f"{fmt(r.effect)} nats per cell (95% CI {fmt(r.ci_low)} to {fmt(r.ci_high)}, over "
-            f"{r.n_groups} donors); p = {fmt(r.p_value)}, q = {fmt(r.q_value)} against "
+            f"Layer {r.layer}, W[{r.row}, {r.col}] = {fmt(r.weight)} ({r.module}), {r.tier}: "
+            f"pruning this single weight lowers the mean log-likelihood of the true cell type "
+            f"by {fmt(r.effect)} nats per cell (95% CI {fmt(r.ci_low)} to {fmt(r.ci_high)}, "
+            f"over {r.n_groups} donors); p = {fmt(r.p_value)}, q = {fmt(r.q_value)} against "
             f"{r.n_null} magnitude-matched weights of the same matrix (null mean "
-            f"{fmt(r.null_mean)}); pruning the top-{r.topk_k} other weights lowers it by "
-            f"{fmt(r.topk_effect)}; {len(hits)} of {n_tested} tests confirmed."
+            f"{fmt(r.null_mean)}){_contribution_clause(r)}; pruning the top-{r.topk_k} other "
+            f"weights lowers it by {fmt(r.topk_effect)}{_mechanism_clause(r)}; {len(hits)} of "
+            f"{n_tested} tests confirmed."
         )
     return lines
+
+
+def _contribution_clause(r) -> str:
+    if not hasattr(r, "p_contribution"):
+        return ""
+    return (
+        f", p = {fmt(r.p_contribution)}, q = {fmt(r.q_contribution)} against weights whose "
+        "largest term |x·w| is as large"
+    )
+
+
+def _mechanism_clause(r) -> str:
+    parts = []
+    if hasattr(r, "recovered"):
+        parts.append(f"restoring its activation recovers {fmt(100 * r.recovered)}% of the drop")
+    if hasattr(r, "mean_spike_effect"):
+        parts.append(
+            f"setting that activation to its mean over cells costs {fmt(r.mean_spike_effect)} "
+            f"nats, to 0 costs {fmt(r.zero_spike_effect)}"
+        )
+    return "; " + "; ".join(parts) if parts else ""
 
 
 def gene_statement(core_rows: pd.DataFrame | None, core: tuple[str, ...]) -> str:
@@ -993,7 +1057,8 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
     here = Path(out_path).resolve().parent
     summary = {
         "headline": found[0],
-        "found": confirmed is not None and bool(confirmed.get("confirmed", pd.Series()).any()),
+        "found": confirmed is not None
+        and bool((confirmed.get("tier", pd.Series()) == "super weight").any()),
         "facts": [
             ("Super weights", " ".join(found[1:]),
              res.links(here, "confirmed", "candidates")),
