@@ -7,7 +7,10 @@ faults queued per object.
 
 import base64
 import hashlib
+import socket
+import struct
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
@@ -20,8 +23,12 @@ class ObjectServer:
 
     `fault(key, ...)` queues one fault for the next request of `key`:
     `status=503` answers that status; `drop_after=K` declares the full length but sends
-    only K bytes and closes; `ignore_range=True` answers 200 with the whole body.
-    `ignore_range` on the server applies to every request.
+    only K bytes and closes; `reset_after=K` sends K bytes, then resets the connection (TCP
+    RST); `stall_after=K` sends K bytes, then nothing for `stall` seconds (default 3) before
+    closing; `corrupt=True` flips one byte of the body; `length=K` serves only the first K
+    bytes as if they were the whole object; `html=True` answers 200 with a web page
+    (Content-Type text/html unless `content_type` says otherwise); `ignore_range=True`
+    answers 200 with the whole body. `ignore_range` on the server applies to every request.
     """
 
     def __init__(self, page_size: int = 1000, ignore_range: bool = False):
@@ -78,7 +85,14 @@ def _handler(server: ObjectServer):
                 return self._send(404, b"<Error><Code>NoSuchKey</Code></Error>")
             if "status" in fault:
                 return self._send(fault["status"], b"try later")
-            self._object(server.objects[key], fault)
+            if fault.get("html"):
+                page = b"<!DOCTYPE html>\n<html><body>Please sign in</body></html>\n"
+                kind = fault.get("content_type", "text/html; charset=utf-8")
+                return self._send(200, page, [("Content-Type", kind)] if kind else [])
+            data = server.objects[key][: fault.get("length")]
+            if fault.get("corrupt"):
+                data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+            self._object(data, fault)
 
         def _send(self, status, body, headers=()):
             self.send_response(status)
@@ -102,8 +116,16 @@ def _handler(server: ObjectServer):
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body[: fault.get("drop_after", len(body))])
+            cut = min(fault.get(k, len(body)) for k in ("drop_after", "reset_after", "stall_after"))
+            self.wfile.write(body[:cut])
             self.wfile.flush()
+            if "stall_after" in fault:
+                time.sleep(fault.get("stall", 3.0))
+            if "reset_after" in fault:  # close with SO_LINGER 0: the client sees a reset
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.connection.close()
             self.close_connection = True
 
         def _listing(self, query):

@@ -157,3 +157,76 @@ def test_link_or_copy_places_identical_file(tmp_path):
     dest = link_or_copy(src, tmp_path / "sub_b.h5ad")
     assert dest.read_bytes() == b"abc"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad", "sub_b.h5ad"]
+
+
+# --- a misbehaving server: each fault ends with the right file, or one line and no file ---
+
+
+def test_stalled_transfer_times_out_and_resumes(server, payload, tmp_path):
+    server.fault(KEY, stall_after=100_000, stall=3.0)
+    start = time.monotonic()
+    dest = fetch(server, tmp_path / "obj.bin", timeout=0.5, md5=hashlib.md5(payload).hexdigest())
+    assert dest.read_bytes() == payload
+    assert time.monotonic() - start < 2.5  # gave up on the stall after the 0.5 s timeout
+    assert server.requests_for(KEY)[1]["headers"]["Range"] == "bytes=100000-"
+
+
+def test_reset_connection_is_retried_and_resumes(server, payload, tmp_path):
+    server.fault(KEY, reset_after=150_000)
+    server.fault(KEY, reset_after=0)
+    dest = fetch(server, tmp_path / "obj.bin", size=len(payload), retries=2)
+    assert dest.read_bytes() == payload
+    ranges = [r["headers"].get("Range") for r in server.requests_for(KEY)]
+    assert len(ranges) == 3 and ranges[0] is None and ranges[-1] is not None
+
+
+def test_stalls_beyond_the_budget_give_one_line_and_a_resumable_part(server, tmp_path):
+    for _ in range(3):
+        server.fault(KEY, stall_after=0, stall=1.0)
+    with pytest.raises(UserError, match=r"failed after 2 retries \(ReadTimeoutError\)") as err:
+        fetch(server, tmp_path / "obj.bin", timeout=0.3, retries=2)
+    assert "\n" not in str(err.value) and "run again to resume" in str(err.value)
+    assert not (tmp_path / "obj.bin").exists()
+
+
+def test_corrupt_transfer_is_fetched_again_from_scratch(server, payload, tmp_path):
+    server.fault(KEY, corrupt=True)
+    dest = fetch(server, tmp_path / "obj.bin", sha256=hashlib.sha256(payload).hexdigest())
+    assert dest.read_bytes() == payload
+    assert [r["headers"].get("Range") for r in server.requests_for(KEY)] == [None, None]
+
+
+def test_persistently_wrong_checksum_gives_one_line_and_no_file(server, payload, tmp_path):
+    for _ in range(3):
+        server.fault(KEY, corrupt=True)
+    with pytest.raises(UserError, match="is corrupt \\(md5 checksum differs") as err:
+        fetch(server, tmp_path / "obj.bin", md5=hashlib.md5(payload).hexdigest(), retries=2)
+    assert "retries are used up" in str(err.value)
+    assert len(server.requests_for(KEY)) == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_short_object_is_fetched_again_or_refused(server, payload, tmp_path):
+    server.fault(KEY, length=1000)  # a complete answer, but not the whole object
+    dest = fetch(server, tmp_path / "obj.bin", md5=hashlib.md5(payload).hexdigest())
+    assert dest.read_bytes() == payload
+    server.fault(KEY, length=1000)  # with the size known from the listing: the object changed
+    with pytest.raises(UserError, match=f"has 1000 bytes but {len(payload)} were expected"):
+        fetch(server, tmp_path / "other.bin", size=len(payload))
+    assert list(tmp_path.iterdir()) == [dest]
+
+
+@pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "application/octet-stream"])
+def test_html_page_is_never_taken_for_the_data(server, tmp_path, content_type):
+    for _ in range(3):
+        server.fault(KEY, html=True, content_type=content_type)
+    with pytest.raises(UserError, match="HTML page") as err:
+        fetch(server, tmp_path / "obj.bin", retries=2)  # no size or checksum to check against
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cached_html_page_is_replaced(server, payload, tmp_path):
+    dest = tmp_path / "obj.bin"
+    dest.write_bytes(b"  <html><body>Access denied</body></html>")
+    assert fetch(server, dest).read_bytes() == payload

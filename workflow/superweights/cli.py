@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .outputs import all_or_nothing, check_writable
 from .rule_io import USER_ERROR_EXIT, setup_logging
 
 
@@ -192,10 +193,10 @@ def cmd_quantize(args) -> None:
     from .quantize_plots import write_figures
 
     settings = settings_from(args, QuantizeSettings)
-    frame = quantize_checkpoint(
+    result = quantize_checkpoint(
         args.data, args.checkpoint, args.super_weights, settings, seed=args.finetune_seed
     )
-    print(f"wrote {write_outputs(frame, args.out)} and {write_figures(frame, args.out)}")
+    print(f"wrote {write_outputs(result, args.out)} and {write_figures(result.table, args.out)}")
 
 
 def cmd_report(args) -> None:
@@ -340,7 +341,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        args.func(args)
+        outs = [getattr(args, name, None) for name in ("out", "out_dir")]
+        check_writable(Path(out).parent for out in outs if out)
+        with all_or_nothing():
+            args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT

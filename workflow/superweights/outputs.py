@@ -3,7 +3,10 @@
 Every writer creates the parent folder, writes under a temporary name beside the target
 (same folder, so the final rename is atomic) and renames it into place only when the write
 is complete; on failure the temporary file is removed and an existing target is left as it
-was. An interrupted rule therefore never leaves a truncated file that looks finished.
+was. An interrupted rule therefore never leaves a truncated file that looks finished. A
+write the system refuses (disk full, read-only or unwritable folder) is a one-line
+`UserError`. Inside `all_or_nothing()` a failure undoes every file the block wrote, so a
+stage that fails half-way leaves its earlier outputs as they were.
 
 Writers take a stage's outputs by name (`named_paths`): a folder, where each file gets its
 usual name, or a Snakemake rule's named `output`.
@@ -14,13 +17,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .errors import UserError
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -44,23 +51,90 @@ def named_paths(where, files: Mapping[str, str]) -> dict[str, Path]:
     return {name: Path(named[name]) for name in files}
 
 
+_written: dict[Path, Path | None] | None = None  # in a block: target -> backup of its old file
+
+
 @contextmanager
 def atomic_path(out: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `out` with the same suffix, to be written by the caller.
 
     On success the temporary file is renamed to `out`; on failure it is removed. The parent
     folder of `out` is created. The name is `.<stem>.partial<suffix>`, so writers that pick
-    the format from the suffix (matplotlib, anndata) still do.
+    the format from the suffix (matplotlib, anndata) still do. An OSError while writing
+    becomes a UserError.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
-    tmp.unlink(missing_ok=True)
     try:
-        yield tmp
-        os.replace(tmp, out)
+        with refused_writes(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+            yield tmp
+            if _written is not None and out not in _written:
+                _written[out] = _backup(out) if out.exists() else None
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _backup(out: Path) -> Path:
+    backup = out.with_name(f".{out.stem}.previous{out.suffix}")
+    backup.unlink(missing_ok=True)
+    try:
+        os.link(out, backup)
+    except OSError:
+        shutil.copy2(out, backup)
+    return backup
+
+
+@contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Files written atomically inside the block are kept only if the whole block succeeds.
+
+    When it fails, each file it wrote is removed, or put back as it was before the block;
+    so a stage stopped half-way (a full disk, say) leaves its earlier outputs as they were.
+    Nested blocks join the outer one.
+    """
+    global _written
+    if _written is not None:
+        yield
+        return
+    _written = {}
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        written, _written = _written, None
+        for out, backup in reversed(written.items()):
+            if ok and backup is not None:
+                backup.unlink(missing_ok=True)
+            elif not ok and backup is not None:
+                os.replace(backup, out)
+            elif not ok:
+                out.unlink(missing_ok=True)
+
+
+@contextmanager
+def refused_writes(what) -> Iterator[None]:
+    """Turn an OSError (disk full, no permission, read-only file system) into a UserError."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"cannot write {what}: {reason}; free disk space or make the folder writable, "
+            "then run again (earlier outputs are unchanged)"
+        ) from err
+
+
+def check_writable(folders: Iterable[str | Path]) -> None:
+    """Create each folder and a file in it, now, so an unwritable results folder stops a
+    stage before any work (UserError)."""
+    for folder in dict.fromkeys(Path(f) for f in folders):
+        with refused_writes(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -236,11 +236,29 @@ def _where(cells: _Cells, cell: int, token: int) -> dict:
     }
 
 
-def _candidate_table(model, result: ProbeResult, cells: _Cells, n_strongest: int):
-    """Accepted candidates, then the strongest spikes of other layers; and the round-1 spikes."""
+def _check_finite(spikes: pd.DataFrame, cells: _Cells, down: dict) -> None:
+    """UserError naming the first down-projection whose input or output is NaN or ±inf on a
+    probed cell: spike ratios of such activations mean nothing."""
+    for part, name in (("in", "input"), ("out", "output")):
+        bad = spikes[~np.isfinite(spikes[f"{part}_max"].to_numpy())]
+        if len(bad):
+            first = bad.iloc[0]
+            raise UserError(
+                f"non-finite activations (NaN or inf) at the {name} of "
+                f"{down[int(first['layer'])][0]} on {bad['cell'].nunique()} probed cell(s), "
+                f"e.g. {cells.obs.index[int(first['cell'])]}; the checkpoint or the data "
+                "overflow: the probe cannot judge spikes on them"
+            )
+
+
+def _candidate_table(
+    model, result: ProbeResult, cells: _Cells, n_strongest: int, first: pd.DataFrame
+):
+    """Accepted candidates, then the strongest spikes of other layers; and the round-1 spikes
+    (`first`, as `_cell_spikes` finds them with no weight zeroed)."""
     rounds = sorted({c.round for c in result.candidates} | {1})
-    spikes = {}
-    for r in rounds:
+    spikes = {1: first}
+    for r in rounds[1:]:
         with zeroed(model, [(c.module, c.row, c.col) for c in result.candidates if c.round < r]):
             spikes[r] = _cell_spikes(model, cells)
     rows = []
@@ -349,6 +367,8 @@ def probe_scgpt(
     """
     adata = read_tokenised(adata)
     cells = _prepare(model, adata, vocab, settings)
+    first = _cell_spikes(model, cells)
+    _check_finite(first, cells, down_projections(model, "scgpt"))
 
     def run(m) -> None:
         for batch in cells.batches:
@@ -368,7 +388,7 @@ def probe_scgpt(
         residual=settings.residual,
         seed=settings.seed,
     )
-    table, spikes = _candidate_table(model, result, cells, settings.n_strongest)
+    table, spikes = _candidate_table(model, result, cells, settings.n_strongest, first)
     layernorm = _layernorm_table(model, settings.ln_z)
     per_type = cells.obs["label"].value_counts(sort=False)
     per_type = {str(k): int(v) for k, v in per_type.items()}

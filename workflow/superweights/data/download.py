@@ -22,6 +22,7 @@ CHUNK = 1 << 20
 FATAL_STATUS = {401: "unauthorised", 403: "forbidden", 404: "not found", 410: "gone"}
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
+HTML_STARTS = (b"<!doctype html", b"<html")
 
 
 class _Retry(Exception):
@@ -63,8 +64,17 @@ def file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
+def _looks_like_html(path: Path) -> bool:
+    """Whether the file starts like a web page (a login, quota or error page), not data."""
+    with open(path, "rb") as handle:
+        head = handle.read(256).lstrip().lower()
+    return head.startswith(HTML_STARTS)
+
+
 def _mismatch(path: Path, size: int | None, checksums: dict[str, str]) -> str | None:
     """Why `path` does not match the expected size and checksums, or None when it does."""
+    if _looks_like_html(path):
+        return "an HTML page, not data"
     actual = path.stat().st_size
     if size is not None and actual != size:
         return f"size {actual} bytes, expected {size}"
@@ -105,6 +115,11 @@ def _attempt(session, url, part: Path, size, timeout, progress) -> None:
             part.unlink()
             raise _Retry("partial file does not fit the object")
         _check_status(response, url)
+        if response.headers.get("Content-Type", "").lower().startswith("text/html"):
+            raise UserError(
+                f"{public_url(url)} answered an HTML page instead of the data (a login, quota "
+                "or error page?); check the URL and your access rights"
+            )
         total = None
         if response.status_code == 206:
             match = CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
@@ -155,11 +170,14 @@ def download(
 ) -> Path:
     """Download `url` to `dest`, resuming `dest.part` with HTTP Range requests.
 
-    Transient failures (connection errors, HTTP 5xx, truncated bodies) are retried up to
-    `retries` times in a row, waiting `backoff * 2**i` seconds; an attempt that adds bytes
-    resets the count. The file appears at `dest` only once its size and checksums are
-    verified. An existing `dest` is kept when it matches `size`/`md5`/`sha256`; with none
-    of them given, an existing `dest` is trusted (it was only ever written complete).
+    Transient failures (connection errors and resets, stalls longer than `timeout`, HTTP 5xx,
+    truncated bodies, a file that fails its size or checksum) are retried up to `retries`
+    times in a row, waiting `backoff * 2**i` seconds; an attempt that adds bytes resets the
+    count, and a corrupt file is removed to start afresh. An HTML page (a login, quota or
+    error page) is never taken for the data. The file appears at `dest` only once its size
+    and checksums are verified. An existing `dest` is kept when it matches
+    `size`/`md5`/`sha256` and is not HTML; with no size or checksum given, an existing `dest`
+    is trusted (it was only ever written complete).
     """
     dest = Path(dest)
     checksums = {k: v for k, v in (("md5", md5), ("sha256", sha256)) if v}
@@ -180,7 +198,16 @@ def download(
             try:
                 if size is None or before != size:
                     _attempt(session, url, part, size, timeout, progress)
-                break
+                reason = _mismatch(part, size, checksums)
+                if reason is None:
+                    break
+                part.unlink()  # a corrupt transfer: start afresh, within the same budget
+                if failures >= retries:
+                    raise UserError(
+                        f"download of {public_url(url)} is corrupt ({reason}) and its retries "
+                        "are used up; the partial file was removed, run again to download afresh"
+                    )
+                raise _Retry(f"corrupt: {reason}")
             except TRANSIENT as err:
                 reason = str(err) if isinstance(err, _Retry) else type(err).__name__
                 after = part.stat().st_size if part.exists() else 0
@@ -196,13 +223,6 @@ def download(
     finally:
         if owns_session:
             session.close()
-    reason = _mismatch(part, size, checksums)
-    if reason is not None:
-        part.unlink()
-        raise UserError(
-            f"download of {public_url(url)} is corrupt ({reason}); the partial file was removed, "
-            "run again to download afresh"
-        )
     os.replace(part, dest)
     return dest
 

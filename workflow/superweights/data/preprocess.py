@@ -85,7 +85,24 @@ def read_tokenised(tokenised: ad.AnnData | str | Path) -> ad.AnnData:
     missing = [c for c in ("label", "split") if c not in adata.obs.columns]
     if missing:
         raise UserError(f"tokenised data lacks obs column(s) {missing}; run preprocess first")
+    check_donor_split(adata.obs, tokenised if not isinstance(tokenised, ad.AnnData) else "data")
     return adata
+
+
+def check_donor_split(obs: pd.DataFrame, source) -> None:
+    """UserError when a donor's cells are in more than one split (test cells would then share
+    donors with training cells); without a `donor` column there is nothing to check."""
+    if "donor" not in obs.columns:
+        return
+    splits = obs.groupby(obs["donor"].astype(str), observed=True)["split"].nunique()
+    shared = sorted(splits.index[splits > 1])
+    if shared:
+        named = ", ".join(shared[:3]) + (f" and {len(shared) - 3} more" if len(shared) > 3 else "")
+        raise UserError(
+            f"the donor split of {source} is broken: donor(s) {named} have cells in more than "
+            "one split, so test cells would not be held out; run preprocess again rather than "
+            "editing the split"
+        )
 
 
 def bin_row(values: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:

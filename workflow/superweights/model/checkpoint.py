@@ -127,8 +127,48 @@ def read_state_dict(folder: Path) -> dict[str, Tensor]:
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
         raise UserError(f"{path} is not a plain state_dict of named tensors")
+    check_finite(state, path)
     log.info("read %d tensors from %s", len(state), path)
     return dict(state)
+
+
+def check_finite(state: Mapping[str, Tensor], source: str | Path) -> None:
+    """UserError naming the first floating-point tensor that holds NaN or ±inf."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(
+                f"{source}: tensor {key} holds {bad} non-finite value(s) (NaN or inf); "
+                "results from these weights cannot be trusted: use an intact checkpoint"
+            )
+
+
+def check_classes(folder: str | Path, n_cls: int, classes: list[str]) -> None:
+    """UserError unless the checkpoint classifies exactly the data's cell types, in order.
+
+    Fine-tuned folders name their classes in args.json (`classes`); others are checked by
+    their number of outputs only.
+    """
+    saved = _read_args(Path(folder)).get("classes")
+    if saved is not None and [str(c) for c in saved] != list(classes):
+        saved = [str(c) for c in saved]
+        unknown = sorted(set(classes) - set(saved))
+        unused = sorted(set(saved) - set(classes))
+        how = "; ".join(
+            f"{what}: {_summary(names)}"
+            for what, names in (("not in the checkpoint", unknown), ("not in the data", unused))
+            if names
+        )
+        raise UserError(
+            f"the classifier of {folder} was trained on other cell types "
+            f"({how or 'the same ones in another order'}); "
+            "use the checkpoint fine-tuned on this dataset"
+        )
+    if n_cls != len(classes):
+        raise UserError(
+            f"the checkpoint {folder} classifies {n_cls} classes but the data has "
+            f"{len(classes)}; use the checkpoint fine-tuned on this dataset"
+        )
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -8,9 +8,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..errors import UserError
 from .cells import cell_batches, sample_rows
-from .checkpoint import load_checkpoint
+from .checkpoint import check_classes, load_checkpoint
 from .scgpt import ScGPTConfig, ScGPTModel
 from .train import class_names, pick_device, read_tokenised
 
@@ -47,11 +46,8 @@ def load_test_cells(
     classes = class_names(adata)
     device = torch.device(device) if device else pick_device()
     model, config, vocab = load_checkpoint(checkpoint, device=device)
-    if labelled and config.n_cls != len(classes):
-        raise UserError(
-            f"the checkpoint classifies {config.n_cls} classes but the data has {len(classes)}; "
-            "use the fine-tuned checkpoint of this dataset"
-        )
+    if labelled:
+        check_classes(checkpoint, config.n_cls, classes)
     rows = sample_rows(adata.obs["split"].astype(str).to_numpy(), [split], max_cells, seed)
     batches = cell_batches(
         adata, vocab, rows, pad_token_id=config.pad_token_id, batch_size=batch_size,
