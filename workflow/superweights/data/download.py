@@ -44,6 +44,16 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
+def cache_path(cache_dir: Path, remote_name: str) -> Path:
+    """Where a remote object (a URL or bucket key) is cached: `cache_dir` / its last path
+    segment. A name that would lead elsewhere ('', '.', '..', a backslash or NUL) is a
+    UserError, so a path is never built outside the cache from what a server sends."""
+    name = remote_name.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    if name in ("", ".", "..") or any(c in name for c in "\\\0"):
+        raise UserError(f"cannot cache {remote_name!r} under a safe file name; check the URL")
+    return Path(cache_dir) / name
+
+
 def link_or_copy(src: str | Path, dest: str | Path) -> Path:
     """Place `src` at `dest` atomically: a hard link where possible, else a copy."""
     dest = Path(dest)

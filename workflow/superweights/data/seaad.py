@@ -14,7 +14,7 @@ from anndata.experimental import concat_on_disk
 
 from ..errors import UserError
 from ..outputs import atomic_path
-from .download import download, get_text, link_or_copy
+from .download import cache_path, download, get_text, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,7 @@ def read_donor_metadata(path_or_url: str, cache_dir: Path, **http) -> pd.Series:
     """ADNC level per donor from a CSV/TSV (local path or URL) with SEA-AD column names."""
     path = Path(path_or_url)
     if path_or_url.startswith(("http://", "https://")):
-        name = path_or_url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "donor_metadata.csv"
-        path = download(path_or_url, cache_dir / name, **http)
+        path = download(path_or_url, cache_path(cache_dir, path_or_url), **http)
     if not path.is_file():
         raise UserError(f"seaad.donor_metadata file not found: {path}")
     try:
@@ -154,9 +153,7 @@ def choose_donors(
 def _fetch_object(base_url: str, obj: dict, cache_dir: Path, **http) -> Path:
     md5 = obj["etag"] if PLAIN_MD5.fullmatch(obj["etag"]) else None  # multipart ETags: "-N"
     url = f"{base_url.rstrip('/')}/{quote(obj['key'])}"
-    return download(
-        url, cache_dir / obj["key"].rsplit("/", 1)[-1], size=obj["size"], md5=md5, **http
-    )
+    return download(url, cache_path(cache_dir, obj["key"]), size=obj["size"], md5=md5, **http)
 
 
 def _same(a, b) -> bool:
