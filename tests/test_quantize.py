@@ -12,6 +12,7 @@ from superweights.quantize import (
     QuantizeSettings,
     activation_quantization,
     clip_outliers,
+    control_coords,
     fake_quantize_activation,
     int8_quantizer,
     measure,
@@ -344,6 +345,23 @@ def test_planted_super_weight_naive_breaks_clip_partly_recovers_restore_recovers
     assert model.transformer_encoder.layers[0].linear2.weight[ROW, COL] == 2.0
 
 
+def test_control_arm_restores_the_largest_other_weight_of_the_same_matrix():
+    model = weight_model(0)
+    coords = super_weight_coords(model, super_table())
+    control = control_coords(model, coords)
+    name = f"{DOWN0}.weight"
+    weight = dict(model.named_parameters())[name].detach().abs()
+    ((row, col),) = control[name]
+    assert (row, col) != (ROW, COL) and weight[row, col] == 3.6  # the inert outlier
+    assert list(control) == [name]
+
+
+def measure_clipped(model, batches, block, arm, value) -> float:
+    coords = super_weight_coords(model, super_table())
+    with quantized_weights(model, rtn_quantizer(4, block, arm, coords, "zscore", value)):
+        return measure(model, batches, CLASSES)["mean_log_likelihood"]
+
+
 # --- models: activations ----------------------------------------------------------------
 
 
@@ -456,11 +474,17 @@ def test_run_quantization_table_arms_and_outputs(tmp_path, caplog):
     loader = labelled(model)
     before = state(model)
     settings = QuantizeSettings(bits=[4], block_sizes=[64, 100_000, "tensor"], clip_values=[3, 6])
+    selection = labelled(model, seeds=(20, 21))
+    donors = np.repeat(["d1", "d2", "d3", "d4"], 16)
     with caplog.at_level("INFO", logger="superweights.quantize"):
-        frame = run_quantization(model, loader, CLASSES, super_table(), settings)
-    assert "18 settings, 13 evaluated" in caplog.text  # 100,000 weights = one block per matrix
+        result = run_quantization(
+            model, loader, CLASSES, super_table(), settings, selection_batches=selection,
+            donors=donors,
+        )  # fmt: skip
+    frame = result.table
+    assert "24 settings, 17 evaluated" in caplog.text  # 100,000 weights = one block per matrix
     assert list(frame.columns) == list(COLUMNS)
-    assert len(frame) == 1 + 3 * (1 + 2 * 2) + 2
+    assert len(frame) == 1 + 3 * (1 + 3 * 2) + 2
     fp32 = frame.iloc[0]
     assert (fp32.scheme, fp32.accuracy, fp32.weight_error) == ("fp32", 1.0, 0.0)
     assert fp32.mean_log_likelihood == pytest.approx(
@@ -468,7 +492,13 @@ def test_run_quantization_table_arms_and_outputs(tmp_path, caplog):
     )
     assert set(frame.n_cells) == {64} and set(frame.n_super_weights) == {1}
     weight = frame[frame.scheme == "weight"]
-    assert set(weight.method) == {"naive", "clip", "clip_restore"}
+    assert set(weight.method) == {"naive", "clip", "clip_restore", "clip_control"}
+    clipped = weight[weight.method != "naive"]
+    assert clipped.selection_log_likelihood.notna().all()
+    assert weight[weight.method == "naive"].selection_log_likelihood.isna().all()
+    assert clipped.loc[clipped.method == "clip", "selection_log_likelihood"].iloc[0] == (
+        pytest.approx(measure_clipped(model, selection, 64, "clip", 3))
+    )
     assert weight[weight.method == "naive"].clip_value.isna().all()
     assert set(weight[weight.method != "naive"].clip_value) == {3, 6}
     measures = ["accuracy", "mean_log_likelihood", "weight_error", "n_clipped"]
@@ -491,14 +521,28 @@ def test_run_quantization_table_arms_and_outputs(tmp_path, caplog):
     arms = compare_arms(frame)
     assert list(arms.block_size) == ["64", "100000", "tensor"]
     best = weight[(weight.block_size == "tensor") & (weight.method == "clip")]
-    best = best.loc[best.mean_log_likelihood.idxmax()]
+    best = best.loc[best.selection_log_likelihood.idxmax()]  # chosen on the other cells
     assert arms.iloc[2].accuracy_clip == best.accuracy
     assert arms.iloc[2].clip_value_clip == best.clip_value
 
-    named = {"table": tmp_path / "named" / "q.tsv", "figure": tmp_path / "named" / "q.png"}
-    assert write_outputs(frame, named) == named["table"]
+    contrasts = result.contrasts.set_index(["block_size", "contrast", "measure"])
+    gain = contrasts.loc[("tensor", "restore vs clip", "mean_log_likelihood")]
+    restore = weight[(weight.block_size == "tensor") & (weight.method == "clip_restore")]
+    restore = restore.loc[restore.selection_log_likelihood.idxmax()]
+    assert gain.clip_value == restore.clip_value  # each arm at its own chosen threshold
+    # The mean of the paired per-cell differences is the difference of the arms' means.
+    assert gain.difference == pytest.approx(restore.mean_log_likelihood - best.mean_log_likelihood)
+    assert gain.ci_low <= gain.difference <= gain.ci_high and gain.n_donors == 4
+    assert gain.ci_low > 0  # restoring the planted super weight helps at one block per matrix
+    assert set(result.contrasts.contrast) == {
+        "restore vs clip", "restore vs control", "restore vs naive", "holdout vs naive",
+    }  # fmt: skip
+
+    named = {"table": tmp_path / "named" / "q.tsv", "figure": tmp_path / "named" / "q.png",
+             "contrasts": tmp_path / "named" / "c.tsv"}  # fmt: skip
+    assert write_outputs(result, named) == named["table"] and named["contrasts"].is_file()
     assert write_figures(frame, named) == named["figure"]
-    path = write_outputs(frame, tmp_path / "out")
+    path = write_outputs(result, tmp_path / "out")
     assert path == tmp_path / "out" / "quantize.tsv" and not list(path.parent.glob(".*"))
     back = pd.read_csv(path, sep="\t", dtype={"block_size": str})
     pd.testing.assert_frame_equal(back, frame, check_dtype=False)
@@ -512,27 +556,31 @@ def test_without_super_weights_restore_equals_clip_and_holdout_equals_naive(capl
     loader = labelled(model)
     settings = QuantizeSettings(bits=[4], block_sizes=["tensor"], clip_values=[6, 100])
     with caplog.at_level("INFO", logger="superweights.quantize"):
-        frame = run_quantization(model, loader, CLASSES, super_table().iloc[:0], settings)
-    assert "8 settings, 4 evaluated" in caplog.text  # z = 100 clips nothing: naive again
+        frame = run_quantization(model, loader, CLASSES, super_table().iloc[:0], settings).table
+    assert "10 settings, 4 evaluated" in caplog.text  # z = 100 clips nothing: naive again
+    assert "chosen on the evaluated cells" in caplog.text  # no selection cells given
     measures = ["accuracy", "mean_log_likelihood", "weight_error", "n_clipped"]
 
     def values(scheme, method):
         return frame.loc[(frame.scheme == scheme) & (frame.method == method), measures]
 
     assert np.array_equal(values("weight", "clip"), values("weight", "clip_restore"))
+    assert np.array_equal(values("weight", "clip"), values("weight", "clip_control"))
     assert np.array_equal(values("w8a8", "naive"), values("w8a8", "holdout"))
     clips = frame[frame.method == "clip"].set_index("clip_value")
     assert clips.n_clipped[100] == 0 and clips.n_clipped[6] > 0
     assert set(frame.n_super_weights) == {0}
 
 
-def test_read_super_weights_keeps_confirmed_rows(tmp_path):
+def test_read_super_weights_keeps_the_super_weight_tier(tmp_path):
     path = tmp_path / "super_weights.tsv"
     table = pd.concat([super_table(), super_table(row=1), super_table(row=2)])
-    table.assign(weight=[1.5, 0.1, 0.2], confirmed=[True, False, True]).to_csv(
-        path, sep="\t", index=False
-    )
-    assert read_super_weights(path)["row"].tolist() == [ROW, 2]
+    table = table.assign(weight=[1.5, 0.1, 0.2], confirmed=[True, False, True])
+    table.to_csv(path, sep="\t", index=False)
+    assert read_super_weights(path)["row"].tolist() == [ROW, 2]  # no tiers: confirmed rows
+    tiers = ["super weight", "not confirmed", "important weight"]
+    table.assign(tier=tiers).to_csv(path, sep="\t", index=False)
+    assert read_super_weights(path)["row"].tolist() == [ROW]  # an important weight stays in
     super_table().to_csv(path, sep="\t", index=False)
     with pytest.raises(UserError, match="confirmed"):
         read_super_weights(path)

@@ -9,6 +9,7 @@ rule quantize:
             caption="../report/quantize_table.rst",
             category="6. Quantization",
         ),
+        contrasts="results/{dataset}/quantize/contrasts.tsv",
         figure=report(
             "results/{dataset}/quantize/quantize.png",
             caption="../report/quantize_figure.rst",

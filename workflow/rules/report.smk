@@ -31,6 +31,7 @@ rule report:
         cls="results/{dataset}/channels/cls.tsv",
         enrich="results/{dataset}/enrich",
         quantize="results/{dataset}/quantize/quantize.tsv",
+        quantize_contrasts="results/{dataset}/quantize/contrasts.tsv",
         quantize_figure="results/{dataset}/quantize/quantize.png",
     output:
         html=report(

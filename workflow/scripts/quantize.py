@@ -4,12 +4,12 @@ from superweights.rule_io import rule_log
 
 with rule_log(snakemake):
     inp = snakemake.input
-    frame = quantize_checkpoint(
+    result = quantize_checkpoint(
         inp.data,
         inp.checkpoint,
         inp.super_weights,
         QuantizeSettings(**snakemake.params.settings),
         seed=snakemake.params.seed,
     )
-    write_outputs(frame, snakemake.output)
-    write_figures(frame, snakemake.output)
+    write_outputs(result, snakemake.output)
+    write_figures(result.table, snakemake.output)

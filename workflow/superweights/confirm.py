@@ -664,19 +664,28 @@ def _empirical_p(effect: float, null: np.ndarray) -> float:
 
 def _bootstrap(delta: np.ndarray, groups, settings: ConfirmSettings, rng) -> dict:
     """Percentile CI of the mean drop: resampling examples, or whole groups."""
+    low, high = bootstrap_mean_ci(delta, groups, settings.n_boot, settings.ci, rng)
+    n_groups = len(np.unique(groups)) if groups is not None else 0
+    return {"ci_low": low, "ci_high": high, "n_groups": n_groups}
+
+
+def bootstrap_mean_ci(values, groups, n_boot: int, ci: float, rng) -> tuple[float, float]:
+    """Percentile CI (level `ci`) of the mean of `values` over `n_boot` resamples of the
+    examples, or of whole `groups` (one label per example, e.g. donors) when given: each
+    resample's mean is over the cells of the groups drawn, as often as drawn."""
+    values = np.asarray(values, dtype=float)
     if groups is None:
-        sums, counts = delta, np.ones_like(delta)
+        sums, counts = values, np.ones_like(values)
     else:
         labels, index = np.unique(groups, return_inverse=True)
-        sums = np.bincount(index, weights=delta, minlength=len(labels))
+        sums = np.bincount(index, weights=values, minlength=len(labels))
         counts = np.bincount(index, minlength=len(labels)).astype(float)
     n = len(sums)
-    picks = rng.integers(0, n, size=(settings.n_boot, n))
+    picks = rng.integers(0, n, size=(n_boot, n))
     means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
-    tail = (1 - settings.ci) / 2
+    tail = (1 - ci) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
-    n_groups = n if groups is not None else 0
-    return {"ci_low": float(low), "ci_high": float(high), "n_groups": n_groups}
+    return float(low), float(high)
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:

@@ -11,7 +11,14 @@ The arms of the paper's Tables 3-4 (`ARMS`): "naive" quantizes every tensor as i
 "clip" clamps the outliers of every quantized tensor (or, with ``clip_scope="super"``, of
 the tensors holding a super weight) at one threshold of a sweep, then quantizes;
 "clip_restore" does the same and puts the super weights back in full precision. Clip-only
-separates the gain from clipping from the gain from restoring the super weight.
+separates the gain from clipping from the gain from restoring the super weight; the control
+arm "clip_control" restores, instead of each super weight, the largest other weight of its
+matrix, so that a gain of "clip_restore" over it is specific to the super weight.
+
+Evidence, not point estimates: each clip arm's threshold is chosen on other cells (the
+validation split; `selection_log_likelihood`) and evaluated on the test cells; the
+differences between arms (`CONTRASTS`, and W8A8 holdout vs naive) are paired per cell, with
+a percentile bootstrap CI over donors (`Quantization.contrasts`).
 
 Activations (W8A8): weights INT8 symmetric per output channel (or per tensor), and the
 input of every linear map of the encoder (q/k/v, attention output, MLP up and down)
@@ -41,12 +48,14 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .confirm import bootstrap_mean_ci
 from .editing import evaluation, layer_of, read_table
 from .errors import UserError
+from .model.cells import cell_batches, sample_rows
 from .model.finetuned import load_test_cells
-from .model.train import classification_metrics
+from .model.train import classification_metrics, read_tokenised
 from .outputs import named_paths, write_tsv
-from .quantize_table import ARMS, COLUMNS, MEASURES
+from .quantize_table import ARMS, COLUMNS, CONTRAST_COLUMNS, CONTRASTS, MEASURES
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,8 @@ class QuantizeSettings:
     output "channel" or per "tensor"; `activation_scale`: activation absmax per "token" or
     per "tensor"; `hold_out_residual`: the W8A8 holdout also keeps the super activation in
     later layers' inputs. `batch_size`, `max_seq_len`: evaluation batches (use fine-tuning's
-    `max_seq_len` so that the unquantized row matches the fine-tuning metrics).
+    `max_seq_len` so that the unquantized row matches the fine-tuning metrics). `n_boot`:
+    donor bootstrap resamples of the arms' differences.
     """
 
     bits: list[int] = field(default_factory=lambda: [4, 3])
@@ -87,8 +97,11 @@ class QuantizeSettings:
     hold_out_residual: bool = True
     batch_size: int = 32
     max_seq_len: int = 128
+    n_boot: int = 1000
 
     def __post_init__(self):
+        if self.n_boot < 1:
+            raise UserError(f"quantize n_boot must be >= 1, not {self.n_boot}")
         if not self.bits or any(not isinstance(b, int) or not 2 <= b <= 8 for b in self.bits):
             raise UserError(f"quantize bits must be integers from 2 to 8, not {self.bits}")
         if not self.block_sizes:
@@ -175,12 +188,13 @@ def quantize_weight(
 ) -> tuple[Tensor, int]:
     """`w` quantized by `arm` (see `ARMS`) and how many of its weights clipping changed.
 
-    "clip_restore" puts the weights at `super_coords` [(row, col)] back unchanged.
+    "clip_restore" (and "clip_control", given the control's coordinates) puts the weights
+    at `super_coords` [(row, col)] back unchanged.
     """
     _check_choice("arm", arm, ARMS)
     x = w.detach() if arm == "naive" else clip_outliers(w, clip, clip_value)
     q = quantize_dequantize(x, bits, block_size)
-    if arm == "clip_restore":
+    if arm in ("clip_restore", "clip_control"):
         for row, col in super_coords:
             q[row, col] = w.detach()[row, col]
     return q, int((x != w).sum())
@@ -244,11 +258,15 @@ def quantizable_weights(model: nn.Module, include_heads: bool = False) -> dict[s
 
 
 def read_super_weights(path: str | Path) -> pd.DataFrame:
-    """The confirmed super weights of an ablation table (TSV with a boolean `confirmed`)."""
+    """The super weights of an ablation table: rows of tier "super weight", or, in a table
+    without tiers, the rows with a true `confirmed`."""
     table = read_table(path, "super-weight table", (*SUPER_WEIGHT_COLUMNS, "confirmed"),
                        f"use the ablate stage's table ({path})")  # fmt: skip
-    confirmed = table["confirmed"].astype(str).str.lower().isin(("true", "1"))
-    return table[confirmed].reset_index(drop=True)
+    if "tier" in table:
+        keep = table["tier"].astype(str) == "super weight"
+    else:
+        keep = table["confirmed"].astype(str).str.lower().isin(("true", "1"))
+    return table[keep].reset_index(drop=True)
 
 
 def super_weight_coords(model: nn.Module, super_weights: pd.DataFrame | None) -> dict:
@@ -268,6 +286,20 @@ def super_weight_coords(model: nn.Module, super_weights: pd.DataFrame | None) ->
             )
         coords.setdefault(name, []).append((int(sw.row), int(sw.col)))
     return coords
+
+
+def control_coords(model: nn.Module, coords: dict) -> dict:
+    """Weight name -> [(row, col)] of the control arm: per super weight, the largest-|w|
+    other weight of its matrix (none of the super weights, each taken once)."""
+    params = dict(model.named_parameters())
+    control = {}
+    for name, own in coords.items():
+        magnitude = params[name].detach().float().abs().cpu().clone()
+        for row, col in own:
+            magnitude[row, col] = -1.0
+        flat = torch.topk(magnitude.flatten(), len(own)).indices.tolist()
+        control[name] = [divmod(i, magnitude.shape[1]) for i in flat]
+    return control
 
 
 @dataclass
@@ -313,8 +345,9 @@ def rtn_quantizer(
     clip_value: float = 6.0,
     clip_scope: str = "all",
 ) -> Quantizer:
-    """Blockwise RTN by `arm` for `quantized_weights`; `coords` from `super_weight_coords`.
-    With `clip_scope` "super", tensors without a super weight are quantized naively."""
+    """Blockwise RTN by `arm` for `quantized_weights`; `coords` from `super_weight_coords`
+    (`control_coords` for "clip_control"). With `clip_scope` "super", tensors without a
+    weight in `coords` are quantized naively."""
     coords = coords or {}
 
     def quantize(name: str, w: Tensor) -> tuple[Tensor, int]:
@@ -441,6 +474,11 @@ def true_fp32(device: torch.device) -> Iterator[None]:
 def measure(model: nn.Module, batches, classes: list[str]) -> dict:
     """Mean log p(true type), accuracy, macro F1 and cell count of the classifier, in true
     fp32, on padded batches (dicts with gene_ids, values, padding_mask and labels)."""
+    return _evaluate(model, batches, classes)[0]
+
+
+def _evaluate(model: nn.Module, batches, classes: list[str]) -> tuple[dict, dict]:
+    """`measure`'s metrics, and per cell its log p(true type) and whether it is right."""
     first = next(model.parameters())
     if first.dtype != torch.float32:
         raise UserError(f"quantization compares against fp32; the model is {first.dtype}")
@@ -453,8 +491,15 @@ def measure(model: nn.Module, batches, classes: list[str]) -> dict:
             out = model(gene_ids, values, padding_mask=padding, heads=("cls_logits",))
             logits.append(out["cls_logits"].cpu())
             labels.append(batch["labels"].cpu())
-    metrics = classification_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy(), classes)
-    return {k: metrics[k] for k in ("mean_log_likelihood", "accuracy", "macro_f1", "n_cells")}
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    metrics = classification_metrics(logits.numpy(), labels.numpy(), classes)
+    log_p = torch.log_softmax(logits.double(), -1).gather(1, labels[:, None]).squeeze(1)
+    per_cell = {
+        "mean_log_likelihood": log_p.numpy(),
+        "accuracy": (logits.argmax(1) == labels).double().numpy(),
+    }
+    keys = ("mean_log_likelihood", "accuracy", "macro_f1", "n_cells")
+    return {k: metrics[k] for k in keys}, per_cell
 
 
 @dataclass(frozen=True)
@@ -470,16 +515,18 @@ class _Case:
 def _cases(model: nn.Module, super_weights, settings: QuantizeSettings) -> Iterator[_Case]:
     """The unquantized model, every arm × bits × block size (× clip value), then W8A8."""
     coords = super_weight_coords(model, super_weights)
+    restore = {"clip_restore": coords, "clip_control": control_coords(model, coords)}
     yield _Case(dict(scheme="fp32", method="none", bits=32, block_size="none"))
     for bits in settings.bits:
         for block in settings.block_sizes:
             fields = dict(scheme="weight", bits=bits, block_size=str(block))
             yield _Case(fields | {"method": "naive"}, rtn_quantizer(bits, block, "naive"))
             for value in settings.clip_values:
-                for arm in ("clip", "clip_restore"):
+                for arm in ARMS[1:]:
                     quantizer = rtn_quantizer(
-                        bits, block, arm, coords, settings.clip, value, settings.clip_scope
-                    )
+                        bits, block, arm, restore.get(arm, coords), settings.clip, value,
+                        settings.clip_scope,
+                    )  # fmt: skip
                     yield _Case(fields | {"method": arm, "clip_value": value}, quantizer)
     if settings.w8a8:
         int8 = int8_quantizer(settings.w8a8_weights == "channel")
@@ -519,43 +566,117 @@ def _applied(model: nn.Module, case: _Case, settings: QuantizeSettings):
         yield change, (_fingerprint(model, heads), repr(sites), per_token)
 
 
+@dataclass
+class Quantization:
+    """The table of every setting (`COLUMNS`) and the arms' paired differences with their
+    donor bootstrap CIs (`CONTRAST_COLUMNS`)."""
+
+    table: pd.DataFrame
+    contrasts: pd.DataFrame
+
+
 def run_quantization(
     model: nn.Module,
     batches,
     classes: list[str],
     super_weights: pd.DataFrame | None,
     settings: QuantizeSettings,
-) -> pd.DataFrame:
-    """Evaluate the unquantized model, every arm × bits × block size (× clip value), and W8A8.
+    *,
+    selection_batches=None,
+    donors=None,
+    seed: int = 0,
+) -> Quantization:
+    """Evaluate the unquantized model, every arm × bits × block size (× clip value), and W8A8
+    on `batches`, and the clip arms on `selection_batches` too (other cells, e.g.
+    validation: each clip arm's threshold is the one with the best mean log p there; without
+    them it is chosen on `batches`, and the log says so).
 
     `super_weights`: the super weights to hold out (module, layer, row, col), e.g. from
-    `read_super_weights`; empty or None holds none out. One row per setting, `COLUMNS`.
+    `read_super_weights`; empty or None holds none out. `donors`: one label per evaluated
+    cell, the groups of the contrasts' bootstrap (cells when None), seeded by `seed`.
     Settings whose quantized weights (and held-out activations) are identical are evaluated
     once: e.g. block sizes at or beyond every matrix's size (= "tensor"), a clip threshold
     that clips nothing (= naive), clip + restore with no super weight (= clip only), W8A8
     holdout with none to hold out (= naive). `model` ends as it started.
     """
-    rows, measured = [], {}
+    if selection_batches is None:
+        log.warning("no selection cells: clip thresholds are chosen on the evaluated cells")
+    rows, measured, selected, per_cell = [], {}, {}, []
     for case in _cases(model, super_weights, settings):
         with _applied(model, case, settings) as (change, key):
             if key not in measured:
-                measured[key] = measure(model, batches, classes)
+                measured[key] = _evaluate(model, batches, classes)
+            clipped = case.fields["method"] in ARMS[1:]
+            if clipped and selection_batches is not None and key not in selected:
+                selected[key] = measure(model, selection_batches, classes)["mean_log_likelihood"]
         row = dict(clip_value=np.nan, activation_scale="none") | case.fields
-        row |= measured[key] | asdict(change)
+        row |= measured[key][0] | asdict(change)
+        row["selection_log_likelihood"] = (
+            selected[key] if clipped and selection_batches is not None
+            else row["mean_log_likelihood"] if clipped else np.nan
+        )  # fmt: skip
         measures = ", ".join(f"{k} {row[k]:.4f}" for k in MEASURES)
         log.info("%s: %s", ", ".join(f"{k} {v}" for k, v in case.fields.items()), measures)
         rows.append(row)
+        per_cell.append(measured[key][1])
     n_super = 0 if super_weights is None else len(super_weights)
     log.info("%d settings, %d evaluated", len(rows), len(measured))
-    return pd.DataFrame(rows).assign(n_super_weights=n_super)[list(COLUMNS)]
+    table = pd.DataFrame(rows).assign(n_super_weights=n_super)[list(COLUMNS)]
+    rng = np.random.default_rng(seed)
+    contrasts = _contrasts(table, per_cell, donors, settings.n_boot, rng)
+    return Quantization(table, contrasts)
 
 
-def write_outputs(frame: pd.DataFrame, outputs) -> Path:
-    """Write the table (`quantize.tsv`) atomically; returns its path.
+def _contrasts(table: pd.DataFrame, per_cell: list[dict], donors, n_boot: int, rng):
+    """Paired per-cell differences between arms (`CONTRASTS`, each clip arm at its chosen
+    threshold) per bits × block size, and W8A8 holdout vs naive, with donor bootstrap CIs."""
+    donors = None if donors is None else np.asarray(donors).astype(str)
+    pairs = []
+    for (bits, block), part in table[table["scheme"] == "weight"].groupby(
+        ["bits", "block_size"], sort=False
+    ):
+        chosen = {arm: _chosen_row(part, arm) for arm in ARMS}
+        for name, (arm, other) in CONTRASTS.items():
+            if chosen[arm] is not None and chosen[other] is not None:
+                value = table.loc[chosen[arm], "clip_value"]
+                pairs.append(("weight", bits, block, name, value, chosen[arm], chosen[other]))
+    w8a8 = table[table["scheme"] == "w8a8"]
+    by_method = dict(zip(w8a8["method"], w8a8.index, strict=True))
+    if {"naive", "holdout"} <= set(by_method):
+        pairs.append(("w8a8", 8, w8a8["block_size"].iloc[0], "holdout vs naive", np.nan,
+                      by_method["holdout"], by_method["naive"]))  # fmt: skip
+    rows = []
+    for scheme, bits, block, name, value, first, second in pairs:
+        for measure_ in ("mean_log_likelihood", "accuracy"):
+            diff = per_cell[first][measure_] - per_cell[second][measure_]
+            low, high = bootstrap_mean_ci(diff, donors, n_boot, 0.95, rng)
+            rows.append({
+                "scheme": scheme, "bits": bits, "block_size": block, "contrast": name,
+                "clip_value": value, "measure": measure_, "difference": float(diff.mean()),
+                "ci_low": low, "ci_high": high, "n_cells": len(diff),
+                "n_donors": len(set(donors)) if donors is not None else 0,
+            })  # fmt: skip
+    return pd.DataFrame(rows, columns=list(CONTRAST_COLUMNS))
 
-    `outputs`: a folder or the rule's named outputs with `table` (`named_paths`).
+
+def _chosen_row(part: pd.DataFrame, arm: str):
+    """Index (in the table) of `arm`'s row at its chosen threshold, or None."""
+    own = part[part["method"] == arm]
+    if own.empty:
+        return None
+    return own.index[0] if arm == "naive" else own["selection_log_likelihood"].idxmax()
+
+
+def write_outputs(result: Quantization, outputs) -> Path:
+    """Write the table (`quantize.tsv`) and the contrasts (`contrasts.tsv`) atomically;
+    returns the table's path.
+
+    `outputs`: a folder or the rule's named outputs with `table` and `contrasts`
+    (`named_paths`).
     """
-    return write_tsv(named_paths(outputs, {"table": "quantize.tsv"})["table"], frame)
+    paths = named_paths(outputs, {"table": "quantize.tsv", "contrasts": "contrasts.tsv"})
+    write_tsv(paths["contrasts"], result.contrasts)
+    return write_tsv(paths["table"], result.table)
 
 
 def quantize_checkpoint(
@@ -566,17 +687,26 @@ def quantize_checkpoint(
     *,
     seed: int,
     device=None,
-) -> pd.DataFrame:
-    """`run_quantization` of a fine-tuned checkpoint on its dataset's test cells, cut to
-    `settings.max_seq_len` genes with fine-tuning's `seed` as fine-tuning cuts them."""
+) -> Quantization:
+    """`run_quantization` of a fine-tuned checkpoint on its dataset's test cells, clip
+    thresholds chosen on its validation cells, all cut to `settings.max_seq_len` genes with
+    fine-tuning's `seed` as fine-tuning cuts them; donors are the contrasts' groups."""
+    adata = read_tokenised(tokenised)
     test = load_test_cells(
-        tokenised,
+        adata,
         checkpoint,
         batch_size=settings.batch_size,
         max_seq_len=settings.max_seq_len,
         seed=seed,
         device=device,
     )
+    rows = sample_rows(adata.obs["split"].astype(str).to_numpy(), ["val"], None, seed)
+    validation = cell_batches(
+        adata, test.vocab, rows, pad_token_id=test.config.pad_token_id,
+        batch_size=settings.batch_size, max_seq_len=settings.max_seq_len, seed=seed,
+        labelled=True, device=test.device,
+    )  # fmt: skip
     return run_quantization(
-        test.model, test.batches, test.classes, read_super_weights(super_weights), settings
-    )
+        test.model, test.batches, test.classes, read_super_weights(super_weights), settings,
+        selection_batches=validation, donors=test.obs["donor"].astype(str).to_numpy(), seed=seed,
+    )  # fmt: skip

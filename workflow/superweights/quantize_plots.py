@@ -14,7 +14,7 @@ LABELS = {
     "mean_log_likelihood": "mean log p(true cell type)",
     "weight_error": "relative weight error ‖W−Q‖/‖W‖",
 }
-ARM_STYLES = {"naive": "o-", "clip": "s--", "clip_restore": "^-"}
+ARM_STYLES = {"naive": "o-", "clip": "s--", "clip_restore": "^-", "clip_control": "v:"}
 
 
 def _positions(blocks: list[str]) -> dict[str, float]:

@@ -60,6 +60,7 @@ INPUT_FILES = {
     "cls": "channels/cls.tsv",
     "enrich": "enrich",
     "quantize": "quantize/quantize.tsv",
+    "quantize_contrasts": "quantize/contrasts.tsv",
     "quantize_figure": "quantize/quantize.png",
 }
 """What the report reads: input name -> path under results/<dataset>/ (the report rule's inputs)."""
@@ -82,6 +83,8 @@ CONFIRMED_COLUMNS = [
     "zero_spike_effect", "expr_effect",
 ]  # fmt: skip
 TOPK_COLUMNS = ["fraction", "k", "of_weights", "matrices_hit", "effect", "decides"]
+CONTRAST_COLUMNS = ["scheme", "bits", "block_size", "contrast", "clip_value", "measure",
+                    "difference", "ci_low", "ci_high", "n_donors"]  # fmt: skip
 PERSISTENCE_COLUMNS = [
     "candidate", "status", "confirmed_in_base", "confirmed_in_finetuned", "weight_base",
     "weight_finetuned", "relative_change", "base_effect", "base_ci_low", "base_ci_high",
@@ -742,24 +745,63 @@ def pathways_section(res: Results) -> tuple[Section, list[dict], pd.DataFrame | 
     return sec, candidates, summary
 
 
-def quantize_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
-    """The paper's finding against ours, the arms compared, the full table and the figure."""
+def quantize_section(res: Results) -> tuple[Section, pd.DataFrame | None, pd.DataFrame | None]:
+    """The paper's finding against ours, the arms compared with their differences' CIs, the
+    full table and the figure."""
     sec = Section()
     table = res.tsv("quantize")
+    contrasts = res.tsv("quantize_contrasts")
     if table is None or table.empty:
         sec.missing["table"] = res.missing("quantize", "No quantization results")
     else:
         table = table.astype({"block_size": str})
         sec.text["paper"] = PAPER_QUANTIZATION
-        sec.text["ours"] = quantize_statement(table)
+        sec.text["ours"] = quantize_statement(table, contrasts)
         arms = compare_arms(table)
         if not arms.empty:
             sec.tables["arms"] = make_table(arms_display(arms), max_rows=len(arms))
+        if contrasts is not None and not contrasts.empty:
+            sec.tables["contrasts"] = make_table(
+                contrasts, CONTRAST_COLUMNS, res.label("quantize_contrasts"), max_rows=60
+            )
         sec.tables["table"] = make_table(
             table, QUANTIZE_COLUMNS, res.label("quantize"), max_rows=60
         )
     sec.figures["figure"] = res.figure("quantize_figure", "quantize_figure")
-    return sec, table
+    return sec, table, contrasts
+
+
+def _restore_gain(contrasts: pd.DataFrame | None, bits: int, block: str) -> str:
+    """Whether restoring the super weights helps at `block`, with its donor bootstrap CI
+    against clipping alone and against restoring a control weight instead."""
+    if contrasts is None or contrasts.empty:
+        return "The arms' differences (contrasts.tsv) are missing: no claim is made."
+    own = contrasts[
+        (contrasts["scheme"] == "weight") & (contrasts["bits"] == bits)
+        & (contrasts["block_size"].astype(str) == block)
+        & (contrasts["measure"] == "mean_log_likelihood")
+    ].set_index("contrast")  # fmt: skip
+    if "restore vs clip" not in own.index:
+        return "No contrast of the restore arm at the largest block: no claim is made."
+    gain = own.loc["restore vs clip"]
+    verdict = (
+        "As in the paper, restoring the super weights after clipping helps at the largest block"
+        if gain.ci_low > 0
+        else "Unlike the paper, restoring the super weights after clipping does not help "
+        "detectably at the largest block"
+    )
+    text = (
+        f"{verdict}: {gain.difference:+.3g} nats of log p(true type) per cell over clipping "
+        f"alone (95% CI {gain.ci_low:+.3g} to {gain.ci_high:+.3g}, over {gain.n_donors} donors)"
+    )
+    if "restore vs control" in own.index:
+        control = own.loc["restore vs control"]
+        specific = "beyond" if control.ci_low > 0 else "not detectably beyond"
+        text += (
+            f"; {specific} restoring the largest other weight of the same matrix "
+            f"({control.difference:+.3g}, CI {control.ci_low:+.3g} to {control.ci_high:+.3g})"
+        )
+    return text + "."
 
 
 def arms_display(arms: pd.DataFrame) -> pd.DataFrame:
@@ -952,14 +994,17 @@ def _block_text(block) -> str:
     return "one block per matrix" if str(block) == "tensor" else f"blocks of {block}"
 
 
-def quantize_statement(table: pd.DataFrame | None) -> str:
+def quantize_statement(table: pd.DataFrame | None, contrasts: pd.DataFrame | None = None) -> str:
     """Our result in the paper's terms: accuracy of each arm from the smallest to the largest
-    block, whether holding out the super weight helps more at larger blocks, and W8A8."""
+    block, and whether holding out the super weight helps at the largest block beyond
+    clipping alone and beyond restoring a control weight; "as in the paper" only where the
+    donor bootstrap CI of that gain in log p excludes 0; then W8A8."""
     if table is None or table.empty:
         return "Quantization was not run."
     arms = compare_arms(table.astype({"block_size": str}))
     fp32 = table.loc[table["scheme"] == "fp32", "accuracy"]
-    if arms.empty or not {f"accuracy_{arm}" for arm in ARMS} <= set(arms.columns):
+    shown = ARMS[:3]
+    if arms.empty or not {f"accuracy_{arm}" for arm in shown} <= set(arms.columns):
         return "Quantization ran without the three arms (naive, clip only, clip + restore)."
     bits = 4 if 4 in set(arms["bits"]) else int(arms["bits"].min())
     rows = arms[arms["bits"] == bits]
@@ -968,7 +1013,7 @@ def quantize_statement(table: pd.DataFrame | None) -> str:
     small, large = rows.iloc[0], rows.iloc[-1]
     parts = [
         f"{ARM_LABELS[arm]} {fmt(small[f'accuracy_{arm}'])} → {fmt(large[f'accuracy_{arm}'])}"
-        for arm in ARMS
+        for arm in shown
     ]
     text = (
         f"Here, INT{bits} accuracy from {_block_text(small.block_size)} to "
@@ -976,24 +1021,15 @@ def quantize_statement(table: pd.DataFrame | None) -> str:
         + (f" (unquantized {fmt(fp32.iloc[0])})" if len(fp32) else "")
         + ": "
         + "; ".join(parts)
-        + "."
+        + " (clip thresholds chosen on validation cells)."
     )
     if int(table["n_super_weights"].max()) == 0:
         text += (
-            " No confirmed super weight was held out, so clip + restore equals clip only and "
+            " No super weight was held out, so clip + restore equals clip only and "
             "the paper's comparison cannot be made on this model."
         )
     else:
-        gain_small = small["accuracy_clip_restore"] - small["accuracy_naive"]
-        gain_large = large["accuracy_clip_restore"] - large["accuracy_naive"]
-        restore = large["accuracy_clip_restore"] - large["accuracy_clip"]
-        verdict = "As in the paper" if gain_large > max(gain_small, 0) else "Unlike the paper"
-        more = "helps more" if gain_large > max(gain_small, 0) else "does not help more"
-        text += (
-            f" {verdict}, holding the super weights out {more} at the largest block "
-            f"({gain_large:+.3f} accuracy over naive there, {gain_small:+.3f} at the "
-            f"smallest); restoring them adds {restore:+.3f} over clipping alone."
-        )
+        text += " " + _restore_gain(contrasts, bits, str(large.block_size))
     w8a8 = table[table["scheme"] == "w8a8"].set_index("method")
     if {"naive", "holdout"} <= set(w8a8.index):
         text += (
@@ -1048,7 +1084,7 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
     pathways, candidates, enrich_summary = pathways_section(res)
     if not candidates:
         pathways.missing["enrich"] = "No candidate reached enrichment."
-    quantize, quantize_table = quantize_section(res)
+    quantize, quantize_table, contrasts = quantize_section(res)
     sources = {d.get("name"): d.get("source") for d in config.get("datasets", [])}
     source = sources.get(dataset) or "unknown source"
     metrics = facts["metrics"]
@@ -1082,7 +1118,8 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
              res.links(here, "genes_of_interest", "association")),
             ("Pathways", pathway_statement(enrich_summary, len(candidates), fdr),
              res.links(here, "enrich/summary.tsv")),
-            ("Quantization", quantize_statement(quantize_table), res.links(here, "quantize")),
+            ("Quantization", quantize_statement(quantize_table, contrasts),
+             res.links(here, "quantize", "quantize_contrasts")),
         ],
     }  # fmt: skip
     html = (
