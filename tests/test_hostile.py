@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from superweights.data.download import cache_path
 from superweights.errors import UserError
+from superweights.outputs import save_figure
 from superweights.report import build_report
 from test_report import CHROMIUM, CONFIG, DATASET, chromium, page_errors, write_results
 
@@ -90,3 +91,12 @@ def test_cache_names_are_plain_file_names(tmp_path, remote, cached):
 def test_names_that_would_leave_the_cache_are_refused(tmp_path, remote):
     with pytest.raises(UserError, match="cannot cache .* under a safe file name"):
         cache_path(tmp_path, remote)
+
+
+def test_figure_labels_from_data_are_drawn_as_text_not_mathtext(tmp_path, png):
+    figure = Figure(figsize=(2, 1))
+    ax = figure.add_subplot()
+    ax.bar([0, 1], [1, 2], tick_label=["Oligo$\\frac$ 1", "$x^$"])
+    ax.set_title("<b>$\\sqrt{$</b>")
+    path = save_figure(figure, tmp_path / "labels.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

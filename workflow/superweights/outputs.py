@@ -183,9 +183,15 @@ def save_figure(
 ) -> Path:
     """Save `fig` to `path` atomically (format from the suffix) and close it; returns the path.
 
-    `bbox_inches="tight"` trims the margins. The figure is closed even when saving fails;
-    figures made with `Figure()` rather than pyplot need no closing and are left alone.
+    `bbox_inches="tight"` trims the margins. Text is drawn as written, never as mathtext: a
+    name from the data such as `a$\\frac$` would otherwise stop the drawing. The figure is
+    closed even when saving fails; figures made with `Figure()` rather than pyplot need no
+    closing and are left alone.
     """
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches)
