@@ -5,9 +5,11 @@ rule would run it) and checks the message, the exit status and the output folder
 """
 
 import json
+import re
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import superweights
 from superweights.cli import main
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
@@ -192,3 +195,17 @@ def test_disk_filling_mid_write_leaves_earlier_outputs_intact(tmp_path, tokenise
     assert errors[0].startswith(f"error: cannot write {out}/") and "File too large" in errors[0]
     assert {p: (out / p).read_bytes() for p in files_under(out)} == before
     assert json.loads((out / "summary.json").read_text())["settings"]["cells_per_type"] == 4
+
+
+def test_every_stage_reads_weights_through_the_checked_loader():
+    """Checkpoint weights are read only in model/checkpoint.py (read_state_dict, which checks
+    every tensor); the one other reader is fine-tuning's own resume state."""
+    library = Path(superweights.__file__).parent
+    readers = {
+        str(path.relative_to(library))
+        for path in library.rglob("*.py")
+        if re.search(r"torch\.load\(|safetensors\.torch|load_file\(", path.read_text())
+    }
+    assert readers == {"model/checkpoint.py", "model/train.py"}
+    train = (library / "model" / "train.py").read_text()
+    assert train.count("torch.load(") == 1 and "def _load_state(" in train
