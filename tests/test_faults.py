@@ -209,3 +209,25 @@ def test_every_stage_reads_weights_through_the_checked_loader():
     assert readers == {"model/checkpoint.py", "model/train.py"}
     train = (library / "model" / "train.py").read_text()
     assert train.count("torch.load(") == 1 and "def _load_state(" in train
+
+
+def test_rule_with_an_unwritable_output_folder_stops_with_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from superweights.rule_io import rule_log
+
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    out = blocker / "demo" / "x.tsv"
+    rule = SimpleNamespace(log=[str(tmp_path / "rule.log")], output=[str(out)])
+    worked = []
+    with pytest.raises(SystemExit) as stopped:
+        with rule_log(rule):
+            worked.append(True)
+    assert stopped.value.code == 2 and worked == []
+    expected = (
+        f"error: cannot write {out.parent}: Not a directory; free disk space or make the folder "
+        "writable, then run again (earlier outputs are unchanged)"
+    )
+    assert (tmp_path / "rule.log").read_text().splitlines() == [expected]
+    assert sys.stderr is sys.__stderr__
