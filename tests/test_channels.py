@@ -153,6 +153,31 @@ def test_planted_gene_ranks_first_with_its_z_against_the_null(model):
     assert (rest["ablation_effect"] == 0).all() and first["ablation_effect"] != 0
 
 
+def test_each_null_weight_is_ranked_like_the_candidate_against_the_other_nulls(model):
+    """null_genes.tsv: null weight j's z is its |x * w| against the other null weights'."""
+    result = _run(model)
+    table = result.null_genes
+    assert list(table.columns) == ch.NULL_GENE_COLUMNS
+    (channel,) = ch.with_nulls(model, ch.select_channels(model, _candidates(), 0), 20, 2.0, 0)
+    own = table[table["candidate"] == "L1[5,3]"]
+    assert own["null"].unique().tolist() == list(range(1, 21))
+    weight = model.transformer_encoder.layers[1].linear2.weight.detach()
+    gene = "APP"  # in every cell; activations depend on the gene only, so every se is 0
+    hidden = _hidden(model, 1, 1 + VOCAB[gene])
+    a = np.array([abs(hidden[c].item() * weight[r, c].item()) for r, c in channel.nulls])
+    for j in (1, 7, 20):
+        rows = own[own["null"] == j]
+        assert (rows["null_row"].iloc[0], rows["null_col"].iloc[0]) == channel.nulls[j - 1]
+        assert rows["z"].is_monotonic_decreasing and ch.CLS not in set(rows["gene"])
+        assert (rows["n_cells"] >= 2).all()
+        others = np.delete(a, j - 1)
+        expected = (a[j - 1] - others.mean()) / others.std(ddof=1)
+        got = rows.set_index("gene").loc[gene, "z"]
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    # the candidate's own tables are unchanged by the null rankings
+    assert list(result.genes.columns) == ch.GENE_COLUMNS
+
+
 def test_the_confirmations_null_draws_are_used_when_given(model):
     channels = ch.select_channels(model, _candidates(), 0)
     drawn = pd.DataFrame({"candidate": "L1[5,3]", "row": [0, 1, 2, 3], "col": [1, 2, 3, 4]})
@@ -325,8 +350,11 @@ def test_map_channels_end_to_end(tmp_path, model):
     assert result.summary["candidates"][0]["top_genes"][0] == PLANTED
     paths = ch.write_outputs(result, tmp_path / "out")
     assert [p.name for p in paths] == [
-        "genes.tsv", "genes_of_interest.tsv", "cls.tsv", "channels.tsv", "summary.json"
+        "genes.tsv", "genes_of_interest.tsv", "cls.tsv", "channels.tsv", "null_genes.tsv",
+        "summary.json"
     ]  # fmt: skip
+    nulls = pd.read_csv(paths[4], sep="\t")
+    assert sorted(nulls["null"].unique()) == [1, 2, 3, 4]
     read = pd.read_csv(paths[0], sep="\t")
     assert read.iloc[0]["gene"] == PLANTED
 

@@ -13,6 +13,7 @@ rule map_channels:
         ),
         cls="results/{dataset}/channels/cls.tsv",
         channels="results/{dataset}/channels/channels.tsv",
+        null_genes="results/{dataset}/channels/null_genes.tsv",
         summary="results/{dataset}/channels/summary.json",
     log:
         "results/{dataset}/logs/map_channels.log",
@@ -34,6 +35,7 @@ rule map_channels:
 rule enrich:
     input:
         genes="results/{dataset}/channels/genes.tsv",
+        null_genes="results/{dataset}/channels/null_genes.tsv",
         association="results/{dataset}/cells/association.tsv",
     output:
         enrich=directory("results/{dataset}/enrich"),

@@ -29,6 +29,15 @@ is the one-sided empirical p, (1 + #{j: a_g^(j) >= a_g}) / (n_null + 1). A gene 
 in a stratum when it occurs in at least `min_cells` cells (>= 2, so that `s_g` exists) and
 the denominator is positive. Rank 1 is the largest z; the percentile is 100 for rank 1 and
 0 for the last rank of a stratum.
+
+Null-weight rankings (`null_genes.tsv`, over all cells): each null weight j scored the same
+way against the other n_null - 1 null weights,
+
+    z_g^(j) = (a_g^(j) - mean_{k != j} a_g^(k)) / sqrt(sd_{k != j}(a_g^(k))^2 + s_g^(j)^2)
+
+with `s_g^(j)` the standard error of |x[t, col_j] * w_j| over gene g's tokens, and the same
+`min_cells` rule. These are the rankings a weight of the candidate's size would give when it
+is not special; the enrichment stage runs its tests on them to calibrate the candidate's.
 """
 
 import logging
@@ -58,7 +67,7 @@ log = logging.getLogger(__name__)
 
 GWAS_GMT = RESOURCE_DIR / "bellenguez2022_gwas.gmt"
 ALL, CELL_TYPE, CLS = "all", "cell type", "<cls>"
-OUTPUT_TABLES = ("genes", "genes_of_interest", "cls", "channels")
+OUTPUT_TABLES = ("genes", "genes_of_interest", "cls", "channels", "null_genes")
 OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
 MEASURES = ("xw", "abs_xw", "abs_xw_sq", "output_act", "resid_act",
             "ablation_effect")  # fmt: skip
@@ -73,6 +82,10 @@ INTEREST_COLUMNS = [*STRATUM, "gene", "status", "n_cells", "z", "p_null", "rank"
                     "n_ranked"]  # fmt: skip
 CHANNEL_COLUMNS = ["candidate", "module", "layer", "row", "col", "weight", "confirmed", "null",
                    "nulls"]  # fmt: skip
+NULL_GENE_COLUMNS = ["candidate", "confirmed", "null", "null_row", "null_col", "gene", "n_cells",
+                     "z"]  # fmt: skip
+"""null_genes.tsv: null weight `null` (1..n_null, at `null_row`, `null_col`) scored like the
+candidate against the other null weights, over all cells; ranked genes only, by z."""
 NOT_RANKED = {"few": "in fewer than min_cells cells", "flat": "z undefined (no variation)"}
 
 
@@ -91,7 +104,8 @@ class ChannelSettings:
     besides the cell type. `n_unconfirmed`: strongest unconfirmed candidates mapped too
     (flagged `confirmed = False`, exploratory). `n_null`, `band`: the null weights of the
     z-scores. `min_cells`: cells a gene needs to be ranked (>= 2: its standard error must
-    exist). `genes_of_interest`: None = `default_genes_of_interest()`.
+    exist). `genes_of_interest`: None = `default_genes_of_interest()`. `n_permutations`:
+    within donor × cell type permutations of the cell map's gene–effect association.
     """
 
     splits: tuple[str, ...] = ("test",)
@@ -104,10 +118,13 @@ class ChannelSettings:
     max_cells: int = 2000
     batch_size: int = 32
     max_seq_len: int = 256
+    n_permutations: int = 999
     seed: int = 0
 
     def __post_init__(self):
         self.splits, self.strata_columns = tuple(self.splits), tuple(self.strata_columns)
+        if self.n_permutations < 99:
+            raise UserError(f"n_permutations must be >= 99, got {self.n_permutations}")
         if self.genes_of_interest is not None:
             self.genes_of_interest = tuple(self.genes_of_interest)
         if self.n_unconfirmed < 0 or self.min_cells < 2:
@@ -153,6 +170,7 @@ class ChannelResult:
     cls: pd.DataFrame
     channels: pd.DataFrame
     summary: dict
+    null_genes: pd.DataFrame
 
 
 # --- candidates -------------------------------------------------------------------------
@@ -273,21 +291,39 @@ class _Recorder:
 
 class _Sums:
     """Per (stratum, gene) sums of each measure (`MEASURES`, then each null's magnitude) and
-    token counts."""
+    token counts; per gene, over all cells, each null's squared magnitude."""
 
     def __init__(self, n_strata: int, n_genes: int, n_null: int):
         self.n_genes = n_genes
         size = (len(MEASURES) + n_null, n_strata * n_genes)
         self.sums = torch.zeros(size, dtype=torch.float64)
         self.counts = torch.zeros(n_strata * n_genes, dtype=torch.float64)
+        self.null_squares = torch.zeros((n_null, n_genes), dtype=torch.float64)
 
     def add(self, strata: Tensor, genes: Tensor, values: Tensor) -> None:
-        """strata [P, T] (stratum per partition, -1 = none), genes [T], values [M, T]."""
+        """strata [P, T] (stratum per partition, -1 = none; partition 0 is "all", stratum 0
+        for every token), genes [T], values [M, T]."""
         for partition in strata:
             keep = partition >= 0
             flat = partition[keep] * self.n_genes + genes[keep]
             self.sums.index_add_(1, flat, values[:, keep])
             self.counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        self.null_squares.index_add_(1, genes, values[len(MEASURES) :] ** 2)
+
+    def null_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """Token counts [genes] and z [nulls, genes] of each null weight against the others,
+        over all cells (stratum 0; the module docstring's z_g^(j)); NaN where undefined."""
+        n = self.counts[: self.n_genes].numpy()
+        means = self.sums[len(MEASURES) :, : self.n_genes].numpy() / np.where(n > 0, n, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            variance = (self.null_squares.numpy() / n - means**2) * n / (n - 1)
+            se = np.sqrt(np.clip(variance, 0, None) / n)
+            z = np.full_like(means, np.nan)
+            for j in range(len(means)):
+                others = np.delete(means, j, axis=0)
+                spread = np.sqrt(others.std(axis=0, ddof=1) ** 2 + se[j] ** 2)
+                z[j] = (means[j] - others.mean(axis=0)) / spread
+        return n, np.where(np.isfinite(z), z, np.nan)
 
     def scores(self, stratum: int) -> pd.DataFrame:
         """One row per gene index: `SCORE_COLUMNS` (z as in the module docstring) and the
@@ -385,8 +421,10 @@ def map_channel_genes(
     if data_genes is not None:
         data = set(data_genes)
         missing |= {g: "not in the data" for g in interest if g in vocab and g not in data}
-    gene_tables, cls_rows, interest_rows = [], [], []
+    gene_tables, cls_rows, interest_rows, null_tables = [], [], [], []
     for c in channels:
+        null_tables.append(_null_ranked(c, *sums[c.candidate].null_scores(), gene_names,
+                                        settings.min_cells))  # fmt: skip
         for s, (kind, stratum) in enumerate(names):
             scores = sums[c.candidate].scores(s).assign(gene=gene_names)
             scores.insert(0, "candidate", c.candidate)
@@ -403,8 +441,9 @@ def map_channel_genes(
     _warn_missing(interest_table)
     channel_table = pd.DataFrame([c.row_dict() for c in channels], columns=CHANNEL_COLUMNS)
     summary = _summary(channels, genes_table, n_cells, len(tokens), settings)
+    null_genes = _concat(null_tables, NULL_GENE_COLUMNS)
     return ChannelResult(genes_table, interest_table, _concat(cls_rows, CLS_COLUMNS),
-                         channel_table, summary)  # fmt: skip
+                         channel_table, summary, null_genes)  # fmt: skip
 
 
 def _measures(model: ScGPTModel, recorder: _Recorder, batch, channels: Sequence[Channel]):
@@ -451,6 +490,20 @@ def _ranked(genes: pd.DataFrame, min_cells: int) -> pd.DataFrame:
     frame = frame.assign(rank=np.arange(1, n + 1))
     frame["percentile"] = 100.0 * (n - frame["rank"]) / (n - 1) if n > 1 else 100.0
     return frame[GENE_COLUMNS].reset_index(drop=True)
+
+
+def _null_ranked(channel: Channel, n, z, gene_names, min_cells: int) -> pd.DataFrame:
+    """Each null weight's ranked genes (`NULL_GENE_COLUMNS`): >= `min_cells` cells, finite z,
+    not `<cls>`; by z (ties by name) within each null weight."""
+    frames = []
+    for j, ((row, col), scores) in enumerate(zip(channel.nulls, z, strict=True), 1):
+        frame = pd.DataFrame({"gene": gene_names, "n_cells": n.astype(np.int64), "z": scores})
+        frame = frame[(frame["n_cells"] >= min_cells) & frame["z"].notna()]
+        frame = frame[frame["gene"] != CLS].sort_values(["z", "gene"], ascending=[False, True])
+        where = {"candidate": channel.candidate, "confirmed": channel.confirmed, "null": j,
+                 "null_row": row, "null_col": col}  # fmt: skip
+        frames.append(frame.assign(**where))
+    return _concat(frames, NULL_GENE_COLUMNS)
 
 
 def _interest(stratum, genes, ranked, interest, missing, min_cells) -> list[dict]:
@@ -536,8 +589,8 @@ def map_channels(
 
 
 def write_outputs(result: ChannelResult, outputs) -> list[Path]:
-    """Write genes.tsv, genes_of_interest.tsv, cls.tsv, channels.tsv and summary.json, each
-    atomically.
+    """Write genes.tsv, genes_of_interest.tsv, cls.tsv, channels.tsv, null_genes.tsv and
+    summary.json, each atomically.
 
     `outputs`: a folder or the rule's named outputs (`named_paths`).
     """
