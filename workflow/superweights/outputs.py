@@ -188,9 +188,7 @@ def save_figure(
     closed even when saving fails; figures made with `Figure()` rather than pyplot need no
     closing and are left alone.
     """
-    from matplotlib.text import Text
-
-    for text in fig.findobj(Text):
+    for text in fig.findobj(lambda artist: hasattr(artist, "set_parse_math")):
         text.set_parse_math(False)
     try:
         with atomic_path(path) as tmp:
