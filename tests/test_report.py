@@ -173,10 +173,9 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
     })  # fmt: skip
     tsv(root, "cells/association.tsv", {
         "candidate": tested[0], "gene": ["CLU", "APOE", "GENE3"], "n_cells": 40,
-        "n_expressing": [30, 35, 12], "n_types": 3, "stouffer": [6.1, 4.2, 0.3],
-        "null_stouffer_mean": 0.1, "null_stouffer_sd": 1.1, "z": [5.45, 3.73, 0.18],
-        "p_null": [0.01, 0.02, 0.8],
-        "p_z": [1e-5, 2e-4, 0.86], "q_z": [3e-5, 3e-4, 0.86], "rank": [1, 2, 3],
+        "n_expressing": [30, 35, 12], "n_groups": 9, "n_donors": 4,
+        "partial_r": [0.61, 0.42, 0.03], "null_sd": 0.11, "z": [5.45, 3.73, 0.18],
+        "p_null": [1e-5, 2e-4, 0.86], "q": [3e-5, 3e-4, 0.86], "rank": [1, 2, 3],
         "status": "confirmed",
     })  # fmt: skip
     write_json(root, "cells/summary.json", {"notes": ["CELL NOTE"], "n_cells": 40})
@@ -365,7 +364,7 @@ def test_cells_section_and_cell_level_columns_of_the_genes_of_interest(results):
     core = genes.split("Genes of interest")[1].split("Other genes")[0]
     apoe = core[core.index(">APOE<") :].split("</tr>")[0]  # token rank 3, cell-level rank 2
     values = re.findall(r"<td[^>]*>([^<]*)</td>", apoe)
-    assert values[-7:] == ["93.1", "19.9", "0.02", "2", "3.73", "0.02", "0.0003"]
+    assert values[-7:] == ["93.1", "19.9", "0.02", "2", "3.73", "0.0002", "0.0003"]
     assert "cell-level z" in core and "token z" in core
     summary = section(page, "summary")
     assert "At the cell level, at q ≤ 0.05: APOE on L1[12,40] (z 3.73, q 0.0003)." in summary

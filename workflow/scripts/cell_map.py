@@ -9,6 +9,7 @@ with rule_log(snakemake):
         read_tokenised(snakemake.input.data),
         min_cells=snakemake.params.settings["min_cells"],
         seed=snakemake.params.settings["seed"],
+        n_permutations=snakemake.params.settings["n_permutations"],
     )
     write_outputs(result, snakemake.output)
     write_cell_map_figure(result.cells, snakemake.output.figure)

@@ -1,25 +1,23 @@
 """Which cells depend on a super weight, and which genes go with that dependence.
 
 Reads the pruning stage's `cells.h5ad` (per evaluated cell: `<cls>` embedding, cell type,
-donor, AD strata, each candidate's effect `effect <candidate>` = drop of log p(true type)
-when the weight is zeroed, and the same for up to 99 of its magnitude-matched null weights,
-`obsm["null <candidate>"]`).
+donor, AD strata, its baseline log p(true type) `log_likelihood`, and each candidate's
+effect `effect <candidate>` = drop of log p(true type) when the weight is zeroed).
 
 - **Cell map**: a UMAP of the `<cls>` embeddings (scanpy `pp.neighbors`, `tl.umap`).
-- **Gene–effect association**, within cell types so that identity does not drive it. In each
-  cell type with at least `min_cells` cells, the Spearman correlation r_c between a gene's
-  expression (log1p of counts per 10,000) and the per-cell effect becomes Fisher's
-  z_c = atanh(r_c)·sqrt(n_c − 3); the types are combined by Stouffer's S = Σ z_c / sqrt(m)
-  over the m types where the gene varies. The same statistic for each null weight's per-cell
-  effects gives the null: z = (S − mean S_null) / sd S_null and the two-sided empirical
-  p_null = (1 + #{|S_null − mean| ≥ |S − mean|}) / (n_null + 1). A gene is ranked when it is
-  expressed in at least `min_cells` of the cells used. Positive z: cells expressing the gene
-  more depend more on the weight than they would on a comparable weight. The empirical p
-  cannot go below 1 / (n_null + 1), too coarse for thousands of genes, so `p_z` reads z on
-  the normal (S under the null is a sum of near-normal Fisher z's, standardised by the null
-  weights' own mean and sd) and `q_z` is Benjamini-Hochberg over the candidate's ranked
-  genes. `status`: "confirmed", or "exploratory" for a candidate the pruning test did not
-  confirm.
+- **Gene–effect association**, donor-aware, within donor × cell type so that neither
+  identity nor donor drives it. The per-cell effect and each gene's expression (log1p of
+  counts per 10,000) are residualised by least squares on donor × cell type indicators and
+  on the cell's log library size, genes detected and baseline log p(true type); the
+  statistic is the partial correlation `partial_r` of the two residuals. Its null comes from
+  permuting the effect's residuals within donor × cell type (Freedman & Lane 1983: the
+  permuted residuals are residualised again, `n_permutations` times, seeded), so cells are
+  only exchanged with cells of the same donor and type. `p_null` = (1 + #{|r_perm| >= |r|})
+  / (n_permutations + 1), two-sided; `q` is Benjamini-Hochberg over the candidate's ranked
+  genes; `z` = r / sd(r_perm) orders the genes (the enrichment's cell-level ranking).
+  Groups with fewer than 3 cells carry no information and are left out; a gene is ranked
+  when it is expressed in at least `min_cells` of the cells used. `status`: "confirmed", or
+  "exploratory" for a candidate the pruning test did not confirm.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.stats import false_discovery_control, norm, rankdata
+from scipy.stats import false_discovery_control
 
 from .data.preprocess import normalise
 from .errors import UserError
@@ -40,9 +38,13 @@ from .outputs import named_paths, write_h5ad, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
-ASSOCIATION_COLUMNS = ["candidate", "status", "gene", "n_cells", "n_expressing", "n_types",
-                       "stouffer", "null_stouffer_mean", "null_stouffer_sd", "z", "p_null",
-                       "p_z", "q_z", "rank"]  # fmt: skip
+ASSOCIATION_COLUMNS = ["candidate", "status", "gene", "n_cells", "n_groups", "n_donors",
+                       "n_expressing", "partial_r", "null_sd", "z", "p_null", "q",
+                       "rank"]  # fmt: skip
+COVARIATES = ("log_library_size", "genes_detected", "log_likelihood")
+"""Per-cell covariates regressed out of effect and expression, beside donor × cell type."""
+MIN_GROUP = 3
+"""Cells a donor × cell type group needs to enter the association."""
 OUTPUT_FILES = {"cells": "cells.h5ad", "association": "association.tsv",
                 "summary": "summary.json"}  # fmt: skip
 
@@ -70,7 +72,8 @@ def read_cells(path: str | Path) -> ad.AnnData:
 
 def log_expression(tokenised: ad.AnnData, cell_ids: pd.Index) -> ad.AnnData:
     """log1p(counts per 10,000) of `cell_ids`, from the tokenised data's raw counts and
-    library sizes (as preprocessing normalises before binning)."""
+    library sizes (as preprocessing normalises before binning), with each cell's
+    `log_library_size` and `genes_detected` in obs."""
     missing = cell_ids.difference(tokenised.obs_names)
     if len(missing):
         raise UserError(f"{len(missing)} evaluated cells are not in the tokenised data")
@@ -80,7 +83,11 @@ def log_expression(tokenised: ad.AnnData, cell_ids: pd.Index) -> ad.AnnData:
     if totals is None:
         totals = np.asarray(counts.sum(axis=1)).ravel()
     logged = normalise(counts, totals).toarray()
-    return ad.AnnData(X=logged, obs=part.obs[[]], var=part.var[[]])
+    obs = pd.DataFrame(
+        {"log_library_size": np.log1p(totals), "genes_detected": counts.getnnz(axis=1)},
+        index=part.obs_names,
+    )
+    return ad.AnnData(X=logged, obs=obs, var=part.var[[]])
 
 
 def add_umap(cells: ad.AnnData, seed: int = 0) -> bool:
@@ -95,72 +102,91 @@ def add_umap(cells: ad.AnnData, seed: int = 0) -> bool:
     return True
 
 
-def _standardised_ranks(values: np.ndarray) -> np.ndarray:
-    """Column ranks, centred and scaled to unit norm; constant columns become NaN."""
-    ranks = rankdata(values, axis=0)
-    ranks -= ranks.mean(axis=0)
-    norm = np.sqrt((ranks**2).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norm > 1e-12, ranks / norm, np.nan)
-
-
 def association(
-    cells: ad.AnnData, expr: ad.AnnData, candidate: str, min_cells: int
+    cells: ad.AnnData,
+    expr: ad.AnnData,
+    candidate: str,
+    min_cells: int,
+    n_permutations: int = 999,
+    seed: int = 0,
 ) -> pd.DataFrame:
-    """Each gene's within-cell-type association with `candidate`'s per-cell effect, as a
-    z-score against its null weights (see the module docstring)."""
-    effects = np.column_stack([cells.obs[f"effect {candidate}"].to_numpy(float),
-                               cells.obsm[f"null {candidate}"]])  # fmt: skip
-    if effects.shape[1] < 3:
-        raise UserError(f"{candidate}: fewer than 2 null weights, no null for the association")
-    x = np.asarray(expr.X, dtype=float)
-    total = np.zeros((x.shape[1], effects.shape[1]))
-    types = np.zeros((x.shape[1], effects.shape[1]))
-    used = np.zeros(len(cells), bool)
-    for kind in pd.unique(cells.obs["cell_type"]):
-        rows = (cells.obs["cell_type"] == kind).to_numpy()
-        n = int(rows.sum())
-        if n < max(min_cells, 4):
-            continue
-        r = _standardised_ranks(x[rows]).T @ _standardised_ranks(effects[rows])
-        z = np.arctanh(np.clip(r, -0.999999, 0.999999)) * np.sqrt(n - 3)
-        defined = np.isfinite(z)
-        total += np.where(defined, z, 0.0)
-        types += defined
-        used |= rows
+    """Each gene's partial correlation with `candidate`'s per-cell effect within donor ×
+    cell type, with its within-group permutation p (see the module docstring)."""
+    groups = cells.obs["donor"].astype(str) + "\x1f" + cells.obs["cell_type"].astype(str)
+    sizes = groups.map(groups.value_counts())
+    used = (sizes >= MIN_GROUP).to_numpy()
+    if used.sum() < MIN_GROUP + len(COVARIATES) + 1:
+        raise UserError(
+            f"{candidate}: only {int(used.sum())} cells in donor × cell type groups of at "
+            f"least {MIN_GROUP}; too few for a donor-aware association"
+        )
+    labels = groups[used].to_numpy()
+    covariates = np.column_stack([
+        expr.obs["log_library_size"].to_numpy(float)[used],
+        expr.obs["genes_detected"].to_numpy(float)[used],
+        cells.obs["log_likelihood"].to_numpy(float)[used],
+    ])  # fmt: skip
+    basis = _design_basis(labels, covariates)
+    x = np.asarray(expr.X, dtype=float)[used]
+    effect = _residual(basis, cells.obs[f"effect {candidate}"].to_numpy(float)[used, None])
+    orders = _within_group_permutations(labels, n_permutations, seed)
+    permuted = _residual(basis, effect[:, 0][orders].T)  # Freedman-Lane: residualised again
+    rx = _residual(basis, x)
     with np.errstate(invalid="ignore", divide="ignore"):
-        stouffer = total / np.sqrt(types)
-    own, null = stouffer[:, 0], stouffer[:, 1:]
-    mean, sd = null.mean(axis=1), null.std(axis=1, ddof=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = (own - mean) / sd
-    extreme = (np.abs(null - mean[:, None]) >= np.abs(own - mean)[:, None]).sum(axis=1)
+        norms = np.linalg.norm(rx, axis=0)
+        r = (rx.T @ effect)[:, 0] / (norms * np.linalg.norm(effect))
+        null = (rx.T @ permuted) / (norms[:, None] * np.linalg.norm(permuted, axis=0))
+    sd = null.std(axis=1, ddof=1)
+    extreme = (np.abs(null) >= np.abs(r)[:, None] - 1e-12).sum(axis=1)
     table = pd.DataFrame(
         {
             "candidate": candidate,
             "gene": expr.var_names.astype(str),
             "n_cells": int(used.sum()),
-            "n_expressing": (x[used] > 0).sum(axis=0),
-            "n_types": types[:, 0].astype(int),
-            "stouffer": own,
-            "null_stouffer_mean": mean,
-            "null_stouffer_sd": sd,
-            "z": z,
-            "p_null": (1 + extreme) / (null.shape[1] + 1),
+            "n_groups": len(set(labels)),
+            "n_donors": cells.obs["donor"][used].nunique(),
+            "n_expressing": (x > 0).sum(axis=0),
+            "partial_r": r,
+            "null_sd": sd,
+            "z": r / sd,
+            "p_null": (1 + extreme) / (n_permutations + 1),
         }
     )
     table = table[np.isfinite(table["z"]) & (table["n_expressing"] >= min_cells)]
     table = table.sort_values("z", ascending=False, kind="stable").reset_index(drop=True)
-    table["p_z"] = 2 * norm.sf(table["z"].abs())
-    table["q_z"] = false_discovery_control(table["p_z"]) if len(table) else []
+    table["q"] = false_discovery_control(table["p_null"]) if len(table) else []
     table["rank"] = np.arange(1, len(table) + 1)
     confirmed = candidate in cells.uns.get("confirmed", [])
     table["status"] = "confirmed" if confirmed else "exploratory"
     return table[ASSOCIATION_COLUMNS]
 
 
-def map_cells(cells: ad.AnnData, tokenised: ad.AnnData, min_cells: int = 10,
-              seed: int = 0) -> CellMapResult:  # fmt: skip
+def _design_basis(labels: np.ndarray, covariates: np.ndarray) -> np.ndarray:
+    """Orthonormal basis of the design: group indicators and standardised covariates."""
+    indicators = pd.get_dummies(labels).to_numpy(float)
+    spread = covariates.std(axis=0)
+    scaled = (covariates - covariates.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    q, r = np.linalg.qr(np.column_stack([indicators, scaled]))
+    return q[:, np.abs(np.diag(r)) > 1e-10]  # drop a covariate that adds nothing
+
+
+def _residual(basis: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """`values` [n, k] minus their least-squares fit on the design `basis`."""
+    return values - basis @ (basis.T @ values)
+
+
+def _within_group_permutations(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """[n, cells] row orders, each permuting cells only within their group."""
+    rng = np.random.default_rng(seed)
+    orders = np.tile(np.arange(len(labels)), (n, 1))
+    for label in pd.unique(labels):
+        members = np.flatnonzero(labels == label)
+        orders[:, members] = rng.permuted(np.tile(members, (n, 1)), axis=1)
+    return orders
+
+
+def map_cells(cells: ad.AnnData, tokenised: ad.AnnData, min_cells: int = 10, seed: int = 0,
+              n_permutations: int = 999) -> CellMapResult:  # fmt: skip
     """UMAP of the evaluated cells and the gene–effect association of every candidate."""
     candidates = [str(c) for c in cells.uns.get("candidates", [])]
     notes = []
@@ -180,10 +206,7 @@ def map_cells(cells: ad.AnnData, tokenised: ad.AnnData, min_cells: int = 10,
             flat.append(cid)
             notes.append(f"{cid}: every cell's effect is exactly 0; no cell depends on it")
             continue
-        if cells.obsm[f"null {cid}"].shape[1] < 2:
-            notes.append(f"{cid}: fewer than 2 null weights; no gene association without a null")
-            continue
-        frames.append(association(cells, expr, cid, min_cells))
+        frames.append(association(cells, expr, cid, min_cells, n_permutations, seed))
     table = (
         pd.concat(frames, ignore_index=True)
         if frames
@@ -196,6 +219,7 @@ def map_cells(cells: ad.AnnData, tokenised: ad.AnnData, min_cells: int = 10,
         "all_zero_effects": flat,
         "umap": "X_umap" in cells.obsm,
         "min_cells": min_cells,
+        "n_permutations": n_permutations,
         "n_genes_ranked": {c: int((table["candidate"] == c).sum()) for c in candidates},
         "notes": notes,
     }

@@ -153,7 +153,9 @@ def cmd_cells(args) -> None:
     from .data.preprocess import read_tokenised
 
     cells = read_cells(args.cells)
-    result = map_cells(cells, read_tokenised(args.data), args.min_cells, args.seed)
+    result = map_cells(
+        cells, read_tokenised(args.data), args.min_cells, args.seed, args.n_permutations
+    )
     written = write_outputs(result, args.out)
     written.append(write_cell_map_figure(result.cells, Path(args.out) / "umap.png"))
     for note in result.summary["notes"]:
@@ -299,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--min-cells", type=int, default=10, help="cells per type and per gene")
-    p.add_argument("--seed", type=int, default=0, help="UMAP seed")
+    p.add_argument("--seed", type=int, default=0, help="UMAP and permutation seed")
+    p.add_argument("--n-permutations", type=int, default=999,
+                   help="within donor × cell type permutations of the association")  # fmt: skip
     p.set_defaults(func=cmd_cells)
 
     p = model_stage(sub, "map", "super channels to genes")

@@ -100,9 +100,9 @@ TOKEN_COLUMNS = {"rank": "token_rank", "z": "token_z", "p_null": "token_p"}
 """Token-level columns of genes_of_interest.tsv, renamed beside the cell-level ones."""
 CLS_COLUMNS = ["candidate", "confirmed", "n_cells", "xw", "abs_xw", "se", "null_mean_abs",
                "null_sd_abs", "z", "p_null"]  # fmt: skip
-ASSOCIATION_COLUMNS = ["rank", "gene", "z", "p_null", "p_z", "q_z", "n_cells", "n_expressing",
-                       "n_types", "stouffer", "null_stouffer_mean", "null_stouffer_sd"]  # fmt: skip
-INTEREST_ASSOCIATION = {"z": "assoc_z", "p_null": "assoc_p", "q_z": "assoc_q",
+ASSOCIATION_COLUMNS = ["rank", "gene", "partial_r", "z", "p_null", "q", "n_cells", "n_groups",
+                       "n_donors", "n_expressing"]  # fmt: skip
+INTEREST_ASSOCIATION = {"z": "assoc_z", "p_null": "assoc_p", "q": "assoc_q",
                         "rank": "assoc_rank"}  # fmt: skip
 """Cell-level association columns (cells/association.tsv) joined to the genes of interest."""
 ASSOCIATION_FDR = 0.05
@@ -202,12 +202,9 @@ LABELS = {
     "Adjusted P-value": "ORA FDR (BH)",
     "FDR q-val": "GSEA FDR q-val",
     "n_expressing": "cells expressing",
-    "n_types": "cell types",
-    "stouffer": "Stouffer z",
-    "null_stouffer_mean": "null Stouffer z (mean)",
-    "null_stouffer_sd": "null Stouffer z (sd)",
-    "p_z": "p (normal)",
-    "q_z": "q (BH of p normal)",
+    "partial_r": "partial r",
+    "n_groups": "donor × type groups",
+    "q": "q (BH)",
     "token_rank": "token rank",
     "token_z": "token z",
     "token_p": "token p (null)",
@@ -699,7 +696,7 @@ def cells_section(res: Results, core: tuple[str, ...]) -> Section:
             max_rows=TOP_GENES, highlight=frozenset(core),
         )  # fmt: skip
         status = str(part["status"].iloc[0]) if "status" in part else "confirmed"
-        q = pd.to_numeric(part.get("q_z"), errors="coerce")
+        q = pd.to_numeric(part.get("q"), errors="coerce")
         sec.text[str(candidate)] = (
             f"{status}; {int((q <= ASSOCIATION_FDR).sum())} of {len(part):,} genes at "
             f"q ≤ {ASSOCIATION_FDR} (Benjamini-Hochberg over this candidate's genes)"
