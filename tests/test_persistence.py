@@ -36,16 +36,40 @@ def test_a_weight_kept_through_fine_tuning_persists_and_a_shrunk_one_is_lost(tmp
          "confirmed": [True, True]}
     )  # fmt: skip
     tuned_confirmed = pd.DataFrame(
-        {"module": [PLANTED], "row": [ROW], "col": [K], "weight": [24.0], "confirmed": [True]}
-    )
+        {"module": [PLANTED], "row": [ROW], "col": [K], "weight": [24.0], "confirmed": [True],
+         "tier": ["super weight"]}
+    )  # fmt: skip
+    base_probe = base_confirmed.assign(accepted=[True, True])
+    tuned_probe = tuned_confirmed.assign(accepted=[True])
     settings = AblateSettings(n_boot=50, max_seq_len=17, batch_size=64, max_cells=200)
-    table = persistence(adata, base_dir, tuned_dir, base_confirmed, tuned_confirmed, settings)
+    table = persistence(adata, base_dir, tuned_dir, base_confirmed, tuned_confirmed, settings,
+                        base_candidates=base_probe, finetuned_candidates=tuned_probe)  # fmt: skip
     rows = table.set_index("candidate")
     kept, shrunk = rows.loc[f"L0[{ROW},{K}]"], rows.loc["L1[2,3]"]
     assert kept.status == "persists" and kept.weight_base == kept.weight_finetuned == 24.0
     assert kept.relative_change == 0 and kept.finetuned_effect > 1.0 and kept.finetuned_ci_low > 0
-    assert np.isfinite(kept.base_effect)
-    assert shrunk.status == "lost in fine-tuning" and not shrunk.tested_in_finetuned
+    assert np.isfinite(kept.base_effect) and kept.tier_in_finetuned == "super weight"
+    assert kept.activation_status == "spikes in both"
+    # Never tested after fine-tuning: not judged lost.
+    assert shrunk.status == "not tested in the fine-tuned model" and not shrunk.tested_in_finetuned
+    assert shrunk.tier_in_finetuned == "not tested"
+    assert shrunk.activation_status == "spikes only before fine-tuning"
     assert shrunk.weight_base == 3.0 and shrunk.weight_finetuned == pytest.approx(0.3)
     assert shrunk.relative_change == pytest.approx(-0.9)
     assert write_figure(table, tmp_path / "persistence.png").stat().st_size > 5000
+    # Tested after fine-tuning and not confirmed there: lost.
+    tested = pd.concat([tuned_confirmed, base_confirmed.iloc[1:].assign(confirmed=False)])
+    again = persistence(adata, base_dir, tuned_dir, base_confirmed, tested, settings)
+    assert again.set_index("candidate").loc["L1[2,3]", "status"] == "lost in fine-tuning"
+    assert set(again["activation_status"]) == {"spikes in neither"}  # no probe tables given
+
+
+def test_status_is_judged_only_where_both_models_tested():
+    from superweights.persistence import status
+
+    assert status(True, True, True, True) == "persists"
+    assert status(True, True, True, False) == "lost in fine-tuning"
+    assert status(True, True, False, False) == "not tested in the fine-tuned model"
+    assert status(False, False, True, True) == "not tested in the starting model"
+    assert status(True, False, True, True) == "appears in fine-tuning"
+    assert status(True, False, True, False) == "confirmed in neither"

@@ -118,6 +118,9 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
     (root / "ablate" / "summary.json").write_text(json.dumps({"expression": "EXPRESSION NOTE"}))
     tsv(root, "persistence/persistence.tsv", {
         "candidate": ["L1[12,40]", "L3[7,7]"], "status": ["persists", "lost in fine-tuning"],
+        "activation_status": ["spikes in both", "spikes only before fine-tuning"],
+        "tier_in_base": ["super weight", "important weight"],
+        "tier_in_finetuned": ["super weight", "not confirmed"],
         "confirmed_in_base": [True, True], "confirmed_in_finetuned": [True, False],
         "weight_base": [-2.6, 1.9], "weight_finetuned": [-2.5, 0.3],
         "relative_change": [0.04, -0.84], "base_effect": [0.8, 0.5], "base_ci_low": [0.6, 0.3],
@@ -313,8 +316,10 @@ def test_sections_show_the_stage_outputs(results):
     assert "too few donors (2 &lt; 3)" in pruning or "too few donors (2 < 3)" in pruning
     assert "q (BH)" in pruning and "top-k drop" in pruning
     assert (
-        "Of 2 super weights confirmed in the starting model, 1 remain confirmed after "
-        "fine-tuning; 0 appear only in the fine-tuned model; 2 weights tested in all." in pruning
+        "Of 2 weights confirmed in the starting model and tested in the fine-tuned one, 1 "
+        "remain confirmed after fine-tuning; 0 appear only in the fine-tuned model; 2 weights "
+        "tested in all. The probe found the same massive activation in both models for 1."
+        in pruning
     )
     pathways = section(page, "pathways")
     assert "astrocyte differentiation (GO:0048708)" in pathways

@@ -67,6 +67,8 @@ rule persistence:
         finetuned="results/{dataset}/finetune/checkpoint",
         base_confirmed="results/{dataset}/base/confirm/confirmed.tsv",
         finetuned_confirmed="results/{dataset}/ablate/confirmed.tsv",
+        base_candidates="results/{dataset}/base/probe/candidates.tsv",
+        finetuned_candidates="results/{dataset}/probe/candidates.tsv",
         spikes=expand(
             "results/{{dataset}}/{phase}/spikes_over_training.tsv",
             phase=TRAINING_PHASES,

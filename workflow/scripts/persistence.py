@@ -15,6 +15,8 @@ with rule_log(snakemake):
         inp.base_confirmed,
         inp.finetuned_confirmed,
         AblateSettings(**snakemake.params.settings),
+        base_candidates=inp.base_candidates,
+        finetuned_candidates=inp.finetuned_candidates,
     )
     write_tsv(out.table, table)
     write_figure(table, out.figure)

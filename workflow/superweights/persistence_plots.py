@@ -16,6 +16,8 @@ COLORS = {
     "persists": "tab:red",
     "lost in fine-tuning": "tab:orange",
     "appears in fine-tuning": "tab:blue",
+    "not tested in the fine-tuned model": "tab:purple",
+    "not tested in the starting model": "tab:cyan",
     "confirmed in neither": "0.5",
 }
 

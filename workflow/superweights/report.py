@@ -86,9 +86,9 @@ TOPK_COLUMNS = ["fraction", "k", "of_weights", "matrices_hit", "effect", "decide
 CONTRAST_COLUMNS = ["scheme", "bits", "block_size", "contrast", "clip_value", "measure",
                     "difference", "ci_low", "ci_high", "n_donors"]  # fmt: skip
 PERSISTENCE_COLUMNS = [
-    "candidate", "status", "confirmed_in_base", "confirmed_in_finetuned", "weight_base",
-    "weight_finetuned", "relative_change", "base_effect", "base_ci_low", "base_ci_high",
-    "finetuned_effect", "finetuned_ci_low", "finetuned_ci_high",
+    "candidate", "status", "activation_status", "tier_in_base", "tier_in_finetuned",
+    "weight_base", "weight_finetuned", "relative_change", "base_effect", "base_ci_low",
+    "base_ci_high", "finetuned_effect", "finetuned_ci_low", "finetuned_ci_high",
 ]  # fmt: skip
 STRATA_COLUMNS = ["candidate", "stratum", "value", "n_cells", "n_donors", "spike_mean",
                   "spike_sd", "effect", "ci_low", "ci_high", "status"]  # fmt: skip
@@ -595,17 +595,24 @@ def pruning_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
 
 
 def persistence_statement(table: pd.DataFrame) -> str:
-    """How many super weights of the starting model survive fine-tuning, and how many appear."""
-    counts = table["status"].value_counts()
-    base = int(counts.get("persists", 0) + counts.get("lost in fine-tuning", 0))
+    """How many confirmed weights of the starting model survive fine-tuning (only where both
+    models tested them), how many appear, and how many massive activations persist."""
     if not len(table):
         return "Neither model had a weight to test."
-    return (
-        f"Of {_plural(base, 'super weight')} confirmed in the starting model, "
-        f"{int(counts.get('persists', 0))} remain confirmed after fine-tuning; "
-        f"{int(counts.get('appears in fine-tuning', 0))} appear only in the fine-tuned model; "
-        f"{_plural(len(table), 'weight')} tested in all."
+    counts = table["status"].value_counts()
+    tested = int(counts.get("persists", 0) + counts.get("lost in fine-tuning", 0))
+    untested = int(counts.get("not tested in the fine-tuned model", 0))
+    text = (
+        f"Of {_plural(tested, 'weight')} confirmed in the starting model and tested in the "
+        f"fine-tuned one, {int(counts.get('persists', 0))} remain confirmed after fine-tuning"
+        + (f" ({untested} more were not tested after fine-tuning)" if untested else "")
+        + f"; {int(counts.get('appears in fine-tuning', 0))} appear only in the fine-tuned "
+        f"model; {_plural(len(table), 'weight')} tested in all."
     )
+    if "activation_status" in table:
+        both = int((table["activation_status"] == "spikes in both").sum())
+        text += f" The probe found the same massive activation in both models for {both}."
+    return text
 
 
 def _interest_frames(goi: pd.DataFrame | None, core: tuple[str, ...], association):
