@@ -1,4 +1,5 @@
-"""Gene-set libraries, GMT validation, prerank/ORA on planted data, AD rows and plots."""
+"""Gene-set libraries, GMT validation, prerank/ORA on planted data, q over all tests and
+directions, the competitive AD test and its calibration on null rankings, AD rows, plots."""
 
 import socket
 
@@ -8,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from scipy.stats import hypergeom
+from scipy.stats import binom, hypergeom, kstest
+from statsmodels.stats.multitest import multipletests
 
 from superweights import enrich
 from superweights.enrich import EnrichSettings, GeneSetSettings, read_gmt
@@ -39,6 +41,12 @@ def planted():
     for i in range(20):
         sets[f"random{i}"] = list(rng.choice(GENES, 30, replace=False))
     return ranking, {"toy": sets}
+
+
+def toy_settings(**kwargs):
+    """Settings for the toy libraries: the competitive test's AD genes are the set 'planted'."""
+    return EnrichSettings(**{"min_size": 10, "permutation_num": 100, "ora_top_n": 30,
+                             "ad_test_sets": ("toy:planted",), **kwargs})  # fmt: skip
 
 
 def write(tmp_path, text, name="sets.gmt"):
@@ -313,8 +321,7 @@ def test_enrich_candidates_writes_tables_per_candidate(tmp_path, planted):
             ("L3[0,0]", False, tied),
         ]
     )
-    settings = EnrichSettings(min_size=10, permutation_num=100, ora_top_n=30)
-    summary = enrich.enrich_candidates(genes, sets, settings, tmp_path)
+    summary = enrich.enrich_candidates(genes, sets, toy_settings(), tmp_path)
     assert list(summary.columns) == enrich.SUMMARY_COLUMNS
     assert summary["folder"].tolist() == ["L1_5_3", "L0_1_2", "L3_0_0"]
     assert summary.loc[0, "top_term"] == "planted" and summary.loc[0, "top_ad_term"] == "AD_TOY"
@@ -343,12 +350,13 @@ def test_cell_level_rankings_are_enriched_beside_the_token_ones(tmp_path, plante
         {"candidate": ["L1[5,3]"] * len(ranking) + ["L9[0,0]"] * len(ranking),
          "gene": [*ranking.index, *ranking.index], "z": [*ranking, *ranking]}
     )  # fmt: skip
-    settings = EnrichSettings(min_size=10, permutation_num=100, ora_top_n=30)
-    summary = enrich.enrich_candidates(genes, sets, settings, tmp_path, association)
+    summary = enrich.enrich_candidates(genes, sets, toy_settings(), tmp_path, association)
     assert summary["ranking"].tolist() == ["token", "cell"]
     assert summary["folder"].tolist() == ["L1_5_3", "L1_5_3_cell"]
-    assert (summary["top_term"] == "planted").all()  # at the bottom of the token ranking
-    assert summary.loc[1, "top_NES"] > 0 > summary.loc[0, "top_NES"]
+    # planted is at the bottom of the token ranking: depleted there, never its top term
+    assert summary.loc[1, "top_term"] == "planted" and summary.loc[0, "top_term"] != "planted"
+    assert (summary["top_NES"] > 0).all()
+    assert summary.loc[1, "n_enriched"] >= 1 and summary.loc[0, "n_depleted"] >= 1
     assert (summary["n_tests_total"] == summary["n_tests"].sum()).all()
     assert (tmp_path / "L1_5_3_cell" / "prerank.tsv").is_file()
     assert not list(tmp_path.glob("L9*"))
@@ -362,7 +370,7 @@ def test_plots_are_gseapys_and_exploratory_ones_say_so(tmp_path, planted, monkey
     sets = {**sets, "alzheimers_curated": {"AD_TOY": GENES[5:12]}}
     genes = _gene_table([("L1[5,3]", True, ranking.to_numpy()),
                          ("L0[1,2]", False, ranking[::-1].to_numpy())])  # fmt: skip
-    enrich.enrich_candidates(genes, sets, EnrichSettings(min_size=5, permutation_num=100), tmp_path)
+    enrich.enrich_candidates(genes, sets, toy_settings(min_size=5), tmp_path)
     titles = []
     for name in ("dotplot", "gseaplot"):
         original = getattr(gseapy, name)
@@ -385,5 +393,186 @@ def test_plots_are_gseapys_and_exploratory_ones_say_so(tmp_path, planted, monkey
 def test_a_candidate_without_tested_sets_gets_no_dotplot(tmp_path, planted):
     ranking, sets = planted
     genes = _gene_table([("L1[5,3]", True, ranking.to_numpy())])
-    enrich.enrich_candidates(genes, sets, EnrichSettings(min_size=400), tmp_path)
+    enrich.enrich_candidates(genes, sets, toy_settings(min_size=400), tmp_path)
     assert plot_candidate(tmp_path / "L1_5_3", "L1[5,3]") == []
+
+
+# --- calibrated enrichment --------------------------------------------------------------
+
+AD_GENES = GENES[700:720]
+
+
+def _ad_ranking(seed: int, where: str) -> pd.Series:
+    """Standard normal scores; the 20 AD genes' shifted by +2 sd ("top"), -2 sd ("bottom")
+    or not ("random")."""
+    scores = pd.Series(np.random.default_rng(seed).normal(size=len(GENES)), index=GENES)
+    shift = {"top": 2.0, "bottom": -2.0, "random": 0.0}[where]
+    scores[AD_GENES] += shift
+    return scores
+
+
+@pytest.fixture(scope="module")
+def ad_sets(planted):
+    _, sets = planted
+    return {**sets, "alzheimers_curated": {"AD_TOY": AD_GENES}}
+
+
+def ad_settings(**kwargs):
+    return toy_settings(**{"ad_test_sets": ("alzheimers_curated",), **kwargs})
+
+
+@pytest.mark.parametrize(("method", "reference"), [("bh", "fdr_bh"), ("by", "fdr_by")])
+def test_q_all_tests_is_over_every_test_of_the_ranking(planted, method, reference):
+    """One family per ranking: prerank and ORA of every set of every library, ORA sets
+    without overlap counted with p = 1; checked against statsmodels."""
+    ranking, sets = planted
+    rng = np.random.default_rng(1)
+    second = {f"other{i}": list(rng.choice(GENES, 25, replace=False)) for i in range(10)}
+    libraries = {**sets, "second": second}
+    settings = toy_settings(fdr_method=method)
+    tables, _ = enrich.enrich_ranking(ranking, libraries, settings)
+    m = enrich.n_tests(ranking, libraries, settings)
+    assert m == 2 * (21 + 10)
+    pre, over = tables["prerank.tsv"], tables["ora.tsv"]
+    assert len(over) < 31  # some ORA sets have no overlap: unlisted, yet in the family
+    p = np.concatenate([pre["NOM p-val"], over["P-value"]])
+    expected = multipletests(np.concatenate([p, np.ones(m - len(p))]), method=reference)[1]
+    got = np.concatenate([pre["q_all_tests"], over["q_all_tests"]])
+    np.testing.assert_allclose(got, expected[: len(p)], rtol=1e-9)
+    for table in (pre, over):
+        significant = table["q_all_tests"] <= settings.fdr_threshold
+        assert (table.loc[significant, "call"] == table.loc[significant, "direction"]).all()
+        assert (table.loc[~significant, "call"] == enrich.NOT_SIGNIFICANT).all()
+    assert set(over["direction"]) == {enrich.ENRICHED}
+    assert (pre["direction"] == np.where(pre["NES"] > 0, "enriched", "depleted")).all()
+
+
+def test_ad_genes_at_the_top_are_enriched_with_a_small_competitive_p(ad_sets):
+    ranking = _ad_ranking(3, "top")
+    tables, _ = enrich.enrich_ranking(ranking, ad_sets, ad_settings())
+    row = tables["prerank.tsv"].set_index("Term").loc["AD_TOY"]
+    assert row["NES"] > 0 and row["call"] == "enriched" and row["q_all_tests"] < 0.01
+    found = enrich.hits(tables)
+    assert found["ad_hit"] and found["top_ad_term"] == "AD_TOY" and found["n_ad_enriched"] == 1
+    test = enrich.ad_test(ranking, AD_GENES)
+    assert test["ad_test_n_genes"] == 20 and test["ad_test_auc"] > 0.85
+    assert test["ad_test_p"] < 1e-6
+
+
+def test_ad_genes_at_the_bottom_are_depleted_never_a_hit(ad_sets):
+    ranking = _ad_ranking(3, "bottom")
+    tables, _ = enrich.enrich_ranking(ranking, ad_sets, ad_settings())
+    row = tables["prerank.tsv"].set_index("Term").loc["AD_TOY"]
+    assert row["NES"] < 0 and row["q_all_tests"] < 0.01 and row["call"] == "depleted"
+    found = enrich.hits(tables)
+    assert not found["ad_hit"] and found["n_ad_enriched"] == 0 and found["n_depleted"] >= 1
+    assert "AD_TOY" not in set(tables["ora.tsv"]["Term"])  # none of them among the top genes
+    assert enrich.ad_test(ranking, [g.lower() for g in AD_GENES])["ad_test_p"] > 0.9999
+
+
+def test_competitive_p_is_uniform_on_random_rankings():
+    """Under the null the test is built for (exchangeable gene scores) p is uniform: KS
+    test, and the count at p <= 0.05 of 1,000 rankings is Binomial(1000, 0.05), kept within
+    its 0.1% and 99.9% quantiles."""
+    rng = np.random.default_rng(11)
+    p = np.array(
+        [enrich.ad_test(pd.Series(rng.normal(size=600), index=GENES[:600]), GENES[:40])["ad_test_p"]
+         for _ in range(1000)]
+    )  # fmt: skip
+    assert kstest(p, "uniform").pvalue > 0.001
+    low, high = binom.ppf([0.001, 0.999], 1000, 0.05)
+    assert low <= (p <= 0.05).sum() <= high
+
+
+def _null_table(candidate: str, where: str, n: int, seed: int = 20) -> pd.DataFrame:
+    rows = []
+    for j in range(1, n + 1):
+        ranking = _ad_ranking(seed + j, where)
+        rows.append(pd.DataFrame({"candidate": candidate, "confirmed": True, "null": j,
+                                  "null_row": j, "null_col": 2 * j, "gene": ranking.index,
+                                  "n_cells": 10, "z": ranking.to_numpy()}))  # fmt: skip
+    return pd.concat(rows, ignore_index=True)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_permutation_p_values_are_never_zero(seed):
+    """gseapy's permutation method reports p = 0 when no permutation reaches the ES; BH made
+    that q = 0 and random rankings had 'enriched' sets. Floored at 1 / (permutations + 1)."""
+    ranking = _ad_ranking(seed, "random")
+    sets = {"toy": {f"s{i}": GENES[30 * i : 30 * i + 30] for i in range(40)}}
+    settings = toy_settings(method="permutation", permutation_num=20, ad_test_sets=("toy",))
+    tables, _ = enrich.enrich_ranking(ranking, sets, settings)
+    assert tables["prerank.tsv"]["NOM p-val"].min() == pytest.approx(1 / 21)
+    assert enrich.hits(tables)["n_enriched"] == 0
+
+
+def test_null_weight_rankings_give_the_expected_rate_of_ad_hits(tmp_path, ad_sets):
+    """Null-weight rankings with nothing planted: under this global null BH's chance of any
+    call is at most 0.05, so the AD hits of 20 nulls are at most Binomial(20, 0.05) (kept
+    below its 99.9% quantile, 4); the candidate, AD genes on top, beats every null."""
+    genes = _gene_table([("L1[5,3]", True, _ad_ranking(3, "top").reindex(GENES).to_numpy())])
+    nulls = _null_table("L1[5,3]", "random", 20)
+    summary = enrich.enrich_candidates(genes, ad_sets, ad_settings(), tmp_path, null_genes=nulls)
+    row = summary.iloc[0]
+    assert row["ad_hit"] and row["n_null_rankings"] == 20 and row["null_reason"] == ""
+    limit = binom.ppf(0.999, 20, 0.05) / 20
+    assert row["null_ad_hit_rate"] <= limit and row["null_any_hit_rate"] <= limit
+    assert row["null_ad_test_rate"] <= limit
+    assert row["ad_test_p_null"] == pytest.approx(1 / 21)
+    table = pd.read_csv(tmp_path / "null_rankings.tsv", sep="\t")
+    assert list(table.columns) == enrich.NULL_RANKING_COLUMNS
+    assert table["weight"].tolist() == ["candidate"] + ["null weight"] * 20
+    assert table["null"].iloc[1:].tolist() == list(range(1, 21))
+    assert table["null_col"].iloc[1:].tolist() == list(range(2, 42, 2))
+    assert (table["n_tests"] == 2 * 22).all()
+    assert row["null_ad_hit_rate"] == table["ad_hit"].iloc[1:].mean()
+
+
+def test_null_rankings_that_hit_ad_sets_are_counted(tmp_path, ad_sets):
+    """Null weights whose rankings put the AD genes on top hit every time, and the
+    candidate, no better, is not singled out; the cell ranking has no null rankings."""
+    genes = _gene_table([("L1[5,3]", True, _ad_ranking(3, "top").reindex(GENES).to_numpy())])
+    association = pd.DataFrame({"candidate": "L1[5,3]", "gene": GENES,
+                                "z": _ad_ranking(4, "random").reindex(GENES)})  # fmt: skip
+    nulls = _null_table("L1[5,3]", "top", 5)
+    settings = ad_settings(n_null_rankings=5)
+    summary = enrich.enrich_candidates(genes, ad_sets, settings, tmp_path, association, nulls)
+    token, cell = summary.iloc[0], summary.iloc[1]
+    assert token["null_ad_hit_rate"] == 1 and token["null_ad_test_rate"] == 1
+    assert token["ad_test_p_null"] > 0.15
+    assert cell["n_null_rankings"] == 0 and np.isnan(cell["null_ad_hit_rate"])
+    assert "no null-weight rankings" in cell["null_reason"]
+    assert cell["ad_test_n_genes"] == 20 and 0 < cell["ad_test_p"] < 1
+
+
+def test_fewer_null_rankings_than_asked_are_used_and_counted(tmp_path, ad_sets, caplog):
+    genes = _gene_table([("L1[5,3]", True, _ad_ranking(3, "random").reindex(GENES).to_numpy())])
+    nulls = _null_table("L1[5,3]", "random", 3)
+    summary = enrich.enrich_candidates(genes, ad_sets, ad_settings(n_null_rankings=4), tmp_path,
+                                       null_genes=nulls)  # fmt: skip
+    assert summary.loc[0, "n_null_rankings"] == 3 and "fewer than n_null_rankings" in caplog.text
+
+
+def test_ad_test_sets_must_be_loaded(ad_sets):
+    assert enrich.ad_test_genes(ad_sets, ["toy:planted", "alzheimers_curated"]) == [
+        *GENES[:30], *AD_GENES
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="no gene-set library 'nope' is loaded"):
+        enrich.ad_test_genes(ad_sets, ["nope"])
+    with pytest.raises(UserError, match="toy has no set 'AD'"):
+        enrich.ad_test_genes(ad_sets, ["toy:AD"])
+
+
+def test_null_gene_table_needs_its_columns():
+    with pytest.raises(UserError, match=r"lacks column\(s\) \['null'\]"):
+        enrich.null_rankings(pd.DataFrame(columns=["candidate", "gene", "z"]), "L1[5,3]", 5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"fdr_method": "holm"}, "bh or by"), ({"n_null_rankings": -1}, "n_null_rankings"),
+     ({"ad_test_level": 1.0}, "ad_test_level"), ({"ad_test_sets": ()}, "ad_test_sets")],
+)  # fmt: skip
+def test_calibration_settings_are_validated(change, message):
+    with pytest.raises(UserError, match=message):
+        EnrichSettings(**change)

@@ -9,7 +9,8 @@ with rule_log(snakemake):
     out_dir = snakemake.output.enrich
     genes = pd.read_csv(snakemake.input.genes, sep="\t")
     association = pd.read_csv(snakemake.input.association, sep="\t")
+    null_genes = pd.read_csv(snakemake.input.null_genes, sep="\t")
     gene_sets = load_gene_sets(GeneSetSettings(**params.gene_sets))
     settings = EnrichSettings(**params.settings)
-    enrich_candidates(genes, gene_sets, settings, out_dir, association)
+    enrich_candidates(genes, gene_sets, settings, out_dir, association, null_genes)
     plot_candidates(out_dir)

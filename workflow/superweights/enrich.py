@@ -1,18 +1,34 @@
-"""Gene-set enrichment of a super weight's gene ranking, offline by default.
+"""Gene-set enrichment of a super weight's gene ranking, calibrated on null weights.
 
-The ranking is the channel map's z-score per gene (`channels.py`). Libraries (library name
--> set name -> genes): GO Biological Process 2023 and KEGG 2021 Human read from blitzgsea's
-package data, every `*.gmt` file of the packaged `gene_sets`, GMT files named in config,
-and Enrichr libraries named in config (downloaded through gseapy, so only when Enrichr can
-be reached). Each library is one family of tests with its own Benjamini-Hochberg FDR:
-preranked GSEA over the whole ranking (`gseapy.prerank`; "FDR q-val") and
-over-representation of the top-ranked genes (`gseapy.enrich`; "Adjusted P-value", BH over
-every set of the library that passes the size limits, overlapping or not) against the
-model's gene universe, every gene the map ranked. Tables keep gseapy's column names.
-A ranking whose scores are largely tied is not tested (the result would depend on how
-ties are ordered). Symbols are matched case-insensitively and reported as the ranking
-spells them. Weights that pruning did not confirm are enriched only on request, and
-everything about them is marked exploratory.
+The ranking is the channel map's z-score per gene (`channels.py`) or the cell-level
+association's. Libraries (library name -> set name -> genes): GO Biological Process 2023
+and KEGG 2021 Human read from blitzgsea's package data, every `*.gmt` file of the packaged
+`gene_sets`, GMT files named in config, and Enrichr libraries named in config (downloaded
+through gseapy, so only when Enrichr can be reached). Every set within the size limits is
+tested twice: preranked GSEA over the whole ranking (`gseapy.prerank`, "NOM p-val") and
+over-representation of the top-ranked genes (`gseapy.enrich`, hypergeometric "P-value")
+against the model's gene universe, every gene the map ranked. Tables keep gseapy's columns
+(its per-library "FDR q-val" and "Adjusted P-value" too) and add:
+
+- `q_all_tests`: Benjamini-Hochberg (or Benjamini-Yekutieli, `fdr_method`) over every test
+  of the ranking, all libraries, prerank and ORA together; a set without overlap in ORA
+  counts as a test with p = 1;
+- `direction`: "enriched" (NES > 0, or over-represented) or "depleted" (NES < 0);
+- `call`: the direction where q_all_tests <= `fdr_threshold`, else "not significant".
+  Only "enriched" rows are hits; depleted ones are reported, never counted.
+
+An AD hit is an enriched AD row (`ad_rows`: a curated AD library, or a term naming AD
+biology). The AD hypothesis is also one pre-specified competitive test (`ad_test`): the
+genes of `ad_test_sets` against the rest of the ranking, one-sided Mann-Whitney U (AD genes
+score higher), with its own p, outside the BH family. Both are calibrated on null weights:
+the same tests run on the rankings of `n_null_rankings` magnitude-matched null weights
+(channels' null_genes.tsv, each scored like the candidate against the other nulls), giving
+the rate at which a null weight's ranking has an AD hit, and the rate of competitive p <=
+`ad_test_level`. Cell-level rankings have no null-weight rankings (the cells stage writes
+none), so their rates are not given. A ranking whose scores are largely tied is not tested
+(the result would depend on how ties are ordered). Symbols are matched case-insensitively
+and reported as the ranking spells them. Weights that pruning did not confirm are enriched
+only on request, and everything about them is marked exploratory.
 """
 
 import logging
@@ -28,7 +44,7 @@ import gseapy
 import numpy as np
 import pandas as pd
 import requests
-from scipy.stats import false_discovery_control
+from scipy.stats import false_discovery_control, mannwhitneyu
 
 from .errors import UserError
 from .outputs import write_json, write_tsv
@@ -50,12 +66,31 @@ ORA_COLUMNS = ["library", "Term", "size", "Overlap", "Odds Ratio", "Combined Sco
                "Adjusted P-value", "Genes"]  # fmt: skip
 """gseapy's result columns (res2d), with the library and the set's size in the ranking."""
 P_FDR = {"prerank": ("NOM p-val", "FDR q-val"), "ora": ("P-value", "Adjusted P-value")}
+CALL_COLUMNS = ["direction", "q_all_tests", "call"]
+"""Added to gseapy's columns: direction, BH (or BY) q over every test of the ranking, call."""
+ENRICHED, DEPLETED, NOT_SIGNIFICANT = "enriched", "depleted", "not significant"
+FDR_METHODS = {"bh": "Benjamini-Hochberg", "by": "Benjamini-Yekutieli"}
 OUTPUT_FILES = ("prerank.tsv", "ora.tsv", "ad_terms.tsv")
 EXPLORATORY = "exploratory (weight not confirmed by pruning)"
+HIT_COLUMNS = [
+    "n_tests", "n_enriched", "n_depleted", "n_ad_enriched", "ad_hit", "top_ad_term",
+    "top_ad_library", "top_ad_q", "ad_test_n_genes", "ad_test_auc", "ad_test_p",
+]  # fmt: skip
+"""What one ranking's tests found: sets counted once across prerank and ORA; `top_ad_*` the
+enriched AD row (either analysis) of smallest q_all_tests; the competitive AD test."""
+NULL_RANKING_COLUMNS = ["candidate", "ranking", "weight", "null", "null_row", "null_col",
+                        "n_genes", *HIT_COLUMNS, "reason"]  # fmt: skip
+"""null_rankings.tsv: the candidate's row (weight "candidate"), then one per null weight
+(weight "null weight")."""
+NULL_WEIGHT = "null weight"
+CALIBRATION_COLUMNS = ["n_null_rankings", "null_ad_hit_rate", "null_any_hit_rate",
+                       "null_ad_test_rate", "ad_test_p_null", "null_reason"]  # fmt: skip
 SUMMARY_COLUMNS = [
     "candidate", "confirmed", "status", "ranking", "folder", "n_genes", "tied_fraction", "n_sets",
     "n_tests", "n_significant", "n_ad_significant", "top_term", "top_library", "top_NES", "top_FDR",
-    "top_ad_term", "top_ad_library", "top_ad_NES", "top_ad_FDR", "reason", "n_tests_total",
+    "top_ad_term", "top_ad_library", "top_ad_NES", "top_ad_FDR", "reason", "n_enriched",
+    "n_depleted", "n_ad_enriched", "ad_hit", "ad_test_n_genes", "ad_test_auc", "ad_test_p",
+    *CALIBRATION_COLUMNS, "n_tests_total",
 ]  # fmt: skip
 
 
@@ -87,9 +122,13 @@ class EnrichSettings:
     GO BP sets on 8,000 genes, 2 cores) or "permutation" (gene-set permutations; 1.5-2 min).
     Sets are kept when `min_size` <= genes in the ranking <= `max_size`; `library_min_size`
     lowers the minimum for small curated libraries. `ora_top_n`: top-ranked genes tested
-    for over-representation against all ranked genes. `fdr_threshold`: what the summary
-    and plots call significant. `max_tied`: largest fraction of genes whose score equals
-    another gene's that a ranking may have and still be tested.
+    for over-representation against all ranked genes. `fdr_method`: "bh" or "by", over
+    every test of a ranking; `fdr_threshold`: the q at or below which a set is called.
+    `max_tied`: largest fraction of genes whose score equals another gene's that a ranking
+    may have and still be tested. `n_null_rankings`: null-weight rankings enriched alike
+    per candidate (0: none). `ad_test_sets`: the AD genes of the competitive test, as
+    library names ("alzheimers_curated": all its sets) or "library:set"; `ad_test_level`:
+    the p at or below which the null rankings' competitive tests are counted.
     """
 
     method: str = "multilevel"
@@ -100,12 +139,25 @@ class EnrichSettings:
         default_factory=lambda: {name: 3 for name in AD_LIBRARIES}
     )
     ora_top_n: int = 100
+    fdr_method: str = "bh"
     fdr_threshold: float = 0.05
     max_tied: float = 0.05
+    n_null_rankings: int = 20
+    ad_test_sets: tuple[str, ...] = AD_LIBRARIES
+    ad_test_level: float = 0.05
     threads: int = 2
     seed: int = 0
 
     def __post_init__(self):
+        self.ad_test_sets = tuple(self.ad_test_sets)
+        if self.fdr_method not in FDR_METHODS:
+            raise UserError(f"fdr_method must be bh or by, not {self.fdr_method!r}")
+        if self.n_null_rankings < 0:
+            raise UserError(f"n_null_rankings must be >= 0, not {self.n_null_rankings}")
+        if not self.ad_test_sets:
+            raise UserError("ad_test_sets must name at least one gene-set library or set")
+        if not 0 < self.ad_test_level < 1:
+            raise UserError(f"ad_test_level must be in (0, 1), not {self.ad_test_level}")
         if self.method not in ("multilevel", "permutation"):
             raise UserError(
                 f"enrichment method must be multilevel or permutation, not {self.method!r}"
@@ -272,22 +324,23 @@ def _matched(sets: Mapping[str, list[str]], universe: Iterable[str], lo: int, hi
     return matched
 
 
-def _by_fdr(frames: list[pd.DataFrame], columns: list[str], analysis: str) -> pd.DataFrame:
-    """The libraries' rows together, by FDR, p, then decreasing |effect|."""
+def _by_p(frames: list[pd.DataFrame], columns: list[str], analysis: str) -> pd.DataFrame:
+    """The libraries' rows together, by p, then decreasing |effect| (the order of
+    `q_all_tests`, which BH keeps monotone in p)."""
     frames = [f for f in frames if not f.empty]
     if not frames:
         return pd.DataFrame(columns=columns)
     table = pd.concat(frames, ignore_index=True)[columns]
-    p, fdr = P_FDR[analysis]
+    p = P_FDR[analysis][0]
     effect = "NES" if analysis == "prerank" else "Odds Ratio"
     order = table.assign(_effect=-table[effect].abs())
-    order = order.sort_values([fdr, p, "_effect", "library", "Term"])
+    order = order.sort_values([p, "_effect", "library", "Term"])
     return table.loc[order.index].reset_index(drop=True)
 
 
 @dataclass
 class Prerank:
-    """Preranked GSEA: one row per tested set (`PRERANK_COLUMNS`), by FDR then |NES|; the
+    """Preranked GSEA: one row per tested set (`PRERANK_COLUMNS`), by p then |NES|; the
     ranking as tested (highest first); and gseapy's running sums ("hits", "RES") of the
     `keep_curves` best sets and best AD sets of each library with their NES, NOM p-val and
     FDR q-val, keyed (library, Term)."""
@@ -301,7 +354,9 @@ def prerank(
     ranking: pd.Series, gene_sets: GeneSets, settings: EnrichSettings, keep_curves: int = 5
 ) -> Prerank:
     """Preranked GSEA (`gseapy.prerank`) of `ranking` (score per gene, high = most
-    associated) in each library; FDR q-val is BH within the library."""
+    associated) in each library; FDR q-val is gseapy's, within the library. With the
+    permutation method, NOM p-val is floored at 1 / (permutation_num + 1): gseapy reports 0
+    when no permutation reaches the observed ES, which BH would turn into q = 0."""
     ranking = _clean_ranking(ranking)
     reason = check_ties(ranking, settings.max_tied)
     if reason:
@@ -329,14 +384,16 @@ def prerank(
         res = result.res2d.assign(library=library)
         res["size"] = [len(matched[t]) for t in res["Term"]]
         res = res.astype({"ES": float, "NES": float, "NOM p-val": float, "FDR q-val": float})
-        res = _by_fdr([res], PRERANK_COLUMNS, "prerank")
+        if settings.method == "permutation":
+            res["NOM p-val"] = res["NOM p-val"].clip(lower=1 / (settings.permutation_num + 1))
+        res = _by_p([res], PRERANK_COLUMNS, "prerank")
         frames.append(res)
         by_term = res.set_index("Term")
         for term in [*res["Term"].head(keep_curves), *ad_rows(res)["Term"].head(keep_curves)]:
             run, tested = result.results[term], by_term.loc[term, ["NES", "NOM p-val", "FDR q-val"]]
             curve = {"hits": list(map(int, run["hits"])), "RES": run["RES"], **tested.to_dict()}
             curves[(library, term)] = curve
-    return Prerank(_by_fdr(frames, PRERANK_COLUMNS, "prerank"), ranking, curves)
+    return Prerank(_by_p(frames, PRERANK_COLUMNS, "prerank"), ranking, curves)
 
 
 def ora(
@@ -379,7 +436,42 @@ def ora(
         )
         res["size"] = [len(matched[t]) for t in res["Term"]]
         frames.append(res)
-    return _by_fdr(frames, ORA_COLUMNS, "ora")
+    return _by_p(frames, ORA_COLUMNS, "ora")
+
+
+def n_tests(ranking: pd.Series, gene_sets: GeneSets, settings: EnrichSettings) -> int:
+    """Tests `enrich_ranking` runs on the ranking: every set within the size limits, once by
+    prerank and once by ORA (the size of the `q_all_tests` family)."""
+    genes = _clean_ranking(ranking).index
+    sizes = [
+        len(_matched(sets, genes, settings.min_size_of(library), settings.max_size))
+        for library, sets in gene_sets.items()
+    ]
+    return 2 * sum(sizes)
+
+
+def with_calls(
+    pre: pd.DataFrame, over: pd.DataFrame, m: int, settings: EnrichSettings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both tables with `CALL_COLUMNS`: q over the `m` tests of the ranking (listed p-values
+    plus p = 1 for every unlisted test, i.e. ORA sets without overlap), the direction
+    (NES sign; ORA is one-sided, over-representation) and the call at `fdr_threshold`."""
+    p = pd.concat([pre["NOM p-val"], over["P-value"]]).astype(float).fillna(1.0).to_numpy()
+    if len(p) > m:
+        raise ValueError(f"{len(p)} p-values listed for {m} tests")
+    q = false_discovery_control(np.concatenate([p, np.ones(m - len(p))]),
+                                method=settings.fdr_method)[: len(p)]  # fmt: skip
+    nes = pre["NES"].astype(float)
+    directions = [
+        np.where(nes > 0, ENRICHED, np.where(nes < 0, DEPLETED, "none")),
+        np.full(len(over), ENRICHED),
+    ]
+    out = []
+    for table, direction, q_part in zip((pre, over), directions, (q[: len(pre)], q[len(pre) :]),
+                                        strict=True):  # fmt: skip
+        called = np.where(q_part <= settings.fdr_threshold, direction, NOT_SIGNIFICANT)
+        out.append(table.assign(direction=direction, q_all_tests=q_part, call=called))
+    return out[0], out[1]
 
 
 def ad_rows(table: pd.DataFrame, libraries: Sequence[str] = AD_LIBRARIES) -> pd.DataFrame:
@@ -396,23 +488,81 @@ def top_genes(ranking: pd.Series, n: int) -> list[str]:
 
 
 def enrich_ranking(
-    ranking: pd.Series, gene_sets: GeneSets, settings: EnrichSettings
+    ranking: pd.Series, gene_sets: GeneSets, settings: EnrichSettings, keep_curves: int = 5
 ) -> tuple[dict[str, pd.DataFrame], Prerank]:
     """Prerank, ORA of the top `ora_top_n` genes against all ranked genes, and their AD
-    rows, as {file name: table}, with the prerank result."""
-    pre = prerank(ranking, gene_sets, settings)
+    rows, with `CALL_COLUMNS`, as {file name: table}, with the prerank result (its curves
+    carry q_all_tests)."""
+    pre = prerank(ranking, gene_sets, settings, keep_curves)
     over = ora(top_genes(ranking, settings.ora_top_n), ranking.index, gene_sets, settings)
+    pre.table, over = with_calls(pre.table, over, n_tests(ranking, gene_sets, settings), settings)
+    q = pre.table.set_index(["library", "Term"])["q_all_tests"]
+    for key, curve in pre.curves.items():
+        curve["q_all_tests"] = float(q.loc[key])
     ad = pd.concat(
         [ad_rows(pre.table).assign(analysis="prerank"), ad_rows(over).assign(analysis="ora")],
         ignore_index=True,
     )
-    columns = ["analysis", *PRERANK_COLUMNS, *(c for c in ORA_COLUMNS if c not in PRERANK_COLUMNS)]
+    columns = ["analysis", *PRERANK_COLUMNS, *(c for c in ORA_COLUMNS if c not in PRERANK_COLUMNS),
+               *CALL_COLUMNS]  # fmt: skip
     tables = {
         "prerank.tsv": pre.table,
         "ora.tsv": over,
         "ad_terms.tsv": ad.reindex(columns=columns),
     }
     return tables, pre
+
+
+def ad_test_genes(gene_sets: GeneSets, names: Sequence[str]) -> list[str]:
+    """The genes of the competitive AD test: every set of each library named, or the set
+    named as "library:set"; a UserError names what is not loaded."""
+    genes: dict[str, None] = {}
+    for name in names:
+        library, _, term = name.partition(":")
+        if library not in gene_sets:
+            raise UserError(
+                f"enrich.ad_test_sets names {name!r}, but no gene-set library {library!r} is "
+                f"loaded (loaded: {', '.join(gene_sets)})"
+            )
+        if term and term not in gene_sets[library]:
+            raise UserError(f"enrich.ad_test_sets names {name!r}: {library} has no set {term!r}")
+        chosen = [gene_sets[library][term]] if term else gene_sets[library].values()
+        genes.update(dict.fromkeys(g for s in chosen for g in s))
+    return list(genes)
+
+
+def ad_test(ranking: pd.Series, genes: Iterable[str]) -> dict:
+    """The pre-specified competitive AD test: `genes` (matched case-insensitively) against
+    the rest of the ranking, one-sided Mann-Whitney U (`scipy.stats.mannwhitneyu`, AD genes
+    score higher). `ad_test_auc`: U / (n_AD n_rest), the chance that an AD gene outscores
+    another gene (0.5 under the null). NaN where either group is empty."""
+    scores = _clean_ranking(ranking)
+    wanted = {g.upper() for g in genes}
+    inside = scores.index.str.upper().isin(wanted)
+    n_ad, n_rest = int(inside.sum()), int((~inside).sum())
+    if not n_ad or not n_rest:
+        return {"ad_test_n_genes": n_ad, "ad_test_auc": np.nan, "ad_test_p": np.nan}
+    result = mannwhitneyu(scores[inside], scores[~inside], alternative="greater")
+    return {"ad_test_n_genes": n_ad, "ad_test_auc": float(result.statistic) / (n_ad * n_rest),
+            "ad_test_p": float(result.pvalue)}  # fmt: skip
+
+
+def hits(tables: Mapping[str, pd.DataFrame]) -> dict:
+    """What `enrich_ranking`'s tables found: tests, distinct sets called enriched (prerank or
+    ORA), depleted (prerank), AD sets enriched, and the best enriched AD row by q."""
+    both = pd.concat([tables["prerank.tsv"], tables["ora.tsv"]], ignore_index=True)
+    enriched = both[both["call"] == ENRICHED].sort_values("q_all_tests", kind="stable")
+    ad = ad_rows(enriched)
+    best = ad.iloc[0] if len(ad) else pd.Series(dtype=object)
+    return {
+        "n_enriched": len(enriched.drop_duplicates(["library", "Term"])),
+        "n_depleted": len(both[both["call"] == DEPLETED].drop_duplicates(["library", "Term"])),
+        "n_ad_enriched": len(ad.drop_duplicates(["library", "Term"])),
+        "ad_hit": bool(len(ad)),
+        "top_ad_term": best.get("Term", np.nan),
+        "top_ad_library": best.get("library", np.nan),
+        "top_ad_q": best.get("q_all_tests", np.nan),
+    }
 
 
 def ranking_from_genes(genes: pd.DataFrame, candidate: str, stratum_type: str = "all") -> pd.Series:
@@ -448,9 +598,10 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | Path) -> lis
 
 
 def _best(table: pd.DataFrame, prefix: str) -> dict:
-    """The first (most significant) row's term, library, NES and FDR."""
-    keys = {"term": "Term", "library": "library", "NES": "NES", "FDR": "FDR q-val"}
-    top = table.iloc[0] if len(table) else pd.Series(dtype=object)
+    """The enriched (NES > 0) prerank row of smallest q_all_tests: term, library, NES, q."""
+    positive = table[table["direction"] == ENRICHED] if len(table) else table
+    top = positive.iloc[0] if len(positive) else pd.Series(dtype=object)
+    keys = {"term": "Term", "library": "library", "NES": "NES", "FDR": "q_all_tests"}
     return {f"{prefix}_{k}": top.get(c, np.nan) for k, c in keys.items()}
 
 
@@ -462,25 +613,82 @@ def _curves_json(pre: Prerank) -> dict:
     }
 
 
+def null_rankings(null_genes: pd.DataFrame, candidate: str, n: int) -> list[tuple[dict, pd.Series]]:
+    """The first `n` null weights' rankings of a candidate from channels' null_genes.tsv
+    (candidate, null, gene, z; null_row, null_col when present), as ({null, null_row,
+    null_col}, z per gene)."""
+    missing = [c for c in ("candidate", "null", "gene", "z") if c not in null_genes.columns]
+    if missing:
+        raise UserError(f"the null-weight gene table lacks column(s) {missing}; rerun channels")
+    rows = null_genes[null_genes["candidate"] == candidate]
+    out = []
+    for null, part in list(rows.groupby("null", sort=False))[:n]:
+        where = {"null": null, **{k: part[k].iloc[0] for k in ("null_row", "null_col")
+                                  if k in part.columns}}  # fmt: skip
+        out.append((where, part.set_index("gene")["z"].astype(float)))
+    return out
+
+
+def _test_ranking(ranking, gene_sets, settings, ad_genes, keep_curves=0):
+    """Tables, prerank result and `HIT_COLUMNS` of one ranking; or its tie reason."""
+    reason = check_ties(ranking, settings.max_tied)
+    if reason:
+        return None, None, {"reason": reason}
+    tables, pre = enrich_ranking(ranking, gene_sets, settings, keep_curves)
+    found = {"n_tests": n_tests(ranking, gene_sets, settings), **hits(tables),
+             **ad_test(ranking, ad_genes), "reason": ""}  # fmt: skip
+    return tables, pre, found
+
+
+def calibrate(rows: pd.DataFrame, settings: EnrichSettings) -> dict:
+    """`CALIBRATION_COLUMNS` of a candidate's ranking from its `null_rankings.tsv` rows: how
+    often a tested null weight's ranking had an AD hit, any hit, and a competitive p at or
+    below `ad_test_level`, and the candidate's competitive p among the nulls',
+    (1 + #{null p <= p}) / (1 + n)."""
+    own = rows[rows["weight"] == "candidate"].iloc[0]
+    nulls = rows[(rows["weight"] == NULL_WEIGHT) & (rows["reason"].fillna("") == "")]
+    if nulls.empty:
+        reason = "no null-weight ranking could be tested" if len(rows) > 1 else ""
+        return {"n_null_rankings": 0, "null_reason": reason or "no null-weight rankings"}
+    null_p = nulls["ad_test_p"].astype(float)
+    return {
+        "n_null_rankings": len(nulls),
+        "null_ad_hit_rate": nulls["ad_hit"].astype(bool).mean(),
+        "null_any_hit_rate": (nulls["n_enriched"] > 0).mean(),
+        "null_ad_test_rate": (null_p <= settings.ad_test_level).mean(),
+        "ad_test_p_null": (1 + (null_p <= own["ad_test_p"]).sum()) / (1 + len(nulls)),
+        "null_reason": "",
+    }
+
+
 def enrich_candidates(
     genes: pd.DataFrame,
     gene_sets: GeneSets,
     settings: EnrichSettings,
     out_dir: str | Path,
     association: pd.DataFrame | None = None,
+    null_genes: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Enrich every candidate of the channel map's gene table (its "all" stratum) and, with
-    `association` (`cell_map`'s table), the same candidates' cell-level z-scores.
+    `association` (`cell_map`'s table), the same candidates' cell-level z-scores; with
+    `null_genes` (channels' null_genes.tsv), the first `n_null_rankings` null weights'
+    rankings of each candidate alike, beside its token-level ranking.
 
     Writes `<out_dir>/<candidate_dirname>[_cell]/{prerank,ora,ad_terms}.tsv` and
-    `gsea_curves.json` (what `enrich_plots` draws), and `<out_dir>/summary.tsv`: one row per
-    candidate and ranking (also returned) with its status (confirmed or exploratory), the
-    ranking ("token" or "cell"), the sets tested (`n_sets`, each by prerank and by ORA:
-    `n_tests`), the tests over all candidates, rankings and libraries (`n_tests_total`), and
-    why a ranking was not tested. Tables of unconfirmed candidates carry the exploratory
-    status in a first column.
+    `gsea_curves.json` (what `enrich_plots` draws), `<out_dir>/null_rankings.tsv`
+    (`NULL_RANKING_COLUMNS`: per candidate and ranking, its own row and each null weight's)
+    and `<out_dir>/summary.tsv` (`SUMMARY_COLUMNS`, also returned): one row per candidate and
+    ranking with its status (confirmed or exploratory), the ranking ("token" or "cell"),
+    the sets tested (`n_sets`, each by prerank and by ORA: `n_tests`), the sets called
+    enriched and depleted (`n_enriched` = `n_significant`, `n_ad_enriched` =
+    `n_ad_significant`: enriched only), the best enriched prerank row (`top_*`; `top_FDR`
+    is its q_all_tests), the competitive AD test, the null-weight rates
+    (`CALIBRATION_COLUMNS`), the tests over all candidates and rankings (`n_tests_total`),
+    and why a ranking was not tested. Tables of unconfirmed candidates carry the
+    exploratory status in a first column.
     """
-    rows = []
+    ad_genes = ad_test_genes(gene_sets, settings.ad_test_sets)
+    rows, null_rows = [], []
     for candidate in dict.fromkeys(genes["candidate"]):
         confirmed = bool(genes.loc[genes["candidate"] == candidate, "confirmed"].iloc[0])
         rankings = {"token": ranking_from_genes(genes, candidate)}
@@ -488,43 +696,75 @@ def enrich_candidates(
             rankings["cell"] = ranking_from_association(association, candidate)
         for kind, ranking in rankings.items():
             folder = candidate_dirname(candidate) + RANKING_FOLDERS[kind]
-            rows.append(_enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets,
-                                    settings, Path(out_dir)))  # fmt: skip
+            row, found = _enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets,
+                                     settings, Path(out_dir), ad_genes)  # fmt: skip
+            where = {"candidate": candidate, "ranking": kind}
+            table = [{**where, "weight": "candidate", "n_genes": len(ranking), **found}]
+            nulls = null_genes if kind == "token" else None
+            table += _null_rows(where, candidate, nulls, gene_sets, settings, ad_genes)
+            table = pd.DataFrame(table, columns=NULL_RANKING_COLUMNS)
+            null_rows.append(table)
+            rows.append({**row, **calibrate(table, settings)})
+            if kind == "cell":
+                rows[-1]["null_reason"] = "the cells stage writes no null-weight rankings"
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:-1])
     summary["n_tests_total"] = int(summary["n_tests"].sum())
-    write_tables({"summary.tsv": summary}, out_dir)
+    null_table = pd.concat(null_rows, ignore_index=True) if null_rows else None
+    if null_table is None:
+        null_table = pd.DataFrame(columns=NULL_RANKING_COLUMNS)
+    write_tables({"null_rankings.tsv": null_table, "summary.tsv": summary}, out_dir)
     return summary
 
 
-def _enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets, settings, out_dir) -> dict:
-    """Prerank and ORA of one ranking into `out_dir/folder`; its summary row."""
+def _null_rows(where, candidate, null_genes, gene_sets, settings, ad_genes) -> list[dict]:
+    """`null_rankings.tsv` rows of a candidate's null weights (none without `null_genes`)."""
+    if null_genes is None or not settings.n_null_rankings:
+        return []
+    found = null_rankings(null_genes, candidate, settings.n_null_rankings)
+    if len(found) < settings.n_null_rankings:
+        log.warning(
+            "%s: %d null-weight rankings, fewer than n_null_rankings = %d (raise channels.n_null)",
+            candidate, len(found), settings.n_null_rankings,
+        )  # fmt: skip
+    rows = []
+    for null, ranking in found:
+        result = _test_ranking(ranking, gene_sets, settings, ad_genes)[2]
+        rows.append({**where, "weight": NULL_WEIGHT, **null, "n_genes": len(ranking), **result})
+    hit_rate = np.mean([bool(r.get("ad_hit")) for r in rows]) if rows else np.nan
+    log.info("%s: %d null-weight rankings, AD hit rate %.2f", candidate, len(rows), hit_rate)
+    return rows
+
+
+def _enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets, settings, out_dir,
+                ad_genes) -> tuple[dict, dict]:  # fmt: skip
+    """Prerank, ORA and the competitive AD test of one ranking into `out_dir/folder`; its
+    summary row and its `HIT_COLUMNS`."""
     status = "confirmed" if confirmed else EXPLORATORY
     row = {"candidate": candidate, "confirmed": confirmed, "status": status, "ranking": kind,
            "folder": folder, "n_genes": len(ranking),
            "tied_fraction": tied_fraction(ranking)}  # fmt: skip
-    reason = check_ties(ranking, settings.max_tied)
-    if reason:
-        log.warning("%s (%s ranking) not enriched: %s", candidate, kind, reason)
-        return {**row, "n_sets": 0, "n_tests": 0, "reason": reason}
-    tables, pre = enrich_ranking(ranking, gene_sets, settings)
+    tables, pre, found = _test_ranking(ranking, gene_sets, settings, ad_genes, keep_curves=5)
+    if tables is None:
+        log.warning("%s (%s ranking) not enriched: %s", candidate, kind, found["reason"])
+        return {**row, "n_sets": 0, "n_tests": 0, **found}, found
     if not confirmed:
         tables = {
             name: t.assign(status=status)[["status", *t.columns]] for name, t in tables.items()
         }
     write_tables(tables, out_dir / folder)
     write_json(out_dir / folder / "gsea_curves.json", _curves_json(pre))
-    table, ad = pre.table, ad_rows(pre.table)
-    fdr = settings.fdr_threshold
-    n_significant = int((table["FDR q-val"] < fdr).sum())
-    log.info("%s (%s ranking): %d sets, %d at FDR < %g", candidate, kind, len(table),
-             n_significant, fdr)  # fmt: skip
+    table = pre.table
+    log.info("%s (%s ranking): %d tests, %d sets enriched, %d depleted at q <= %g; "
+             "competitive AD test p = %.3g", candidate, kind, found["n_tests"],
+             found["n_enriched"], found["n_depleted"], settings.fdr_threshold,
+             found["ad_test_p"])  # fmt: skip
+    summary = {key: found[key] for key in SUMMARY_COLUMNS if key in found}
     return {
         **row,
         "n_sets": len(table),
-        "n_tests": 2 * len(table),
-        "n_significant": n_significant,
-        "n_ad_significant": int((ad["FDR q-val"] < fdr).sum()),
+        **summary,
+        "n_significant": found["n_enriched"],
+        "n_ad_significant": found["n_ad_enriched"],
         **_best(table, "top"),
-        **_best(ad, "top_ad"),
-        "reason": "",
-    }
+        **_best(ad_rows(table), "top_ad"),
+    }, found

@@ -2,7 +2,9 @@
 
 `enrich_candidates` writes each candidate's prerank table and gseapy's own running sums
 (`gsea_curves.json`); these plots read them, so the plotted scores are the tested ones.
-The title of every figure of an unconfirmed (exploratory) candidate says so.
+The q shown (dot colour, "FDR" of a running-sum plot) is `q_all_tests`, the BH (or BY) q
+over every test of the ranking. The title of every figure of an unconfirmed (exploratory)
+candidate says so.
 """
 
 import json
@@ -18,13 +20,13 @@ DPI = 120
 
 
 def dotplot(table: pd.DataFrame, path, title: str, n_terms: int = 15) -> Path | None:
-    """gseapy's dot plot of the `n_terms` first prerank rows (NES on x, colour FDR q-val,
+    """gseapy's dot plot of the `n_terms` first prerank rows (NES on x, colour q_all_tests,
     dot size the leading edge's share of the set); None when no set was tested."""
     if table.empty:
         return None
     top = table.head(n_terms).copy()
     top["Term"] = [_label(t, lib) for t, lib in zip(top["Term"], top["library"], strict=True)]
-    column = "FDR q-val" if (top["FDR q-val"].astype(float) > 0).any() else "NES"
+    column = "q_all_tests" if (top["q_all_tests"].astype(float) > 0).any() else "NES"
     ax = gseapy.dotplot(
         top, column=column, x="NES", title=title, cutoff=1.0, top_term=n_terms,
         figsize=(9, 0.45 * len(top) + 1.8),
@@ -41,7 +43,7 @@ def gseaplot(rank_metric, curve: dict, path, exploratory: bool) -> Path:
         hits=curve["hits"],
         nes=curve["NES"],
         pval=curve["NOM p-val"],
-        fdr=curve["FDR q-val"],
+        fdr=curve["q_all_tests"],
         RES=curve["RES"],
         rank_metric=rank_metric,
         figsize=(7, 5.5),
