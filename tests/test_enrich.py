@@ -522,7 +522,8 @@ def test_null_weight_rankings_give_the_expected_rate_of_ad_hits(tmp_path, ad_set
     table = pd.read_csv(tmp_path / "null_rankings.tsv", sep="\t")
     assert list(table.columns) == enrich.NULL_RANKING_COLUMNS
     assert table["weight"].tolist() == ["candidate"] + ["null weight"] * 20
-    assert table["null"].iloc[1:].tolist() == list(range(1, 21))
+    assert table["null"].iloc[1:].tolist() == list(range(1, 21)) and table["null"].isna()[0]
+    assert "\tnull weight\t1\t1\t2\t" in (tmp_path / "null_rankings.tsv").read_text()
     assert table["null_col"].iloc[1:].tolist() == list(range(2, 42, 2))
     assert (table["n_tests"] == 2 * 22).all()
     assert row["null_ad_hit_rate"] == table["ad_hit"].iloc[1:].mean()

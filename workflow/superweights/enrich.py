@@ -702,7 +702,9 @@ def enrich_candidates(
             table = [{**where, "weight": "candidate", "n_genes": len(ranking), **found}]
             nulls = null_genes if kind == "token" else None
             table += _null_rows(where, candidate, nulls, gene_sets, settings, ad_genes)
-            table = pd.DataFrame(table, columns=NULL_RANKING_COLUMNS)
+            table = pd.DataFrame(table, columns=NULL_RANKING_COLUMNS).astype(
+                dict.fromkeys(["null", "null_row", "null_col"], "Int64")
+            )
             null_rows.append(table)
             rows.append({**row, **calibrate(table, settings)})
             if kind == "cell":
