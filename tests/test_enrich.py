@@ -321,8 +321,11 @@ def test_enrich_candidates_writes_tables_per_candidate(tmp_path, planted):
             ("L3[0,0]", False, tied),
         ]
     )
-    summary = enrich.enrich_candidates(genes, sets, toy_settings(), tmp_path)
+    nulls = _null_table("L3[0,0]", "random", 2)
+    summary = enrich.enrich_candidates(genes, sets, toy_settings(), tmp_path, null_genes=nulls)
     assert list(summary.columns) == enrich.SUMMARY_COLUMNS
+    assert summary.loc[2, "null_reason"] == "the candidate's ranking was not tested"
+    assert summary.loc[2, "n_null_rankings"] == 0 and np.isnan(summary.loc[2, "ad_test_p_null"])
     assert summary["folder"].tolist() == ["L1_5_3", "L0_1_2", "L3_0_0"]
     assert summary.loc[0, "top_term"] == "planted" and summary.loc[0, "top_ad_term"] == "AD_TOY"
     assert summary["status"].tolist() == ["confirmed", enrich.EXPLORATORY, enrich.EXPLORATORY]

@@ -698,24 +698,30 @@ def enrich_candidates(
             folder = candidate_dirname(candidate) + RANKING_FOLDERS[kind]
             row, found = _enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets,
                                      settings, Path(out_dir), ad_genes)  # fmt: skip
-            where = {"candidate": candidate, "ranking": kind}
-            table = [{**where, "weight": "candidate", "n_genes": len(ranking), **found}]
-            nulls = null_genes if kind == "token" else None
-            table += _null_rows(where, candidate, nulls, gene_sets, settings, ad_genes)
-            table = pd.DataFrame(table, columns=NULL_RANKING_COLUMNS).astype(
-                dict.fromkeys(["null", "null_row", "null_col"], "Int64")
-            )
+            nulls = null_genes if kind == "token" and not found["reason"] else None
+            table = _null_table(row, found, nulls, gene_sets, settings, ad_genes)
             null_rows.append(table)
             rows.append({**row, **calibrate(table, settings)})
-            if kind == "cell":
+            if found["reason"]:
+                rows[-1]["null_reason"] = "the candidate's ranking was not tested"
+            elif kind == "cell":
                 rows[-1]["null_reason"] = "the cells stage writes no null-weight rankings"
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS[:-1])
     summary["n_tests_total"] = int(summary["n_tests"].sum())
-    null_table = pd.concat(null_rows, ignore_index=True) if null_rows else None
-    if null_table is None:
-        null_table = pd.DataFrame(columns=NULL_RANKING_COLUMNS)
+    empty = pd.DataFrame(columns=NULL_RANKING_COLUMNS)
+    null_table = pd.concat(null_rows, ignore_index=True) if null_rows else empty
     write_tables({"null_rankings.tsv": null_table, "summary.tsv": summary}, out_dir)
     return summary
+
+
+def _null_table(row, found, null_genes, gene_sets, settings, ad_genes) -> pd.DataFrame:
+    """`null_rankings.tsv` rows of one ranking: the candidate's (`found`), then its null
+    weights' (none without `null_genes`)."""
+    where = {"candidate": row["candidate"], "ranking": row["ranking"]}
+    rows = [{**where, "weight": "candidate", "n_genes": row["n_genes"], **found}]
+    rows += _null_rows(where, row["candidate"], null_genes, gene_sets, settings, ad_genes)
+    table = pd.DataFrame(rows, columns=NULL_RANKING_COLUMNS)
+    return table.astype(dict.fromkeys(["null", "null_row", "null_col"], "Int64"))
 
 
 def _null_rows(where, candidate, null_genes, gene_sets, settings, ad_genes) -> list[dict]:
