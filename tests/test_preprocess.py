@@ -83,7 +83,7 @@ def test_scanpy_conventions(counts_h5ad, counts_adata):
     sc.pp.calculate_qc_metrics(raw, qc_vars=["mt"], inplace=True, percent_top=None)
     for column in ("n_genes_by_counts", "total_counts", "pct_counts_mt"):
         np.testing.assert_allclose(tok.obs[column], raw.obs.loc[tok.obs_names, column], rtol=1e-6)
-    chosen = raw[tok.obs_names].copy()
+    chosen = raw[tok.obs_names[tok.obs["split"] == "train"]].copy()  # training donors only
     sc.pp.highly_variable_genes(chosen, flavor="seurat_v3", n_top_genes=50)
     expected = set(chosen.var_names[chosen.var["highly_variable"]])
     assert set(tok.var_names[tok.var["highly_variable"]]) == expected
@@ -94,6 +94,35 @@ def test_scanpy_conventions(counts_h5ad, counts_adata):
     assert "dispersions_norm" in dispersion.var and "variances_norm" in tok.var
     with pytest.raises(UserError, match="hvg_flavor"):
         settings(hvg_flavor="cell_ranger")
+
+
+@pytest.mark.parametrize("flavor", ["seurat_v3", "seurat"])
+def test_genes_are_chosen_on_the_training_donors_only(tmp_path, counts_adata, flavor):
+    """A gene that varies wildly in the held-out donors' cells only is not chosen: the
+    validation and test cells must not shape the features they are evaluated on."""
+    first, _ = preprocess_adata(tmp_path / "a.h5ad", counts_adata, flavor)
+    held_out = first.obs_names[first.obs["split"] != "train"]
+    quiet = sorted(set(counts_adata.var_names) - set(first.var_names[first.var["highly_variable"]])
+                   - {"APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2"})[:3]  # fmt: skip
+    spiked = counts_adata.copy()
+    umis = spiked.layers["UMIs"].tolil()
+    rng = np.random.default_rng(0)
+    for gene in quiet:
+        column = spiked.var_names.get_loc(gene)
+        for cell in held_out:
+            umis[spiked.obs_names.get_loc(cell), column] = float(rng.choice([0, 400]))
+    spiked.layers["UMIs"] = umis.tocsr()
+    second, _ = preprocess_adata(tmp_path / "b.h5ad", spiked, flavor)
+    assert (second.obs["split"] == first.obs["split"]).all()
+    chosen = set(second.var_names[second.var["highly_variable"]])
+    assert chosen == set(first.var_names[first.var["highly_variable"]])
+    assert not chosen & set(quiet)
+    assert "training donors" in second.uns["preprocess"]["hvg_cells"]
+
+
+def preprocess_adata(path, adata, flavor):
+    adata.write_h5ad(path)
+    return preprocess(path, settings(hvg_flavor=flavor))
 
 
 def test_caps_and_rare_types(tmp_path, counts_adata, caplog):

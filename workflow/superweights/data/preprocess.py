@@ -210,14 +210,12 @@ def normalised_dispersion(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -
     return disp
 
 
-def first_pass(matrix, source, in_vocab, mito, flag, settings):
-    """Per-cell QC metrics and per-gene count moments over the cells passing QC."""
-    n_cells, n_genes = matrix.shape
+def first_pass(matrix, source, mito, flag, settings):
+    """Per-cell QC metrics and which cells pass QC."""
+    n_cells = matrix.shape[0]
     n_expr = np.zeros(n_cells, np.int64)
     totals = np.zeros(n_cells, np.float64)
     mito_counts = np.zeros(n_cells, np.float64)
-    gene_sum = np.zeros(n_genes, np.float64)
-    gene_sq = np.zeros(n_genes, np.float64)
     passed = np.zeros(n_cells, bool)
     chunks = matrix.chunks(settings.chunk_size)
     for start, chunk in tqdm(chunks, total=-(-n_cells // settings.chunk_size), desc="QC pass"):
@@ -228,15 +226,7 @@ def first_pass(matrix, source, in_vocab, mito, flag, settings):
         mito_counts[rows] = np.asarray(chunk[:, mito].sum(axis=1)).ravel() if mito.size else 0
         frac = mito_counts[rows] / np.maximum(totals[rows], 1)
         ok = (n_expr[rows] >= settings.min_genes) & (frac <= settings.max_mito_fraction)
-        ok &= flag[rows]
-        passed[rows] = ok
-        kept = chunk[ok]
-        gene_sum += np.asarray(kept.sum(axis=0)).ravel()
-        gene_sq += np.asarray(kept.multiply(kept).sum(axis=0)).ravel()
-    n_pass = max(int(passed.sum()), 1)
-    mean = gene_sum / n_pass
-    var = np.maximum(gene_sq / n_pass - mean**2, 0)
-    mean[~in_vocab] = 0
+        passed[rows] = ok & flag[rows]
     metrics = pd.DataFrame(
         {
             "n_genes_by_counts": n_expr,
@@ -244,7 +234,22 @@ def first_pass(matrix, source, in_vocab, mito, flag, settings):
             "pct_counts_mt": 100 * mito_counts / np.maximum(totals, 1),
         }
     )
-    return metrics, passed, mean, var
+    return metrics, passed
+
+
+def gene_moments(matrix, rows: np.ndarray, settings) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of each gene's counts over the cells `rows`, read chunk by chunk."""
+    gene_sum = np.zeros(matrix.shape[1], np.float64)
+    gene_sq = np.zeros(matrix.shape[1], np.float64)
+    for start in range(0, matrix.shape[0], settings.chunk_size):
+        stop = min(start + settings.chunk_size, matrix.shape[0])
+        local = rows[(rows >= start) & (rows < stop)] - start
+        if local.size:
+            kept = sp.csr_matrix(matrix.rows(start, stop)[local], dtype=np.float64)
+            gene_sum += np.asarray(kept.sum(axis=0)).ravel()
+            gene_sq += np.asarray(kept.multiply(kept).sum(axis=0)).ravel()
+    mean = gene_sum / max(len(rows), 1)
+    return mean, np.maximum(gene_sq / max(len(rows), 1) - mean**2, 0)
 
 
 def choose_cells(obs: pd.DataFrame, passed: np.ndarray, settings) -> tuple[np.ndarray, dict]:
@@ -328,47 +333,33 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
         use_flag = settings.use_qc_flag and QC_FLAG_COLUMN in obs.columns
         flag = obs[QC_FLAG_COLUMN].astype(bool).to_numpy() if use_flag else np.ones(len(obs), bool)
         mito = np.flatnonzero(symbols.str.upper().str.startswith("MT-"))
-        metrics, passed, mean, variance = first_pass(matrix, source, in_vocab, mito, flag, settings)
+        metrics, passed = first_pass(matrix, source, mito, flag, settings)
         if not passed.any():
             raise UserError(
                 f"every cell was removed by QC (min_genes={settings.min_genes}, "
                 f"max_mito_fraction={settings.max_mito_fraction}, use_qc_flag={use_flag})"
             )
         rows, report = choose_cells(obs, passed, settings)
+        obs_out = split_cells(obs.iloc[rows].copy(), report["cell_types"], settings)
+        train = (obs_out["split"] == "train").to_numpy()
+        # Genes are chosen on the training donors' cells only: validation and test cells
+        # must not shape the features they are evaluated on.
         if settings.hvg_flavor == "seurat_v3":
             vocab_genes = np.flatnonzero(in_vocab)
             counts = read_rows(matrix, rows, vocab_genes, settings)
-            score = np.full(len(symbols), -np.inf)
-            score[vocab_genes] = seurat_v3_variances(counts)
+            score, mean = np.full(len(symbols), -np.inf), np.zeros(len(symbols))
+            score[vocab_genes] = seurat_v3_variances(counts[train])
+            mean[vocab_genes] = np.asarray(counts[train].mean(axis=0)).ravel()
             genes, var_out = select_genes(symbols, in_vocab, mean, score, settings)
             counts = counts[:, np.searchsorted(vocab_genes, genes)]
         else:
+            mean, variance = gene_moments(matrix, rows[train], settings)
+            mean[~in_vocab] = 0
             score = normalised_dispersion(mean, variance)
             genes, var_out = select_genes(symbols, in_vocab, mean, score, settings)
             counts = read_rows(matrix, rows, genes, settings)
     logged = normalise(counts, metrics["total_counts"].to_numpy()[rows])
     bins = bin_rows(logged, settings.n_bins, np.random.default_rng(settings.seed))
-
-    obs_out = obs.iloc[rows].copy()
-    obs_out["label"] = pd.Categorical(
-        obs_out[settings.label_column].astype(str), categories=report["cell_types"]
-    )
-    obs_out["donor"] = obs_out[settings.donor_column].astype(str)
-    stage = settings.stratify_column
-    strata = (
-        obs_out.groupby("donor", observed=True)[stage].first().astype(str).to_dict()
-        if stage in obs_out.columns
-        else None
-    )
-    donor_split = split_donors(
-        sorted(obs_out["donor"].unique()),
-        settings.val_fraction,
-        settings.test_fraction,
-        settings.seed,
-        strata,
-        settings.min_test_donors,
-    )
-    obs_out["split"] = pd.Categorical(obs_out["donor"].map(donor_split), categories=SPLITS)
     for column in metrics.columns:
         obs_out[column] = metrics[column].to_numpy()[rows]
     obs_out.index = obs_out.index.astype(str)
@@ -386,9 +377,34 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
         "qc_flag_used": use_flag,
         "labels": report["cell_types"],
         "dropped_cell_types": report["dropped_cell_types"],
+        "hvg_cells": f"{int(train.sum())} cells of the training donors",
     }
     qc = qc_table(obs, flag, metrics, passed, rows, tokenised, report, settings)
     return tokenised, qc
+
+
+def split_cells(obs_out: pd.DataFrame, cell_types: list[str], settings) -> pd.DataFrame:
+    """The chosen cells with `label`, `donor` and their donor's `split`."""
+    obs_out["label"] = pd.Categorical(
+        obs_out[settings.label_column].astype(str), categories=cell_types
+    )
+    obs_out["donor"] = obs_out[settings.donor_column].astype(str)
+    stage = settings.stratify_column
+    strata = (
+        obs_out.groupby("donor", observed=True)[stage].first().astype(str).to_dict()
+        if stage in obs_out.columns
+        else None
+    )
+    donor_split = split_donors(
+        sorted(obs_out["donor"].unique()),
+        settings.val_fraction,
+        settings.test_fraction,
+        settings.seed,
+        strata,
+        settings.min_test_donors,
+    )
+    obs_out["split"] = pd.Categorical(obs_out["donor"].map(donor_split), categories=SPLITS)
+    return obs_out
 
 
 def select_genes(symbols, in_vocab, mean, score, settings):
