@@ -186,7 +186,10 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "candidate": [tested[0]], "confirmed": [accepted],
         "status": ["confirmed" if accepted else "exploratory"], "folder": ["L1_12_40"],
         "n_genes": [30], "n_sets": [120], "n_tests": [240], "n_significant": [4],
-        "n_ad_significant": [1],
+        "n_ad_significant": [1], "n_enriched": [4], "n_depleted": [2], "n_ad_enriched": [1],
+        "ad_test_n_genes": [12], "ad_test_auc": [0.71], "ad_test_p": [0.004],
+        "n_null_rankings": [20], "null_ad_hit_rate": [0.05], "null_any_hit_rate": [0.1],
+        "null_ad_test_rate": [0.1], "ad_test_p_null": [0.0476],
         "top_term": ["astrocyte differentiation (GO:0048708)"], "top_library": ["GO_BP"],
         "top_NES": [2.345], "top_FDR": [0.0012], "top_ad_term": ["Alzheimer disease"],
         "top_ad_library": ["KEGG_2021_Human"], "top_ad_NES": [1.9], "top_ad_FDR": [0.03],
@@ -197,6 +200,8 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "Term": ["astrocyte differentiation (GO:0048708)", "Alzheimer disease"],
         "size": [18, 25], "ES": [0.8, 0.6], "NES": [2.345, 1.9], "NOM p-val": [1e-5, 1e-3],
         "FDR q-val": [0.0012, 0.03], "Lead_genes": ["GFAP;AQP4", "APOE;APP"],
+        "direction": ["positive", "positive"], "q_all_tests": [0.004, 0.04],
+        "call": ["enriched", "enriched"],
     })  # fmt: skip
     tsv(root, "enrich/L1_12_40/ad_terms.tsv", {
         "analysis": ["prerank"], "library": ["KEGG_2021_Human"], "Term": ["Alzheimer disease"],
@@ -279,7 +284,12 @@ def test_summary_states_what_was_found_from_the_outputs(results):
     assert "demo (demo): 849 cells of 3 cell types from 10 donors after QC, 1,201 genes" in text
     assert "APOE ranks 3 of 30 on L1[12,40]" in text
     assert "MAPT" not in text.split("Genes of interest in the top 10%")[1].split("</dd>")[0]
-    assert "L1[12,40]: 4 gene sets of 120 at FDR < 0.05" in text
+    assert (
+        "L1[12,40]: 4 gene sets of 120 enriched and 2 depleted at q ≤ 0.05 (top: astrocyte "
+        "differentiation (GO:0048708), NES 2.35), 1 AD-related set enriched; pre-specified AD "
+        "test (AD genes vs the rest, one-sided Mann-Whitney): AUC 0.71, p = 0.004; of 20 null "
+        "weights' rankings, 5% hit an AD set and 10% reach AD test p ≤ 0.05" in text
+    )
     assert "240 tests in all (prerank and ORA, across 1 ranking and every library" in text
     assert "naive 0.85 → 0.41; clip only 0.6 → 0.6; clip + restore SW 0.87 → 0.87" in text
 
@@ -452,13 +462,14 @@ def test_missing_optional_outputs_become_sentences(results):
 def test_cell_level_enrichment_is_named_as_such(results):
     enrich_dir = results / DATASET / "enrich"
     summary = pd.read_csv(enrich_dir / "summary.tsv", sep="\t")
-    cell = summary.assign(ranking="cell", folder="L1_12_40_cell", n_significant=0)
+    cell = summary.assign(ranking="cell", folder="L1_12_40_cell", n_significant=0,
+                          n_enriched=0, n_depleted=0, n_ad_enriched=0)  # fmt: skip
     pd.concat([summary.assign(ranking="token"), cell]).to_csv(
         enrich_dir / "summary.tsv", sep="\t", index=False
     )
     shutil.copytree(enrich_dir / "L1_12_40", enrich_dir / "L1_12_40_cell")
     page = html.unescape(build(results))
-    assert "L1[12,40] (cell-level): no gene set at FDR < 0.05 among 120 tested" in page
+    assert "L1[12,40] (cell-level): 0 gene sets of 120 enriched at q ≤ 0.05, 0 AD-related" in page
     assert "<h3>L1[12,40] (cell-level)</h3>" in section(page, "pathways")
 
 

@@ -111,14 +111,15 @@ GENE_COLUMNS = [
     "null_sd_abs", "ablation_effect",
 ]  # fmt: skip
 ENRICH_SUMMARY_COLUMNS = [
-    "candidate", "ranking", "status", "n_genes", "n_sets", "n_tests", "n_significant",
-    "n_ad_significant", "top_term", "top_NES", "top_FDR", "top_ad_term", "top_ad_FDR", "reason",
+    "candidate", "ranking", "status", "n_genes", "n_sets", "n_tests", "n_enriched", "n_depleted",
+    "n_ad_enriched", "top_term", "top_NES", "top_FDR", "ad_test_auc", "ad_test_p",
+    "n_null_rankings", "null_ad_hit_rate", "null_ad_test_rate", "ad_test_p_null", "reason",
 ]  # fmt: skip
 ENRICH_TABLES = {
-    "prerank": ["status", "library", "Term", "size", "NES", "FDR q-val", "Lead_genes"],
-    "ad_terms": ["status", "analysis", "library", "Term", "size", "NES", "FDR q-val",
-                 "Odds Ratio", "Adjusted P-value"],
-    "ora": ["status", "library", "Term", "size", "Overlap", "Odds Ratio", "Adjusted P-value",
+    "prerank": ["status", "library", "Term", "size", "NES", "q_all_tests", "call", "Lead_genes"],
+    "ad_terms": ["status", "analysis", "library", "Term", "size", "NES", "Odds Ratio",
+                 "q_all_tests", "call"],
+    "ora": ["status", "library", "Term", "size", "Overlap", "Odds Ratio", "q_all_tests", "call",
             "Genes"],
 }  # fmt: skip
 QUANTIZE_COLUMNS = [
@@ -201,6 +202,13 @@ LABELS = {
     "Lead_genes": "leading-edge genes",
     "Adjusted P-value": "ORA FDR (BH)",
     "FDR q-val": "GSEA FDR q-val",
+    "q_all_tests": "q (BH over all tests)",
+    "top_FDR": "top q (all tests)",
+    "ad_test_auc": "AD test AUC",
+    "ad_test_p": "AD test p",
+    "null_ad_hit_rate": "null weights hitting AD sets",
+    "null_ad_test_rate": "null weights at AD test p ≤ 0.05",
+    "ad_test_p_null": "AD test p among null weights",
     "n_expressing": "cells expressing",
     "partial_r": "partial r",
     "n_groups": "donor × type groups",
@@ -963,7 +971,8 @@ def _ranking_name(row) -> str:
 
 
 def pathway_statement(summary: pd.DataFrame | None, n_folders: int, fdr: float) -> str:
-    """Per candidate, what enrichment found, with the number of tests behind every claim."""
+    """Per ranking: enriched and depleted sets at one q over all its tests, the AD hits, the
+    pre-specified AD test, and how often null weights' rankings do as well."""
     if summary is None or summary.empty or not n_folders:
         return "No candidate reached enrichment."
     parts = []
@@ -974,22 +983,35 @@ def pathway_statement(summary: pd.DataFrame | None, n_folders: int, fdr: float) 
         if getattr(r, "reason", "") and isinstance(r.reason, str):
             parts.append(f"{who}: not tested ({r.reason})")
             continue
-        if r.n_significant:
-            text = (
-                f"{who}: {_plural(int(r.n_significant), 'gene set')} of {fmt(r.n_sets)} "
-                f"at FDR < {fmt(fdr)} (top: {r.top_term}, NES {fmt(r.top_NES)})"
+        enriched = int(getattr(r, "n_enriched", r.n_significant))
+        text = (
+            f"{who}: {_plural(enriched, 'gene set')} of {fmt(r.n_sets)} enriched"
+            + (f" and {int(r.n_depleted)} depleted" if getattr(r, "n_depleted", 0) else "")
+            + f" at q ≤ {fmt(fdr)}"
+            + (f" (top: {r.top_term}, NES {fmt(r.top_NES)})" if enriched else "")
+        )
+        ad = int(getattr(r, "n_ad_enriched", getattr(r, "n_ad_significant", 0)))
+        text += f", {_plural(ad, 'AD-related set')} enriched"
+        if pd.notna(getattr(r, "ad_test_p", np.nan)):
+            text += (
+                f"; pre-specified AD test (AD genes vs the rest, one-sided Mann-Whitney): "
+                f"AUC {fmt(r.ad_test_auc)}, p = {fmt(r.ad_test_p)}"
             )
-        else:
-            text = f"{who}: no gene set at FDR < {fmt(fdr)} among {fmt(r.n_sets)} tested"
-        if getattr(r, "n_ad_significant", 0):
-            text += f", {_plural(int(r.n_ad_significant), 'AD-related set')} significant"
+        if getattr(r, "n_null_rankings", 0) and pd.notna(getattr(r, "null_ad_hit_rate", np.nan)):
+            text += (
+                f"; of {int(r.n_null_rankings)} null weights' rankings, "
+                f"{fmt(100 * r.null_ad_hit_rate)}% hit an AD set and "
+                f"{fmt(100 * r.null_ad_test_rate)}% reach AD test p ≤ 0.05 (the candidate's "
+                f"AD test p ranks {fmt(r.ad_test_p_null)} among them)"
+            )
         parts.append(text)
     statement = "; ".join(parts) + "."
     if "n_tests_total" in summary:
         total = int(summary["n_tests_total"].iloc[0])
         statement += (
             f" {total:,} tests in all (prerank and ORA, across {_plural(len(summary), 'ranking')}"
-            " and every library; FDR by Benjamini-Hochberg within each library, not across them)."
+            " and every library; q by Benjamini-Hochberg over every test of a ranking; only "
+            "positive enrichment counts as a hit)."
         )
     return statement
 
