@@ -315,6 +315,8 @@ def test_user_errors(setup):
         AblateSettings(n_null=0)
     with pytest.raises(UserError, match="split"):
         AblateSettings(split="holdout")
+    with pytest.raises(UserError, match="precision must be one of"):
+        AblateSettings(precision="fp16")
 
 
 def test_confirm_cli_on_a_classifier_and_on_a_checkpoint_without_one(setup, tmp_path, capsys):

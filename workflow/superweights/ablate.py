@@ -46,7 +46,7 @@ from .model.finetuned import load_test_cells
 from .model.scgpt import ScGPTModel
 from .model.train import class_names, read_tokenised
 from .outputs import named_paths, write_h5ad, write_json, write_tsv
-from .scores import CellTypeScore, MaskedExpressionScore
+from .scores import PRECISIONS, CellTypeScore, MaskedExpressionScore
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class AblateSettings:
     strata with fewer test donors are reported as too few, not compared. `scales`: the
     factors of the scaling sweep. `expression_trained`: the expression decoder was trained
     with the encoder (fine-tuning `mlm_weight` > 0), so expression effects mean something.
+    `precision`: how the stacked null draws run (`scores.PRECISIONS`; "fp32" is the
+    reference, "tf32x3" keeps fp32 accuracy on GPU tensor cores).
     """
 
     n_null: int = 99
@@ -86,9 +88,12 @@ class AblateSettings:
     max_cells: int = 1000
     batch_size: int = 32
     max_seq_len: int = 256
+    precision: str = "fp32"
     seed: int = 0
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
         self.topk_sweep = tuple(float(f) for f in self.topk_sweep)
         self.scales = tuple(float(s) for s in self.scales)
         self.strata_columns = tuple(self.strata_columns)
@@ -190,7 +195,7 @@ def run_ablation(
     if len(obs) != len(labels):
         raise ValueError(f"obs has {len(obs)} rows for {len(labels)} cells")
     targets = select_targets(model, candidates, settings.n_strongest)
-    score = CellTypeScore(model, batches)
+    score = CellTypeScore(model, batches, precision=settings.precision)
     donors = obs["donor"].astype(str).to_numpy()
     result = confirm_super_weights(
         model, targets.assign(accepted=targets["probe_accepted"]), score,
@@ -479,10 +484,11 @@ def confirm_checkpoint(
     )  # fmt: skip
     batches = cells.batches
     scorer = (
-        CellTypeScore(cells.model, batches)
+        CellTypeScore(cells.model, batches, precision=settings.precision)
         if labelled
-        else MaskedExpressionScore(cells.model, batches, settings.mask_ratio, settings.seed)
-    )
+        else MaskedExpressionScore(cells.model, batches, settings.mask_ratio, settings.seed,
+                                   precision=settings.precision)
+    )  # fmt: skip
     log.info("confirming on %d %s cells with the %s score", len(cells.obs), settings.split, score)
     return confirm_super_weights(
         cells.model,
