@@ -1,0 +1,372 @@
+"""Causal gene effects by exact gene-token ablation, on tiny scGPT models built here.
+
+The planted model: layer 0's attention is off and its value encoder silent, so each token's
+input to layer 0's MLP depends on its gene alone; MLP unit COL of layer 0 fires on PLANTED's
+token only, and its down-projection weight W[ROW, COL] writes a massive activation into
+channel ROW there. Layer 1's attention (random) carries it to `<cls>`, and the classifier
+reads it. FREQUENT is in every cell, PLANTED in half of them.
+"""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from superweights import gene_effects as ge
+from superweights.channels import Channel, select_channels, with_nulls
+from superweights.editing import zeroed
+from superweights.errors import UserError
+from superweights.model.checkpoint import save_checkpoint
+from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+
+GENES = [f"G{i}" for i in range(20)]
+VOCAB = {g: i for i, g in enumerate(GENES)} | {"<pad>": 20, "<cls>": 21, "<eoc>": 22}
+PLANTED, FREQUENT = "G5", "G0"
+MODULE = "transformer_encoder.layers.0.linear2"
+ROW, COL, WEIGHT = 3, 7, 12.0
+N_CLS = 3
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def random_model(seed: int = 0, dtype=torch.float32) -> ScGPTModel:
+    torch.manual_seed(seed)
+    config = ScGPTConfig(
+        ntoken=len(VOCAB), d_model=16, nhead=2, d_hid=32, nlayers=2, n_cls=N_CLS, dropout=0.0,
+        pad_token_id=VOCAB["<pad>"],
+    )  # fmt: skip
+    return ScGPTModel(config).to(dtype).eval()
+
+
+def _mlp_inputs(model: ScGPTModel) -> torch.Tensor:
+    """Layer 0's MLP input at `<cls>` then every gene (tokens do not interact in layer 0)."""
+    seen = {}
+    hook = model.transformer_encoder.layers[0].linear1.register_forward_pre_hook(
+        lambda module, args: seen.setdefault("x", args[0])
+    )
+    ids = torch.tensor([[VOCAB["<cls>"], *range(len(GENES))]])
+    with torch.no_grad():
+        model(ids, torch.ones(ids.shape), torch.zeros(ids.shape, dtype=torch.bool))
+    hook.remove()
+    return seen["x"][0]
+
+
+def planted_model(seed: int = 0) -> ScGPTModel:
+    model = random_model(seed)
+    layer0 = model.transformer_encoder.layers[0]
+    with torch.no_grad():
+        layer0.self_attn.out_proj.weight.zero_()
+        layer0.self_attn.out_proj.bias.zero_()
+        model.value_encoder.linear2.weight.zero_()
+        model.value_encoder.linear2.bias.zero_()
+        x = _mlp_inputs(model)
+        target = x[1 + VOCAB[PLANTED]]
+        others = torch.cat([x[:1], x[1:][torch.arange(len(GENES)) != VOCAB[PLANTED]]])
+        threshold = ((others @ target).max() + target @ target) / 2
+        layer0.linear1.weight[COL] = target
+        layer0.linear1.bias[COL] = -threshold
+        layer0.linear2.weight[ROW, COL] = WEIGHT
+    return model
+
+
+def make_cells(n: int = 40, per_cell: int = 6, seed: int = 1, planted: bool = True):
+    """Gene ids per cell: FREQUENT in all, PLANTED in the even cells (when `planted`), and
+    `per_cell` others; expression values 1..10."""
+    rng = np.random.default_rng(seed)
+    pool = [i for i in range(len(GENES)) if i not in (VOCAB[PLANTED], VOCAB[FREQUENT])]
+    cells = []
+    for i in range(n):
+        genes = [VOCAB[FREQUENT], *rng.choice(pool, per_cell, replace=False).tolist()]
+        if planted and i % 2 == 0:
+            genes.append(VOCAB[PLANTED])
+        order = rng.permutation(len(genes))
+        cells.append(([genes[k] for k in order], rng.integers(1, 11, len(genes)).tolist()))
+    return cells
+
+
+def make_batches(cells, batch_size: int = 8, seed: int = 2):
+    labels = np.random.default_rng(seed).integers(0, N_CLS, len(cells))
+    batches = []
+    for start in range(0, len(cells), batch_size):
+        chunk = cells[start : start + batch_size]
+        length = 1 + max(len(g) for g, _ in chunk)
+        ids = torch.full((len(chunk), length), VOCAB["<pad>"])
+        values = torch.full((len(chunk), length), -2.0)
+        for row, (genes, vals) in enumerate(chunk):
+            ids[row, : len(genes) + 1] = torch.tensor([VOCAB["<cls>"], *genes])
+            values[row, : len(genes) + 1] = torch.tensor([0.0, *vals])
+        batches.append({"gene_ids": ids, "values": values, "padding_mask": ids == VOCAB["<pad>"],
+                        "labels": torch.as_tensor(labels[start : start + len(chunk)])})  # fmt: skip
+    return batches
+
+
+def donors_of(n: int, n_donors: int = 5) -> pd.DataFrame:
+    return pd.DataFrame({"donor": [f"D{i % n_donors}" for i in range(n)]})
+
+
+def candidates(weight=WEIGHT) -> pd.DataFrame:
+    return pd.DataFrame([{"candidate": "planted", "module": MODULE, "layer": 0, "row": ROW,
+                          "col": COL, "weight": weight, "confirmed": True}])  # fmt: skip
+
+
+# --- (1) exact ablation: the stacked copies equal a cell run alone without the gene ------
+
+
+def _direct(model, channel: Channel, ids, values, label, row, col):
+    """(log p drop when (row, col) is pruned, max |module output channel row|) of one cell
+    run alone, unpadded."""
+    ids, values = torch.tensor([ids]), torch.tensor([values], dtype=next(model.parameters()).dtype)
+    pad = torch.zeros_like(ids, dtype=torch.bool)
+    seen = {}
+    module = dict(model.named_modules())[channel.module]
+    hook = module.register_forward_hook(lambda m, a, out: seen.setdefault("y", out))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids, values, pad)["cls_logits"].double(), 1)[0, label]
+        hook.remove()
+        with zeroed(model, [(channel.module, row, col)]):
+            pruned = torch.log_softmax(model(ids, values, pad)["cls_logits"].double(), 1)
+    return float(logp - pruned[0, label]), float(seen["y"][0, :, row].abs().max())
+
+
+@pytest.mark.parametrize(("dtype", "packed", "tol"), [(torch.float64, False, 1e-9),
+                                                      (torch.float32, True, 2e-4)])  # fmt: skip
+def test_stacked_copies_equal_each_cell_run_alone_without_the_gene(dtype, packed, tol):
+    model = random_model(3, dtype)
+    cells = make_cells(6, per_cell=5, planted=False)
+    batches = make_batches(cells, batch_size=4)
+    for b in batches:
+        b["values"] = b["values"].to(dtype)
+    channel = Channel("c", "transformer_encoder.layers.0.linear2", 0, 2, 5, 0.0, True,
+                      nulls=((4, 1), (9, 11)))  # fmt: skip
+    effects = ge.token_effects(model, batches, [channel], max_genes=3, batch_size=7,
+                               packed=packed)  # fmt: skip
+    labels = torch.cat([b["labels"] for b in batches]).tolist()
+    assert len(effects.gene) == 6 * 3  # 3 most expressed genes of each cell
+    for k, (cell, gene) in enumerate(zip(effects.cell, effects.gene, strict=True)):
+        genes, vals = cells[cell]
+        top = sorted(range(len(vals)), key=lambda i: (-vals[i], i))[:3]
+        assert gene in [genes[i] for i in top]
+        without = [(g, v) for g, v in zip(genes, vals, strict=True) if g != gene]
+        for j, (row, col) in enumerate([(channel.row, channel.col), *channel.nulls]):
+            full = _direct(model, channel, [VOCAB["<cls>"], *genes], [0, *vals], labels[cell],
+                           row, col)  # fmt: skip
+            less = _direct(model, channel, [VOCAB["<cls>"], *(g for g, _ in without)],
+                           [0, *(v for _, v in without)], labels[cell], row, col)  # fmt: skip
+            assert effects.logp["c"][j, k] == pytest.approx(full[0] - less[0], abs=tol)
+            assert effects.act["c"][j, k] == pytest.approx(full[1] - less[1], abs=tol, rel=tol)
+
+
+def test_cell_copies_drop_one_token_and_pad_at_the_end():
+    batch = make_batches(make_cells(2, per_cell=3, planted=False))[0]
+    copies = ge.cell_copies(batch, 1, torch.tensor([2, 4]), VOCAB["<pad>"], -2.0)
+    ids, pad = batch["gene_ids"][1], batch["padding_mask"][1]
+    n = int((~pad).sum())
+    assert copies["gene_ids"].shape == (3, ids.shape[0])
+    assert torch.equal(copies["gene_ids"][0], ids)
+    keep = [i for i in range(n) if i != 2]
+    assert copies["gene_ids"][1, : n - 1].tolist() == ids[keep].tolist()
+    assert copies["padding_mask"][1].tolist() == [False] * (n - 1) + [True] * (len(ids) - n + 1)
+    assert copies["labels"].tolist() == [int(batch["labels"][1])] * 3
+
+
+# --- (2) a planted gene-specific weight ranks its gene first ------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model = planted_model()
+    cells = make_cells(40)
+    batches = make_batches(cells)
+    channels = select_channels(model, candidates(), n_unconfirmed=0)
+    settings = ge.GeneEffectSettings(max_genes=0, n_null=19, min_cells=3)
+    result = ge.causal_gene_effects(model, batches, channels, VOCAB, settings, donors_of(40))
+    return model, cells, result
+
+
+def test_planted_gene_ranks_first_and_a_frequent_gene_does_not(planted):
+    _, _, result = planted
+    genes = result.genes_causal.set_index("gene")
+    assert result.genes_causal["gene"].iloc[0] == PLANTED
+    assert genes.loc[PLANTED, "rank"] == 1
+    assert genes.loc[PLANTED, "logp_p_null"] == pytest.approx(1 / 20)
+    assert genes.loc[PLANTED, "act_p_null"] == pytest.approx(1 / 20)
+    assert genes["act_z"].idxmax() == PLANTED
+    assert genes.loc[PLANTED, "n_cells"] == 20 and genes.loc[PLANTED, "n_donors"] == 5
+    assert genes.loc[FREQUENT, "n_cells"] == 40
+    assert genes.loc[FREQUENT, "rank"] > 1
+    planted_effect = genes.loc[PLANTED, "logp_effect"]
+    assert planted_effect > 0
+    assert abs(genes.loc[FREQUENT, "logp_effect"]) < 0.1 * planted_effect
+    # Layer 0's tokens do not interact: removing another gene leaves the spike alone.
+    assert abs(genes.loc[FREQUENT, "act_effect"]) < 1e-3 * genes.loc[PLANTED, "act_effect"]
+    assert list(result.genes_causal.columns) == ge.GENE_COLUMNS
+    assert result.genes_causal["rank"].tolist() == list(range(1, len(genes) + 1))
+
+
+def test_the_token_map_measure_would_rank_the_frequent_gene_alike(planted):
+    """What the causal ranking corrects: the activation on a gene's own token is the same
+    for every cell carrying it, so a frequent gene with the unit's input near threshold and
+    the planted gene differ only by firing; the causal effect separates them by the weight."""
+    model, _, result = planted
+    x = _mlp_inputs(model)
+    unit = model.transformer_encoder.layers[0].linear1
+    with torch.no_grad():
+        fires = F.relu(unit(x))[:, COL]
+    assert fires[1 + VOCAB[PLANTED]] > 0 and fires[1 + VOCAB[FREQUENT]] == 0
+    assert result.summary["candidates"][0]["top_genes"][0] == PLANTED
+
+
+def test_null_weights_are_ranked_against_each_other(planted):
+    _, _, result = planted
+    nulls = result.null_gene_effects
+    assert list(nulls.columns) == ge.NULL_COLUMNS
+    assert sorted(nulls["null"].unique()) == list(range(1, 20))
+    one = nulls[nulls["null"] == 1]
+    assert set(one["gene"]) == set(result.genes_causal["gene"])
+    # z of null 1 against the others, by hand, for one gene
+    gene = one["gene"].iloc[0]
+    values = nulls[nulls["gene"] == gene].sort_values("null")["logp_effect"].to_numpy()
+    expected = (values[0] - values[1:].mean()) / values[1:].std(ddof=1)
+    assert one["logp_z"].iloc[0] == pytest.approx(expected)
+
+
+def test_donor_means_weigh_donors_not_cells():
+    effects = np.array([[1.0, 1.0, 1.0, 4.0, 10.0]])
+    cells = np.array([0, 1, 2, 3, 4])
+    genes = np.array([7, 7, 7, 7, 8])
+    donors = np.array(["a", "a", "a", "b", "b"])
+    ids, n_cells, n_donors, mean, se = ge.donor_means(effects, cells, genes, donors)
+    assert ids.tolist() == [7, 8] and n_cells.tolist() == [4, 1] and n_donors.tolist() == [2, 1]
+    assert mean[0].tolist() == [2.5, 10.0]  # (1 + 4) / 2, not (1 + 1 + 1 + 4) / 4
+    assert se[0, 0] == pytest.approx(np.std([1, 4], ddof=1) / np.sqrt(2)) and np.isnan(se[0, 1])
+
+
+def test_scores_against_the_null():
+    values = np.array([[5.0, 0.0], [1.0, 1.0], [2.0, -1.0], [3.0, 0.0]])
+    scores = ge.null_scores(values)
+    assert scores["z"][0] == pytest.approx((5 - 2) / 1.0)
+    assert scores["p_null"].tolist() == [0.25, 0.75]  # (1 + 0) / 4 and (1 + 2) / 4
+
+
+# --- (3) calibration without a gene-specific weight ---------------------------------------
+
+
+def test_exchangeable_weights_give_uniform_p_values_for_every_gene():
+    """Each of 20 random weights in turn is the candidate and the other 19 its null: a gene's
+    p over the 20 turns is then exactly 1/20, ..., 20/20 (no tie), whatever the model does."""
+    model = random_model(5)
+    batches = make_batches(make_cells(24, planted=False))
+    rng = np.random.default_rng(0)
+    weight = model.transformer_encoder.layers[0].linear2.weight.detach()
+    flat = rng.choice(weight.numel(), 20, replace=False)
+    positions = [divmod(int(i), weight.shape[1]) for i in flat]
+    channels = [
+        Channel(f"w{k}", "transformer_encoder.layers.0.linear2", 0, r, c, float(weight[r, c]),
+                False, "given", tuple(p for p in positions if p != (r, c)))
+        for k, (r, c) in enumerate(positions)
+    ]  # fmt: skip
+    effects = ge.token_effects(model, batches, channels, max_genes=0)
+    donors = donors_of(24)["donor"].to_numpy()
+    p = []
+    for c in channels:
+        genes, _ = ge.score_genes(effects, c, donors, str, min_cells=3)
+        p.append(genes.set_index("gene")["logp_p_null"])
+    table = pd.concat(p, axis=1)
+    assert len(table) >= 10
+    for _, row in table.iterrows():
+        assert sorted(row * 20) == pytest.approx(list(range(1, 21)))
+
+
+def test_p_values_are_calibrated_on_a_model_without_a_gene_specific_weight():
+    """Random candidates with magnitude-matched nulls drawn as the confirmation draws them:
+    the share of genes with p <= 0.1 stays within binomial bounds, and z is centred."""
+    model = random_model(7)
+    n = 48
+    batches = make_batches(make_cells(n, planted=False))
+    rng = np.random.default_rng(1)
+    picks = []
+    for layer in (0, 1):
+        weight = model.transformer_encoder.layers[layer].linear2.weight.detach()
+        for i in rng.choice(weight.numel(), 6, replace=False):
+            r, c = divmod(int(i), weight.shape[1])
+            picks.append(Channel(f"L{layer}[{r},{c}]", f"transformer_encoder.layers.{layer}."
+                                 "linear2", layer, r, c, float(weight[r, c]), False))  # fmt: skip
+    settings = ge.GeneEffectSettings(max_genes=0, n_null=19, min_cells=3)
+    channels = with_nulls(model, picks, settings.n_null, settings.band, settings.seed)
+    result = ge.causal_gene_effects(model, batches, channels, VOCAB, settings, donors_of(n))
+    p = result.genes_causal["logp_p_null"].to_numpy()
+    hits = int((p <= 0.1).sum())
+    expected = 2 / 20  # P(p_null <= 0.1) with 19 nulls
+    low, high = stats.binom.ppf([0.001, 0.999], len(p), expected)
+    assert low <= hits <= high, (hits, len(p))
+    assert abs(np.nanmean(result.genes_causal["logp_z"])) < 0.5
+
+
+# --- settings, errors, files ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"split": "all"}, "split"),
+        ({"max_genes": -1}, "max_genes"),
+        ({"n_null": 1}, "n_null"),
+        ({"max_seq_len": 1}, "max_seq_len"),
+    ],
+)
+def test_settings_are_checked(change, message):
+    with pytest.raises(UserError, match=message):
+        ge.GeneEffectSettings(**change)
+
+
+def test_chosen_tokens_are_the_most_expressed():
+    values = torch.tensor([0.0, 3.0, 9.0, 3.0, 1.0, -2.0])
+    pad = torch.tensor([False, False, False, False, False, True])
+    assert ge.chosen_tokens(values, pad, 2).tolist() == [1, 2]  # ties by position
+    assert ge.chosen_tokens(values, pad, 0).tolist() == [1, 2, 3, 4]
+
+
+def test_end_to_end_from_checkpoint_and_tokenised_data(tmp_path):
+    model = planted_model()
+    model.config.n_cls = N_CLS
+    save_checkpoint(model, model.config, VOCAB, tmp_path / "ckpt")
+    cells = make_cells(30)
+    bins = np.zeros((30, len(GENES)), dtype=np.float32)
+    for i, (genes, vals) in enumerate(cells):
+        bins[i, genes] = vals
+    obs = pd.DataFrame(
+        {
+            "label": pd.Categorical([f"t{i % N_CLS}" for i in range(30)]),
+            "split": ["test"] * 24 + ["train"] * 6,
+            "donor": [f"D{i % 4}" for i in range(24)] + ["T0"] * 6,
+        },
+        index=[f"c{i}" for i in range(30)],
+    )
+    adata = ad.AnnData(sp.csr_matrix(bins), obs=obs, var=pd.DataFrame(index=GENES))
+    drawn = pd.DataFrame({"candidate": "planted", "kind": ["magnitude"] * 4 + ["contribution"],
+                          "row": [0, 1, 2, 4, 5], "col": [1, 2, 3, 4, 5]})  # fmt: skip
+    drawn.to_csv(tmp_path / "nulls.tsv", sep="\t", index=False)
+    settings = ge.GeneEffectSettings(max_cells=20, max_genes=0, n_null=3, max_seq_len=16)
+    result = ge.gene_effects(adata, tmp_path / "ckpt", candidates(), settings,
+                             nulls=tmp_path / "nulls.tsv", device="cpu")  # fmt: skip
+    assert result.summary["n_cells"] == 20 and result.summary["n_donors"] == 4
+    assert result.genes_causal["gene"].iloc[0] == PLANTED
+    assert result.null_gene_effects[["null_row", "null_col"]].drop_duplicates().values.tolist() == [
+        [0, 1], [1, 2], [2, 3]
+    ]  # fmt: skip
+    paths = ge.write_outputs(result, tmp_path / "out")
+    assert [p.name for p in paths] == ["genes_causal.tsv", "null_gene_effects.tsv", "summary.json"]
+    read = pd.read_csv(paths[0], sep="\t")
+    assert list(read.columns) == ge.GENE_COLUMNS and read.iloc[0]["gene"] == PLANTED
+
+
+def test_nothing_to_rank_without_candidates():
+    model = random_model()
+    result = ge.causal_gene_effects(model, make_batches(make_cells(4)), [], VOCAB,
+                                    ge.GeneEffectSettings())  # fmt: skip
+    assert result.genes_causal.empty and list(result.genes_causal.columns) == ge.GENE_COLUMNS
+    assert result.summary["candidates"] == []
