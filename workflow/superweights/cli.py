@@ -4,29 +4,67 @@ import argparse
 import dataclasses
 import json
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
 
+from . import __version__
 from .errors import UserError
 from .outputs import all_or_nothing, check_writable
 from .rule_io import USER_ERROR_EXIT, setup_logging
 
+REPO_CONFIG = Path("config/config.yaml")
+"""The repository's demo config, used by `fetch` and `report` when run from the repository."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default after its help; descriptions and examples kept as written."""
+
+    def _get_help_string(self, action):
+        if action.required or "(default:" in (action.help or ""):  # none, or told in words
+            return action.help
+        return super()._get_help_string(action)
+
+
+def schema_help(settings_class) -> dict[str, str]:
+    """Each field's description in config.schema.yaml, from the section of `settings_class`.
+
+    The section is the one whose keys hold every field of the dataclass. The packaged schema
+    is read as YAML here, not through `config.load_schema`, whose module imports jsonschema:
+    rule environments run this parser without it.
+    """
+    schema = yaml.safe_load((files(__package__) / "config.schema.yaml").read_text())
+    fields = {f.name for f in dataclasses.fields(settings_class)}
+    todo = [*schema["properties"].values(), *schema["definitions"].values()]
+    while todo:
+        spec = todo.pop(0)
+        keys = spec.get("properties", {})
+        if fields <= set(keys):
+            return {
+                name: " ".join(prop["description"].split()).replace("%", "%%")
+                for name, prop in keys.items()
+            }
+        todo += keys.values()
+    raise LookupError(f"config.schema.yaml has no section for {settings_class.__name__}")
+
 
 def settings_arguments(parser: argparse.ArgumentParser, settings_class) -> None:
-    """Add one --option per dataclass field, with the dataclass defaults."""
+    """Add one --option per dataclass field: the dataclass default, the schema's description."""
+    helps = schema_help(settings_class)
     for f in dataclasses.fields(settings_class):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
+        kwargs = {"default": default, "help": helps.get(f.name)}
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, list | tuple) or default is None:
             item = type(default[0]) if default else str
-            parser.add_argument(flag, nargs="*", type=item, default=default, metavar="X")
+            parser.add_argument(flag, nargs="*", type=item, metavar="X", **kwargs)
         elif isinstance(default, dict):
-            parser.add_argument(flag, type=json.loads, default=default, metavar="JSON")
+            parser.add_argument(flag, type=json.loads, metavar="JSON", **kwargs)
         else:
-            parser.add_argument(flag, type=type(default), default=default, metavar=f.name.upper())
+            parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kwargs)
 
 
 def settings_from(args: argparse.Namespace, settings_class):
@@ -59,10 +97,45 @@ def load_config(path: Path) -> dict:
     return validate_config(yaml.safe_load(path.read_text()))
 
 
+def default_config() -> dict:
+    """The demo config from the packaged schema's defaults (what config/config.yaml holds)."""
+    from .config import load_schema, validate_config
+
+    schema = load_schema()
+
+    def defaults(spec: dict):
+        if "default" in spec:
+            return spec["default"]
+        if "$ref" in spec:
+            spec = schema["definitions"][spec["$ref"].rsplit("/", 1)[1]]
+        if spec.get("type") == "object" and "properties" in spec:
+            values = {key: defaults(sub) for key, sub in spec["properties"].items()}
+            return {key: value for key, value in values.items() if value is not None}
+        return None
+
+    config = defaults(schema)
+    config["datasets"] = [{"name": "demo", "source": "demo"}]
+    return validate_config(config)
+
+
+def config_for(args) -> dict:
+    """`--config`; else config/config.yaml where it exists; else, for the demo, the defaults."""
+    if args.config is not None:
+        return load_config(args.config)
+    if REPO_CONFIG.is_file():
+        return load_config(REPO_CONFIG)
+    if args.dataset == "demo":
+        return default_config()
+    raise UserError(
+        f"no config for dataset '{args.dataset}': pass --config with the config that defines it"
+        f" ({REPO_CONFIG} is not in {Path.cwd()})"
+    )
+
+
 def cmd_fetch(args) -> None:
     from .data.fetch import fetch
 
-    config = load_config(args.config)
+    config = config_for(args)
     sources = {d["name"]: d["source"] for d in config["datasets"]}
     source = args.source or sources.get(args.dataset)
     if source is None:
@@ -204,7 +277,7 @@ def cmd_quantize(args) -> None:
 def cmd_report(args) -> None:
     from .report import build_report
 
-    config = load_config(args.config)
+    config = config_for(args)
     path = build_report(args.results, args.dataset, config, Path(args.out))
     print(f"wrote {path}")
 
@@ -232,23 +305,29 @@ def build_parser() -> argparse.ArgumentParser:
     from .probe_cells import ProbeSettings
     from .quantize import QuantizeSettings
 
-    parser = argparse.ArgumentParser(prog="superweights", description=__doc__)
-    sub = parser.add_subparsers(dest="stage", required=True)
+    parser = argparse.ArgumentParser(
+        prog="superweights",
+        description=__doc__ + "\n\nRun `superweights <stage> --help` for a stage's options.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
 
     p = sub.add_parser("demo-data", help="write the embedded SEA-AD-shaped demo h5ad")
     p.add_argument("--out", required=True, help="output .h5ad (or folder with --rosmap)")
-    p.add_argument("--n-cells", type=int, default=8000)
-    p.add_argument("--n-genes", type=int, default=2400)
-    p.add_argument("--n-donors", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-cells", type=int, default=8000, help="cells")
+    p.add_argument("--n-genes", type=int, default=2400, help="genes")
+    p.add_argument("--n-donors", type=int, default=60, help="donors (at least 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generator")
     p.add_argument("--rosmap", action="store_true", help="write the ROSMAP-shaped folder instead")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("fetch", help="download or copy a dataset to one h5ad")
-    p.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    p.add_argument("--config", type=Path, help=CONFIG_HELP)
     p.add_argument("--dataset", default="demo", help="a name under the config's datasets:")
-    p.add_argument("--source", choices=["demo", "seaad", "rosmap", "local"])
-    p.add_argument("--out", required=True)
+    p.add_argument("--source", choices=["demo", "seaad", "rosmap", "local"],
+                   help="data source (default: the dataset's source in the config)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output raw .h5ad")
     p.add_argument("--cache-dir", help="downloads kept here (default: download.cache_dir)")
     p.set_defaults(func=cmd_fetch)
 
@@ -290,10 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
         settings_arguments(p, AblateSettings)
         if name == "confirm":
             p.add_argument("--score", default="auto",
-                           choices=["auto", "cell-type", "masked-expression"])  # fmt: skip
+                           choices=["auto", "cell-type", "masked-expression"],
+                           help="the score pruning is judged by; auto: cell-type log-likelihood"
+                                " where the checkpoint has a classifier, else"
+                                " masked-expression")  # fmt: skip
             p.set_defaults(func=cmd_confirm)
         else:
-            p.add_argument("--probe-splits", nargs="*", default=["val"], metavar="SPLIT")
+            p.add_argument("--probe-splits", nargs="*", default=["val"], metavar="SPLIT",
+                           help="splits whose cells chose the candidates (kept apart from the"
+                                " cells that judge them)")  # fmt: skip
             p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("cells", help="cell map and gene-effect association of ablate's cells")
@@ -330,15 +414,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="the HTML report of a results/<dataset> folder")
     p.add_argument("--results", required=True, help="results/<dataset> folder")
-    p.add_argument("--dataset", default="demo")
-    p.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    p.add_argument("--dataset", default="demo", help="the dataset's name in the config")
+    p.add_argument("--config", type=Path, help=CONFIG_HELP)
     p.add_argument("--out", required=True, help="output .html")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("inspect", help="what a checkpoint folder holds and how it will be used")
     p.add_argument("folder", help="checkpoint folder (args.json, vocab.json, best_model.pt)")
     p.set_defaults(func=cmd_inspect)
+    document_stages(sub)
     return parser
+
+
+CONFIG_HELP = (
+    f"workflow config (default: {REPO_CONFIG} where it exists, else the packaged defaults,"
+    " which describe only the demo dataset)"
+)
+
+EXAMPLES = {
+    "demo-data": "superweights demo-data --out demo.h5ad --n-cells 2000",
+    "fetch": "superweights fetch --dataset demo --out results/demo/raw.h5ad",
+    "preprocess": "superweights preprocess raw.h5ad --out tokenised.h5ad --vocab scGPT_brain/",
+    "pretrain": "superweights pretrain tokenised.h5ad --out-dir pretrain/ --epochs 4",
+    "finetune": "superweights finetune tokenised.h5ad --init scGPT_brain/ --out-dir finetune/",
+    "probe": "superweights probe --checkpoint finetune/checkpoint --data tokenised.h5ad"
+    " --out probe/",
+    "confirm": "superweights confirm --checkpoint scGPT_brain/ --data tokenised.h5ad"
+    " --candidates probe/candidates.tsv --out confirm/",
+    "ablate": "superweights ablate --checkpoint finetune/checkpoint --data tokenised.h5ad"
+    " --candidates probe/candidates.tsv --out ablate/",
+    "cells": "superweights cells --cells ablate/cells.h5ad --data tokenised.h5ad --out cells/",
+    "map": "superweights map --checkpoint finetune/checkpoint --data tokenised.h5ad"
+    " --candidates ablate/confirmed.tsv --nulls ablate/nulls.tsv --out channels/",
+    "enrich": "superweights enrich --genes channels/genes.tsv --out enrich/",
+    "quantize": "superweights quantize --checkpoint finetune/checkpoint --data tokenised.h5ad"
+    " --super-weights ablate/confirmed.tsv --out quantize/",
+    "report": "superweights report --results results/demo --out report.html",
+    "inspect": "superweights inspect scGPT_brain/",
+}
+
+
+def document_stages(sub) -> None:
+    """Each stage parser: its one-line help as description, an example, defaults shown."""
+    helps = {action.dest: action.help for action in sub._choices_actions}
+    for name, p in sub.choices.items():
+        p.formatter_class = HelpFormatter
+        if p.description is None and helps.get(name):
+            p.description = helps[name][0].upper() + helps[name][1:] + "."
+        if p.epilog is None and name in EXAMPLES:
+            p.epilog = f"example:\n  {EXAMPLES[name]}"
 
 
 def main(argv=None) -> int:
