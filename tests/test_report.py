@@ -110,10 +110,18 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "fraction": [1e-6, 1e-3], "k": [1, 8], "effect": [0.02, 0.09], "decides": [True, False],
     })  # fmt: skip
     tsv(root, "ablate/strata.tsv", {
-        "candidate": tested[0], "stratum": ["cell type", "Overall AD neuropathological Change"],
-        "value": ["Astrocyte", "High"], "n_cells": [40, 12], "n_donors": [5, 2],
-        "effect": [3.1, np.nan], "ci_low": [2.5, np.nan], "ci_high": [3.6, np.nan],
-        "status": ["compared", "too few donors (2 < 3)"],
+        "candidate": tested[0],
+        "stratum": ["cell type", "Overall AD neuropathological Change",
+                    "Overall AD neuropathological Change"],
+        "value": ["Astrocyte", "High", "Low"], "n_cells": [40, 12, 30], "n_donors": [7, 2, 6],
+        "effect": [3.1, np.nan, 2.9], "ci_low": [2.5, np.nan, 2.2], "ci_high": [3.6, np.nan, 3.5],
+        "p_value": [1e-4, np.nan, 2e-4], "mde": [0.8, np.nan, 0.9],
+        "status": ["compared", "too few donors (2 < 3)", "compared"],
+    })  # fmt: skip
+    tsv(root, "ablate/trend.tsv", {
+        "candidate": [tested[0]], "stratum": ["Overall AD neuropathological Change"],
+        "n_donors": [8], "n_stages": [2], "rho": [0.41], "p_value": [0.31], "mde_rho": [0.83],
+        "status": ["compared"],
     })  # fmt: skip
     (root / "ablate" / "summary.json").write_text(json.dumps({"expression": "EXPRESSION NOTE"}))
     tsv(root, "persistence/persistence.tsv", {
@@ -324,6 +332,13 @@ def test_sections_show_the_stage_outputs(results):
     assert "super weight: REASON ONE" in pruning and "EXPRESSION NOTE" in pruning
     assert "<strong>L2[3,5] (probe: accepted)</strong>: rejected: drop 0.01" in pruning
     assert "too few donors (2 &lt; 3)" in pruning or "too few donors (2 < 3)" in pruning
+    assert (
+        "AD strata compared by donor (mean of donor means, t interval, smallest effect "
+        "detectable with 80% power): Low (L1[12,40]): 2.9 [2.2, 3.5] over 6 donors, smallest "
+        "detectable 0.9. Listed, not compared (too few donors): High. Trend across Overall AD "
+        "neuropathological Change (L1[12,40]): Spearman rho 0.41 over 8 donors in 2 stages, "
+        "permutation p 0.31; smallest detectable |rho| 0.83." in pruning
+    )
     assert "q (BH)" in pruning and "top-k drop" in pruning
     assert (
         "Of 2 weights confirmed in the starting model and tested in the fine-tuned one, 1 "

@@ -14,6 +14,7 @@ rule ablate:
         scaling="results/{dataset}/ablate/scaling.tsv",
         shift="results/{dataset}/ablate/shift.tsv",
         strata="results/{dataset}/ablate/strata.tsv",
+        trend="results/{dataset}/ablate/trend.tsv",
         cells="results/{dataset}/ablate/cells.tsv",
         cells_h5ad="results/{dataset}/ablate/cells.h5ad",
         summary="results/{dataset}/ablate/summary.json",

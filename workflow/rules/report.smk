@@ -14,6 +14,7 @@ rule report:
         confirmed="results/{dataset}/ablate/confirmed.tsv",
         topk="results/{dataset}/ablate/topk.tsv",
         strata="results/{dataset}/ablate/strata.tsv",
+        trend="results/{dataset}/ablate/trend.tsv",
         ablate_summary="results/{dataset}/ablate/summary.json",
         forest_figure="results/{dataset}/ablate/forest.png",
         nulls_figure="results/{dataset}/ablate/null_histograms.png",

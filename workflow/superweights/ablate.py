@@ -8,7 +8,12 @@ configuration says so, and then the summary says it too. Beside the verdicts, th
 writes what a reader asks next: the effect of scaling each candidate (Yu et al.'s sweep),
 the shift of predicted class probabilities, the effect per cell type and per AD stratum
 (strata with fewer than `min_donors` test donors are marked, not compared), and each
-cell's own effect. `cells.h5ad` holds, per evaluated cell, its `<cls>` embedding
+cell's own effect. AD stages are compared by donor, not by cell (`_strata`, `_trend`): each
+stratum's effect is the mean of its donors' mean effects with a t interval over donors and
+the smallest effect it could detect; strata with fewer than `min_donors` donors are listed,
+not compared; a trend across ordered stages (ADNC, Braak) is Spearman's rho between stage
+and donor effect, tested by permuting the stages among donors. `cells.h5ad` holds, per
+evaluated cell, its `<cls>` embedding
 (`obsm["X_cls"]`), metadata, each candidate's effect (`obs["effect <candidate>"]`) and the
 per-cell effects of up to `CELL_NULLS` of its null weights (`obsm["null <candidate>"]`), for
 the cell map and the gene–effect association (`cell_map`).
@@ -30,6 +35,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from scipy import optimize, stats
 from torch import Tensor
 
 from .confirm import (
@@ -64,7 +70,8 @@ class AblateSettings:
     `n_boot`: see `ConfirmSettings`. `n_strongest`: candidates tested when the probe accepted none.
     `split`: cells evaluated (never those the probe selected on, by default). `min_donors`:
     strata with fewer test donors are reported as too few, not compared. `scales`: the
-    factors of the scaling sweep. `expression_trained`: the expression decoder was trained
+    factors of the scaling sweep. `n_permutations`: donor permutations of the stage trend test.
+    `expression_trained`: the expression decoder was trained
     with the encoder (fine-tuning `mlm_weight` > 0), so expression effects mean something.
     `precision`: how the stacked null draws run (`scores.PRECISIONS`; "fp32" is the
     reference, "tf32x3" keeps fp32 accuracy on GPU tensor cores).
@@ -80,7 +87,8 @@ class AblateSettings:
     n_boot: int = 1000
     n_strongest: int = 3
     split: str = "test"
-    min_donors: int = 3
+    min_donors: int = 6
+    n_permutations: int = 9999
     scales: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0)
     strata_columns: tuple[str, ...] = ("Overall AD neuropathological Change", "Braak")
     expression_trained: bool = False
@@ -98,10 +106,10 @@ class AblateSettings:
         self.scales = tuple(float(s) for s in self.scales)
         self.strata_columns = tuple(self.strata_columns)
         self.confirm_settings()  # checks the shared keys
-        if self.n_strongest < 1 or self.min_donors < 1:
+        if self.n_strongest < 1 or self.min_donors < 2 or self.n_permutations < 99:
             raise UserError(
-                f"ablate needs n_strongest >= 1 and min_donors >= 1 "
-                f"(got {self.n_strongest}, {self.min_donors})"
+                f"ablate needs n_strongest >= 1, min_donors >= 2 and n_permutations >= 99 "
+                f"(got {self.n_strongest}, {self.min_donors}, {self.n_permutations})"
             )
         if self.split not in SPLITS:
             raise UserError(f"ablate split {self.split!r} is not one of {list(SPLITS)}")
@@ -128,12 +136,13 @@ class AblationResult:
     scaling: pd.DataFrame
     shift: pd.DataFrame
     strata: pd.DataFrame
+    trend: pd.DataFrame
     cells: pd.DataFrame
     summary: dict
     cell_map: ad.AnnData
 
 
-OUTPUT_TABLES = ("confirmed", "nulls", "topk", "scaling", "shift", "strata", "cells")
+OUTPUT_TABLES = ("confirmed", "nulls", "topk", "scaling", "shift", "strata", "trend", "cells")
 OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {
     "summary": "summary.json",
     "cells_h5ad": "cells.h5ad",
@@ -250,6 +259,7 @@ def run_ablation(
         scaling=scaling,
         shift=shift,
         strata=_strata(cells, obs, settings),
+        trend=_trend(cells, obs, settings),
         cells=cells,
         summary=summary,
         cell_map=cell_map,
@@ -363,13 +373,28 @@ def _cell_map(model, score, obs, labels, classes, result: Confirmation, strata) 
 
 
 def _strata(cells: pd.DataFrame, obs: pd.DataFrame, settings: AblateSettings) -> pd.DataFrame:
-    """Effect per candidate within each cell type and each value of the strata columns.
+    """Effect per candidate within each cell type and each value of the strata columns,
+    with donors as the unit.
 
-    The CI is a bootstrap over the stratum's donors. Strata with fewer than `min_donors`
-    donors keep their cell and donor counts but no effect: too few to compare. The super
-    activation's mean and SD over the stratum's cells (`spike_mean`, `spike_sd`) show
-    whether it is a fixed bias or varies between cell types and stages.
+    The effect is the mean of the stratum's donor means, with a t interval over donors, a
+    one-sample t-test against 0 and `mde`, the smallest |effect| the stratum's donors could
+    detect (80% power, two-sided 5%). Strata with fewer than `min_donors` donors keep their
+    cell and donor counts but no effect: too few to compare. The super activation's mean
+    and SD over the stratum's cells (`spike_mean`, `spike_sd`) show whether it is a fixed
+    bias or varies between cell types and stages.
     """
+    rows = []
+    for cid, own, column, values in _stratified(cells, obs, settings):
+        for value in pd.unique(values[pd.notna(values)]):
+            rows.append(_stratum_row(cid, column, str(value), own[values == value], settings))
+    columns = ["candidate", "stratum", "value", "n_cells", "n_donors", "spike_mean", "spike_sd",
+               "effect", "ci_low", "ci_high", "p_value", "mde", "status"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _stratified(cells: pd.DataFrame, obs: pd.DataFrame, settings: AblateSettings):
+    """(candidate, its cells, column, each cell's value in it) for the cell type and every
+    strata column present."""
     groups = [(CELL_TYPE, cells["cell_type"].to_numpy())]
     for column in settings.strata_columns:
         if column in obs.columns:
@@ -377,40 +402,99 @@ def _strata(cells: pd.DataFrame, obs: pd.DataFrame, settings: AblateSettings) ->
             groups.append((column, np.tile(values, len(cells) // max(len(obs), 1))))
         else:
             log.info("no obs column %r: no strata by it", column)
-    rng = np.random.default_rng(settings.seed)
-    rows = []
     for cid, own in cells.groupby("candidate", sort=False):
         index = own.index.to_numpy()
         for column, values in groups:
-            values = values[index]
-            for value in pd.unique(values[pd.notna(values)]):
-                part = own[values == value]
-                rows.append(
-                    _stratum_row(cid, column, str(value), part, settings, rng)
-                )  # fmt: skip
-    columns = ["candidate", "stratum", "value", "n_cells", "n_donors", "spike_mean", "spike_sd",
-               "effect", "ci_low", "ci_high", "status"]  # fmt: skip
-    return pd.DataFrame(rows, columns=columns)
+            yield cid, own, column, values[index]
 
 
-def _stratum_row(cid, column, value, part, settings: AblateSettings, rng) -> dict:
-    donors = part["donor"].to_numpy()
-    n_donors = len(set(donors))
+def _stratum_row(cid, column, value, part, settings: AblateSettings) -> dict:
+    donors = part.groupby("donor")["effect"].mean()
+    n = len(donors)
     spike = part["spike"].astype(float)
     row = {"candidate": cid, "stratum": column, "value": value, "n_cells": len(part),
-           "n_donors": n_donors, "spike_mean": spike.mean(),
-           "spike_sd": spike.std(ddof=1)}  # fmt: skip
-    if n_donors < settings.min_donors:
+           "n_donors": n, "spike_mean": spike.mean(), "spike_sd": spike.std(ddof=1)}  # fmt: skip
+    if n < settings.min_donors:
         return row | {"effect": math.nan, "ci_low": math.nan, "ci_high": math.nan,
-                      "status": f"too few donors ({n_donors} < {settings.min_donors})"}  # fmt: skip
-    labels, index = np.unique(donors, return_inverse=True)
-    sums = np.bincount(index, weights=part["effect"].to_numpy())
-    counts = np.bincount(index).astype(float)
-    picks = rng.integers(0, len(labels), size=(settings.n_boot, len(labels)))
-    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
-    low, high = np.quantile(means, [0.025, 0.975])
-    return row | {"effect": float(part["effect"].mean()), "ci_low": float(low),
-                  "ci_high": float(high), "status": "compared"}  # fmt: skip
+                      "p_value": math.nan, "mde": math.nan,
+                      "status": f"too few donors ({n} < {settings.min_donors})"}  # fmt: skip
+    mean, sd = float(donors.mean()), float(donors.std(ddof=1))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    p = float(stats.ttest_1samp(donors, 0.0).pvalue) if sd > 0 else math.nan
+    return row | {"effect": mean, "ci_low": mean - half, "ci_high": mean + half,
+                  "p_value": p, "mde": detectable_mean(n, sd), "status": "compared"}  # fmt: skip
+
+
+def detectable_mean(n: int, sd: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest |mean| a two-sided one-sample t-test on `n` values of SD `sd` detects with
+    `power` at level `alpha` (noncentral t)."""
+    if n < 2 or not sd > 0:
+        return math.nan
+    crit = stats.t.ppf(1 - alpha / 2, n - 1)
+
+    def shortfall(ncp: float) -> float:  # the far tail underflows to NaN, where it is ~0
+        far = np.nan_to_num(stats.nct.cdf(-crit, n - 1, ncp))
+        return stats.nct.sf(crit, n - 1, ncp) + far - power
+
+    return float(optimize.brentq(shortfall, 0.0, 40.0)) * sd / math.sqrt(n)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """`x` centred and scaled to unit norm (zeros when constant)."""
+    x = x - x.mean()
+    norm = np.linalg.norm(x)
+    return x / norm if norm > 0 else x
+
+
+STAGE_ORDER = {"not ad": 0, "low": 1, "intermediate": 2, "high": 3}
+"""ADNC levels in order; SEA-AD's neurotypical "Reference" donors are not a stage."""
+ROMAN = {"0": 0, "i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5, "vi": 6}
+
+
+def stage_rank(value) -> float:
+    """A stage's place in its order: ADNC levels, "Braak III"-style numerals, or a number;
+    NaN for anything else (e.g. "Reference")."""
+    text = str(value).strip().lower()
+    if text in STAGE_ORDER:
+        return float(STAGE_ORDER[text])
+    last = text.split()[-1] if text else ""
+    if last in ROMAN:
+        return float(ROMAN[last])
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _trend(cells: pd.DataFrame, obs: pd.DataFrame, settings: AblateSettings) -> pd.DataFrame:
+    """Per candidate and ordered strata column: Spearman's rho between each donor's stage
+    and mean effect, its p from permuting the stages among the donors, and `mde_rho`, the
+    smallest |rho| detectable with 80% power (Fisher z approximation)."""
+    rng = np.random.default_rng(settings.seed)
+    rows = []
+    for cid, own, column, values in _stratified(cells, obs, settings):
+        if column == CELL_TYPE:
+            continue
+        ranks = pd.Series([stage_rank(v) for v in values], index=own.index)
+        donors = own.assign(rank=ranks).dropna(subset=["rank"]).groupby("donor")
+        table = pd.DataFrame({"rank": donors["rank"].first(), "effect": donors["effect"].mean()})
+        n, n_stages = len(table), table["rank"].nunique()
+        row = {"candidate": cid, "stratum": column, "n_donors": n, "n_stages": n_stages}
+        if n < settings.min_donors or n_stages < 2:
+            rows.append(row | {"rho": math.nan, "p_value": math.nan, "mde_rho": math.nan,
+                               "status": f"too few donors or stages ({n} donors, "
+                                         f"{n_stages} stages)"})  # fmt: skip
+            continue
+        effect, rank = (_unit(stats.rankdata(table[c])) for c in ("effect", "rank"))
+        rho = float(rank @ effect)  # Spearman's rho: the correlation of the ranks
+        null = rng.permuted(np.tile(rank, (settings.n_permutations, 1)), axis=1) @ effect
+        p = (1 + int((np.abs(null) >= abs(rho) - 1e-12).sum())) / (settings.n_permutations + 1)
+        z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
+        mde = math.tanh(z / math.sqrt(n - 3)) if n > 3 else math.nan
+        rows.append(row | {"rho": rho, "p_value": p, "mde_rho": mde, "status": "compared"})
+    columns = ["candidate", "stratum", "n_donors", "n_stages", "rho", "p_value", "mde_rho",
+               "status"]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
 
 
 def ablate(

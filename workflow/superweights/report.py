@@ -43,6 +43,7 @@ INPUT_FILES = {
     "confirmed": "ablate/confirmed.tsv",
     "topk": "ablate/topk.tsv",
     "strata": "ablate/strata.tsv",
+    "trend": "ablate/trend.tsv",
     "ablate_summary": "ablate/summary.json",
     "forest_figure": "ablate/forest.png",
     "nulls_figure": "ablate/null_histograms.png",
@@ -91,7 +92,10 @@ PERSISTENCE_COLUMNS = [
     "base_ci_high", "finetuned_effect", "finetuned_ci_low", "finetuned_ci_high",
 ]  # fmt: skip
 STRATA_COLUMNS = ["candidate", "stratum", "value", "n_cells", "n_donors", "spike_mean",
-                  "spike_sd", "effect", "ci_low", "ci_high", "status"]  # fmt: skip
+                  "spike_sd", "effect", "ci_low", "ci_high", "p_value", "mde",
+                  "status"]  # fmt: skip
+TREND_COLUMNS = ["candidate", "stratum", "n_donors", "n_stages", "rho", "p_value", "mde_rho",
+                 "status"]  # fmt: skip
 INTEREST_COLUMNS = [
     "candidate", "confirmed", "gene", "status", "n_cells", "token_rank", "n_ranked", "percentile",
     "token_z", "token_p", "assoc_rank", "assoc_z", "assoc_p", "assoc_q",
@@ -173,6 +177,10 @@ LABELS = {
     "spike_mean": "activation (mean)",
     "spike_sd": "activation (SD)",
     "mean_spike_effect": "drop, activation set to its mean",
+    "mde": "smallest detectable effect",
+    "mde_rho": "smallest detectable rho",
+    "rho": "Spearman rho",
+    "n_stages": "stages",
     "zero_spike_effect": "drop, activation set to 0",
     "of_weights": "of weights",
     "matrices_hit": "matrices hit",
@@ -581,7 +589,9 @@ def pruning_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
         summary[k] for k in ("warning", "donor_warning", "selection_warning", "expression")
         if summary.get(k)
     )  # fmt: skip
-    for key, columns in (("topk", TOPK_COLUMNS), ("strata", STRATA_COLUMNS)):
+    sec.text["stages"] = stage_statement(res.tsv("strata"), res.tsv("trend"))
+    for key, columns in (("topk", TOPK_COLUMNS), ("strata", STRATA_COLUMNS),
+                         ("trend", TREND_COLUMNS)):  # fmt: skip
         frame = res.tsv(key)
         if frame is None:
             sec.missing[key] = res.missing(key, f"No {key} table")
@@ -600,6 +610,38 @@ def pruning_section(res: Results) -> tuple[Section, pd.DataFrame | None]:
     sec.figures["persistence"] = res.figure("persistence_figure", "persistence_figure")
     sec.figures["spikes"] = res.figure("spikes_figure", "spikes_figure")
     return sec, confirmed
+
+
+def stage_statement(strata: pd.DataFrame | None, trend: pd.DataFrame | None) -> str:
+    """Which AD-stage strata were compared (by donor) and what each could detect, and the
+    trend test across stages."""
+    if strata is None or strata.empty or "mde" not in strata:
+        return ""
+    stages = strata[strata["stratum"] != "cell type"]
+    compared = stages[stages["status"] == "compared"]
+    parts = [
+        f"{r.value} ({r.candidate}): {fmt(r.effect)} [{fmt(r.ci_low)}, {fmt(r.ci_high)}] over "
+        f"{r.n_donors} donors, smallest detectable {fmt(r.mde)}"
+        for r in compared.itertuples()
+    ]
+    listed = stages[stages["status"] != "compared"]
+    text = (
+        "AD strata compared by donor (mean of donor means, t interval, smallest effect "
+        "detectable with 80% power): " + "; ".join(parts) + "."
+        if parts
+        else "No AD stratum had enough donors to be compared."
+    )
+    if len(listed):
+        text += " Listed, not compared (too few donors): " + ", ".join(
+            sorted(set(listed["value"].astype(str)))) + "."  # fmt: skip
+    if trend is not None and not trend.empty:
+        for r in trend[trend["status"] == "compared"].itertuples():
+            text += (
+                f" Trend across {r.stratum} ({r.candidate}): Spearman rho {fmt(r.rho)} over "
+                f"{r.n_donors} donors in {r.n_stages} stages, permutation p {fmt(r.p_value)}; "
+                f"smallest detectable |rho| {fmt(r.mde_rho)}."
+            )
+    return text
 
 
 def persistence_statement(table: pd.DataFrame) -> str:
