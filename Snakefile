@@ -13,6 +13,7 @@ include: "workflow/rules/probe.smk"
 include: "workflow/rules/ablate.smk"
 include: "workflow/rules/cells.smk"
 include: "workflow/rules/persistence.smk"
+include: "workflow/rules/genes.smk"
 include: "workflow/rules/enrich.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/report.smk"
@@ -29,3 +30,4 @@ rule all:
     default_target: True
     input:
         all_outputs(),
+        expand("results/{dataset}/genes/genes_causal.tsv", dataset=DATASETS),

@@ -249,6 +249,18 @@ def cmd_map(args) -> None:
     )
 
 
+def cmd_genes(args) -> None:
+    from .gene_effects import GeneEffectSettings, gene_effects, write_outputs
+
+    result = gene_effects(
+        args.data, args.checkpoint, args.candidates, settings_from(args, GeneEffectSettings),
+        nulls=args.nulls, n_unconfirmed=args.n_unconfirmed,
+    )  # fmt: skip
+    write_outputs(result, args.out)
+    n = len(result.summary["candidates"])
+    print(f"wrote causal gene rankings of {n} candidate(s) to {args.out}")
+
+
 def cmd_enrich(args) -> None:
     import pandas as pd
 
@@ -396,6 +408,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     settings_arguments(p, ChannelSettings)
     p.set_defaults(func=cmd_map)
+
+    from .gene_effects import GeneEffectSettings
+
+    p = model_stage(sub, "genes", "causal gene effects of the super weights (gene-token ablation)")
+    p.add_argument("--candidates", required=True, help="ablate's confirmed.tsv")
+    p.add_argument("--nulls", help="ablate's nulls.tsv: use the confirmation's null draws")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--n-unconfirmed", type=int, default=0,
+        help="strongest unconfirmed candidates too (as channels.n_unconfirmed)",
+    )  # fmt: skip
+    settings_arguments(p, GeneEffectSettings)
+    p.epilog = (
+        "example:\n  superweights genes --checkpoint finetune/checkpoint --data tokenised.h5ad"
+        " --candidates ablate/confirmed.tsv --nulls ablate/nulls.tsv --out genes/"
+    )
+    p.set_defaults(func=cmd_genes)
 
     p = sub.add_parser("enrich", help="gene-set enrichment of the gene rankings")
     p.add_argument("--genes", required=True, help="genes.tsv from map")

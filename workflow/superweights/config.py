@@ -38,6 +38,7 @@ def settings_classes() -> dict[str, type]:
     from .channels import ChannelSettings
     from .data.preprocess import PreprocessSettings
     from .enrich import EnrichSettings, GeneSetSettings
+    from .gene_effects import GeneEffectSettings
     from .model.train import ModelSettings, TrainSettings
     from .probe_cells import ProbeSettings
     from .quantize import QuantizeSettings
@@ -50,6 +51,7 @@ def settings_classes() -> dict[str, type]:
         "probe": ProbeSettings,
         "ablate": AblateSettings,
         "channels": ChannelSettings,
+        "genes": GeneEffectSettings,
         "gene_sets": GeneSetSettings,
         "enrich": EnrichSettings,
         "quantize": QuantizeSettings,

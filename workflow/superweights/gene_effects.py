@@ -94,11 +94,11 @@ class GeneEffectSettings:
     """
 
     split: str = "test"
-    max_cells: int = 100
-    max_genes: int = 16
-    n_null: int = 20
+    max_cells: int = 500
+    max_genes: int = 32
+    n_null: int = 50
     band: float = 2.0
-    min_cells: int = 3
+    min_cells: int = 10
     batch_size: int = 64
     max_seq_len: int = 128
     seed: int = 0
