@@ -119,7 +119,11 @@ def test_unused_head_in_file_is_ignored_and_logged(tmp_path, source, caplog):
     with caplog.at_level(logging.INFO, logger=LOGGER):
         model, config, _ = load_checkpoint(folder)
     assert not config.do_mvc and not hasattr(model, "mvc_decoder")
-    assert "ignored 3 tensors of heads this model does not build" in caplog.text
+    assert (
+        f"ignored 3 tensor(s) of mvc_decoder.* in {folder}: MVC head, off in args.json"
+        " (MVC: false) (mvc_decoder.gene2query.weight, mvc_decoder.gene2query.bias, "
+        "mvc_decoder.W.weight)"
+    ) in caplog.text
 
 
 def test_save_round_trip_safetensors_and_pt(tmp_path):
@@ -176,8 +180,10 @@ def test_missing_folder_and_corrupt_weights_are_user_errors(tmp_path, source):
         load_checkpoint(tmp_path / "nowhere")
     folder = write_folder(tmp_path / "ckpt", released_args(), {})
     (folder / "best_model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read weights"):
+    with pytest.raises(UserError, match="cannot read weights") as refused:
         load_checkpoint(folder)
+    assert "neither a PyTorch checkpoint nor a pickle" in str(refused.value)
+    assert "weights_only" not in str(refused.value)
 
 
 def test_unknown_architecture_value_is_a_user_error(tmp_path, source):

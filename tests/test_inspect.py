@@ -163,3 +163,76 @@ def test_workflow_stops_before_any_job_on_an_unusable_checkpoint(
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and needle in errors[0], result.stderr
     assert not (workdir / "results").exists()
+
+
+def test_classifier_in_the_file_is_loaded_not_ignored(tmp_path, capsys):
+    """A fine-tuned folder: the classifier is present and loaded; no ignored tensors."""
+    model = random_model(released_args(), n_cls=4)
+    folder = save_checkpoint(model, model.config, VOCAB, tmp_path / "ft")
+    (folder / "model.safetensors").unlink()  # best_model.pt, as a released fine-tuned folder
+    code, out, log = run_inspect(folder, capsys)
+    assert code == 0
+    assert "classifier (cls_decoder): present, 4 classes" in out
+    assert "ignored       none (every tensor in the file is loaded)" in out
+    info = "\n".join(line for line in log.splitlines() if " INFO " in line)
+    assert f"read {len(model.state_dict())} tensors from" in info  # the log is captured
+    assert "ignored" not in info and "cls_decoder" not in info
+
+
+def test_ignored_tensors_are_named_with_their_reason(tmp_path, capsys):
+    state = flash_names(random_model(released_args()).state_dict())
+    state["grad_reverse_discriminator._decoder.0.weight"] = torch.zeros(4, 512)
+    state["decoder.zero_logit.0.weight"] = torch.zeros(512, 512)
+    folder = write_folder(tmp_path / "ckpt", released_args(MVC=False), state)
+    n_mvc = sum(k.startswith("mvc_decoder.") for k in state)
+    code, out, log = run_inspect(folder, capsys)
+    assert code == 0
+    assert f"ignored       {n_mvc + 2} tensors of heads this model does not build:" in out
+    assert f"mvc_decoder.* ({n_mvc}): MVC head, off in args.json (MVC: false)" in out
+    assert "grad_reverse_discriminator.* (1): batch discriminator" in out
+    assert "decoder.zero_logit.* (1): zero-probability output of the expression decoder" in out
+    assert "MVC (mvc_decoder): in the file, ignored: MVC is off in args.json" in out
+    assert f"ignored {n_mvc} tensor(s) of mvc_decoder.* in {folder}: MVC head" in log
+
+
+def _truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _flipped(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 64]) + data[middle + 64 :]
+
+
+def _object(data: bytes) -> bytes:
+    import argparse
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"args": argparse.Namespace(lr=1e-4)}, buffer)  # as scripts saving more than weights
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (_truncated, "its zip archive is incomplete or damaged"),
+        (lambda data: b"", "the file is empty (0 bytes)"),
+        (lambda data: b"not a checkpoint", "neither a PyTorch checkpoint nor a pickle"),
+        (_flipped, "fails its CRC check"),
+        (_object, "it holds Python objects, not only tensors (argparse.Namespace)"),
+    ],
+    ids=["truncated", "empty", "garbage", "flipped", "object"],
+)
+def test_corrupt_weights_are_one_line_naming_the_file(tmp_path, released, capsys, damage, needle):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("args.json", "vocab.json", "best_model.pt"):
+        (folder / name).write_bytes((released / name).read_bytes())
+    weights = folder / "best_model.pt"
+    weights.write_bytes(damage(weights.read_bytes()))
+    code, out, err = run_inspect(folder, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and out == "" and len(errors) == 1, err
+    assert errors[0].startswith(f"error: cannot read weights {weights}: ") and needle in errors[0]
+    assert "weights_only" not in err and "Traceback" not in err

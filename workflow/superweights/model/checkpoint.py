@@ -22,8 +22,10 @@ import fnmatch
 import json
 import logging
 import pickle
+import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -48,11 +50,36 @@ _RENAMES = (
     ("self_attn.Wqkv.bias", "self_attn.in_proj_bias"),
 )
 _NEVER_FRESH = ("encoder.", "value_encoder.", "transformer_encoder.")
-_OPTIONAL_HEADS = (
-    "decoder.zero_logit.",
-    "mvc_decoder.W_zero_logit.",
-    "grad_reverse_discriminator.",
-)
+_OPTIONAL_HEADS = {
+    "decoder.zero_logit.": "zero-probability output of the expression decoder (explicit "
+    "zero probabilities are not modelled here)",
+    "mvc_decoder.W_zero_logit.": "zero-probability output of the MVC decoder (explicit "
+    "zero probabilities are not modelled here)",
+    "grad_reverse_discriminator.": "batch discriminator (used only by scGPT's batch-correction "
+    "training)",
+}
+
+
+def unused_heads(config: ScGPTConfig) -> dict[str, str]:
+    """Key prefixes of the heads this configuration does not build, each with the reason.
+
+    Each reads the encoder output only, so leaving it out changes no hidden state.
+    """
+    heads = dict(_OPTIONAL_HEADS)
+    if config.n_cls == 0:
+        heads["cls_decoder."] = "classifier head, not built when n_cls is 0"
+    if not config.do_mvc:
+        heads["mvc_decoder."] = "MVC head, off in args.json (MVC: false)"
+    return heads
+
+
+def ignored_by_head(keys: Iterable[str], config: ScGPTConfig) -> dict[str, list[str]]:
+    """The ignored file keys grouped by the unused head (`unused_heads`) they belong to."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        head = max((h for h in unused_heads(config) if key.startswith(h)), key=len)
+        groups.setdefault(head, []).append(key)
+    return groups
 
 
 def load_checkpoint(
@@ -120,9 +147,9 @@ def read_state_dict(folder: Path) -> dict[str, Tensor]:
         EOFError,
         pickle.UnpicklingError,
         SafetensorError,
+        zipfile.BadZipFile,
     ) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"cannot read weights {path}: {first_line}") from None
+        raise UserError(f"cannot read weights {path}: {_read_problem(path, err)}") from None
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
@@ -176,7 +203,52 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def _read_torch(path: Path) -> dict[str, Tensor]:
+    """torch.load with weights only, after checking a zip-format file's CRCs (torch does not)."""
+    with path.open("rb") as handle:
+        zipped = handle.read(4) == b"PK\x03\x04"
+    if zipped:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise _CorruptFile(f"{damaged} in its zip archive fails its CRC check")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _CorruptFile(ValueError):
+    """A weights file whose bytes are damaged; the message says where."""
+
+
+def _read_problem(path: Path, err: BaseException) -> str:
+    """What is wrong with a weights file that could not be read, in words (one line).
+
+    Never passes on torch's advice to retry with `weights_only=False`: a damaged file does
+    not load that way either, and an untrusted one would run code.
+    """
+    size = path.stat().st_size if path.is_file() else 0
+    message = str(err)
+    if isinstance(err, _CorruptFile):
+        return f"the file is corrupt: {message}"
+    if size == 0:
+        return "the file is empty (0 bytes); copy it again"
+    if isinstance(err, zipfile.BadZipFile) or "central directory" in message:
+        return (
+            f"its zip archive is incomplete or damaged ({size:,} bytes; truncated by an "
+            "interrupted download or copy?); copy it again"
+        )
+    if isinstance(err, EOFError) or "unexpected EOF" in message or "Errno 22" in message:
+        return f"the file ends early ({size:,} bytes; truncated?); copy it again"
+    if isinstance(err, pickle.UnpicklingError):
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        if unsupported:
+            return (
+                f"it holds Python objects, not only tensors ({unsupported.group(1)}); "
+                "save the model's state_dict() instead"
+            )
+        return (
+            "it is neither a PyTorch checkpoint nor a pickle of tensors (corrupt or another format)"
+        )
+    first = message.strip().splitlines()[0] if message.strip() else type(err).__name__
+    return first.split(". ")[0].removesuffix(".")
 
 
 def renamed_key(key: str) -> str:
@@ -213,12 +285,7 @@ def match_state_dict(
     does not excuse.
     """
     patterns = tuple(allow_missing)
-    unused = list(_OPTIONAL_HEADS)
-    if config.n_cls == 0:
-        unused.append("cls_decoder.")
-    if not config.do_mvc:
-        unused.append("mvc_decoder.")
-    unused = tuple(unused)
+    unused = tuple(unused_heads(config))
 
     load, ignored, unexpected, wrong_shape = {}, [], [], []
     for key, value in file_state.items():
@@ -253,11 +320,15 @@ def match_state_dict(
             " trained from scratch may be named in allow_missing)"
         )
     log.info("loaded %d of %d model tensors", len(load), len(model_state))
-    if ignored:
+    reasons = unused_heads(config)
+    for head, keys in ignored_by_head(ignored, config).items():
         log.info(
-            "ignored %d tensors of heads this model does not build (%s)",
-            len(ignored),
-            _summary(ignored),
+            "ignored %d tensor(s) of %s* in %s: %s (%s)",
+            len(keys),
+            head,
+            source,
+            reasons[head],
+            _summary(keys),
         )
     if fresh:
         log.info(

@@ -12,11 +12,13 @@ from pathlib import Path
 from ..data.vocab import SPECIAL_TOKENS
 from .checkpoint import (
     checkpoint_config,
+    ignored_by_head,
     match_state_dict,
     read_args_and_vocab,
     read_state_dict,
     rename_keys,
     renamed_key,
+    unused_heads,
     weights_file,
 )
 from .scgpt import ScGPTConfig, ScGPTModel
@@ -38,6 +40,8 @@ class CheckpointSummary:
     classifier_outputs: int  # 0: no classifier head in the file
     classes: list[str]
     mvc_in_file: bool
+    ignored: dict[str, list[str]]  # head prefix -> file keys not loaded
+    reasons: dict[str, str]  # head prefix -> why this model does not build it
 
     def lines(self) -> list[str]:
         """The report printed by `superweights inspect`."""
@@ -56,6 +60,15 @@ class CheckpointSummary:
             out += [f"              {a} -> {b} ({n})" for (a, b), n in sorted(self.renames.items())]
         else:
             out.append("key mapping   none (PyTorch names)")
+        n_ignored = sum(map(len, self.ignored.values()))
+        if n_ignored:
+            out.append(f"ignored       {n_ignored} tensors of heads this model does not build:")
+            out += [
+                f"              {head}* ({len(keys)}): {self.reasons[head]}"
+                for head, keys in self.ignored.items()
+            ]
+        else:
+            out.append("ignored       none (every tensor in the file is loaded)")
         out += ["heads", *(f"  {line}" for line in self._heads()), "pipeline"]
         return out + [f"  {line}" for line in self._plan()]
 
@@ -71,7 +84,7 @@ class CheckpointSummary:
         if self.config.do_mvc:
             lines.append("MVC (mvc_decoder): present")
         elif self.mvc_in_file:
-            lines.append("MVC (mvc_decoder): in the file but MVC is off in args.json (ignored)")
+            lines.append("MVC (mvc_decoder): in the file, ignored: MVC is off in args.json")
         else:
             lines.append("MVC (mvc_decoder): absent")
         return lines
@@ -108,14 +121,19 @@ def _pattern(key: str) -> str:
 
 
 def inspect_checkpoint(folder: str | Path) -> CheckpointSummary:
-    """Load a checkpoint folder as fine-tuning does and summarise it; UserError if unusable."""
+    """Load a checkpoint folder as fine-tuning does and summarise it; UserError if unusable.
+
+    The model is built with the classifier the file holds (none when it holds none), so a
+    classifier in the file is loaded and checked, never reported as ignored.
+    """
     folder = Path(folder)
     args, vocab = read_args_and_vocab(folder)
-    config = checkpoint_config(args, vocab, n_cls=0)
     raw = read_state_dict(folder)
     state = rename_keys(raw)
-    model = ScGPTModel(config)
-    match_state_dict(model.state_dict(), state, config, source=folder)
+    n_cls = state[CLASSIFIER_OUT].shape[0] if CLASSIFIER_OUT in state else 0
+    config = checkpoint_config(args, vocab, n_cls=n_cls)
+    model_state = ScGPTModel(config).state_dict()
+    match_state_dict(model_state, state, config, source=folder)  # UserError unless all fit
     renames = Counter(
         (_pattern(key), _pattern(renamed_key(key))) for key in raw if renamed_key(key) != key
     )
@@ -127,7 +145,9 @@ def inspect_checkpoint(folder: str | Path) -> CheckpointSummary:
         vocab_size=len(vocab),
         special_tokens={t: vocab[t] for t in SPECIAL_TOKENS if t in vocab},
         renames=renames,
-        classifier_outputs=state[CLASSIFIER_OUT].shape[0] if CLASSIFIER_OUT in state else 0,
+        classifier_outputs=n_cls,
         classes=[str(c) for c in args.get("classes", [])],
         mvc_in_file=any(k.startswith("mvc_decoder.") for k in state),
+        ignored=ignored_by_head([k for k in state if k not in model_state], config),
+        reasons=unused_heads(config),
     )
