@@ -3,7 +3,9 @@
 Every writer creates the parent folder, writes under a temporary name beside the target
 (same folder, so the final rename is atomic) and renames it into place only when the write
 is complete; on failure the temporary file is removed and an existing target is left as it
-was. An interrupted rule therefore never leaves a truncated file that looks finished. A
+was. An interrupted rule therefore never leaves a truncated file that looks finished. Files
+and folders get the mode the umask gives (`umask_mode`), whatever mode the writer or
+`tempfile` created them with, so a shared results folder stays readable by the group. A
 write the system refuses (disk full, read-only or unwritable folder) is a one-line
 `UserError`. Inside `all_or_nothing()` a failure undoes every file the block wrote, so a
 stage that fails half-way leaves its earlier outputs as they were.
@@ -72,9 +74,45 @@ def atomic_path(out: str | Path) -> Iterator[Path]:
             yield tmp
             if _written is not None and out not in _written:
                 _written[out] = _backup(out) if out.exists() else None
+            apply_umask(tmp)
             os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(folder: bool = False) -> int:
+    """The mode `open` (0o666) or `mkdir` (0o777) gives under the current umask."""
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give `path` (a file or folder, not recursed) the mode a plain open or mkdir would.
+
+    `tempfile.mkdtemp` creates folders drwx------ and some writers (safetensors) create
+    files -rw-------, whatever the umask.
+    """
+    path = Path(path)
+    os.chmod(path, umask_mode(folder=path.is_dir()))
+
+
+def make_temp_dir(prefix: str, parent: str | Path) -> Path:
+    """A new uniquely named folder in `parent` with the umask's mode (not mkdtemp's 0o700)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    apply_umask(folder)
+    return folder
 
 
 def _backup(out: Path) -> Path:

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..data.vocab import load_vocab
 from ..errors import UserError
+from ..outputs import apply_umask, make_temp_dir
 from .scgpt import ScGPTConfig, ScGPTModel
 
 log = logging.getLogger(__name__)
@@ -385,13 +386,15 @@ def save_checkpoint(
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = make_temp_dir(f".{folder.name}.tmp-", folder.parent)  # the umask's mode
     try:
         args = {**(extra_args or {}), **config.to_args()}
         (tmp / ARGS_FILE).write_text(json.dumps(args, indent=2) + "\n")
         (tmp / VOCAB_FILE).write_text(json.dumps(dict(vocab), indent=1) + "\n")
         torch.save(state, tmp / TORCH_FILE)
         save_file(state, tmp / SAFETENSORS_FILE)
+        for path in tmp.iterdir():  # safetensors writes -rw------- whatever the umask
+            apply_umask(path)
         _replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
