@@ -238,3 +238,18 @@ def test_figures(tmp_path, finetuned, pretrained):
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion.png", "ft.png", "pre.png"]
+
+
+def test_logs_get_one_line_per_epoch_and_no_progress_bar(tmp_path, data, vocab, capfd, caplog):
+    """Off a terminal (a rule's log file), tqdm draws nothing; each epoch is one log line."""
+    import logging
+
+    settings = TrainSettings(epochs=1, batch_size=32, max_seq_len=16)
+    with caplog.at_level(logging.INFO, logger="superweights.model.train"):
+        pretrain(data, tmp_path, MODEL, settings, vocab)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "it/s" not in err  # no bar in a non-terminal stream
+    steps = -(-int((data.obs["split"] == "train").sum()) // 32)
+    epochs = [r.getMessage() for r in caplog.records if " epoch 1/1: " in r.getMessage()]
+    assert len(epochs) == 1 and f": {steps} steps, train_loss " in epochs[0], epochs
+    assert " s (" in epochs[0] and "s training" in epochs[0]

@@ -218,7 +218,9 @@ def first_pass(matrix, source, mito, flag, settings):
     mito_counts = np.zeros(n_cells, np.float64)
     passed = np.zeros(n_cells, bool)
     chunks = matrix.chunks(settings.chunk_size)
-    for start, chunk in tqdm(chunks, total=-(-n_cells // settings.chunk_size), desc="QC pass"):
+    for start, chunk in tqdm(
+        chunks, total=-(-n_cells // settings.chunk_size), desc="QC pass", disable=None
+    ):
         check_counts(chunk, source)
         rows = slice(start, start + chunk.shape[0])
         n_expr[rows] = np.diff(chunk.indptr)
@@ -284,7 +286,9 @@ def choose_cells(obs: pd.DataFrame, passed: np.ndarray, settings) -> tuple[np.nd
 def read_rows(matrix, rows, genes, settings) -> sp.csr_matrix:
     """Counts of the chosen cells `rows` and columns `genes`, read chunk by chunk."""
     parts = []
-    for start in tqdm(range(0, matrix.shape[0], settings.chunk_size), desc="read cells"):
+    for start in tqdm(
+        range(0, matrix.shape[0], settings.chunk_size), desc="read cells", disable=None
+    ):
         stop = min(start + settings.chunk_size, matrix.shape[0])
         local = rows[(rows >= start) & (rows < stop)] - start
         if local.size:

@@ -549,7 +549,12 @@ def _fit(
         losses = []
         slices = train_loader.batch_sampler
         global_sizes = slices.global_sizes() if isinstance(slices, RankSlices) else None
-        bar = tqdm(train_loader, desc=f"{name} epoch {epoch + 1}/{settings.epochs}", leave=False)
+        bar = tqdm(  # a bar on a terminal only (disable=None); logs get the epoch line below
+            train_loader,
+            desc=f"{name} epoch {epoch + 1}/{settings.epochs}",
+            leave=False,
+            disable=None,
+        )
         for step, batch in enumerate(bar):
             seed = _mask_seed(settings.seed, 0, epoch, step)
             weight = 1.0
@@ -597,7 +602,9 @@ def _fit(
                 },
                 state_file,
             )
-        log.info("%s epoch %d: %s", name, epoch + 1, _describe(row))
+        log.info(
+            "%s epoch %d/%d: %d steps, %s", name, epoch + 1, settings.epochs, steps, _describe(row)
+        )
     model.load_state_dict(run["best_model"])
     log.info("%s: best epoch %d (val loss %.4f)", name, run["best_epoch"], run["best_val_loss"])
     return FitResult(run["history"], run["best_epoch"], run["epoch"])
