@@ -190,6 +190,12 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "status": "confirmed",
     })  # fmt: skip
     write_json(root, "cells/summary.json", {"notes": ["CELL NOTE"], "n_cells": 40})
+    tsv(root, "genes/genes_causal.tsv", {
+        "candidate": tested[0], "confirmed": accepted, "gene": ["CAUSALGENE", "APOE"],
+        "n_cells": [40, 35], "n_donors": [7, 7], "logp_effect": [0.8, 0.1], "logp_z": [9.1, 1.2],
+        "logp_p_null": [0.02, 0.3], "logp_q": [0.04, 0.3], "act_effect": [30.0, 1.0],
+        "act_z": [12.0, 0.5], "act_q": [0.04, 0.6], "rank": [1, 2],
+    })  # fmt: skip
     tsv(root, "enrich/summary.tsv", {
         "candidate": [tested[0]], "confirmed": [accepted],
         "status": ["confirmed" if accepted else "exploratory"], "folder": ["L1_12_40"],
@@ -373,7 +379,7 @@ def test_genes_of_interest_are_highlighted(results):
     genes = section(build(results), "genes")
     for gene in ("APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2"):
         assert f'<td><strong class="goi">{gene}</strong></td>' in genes
-    top = genes.split("Top 20 genes")[1]
+    top = genes.split("top 20 genes per candidate")[1]
     assert re.search(r'<tr class="goi"><td class="num">3</td><td><strong class="goi">APOE', top)
     assert "<td>GFAP</td>" in top and "<td>GENE14</td>" in top
     assert "GENE15" not in genes  # rank 21: only the top 20 per candidate
@@ -391,6 +397,8 @@ def test_cells_section_and_cell_level_columns_of_the_genes_of_interest(results):
     )
     assert cells.index(">CLU<") < cells.index(">APOE<") < cells.index("GENE3")
     genes = section(page, "genes")
+    causal = genes.split("Causal gene ranking")[1].split("Genes of interest")[0]
+    assert causal.index(">CAUSALGENE<") < causal.index(">APOE<")
     core = genes.split("Genes of interest")[1].split("Other genes")[0]
     apoe = core[core.index(">APOE<") :].split("</tr>")[0]  # token rank 3, cell-level rank 2
     values = re.findall(r"<td[^>]*>([^<]*)</td>", apoe)

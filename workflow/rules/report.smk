@@ -28,6 +28,7 @@ rule report:
         association="results/{dataset}/cells/association.tsv",
         cells_summary="results/{dataset}/cells/summary.json",
         genes="results/{dataset}/channels/genes.tsv",
+        genes_causal="results/{dataset}/genes/genes_causal.tsv",
         genes_of_interest="results/{dataset}/channels/genes_of_interest.tsv",
         cls="results/{dataset}/channels/cls.tsv",
         enrich="results/{dataset}/enrich",

@@ -57,6 +57,7 @@ INPUT_FILES = {
     "association": "cells/association.tsv",
     "cells_summary": "cells/summary.json",
     "genes": "channels/genes.tsv",
+    "genes_causal": "genes/genes_causal.tsv",
     "genes_of_interest": "channels/genes_of_interest.tsv",
     "cls": "channels/cls.tsv",
     "enrich": "enrich",
@@ -258,6 +259,7 @@ class Section:
     text: dict[str, str] = field(default_factory=dict)
     lists: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    per_candidate: dict[str, Table] = field(default_factory=dict)  # one table per candidate
 
 
 # --- formatting -------------------------------------------------------------------------
@@ -692,9 +694,25 @@ def _interest_frames(goi: pd.DataFrame | None, core: tuple[str, ...], associatio
     return core_rows, others
 
 
+CAUSAL_COLUMNS = ["rank", "gene", "n_cells", "n_donors", "logp_effect", "logp_z", "logp_p_null",
+                  "logp_q", "act_effect", "act_z", "act_q"]  # fmt: skip
+
+
 def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.DataFrame | None]:
-    """Ranks of the genes of interest, the `<cls>` token and the top genes of each channel."""
+    """The causal gene ranking of each candidate, ranks of the genes of interest, the `<cls>`
+    token and the top genes of each channel's token-level map."""
     sec = Section()
+    causal = res.tsv("genes_causal")
+    if causal is None or causal.empty:
+        sec.missing["causal"] = res.missing(
+            "genes_causal", "No causal gene ranking (no mapped candidate)"
+        )
+    else:
+        for candidate, part in causal.groupby("candidate", sort=False):
+            sec.per_candidate[str(candidate)] = make_table(
+                part.sort_values("rank"), CAUSAL_COLUMNS, res.label("genes_causal"),
+                max_rows=TOP_GENES, highlight=frozenset(core),
+            )  # fmt: skip
     highlight = frozenset(core)
     goi = res.tsv("genes_of_interest")
     core_rows, others = _interest_frames(goi, core, res.tsv("association"))
