@@ -253,3 +253,31 @@ def test_logs_get_one_line_per_epoch_and_no_progress_bar(tmp_path, data, vocab, 
     epochs = [r.getMessage() for r in caplog.records if " epoch 1/1: " in r.getMessage()]
     assert len(epochs) == 1 and f": {steps} steps, train_loss " in epochs[0], epochs
     assert " s (" in epochs[0] and "s training" in epochs[0]
+
+
+def test_classification_metrics_equal_the_former_hand_computation():
+    """scikit-learn's confusion matrix and F1 give what the hand-written counts gave."""
+
+    def by_hand(logits, labels, n):
+        predicted = logits.argmax(axis=1)
+        confusion = np.zeros((n, n), dtype=np.int64)
+        np.add.at(confusion, (labels, predicted), 1)
+        hits = np.diag(confusion)
+        both = confusion.sum(axis=1) + confusion.sum(axis=0)
+        return confusion, np.where(both > 0, 2 * hits / np.maximum(both, 1), np.nan)
+
+    rng = np.random.default_rng(7)
+    for trial in range(50):
+        n = int(rng.integers(2, 8))
+        cells = int(rng.integers(1, 40))
+        labels = rng.integers(0, max(1, n - trial % 3), cells)  # some classes without cells
+        logits = rng.normal(size=(cells, n))
+        logits[:, n - 1] -= 5 * (trial % 2)  # and some never predicted
+        m = classification_metrics(logits, labels, [f"k{i}" for i in range(n)])
+        confusion, f1 = by_hand(logits, labels, n)
+        assert m["confusion"] == confusion.tolist()
+        got = np.array([np.nan if v is None else v for v in m["per_class_f1"].values()])
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(f1))
+        np.testing.assert_allclose(got[~np.isnan(f1)], f1[~np.isnan(f1)], rtol=0, atol=1e-12)
+        assert m["macro_f1"] == pytest.approx(float(np.nanmean(f1)), abs=1e-12)
+        assert m["accuracy"] == pytest.approx(np.trace(confusion) / cells, abs=1e-12)
