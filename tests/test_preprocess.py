@@ -358,3 +358,28 @@ def test_dense_integer_x_is_used_as_counts(tmp_path, counts_adata):
     tok, _ = preprocess(path, settings())
     assert tok.uns["preprocess"]["counts_source"] == "X"
     assert sp.issparse(tok.X)
+
+
+def test_seurat_flavour_is_scanpys(tmp_path, counts_adata):
+    """`hvg_flavor: seurat` streams the moments of counts per 10,000 over the training
+    cells and gives scanpy's `seurat` dispersions_norm and genes (it was median/MAD of raw
+    counts' dispersions in quantile bins, which is not scanpy's seurat)."""
+    import scanpy as sc
+
+    tok, _ = preprocess_adata(tmp_path / "a.h5ad", counts_adata, "seurat")
+    var = pd.DataFrame(index=counts_adata.var_names)
+    raw = ad.AnnData(
+        counts_adata.layers["UMIs"].astype(np.float64), obs=counts_adata.obs[[]], var=var
+    )
+    chosen = raw[tok.obs_names[tok.obs["split"] == "train"]].copy()
+    sc.pp.normalize_total(chosen, target_sum=1e4)  # library sizes over all genes, as X's
+    sc.pp.log1p(chosen)
+    sc.pp.highly_variable_genes(chosen, flavor="seurat", n_top_genes=50)
+    expected = chosen.var.loc[tok.var_names, "dispersions_norm"].to_numpy()
+    np.testing.assert_allclose(tok.var["dispersions_norm"], expected, rtol=1e-6)  # scanpy: float32
+    assert set(tok.var_names[tok.var["highly_variable"]]) == set(
+        chosen.var_names[chosen.var["highly_variable"]]
+    )
+    train_counts = chosen.var_names.get_indexer(tok.var_names)
+    means = np.asarray(raw[chosen.obs_names].X[:, train_counts].mean(axis=0)).ravel()
+    np.testing.assert_allclose(tok.var["mean_counts"], means, rtol=1e-5)  # float32 counts

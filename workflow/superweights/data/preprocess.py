@@ -9,8 +9,8 @@ The output h5ad (cells x selected genes) holds:
   `total_counts`, `pct_counts_mt` (percent);
 - `var`: `token_id` (vocabulary id), `highly_variable`, `gene_of_interest`, `mean_counts`, and
   the HVG score: `variances_norm` (`hvg_flavor` seurat_v3, as scGPT's own preprocessor: scanpy
-  on the counts of the chosen cells) or `dispersions_norm` (seurat: normalised dispersion of
-  all cells passing QC, streamed);
+  on the counts of the chosen cells) or `dispersions_norm` (seurat: scanpy's `seurat` flavour
+  on log1p(counts per 10,000), from moments streamed over the chosen training cells);
 - `uns["preprocess"]`: the settings, vocabulary and its match rate, dropped cell types,
   label order.
 
@@ -197,17 +197,29 @@ def split_donors(
     return split
 
 
-def normalised_dispersion(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np.ndarray:
-    """log dispersion (var/mean of counts), z-scored within bins of mean expression."""
-    expressed = mean > 0
-    disp = np.full(mean.shape, -np.inf)
-    log_disp = np.log(np.maximum(var[expressed], 1e-12) / mean[expressed])
-    bins = pd.qcut(np.log1p(mean[expressed]), n_bins, labels=False, duplicates="drop")
-    frame = pd.DataFrame({"d": log_disp, "bin": bins})
-    centre = frame.groupby("bin")["d"].transform("median")
-    spread = frame.groupby("bin")["d"].transform(lambda d: (d - d.median()).abs().median())
-    disp[expressed] = ((frame["d"] - centre) / spread.replace(0, 1.0)).to_numpy()
-    return disp
+def seurat_dispersions(
+    mean: np.ndarray, var: np.ndarray, n_cells: int, n_bins: int = 20
+) -> np.ndarray:
+    """scanpy's `seurat` HVG score (`dispersions_norm`) from each gene's moments.
+
+    `mean` and `var` (population variance) are of counts per 10,000 over `n_cells` cells,
+    which is what scanpy's `seurat` flavour computes from log1p data (it undoes the log1p):
+    log dispersion var/mean (unbiased var), z-scored by mean and standard deviation within
+    `n_bins` equal-width bins of log1p(mean); a gene alone in its bin gets 1. Unexpressed
+    genes get NaN, as in scanpy.
+    """
+    mean = np.where(mean == 0, 1e-12, mean)
+    var = var * (n_cells / (n_cells - 1)) if n_cells > 1 else var
+    with np.errstate(divide="ignore"):
+        dispersion = np.log(np.where(var == 0, np.nan, var / mean))
+    frame = pd.DataFrame({"dispersion": dispersion, "bin": pd.cut(np.log1p(mean), n_bins)})
+    stats = frame.groupby("bin", observed=True)["dispersion"].agg(avg="mean", dev="std")
+    alone = stats["dev"].isnull()  # scanpy's _postprocess_dispersions_seurat
+    stats.loc[alone, "dev"] = stats.loc[alone, "avg"]
+    stats.loc[alone, "avg"] = 0
+    per_gene = stats.loc[frame["bin"]]
+    return ((frame["dispersion"].to_numpy() - per_gene["avg"].to_numpy())
+            / per_gene["dev"].to_numpy())  # fmt: skip
 
 
 def first_pass(matrix, source, mito, flag, settings):
@@ -239,8 +251,11 @@ def first_pass(matrix, source, mito, flag, settings):
     return metrics, passed
 
 
-def gene_moments(matrix, rows: np.ndarray, settings) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance of each gene's counts over the cells `rows`, read chunk by chunk."""
+def gene_moments(
+    matrix, rows: np.ndarray, settings, totals: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of each gene's counts over the cells `rows`, read chunk by chunk;
+    of counts per 10,000 when `totals` (each input cell's library size) is given."""
     gene_sum = np.zeros(matrix.shape[1], np.float64)
     gene_sq = np.zeros(matrix.shape[1], np.float64)
     for start in range(0, matrix.shape[0], settings.chunk_size):
@@ -248,6 +263,9 @@ def gene_moments(matrix, rows: np.ndarray, settings) -> tuple[np.ndarray, np.nda
         local = rows[(rows >= start) & (rows < stop)] - start
         if local.size:
             kept = sp.csr_matrix(matrix.rows(start, stop)[local], dtype=np.float64)
+            if totals is not None:
+                scale = 1e4 / np.maximum(totals[start + local], 1)
+                kept = sp.csr_matrix(sp.diags(scale) @ kept)
             gene_sum += np.asarray(kept.sum(axis=0)).ravel()
             gene_sq += np.asarray(kept.multiply(kept).sum(axis=0)).ravel()
     mean = gene_sum / max(len(rows), 1)
@@ -357,11 +375,15 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
             genes, var_out = select_genes(symbols, in_vocab, mean, score, settings)
             counts = counts[:, np.searchsorted(vocab_genes, genes)]
         else:
-            mean, variance = gene_moments(matrix, rows[train], settings)
-            mean[~in_vocab] = 0
-            score = normalised_dispersion(mean, variance)
+            totals = metrics["total_counts"].to_numpy()
+            score, mean = np.full(len(symbols), -np.inf), np.zeros(len(symbols))
+            cp10k_mean, cp10k_var = gene_moments(matrix, rows[train], settings, totals)
+            score[in_vocab] = seurat_dispersions(
+                cp10k_mean[in_vocab], cp10k_var[in_vocab], int(train.sum())
+            )
             genes, var_out = select_genes(symbols, in_vocab, mean, score, settings)
             counts = read_rows(matrix, rows, genes, settings)
+            var_out["mean_counts"] = np.asarray(counts[train].mean(axis=0)).ravel()
     logged = normalise(counts, metrics["total_counts"].to_numpy()[rows])
     bins = bin_rows(logged, settings.n_bins, np.random.default_rng(settings.seed))
     for column in metrics.columns:
