@@ -31,3 +31,4 @@ rule all:
     input:
         all_outputs(),
         expand("results/{dataset}/genes/genes_causal.tsv", dataset=DATASETS),
+        expand("results/{dataset}/base/genes/genes_causal.tsv", dataset=DATASETS),

@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from scipy import stats
 
 from superweights import gene_effects as ge
+from superweights import gene_effects_base as geb
 from superweights.channels import Channel, select_channels, with_nulls
 from superweights.editing import zeroed
 from superweights.errors import UserError
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+from superweights.scores import MaskedExpressionScore
 
 GENES = [f"G{i}" for i in range(20)]
 VOCAB = {g: i for i, g in enumerate(GENES)} | {"<pad>": 20, "<cls>": 21, "<eoc>": 22}
@@ -370,3 +372,168 @@ def test_nothing_to_rank_without_candidates():
                                     ge.GeneEffectSettings())  # fmt: skip
     assert result.genes_causal.empty and list(result.genes_causal.columns) == ge.GENE_COLUMNS
     assert result.summary["candidates"] == []
+
+
+# --- (4) the base model: masked-expression objective ----------------------------------------
+#
+# The planted model's value encoder is silent, so its expression predictions do not depend on
+# the values: PLANTED's values are set near what the model predicts there with the weight
+# (noise of sd 0.05; pruning moves the prediction by about 0.14), so the weight helps to
+# predict them, as a trained weight would. With random values it would hurt, and the one-sided
+# ranking (genes the weight helps) would put PLANTED last.
+
+
+def _predictions(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(batch["gene_ids"], batch["values"], batch["padding_mask"], heads=["expr"])[
+            "expr"
+        ]
+
+
+def planted_expression(n: int = 80):
+    model = planted_model()
+    cells = make_cells(n)
+    batches = make_batches(cells)
+    generator = torch.Generator().manual_seed(4)
+    for b in batches:
+        planted = b["gene_ids"] == VOCAB[PLANTED]
+        noise = 0.05 * torch.randn(b["values"].shape, generator=generator)
+        b["values"] = torch.where(planted, _predictions(model, b) + noise, b["values"])
+    return model, batches
+
+
+@pytest.mark.parametrize(("dtype", "packed", "tol"), [(torch.float64, False, 1e-9),
+                                                      (torch.float32, True, 1e-4)])  # fmt: skip
+def test_base_position_effects_equal_pruning_and_rerunning(dtype, packed, tol):
+    model = random_model(3, dtype)
+    batches = make_batches(make_cells(10, per_cell=5, planted=False), batch_size=4)
+    for b in batches:
+        b["values"] = b["values"].to(dtype)
+    channel = Channel("c", "transformer_encoder.layers.0.linear2", 0, 2, 5, 0.0, True,
+                      nulls=((4, 1), (9, 11)))  # fmt: skip
+    effects = geb.position_effects(model, batches, [channel], mask_ratio=0.4, seed=3,
+                                   packed=packed)  # fmt: skip
+    score = geb.MaskedPositionScore(model, batches, 0.4, 3, packed=False)
+    entries, cells, genes = score.masked()
+    assert len(entries) == 10 * 2  # floor(0.4 * 6 genes) per cell
+    assert effects.cell.tolist() == cells.tolist() and effects.gene.tolist() == genes.tolist()
+
+    def loglik(b):
+        expr = _predictions(model, b | {"values": b["masked_values"]}).double()
+        squared = (expr - b["values"].double()) ** 2
+        return (-0.5 * (np.log(2 * np.pi * score.variance) + squared / score.variance))[b["mask"]]
+
+    whole = torch.cat([loglik(b) for b in score.batches])
+    for j, (row, col) in enumerate([(channel.row, channel.col), *channel.nulls]):
+        with zeroed(model, [(channel.module, row, col)]):
+            pruned = torch.cat([loglik(b) for b in score.batches])
+        assert effects.expr["c"][j] == pytest.approx((whole - pruned).numpy(), abs=tol)
+    # the masks are the confirmation's: MaskedExpressionScore's mean per cell
+    per_cell = pd.Series(whole.numpy()).groupby(cells).mean().to_numpy()
+    reference = MaskedExpressionScore(model, batches, 0.4, 3, packed=False)(model).numpy()
+    assert per_cell == pytest.approx(reference, abs=tol)
+
+
+def test_base_planted_gene_ranks_first():
+    model, batches = planted_expression()
+    channels = select_channels(model, candidates(), n_unconfirmed=0)
+    settings = ge.GeneEffectSettings(n_null=19, min_cells=3)
+    result = geb.base_causal_gene_effects(model, batches, channels, VOCAB, settings,
+                                          mask_ratio=0.5, obs=donors_of(80))  # fmt: skip
+    genes = result.genes_causal.set_index("gene")
+    assert list(result.genes_causal.columns) == geb.GENE_COLUMNS
+    assert result.genes_causal["gene"].iloc[0] == PLANTED
+    assert genes.loc[PLANTED, "expr_p_null"] == pytest.approx(1 / 20)
+    assert genes.loc[PLANTED, "expr_effect"] > 0 and genes.loc[PLANTED, "n_donors"] == 5
+    assert genes.loc[PLANTED, "n_cells"] < 40  # cells where it was masked, not all 40
+    assert genes.loc[FREQUENT, "rank"] > 1
+    nulls = result.null_gene_effects
+    assert list(nulls.columns) == geb.NULL_COLUMNS
+    assert sorted(nulls["null"].unique()) == list(range(1, 20))
+    assert result.summary["candidates"][0]["top_genes"][0] == PLANTED
+
+
+def test_base_exchangeable_weights_give_uniform_p_values():
+    model = random_model(5)
+    batches = make_batches(make_cells(24, planted=False))
+    rng = np.random.default_rng(0)
+    weight = model.transformer_encoder.layers[0].linear2.weight.detach()
+    flat = rng.choice(weight.numel(), 20, replace=False)
+    positions = [divmod(int(i), weight.shape[1]) for i in flat]
+    channels = [
+        Channel(f"w{k}", "transformer_encoder.layers.0.linear2", 0, r, c, float(weight[r, c]),
+                False, "given", tuple(p for p in positions if p != (r, c)))
+        for k, (r, c) in enumerate(positions)
+    ]  # fmt: skip
+    effects = geb.position_effects(model, batches, channels, mask_ratio=0.5)
+    donors = donors_of(24)["donor"].to_numpy()
+    p = []
+    for c in channels:
+        genes, _ = ge.rank_genes({"expr": effects.expr[c.candidate]}, effects.cell, effects.gene,
+                                 c, donors, str, 3, geb.GENE_COLUMNS, geb.NULL_COLUMNS)  # fmt: skip
+        p.append(genes.set_index("gene")["expr_p_null"])
+    table = pd.concat(p, axis=1)
+    assert len(table) >= 10
+    for _, row in table.iterrows():
+        assert sorted(row * 20) == pytest.approx(list(range(1, 21)))
+
+
+def test_base_p_values_are_calibrated_on_a_model_without_a_gene_specific_weight():
+    model = random_model(7)
+    n = 64
+    batches = make_batches(make_cells(n, planted=False))
+    rng = np.random.default_rng(1)
+    picks = []
+    for layer in (0, 1):
+        weight = model.transformer_encoder.layers[layer].linear2.weight.detach()
+        for i in rng.choice(weight.numel(), 6, replace=False):
+            r, c = divmod(int(i), weight.shape[1])
+            picks.append(Channel(f"L{layer}[{r},{c}]", f"transformer_encoder.layers.{layer}."
+                                 "linear2", layer, r, c, float(weight[r, c]), False))  # fmt: skip
+    settings = ge.GeneEffectSettings(n_null=19, min_cells=3)
+    channels = with_nulls(model, picks, settings.n_null, settings.band, settings.seed)
+    result = geb.base_causal_gene_effects(model, batches, channels, VOCAB, settings,
+                                          mask_ratio=0.5, obs=donors_of(n))  # fmt: skip
+    p = result.genes_causal["expr_p_null"].to_numpy()
+    hits = int((p <= 0.1).sum())
+    low, high = stats.binom.ppf([0.001, 0.999], len(p), 2 / 20)
+    assert len(p) >= 100
+    assert low <= hits <= high, (hits, len(p))
+    assert abs(np.nanmean(result.genes_causal["expr_z"])) < 0.5
+
+
+def test_base_end_to_end_from_a_checkpoint_without_a_classifier(tmp_path):
+    model, _ = planted_expression()
+    model.config.n_cls = 0  # a pretrained checkpoint: no classifier head
+    del model.cls_decoder
+    save_checkpoint(model, model.config, VOCAB, tmp_path / "ckpt")
+    cells = make_cells(60)
+    bins = np.zeros((60, len(GENES)), dtype=np.float32)
+    for i, (genes, vals) in enumerate(cells):
+        bins[i, genes] = vals
+    obs = pd.DataFrame(
+        {"label": pd.Categorical([f"t{i % 2}" for i in range(60)]),
+         "split": ["test"] * 50 + ["train"] * 10,
+         "donor": [f"D{i % 5}" for i in range(50)] + ["T0"] * 10},
+        index=[f"c{i}" for i in range(60)],
+    )  # fmt: skip
+    adata = ad.AnnData(sp.csr_matrix(bins), obs=obs, var=pd.DataFrame(index=GENES))
+    drawn = pd.DataFrame({"candidate": "planted", "kind": ["magnitude"] * 4 + ["contribution"],
+                          "row": [0, 1, 2, 4, 5], "col": [1, 2, 3, 4, 5]})  # fmt: skip
+    drawn.to_csv(tmp_path / "nulls.tsv", sep="\t", index=False)
+    table = candidates().assign(confirmed=False, effect=0.1)
+    settings = ge.GeneEffectSettings(max_cells=50, n_null=3, max_seq_len=16, min_cells=2)
+    result = geb.base_gene_effects(adata, tmp_path / "ckpt", table, settings,
+                                   nulls=tmp_path / "nulls.tsv", n_unconfirmed=1,
+                                   mask_ratio=0.5, device="cpu")  # fmt: skip
+    assert result.summary["n_cells"] == 50 and result.summary["n_donors"] == 5
+    assert not result.genes_causal["confirmed"].any()  # exploratory
+    assert result.null_gene_effects[["null_row", "null_col"]].drop_duplicates().values.tolist() == [
+        [0, 1], [1, 2], [2, 3]
+    ]  # fmt: skip
+    paths = geb.write_outputs(result, tmp_path / "out")
+    assert [p.name for p in paths] == ["genes_causal.tsv", "null_gene_effects.tsv", "summary.json"]
+    assert list(pd.read_csv(paths[0], sep="\t").columns) == geb.GENE_COLUMNS
+    empty = geb.base_gene_effects(adata, tmp_path / "ckpt", table.iloc[:0], settings,
+                                  device="cpu")  # fmt: skip
+    assert empty.genes_causal.empty and empty.summary["candidates"] == []

@@ -251,11 +251,19 @@ def cmd_map(args) -> None:
 
 def cmd_genes(args) -> None:
     from .gene_effects import GeneEffectSettings, gene_effects, write_outputs
+    from .gene_effects_base import base_gene_effects
 
-    result = gene_effects(
-        args.data, args.checkpoint, args.candidates, settings_from(args, GeneEffectSettings),
-        nulls=args.nulls, n_unconfirmed=args.n_unconfirmed,
-    )  # fmt: skip
+    settings = settings_from(args, GeneEffectSettings)
+    if args.masked_expression:
+        result = base_gene_effects(
+            args.data, args.checkpoint, args.candidates, settings, nulls=args.nulls,
+            n_unconfirmed=args.n_unconfirmed, mask_ratio=args.mask_ratio,
+        )  # fmt: skip
+    else:
+        result = gene_effects(
+            args.data, args.checkpoint, args.candidates, settings, nulls=args.nulls,
+            n_unconfirmed=args.n_unconfirmed,
+        )  # fmt: skip
     write_outputs(result, args.out)
     n = len(result.summary["candidates"])
     print(f"wrote causal gene rankings of {n} candidate(s) to {args.out}")
@@ -419,10 +427,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-unconfirmed", type=int, default=0,
         help="strongest unconfirmed candidates too (as channels.n_unconfirmed)",
     )  # fmt: skip
+    p.add_argument(
+        "--masked-expression", action="store_true",
+        help="a starting (base) checkpoint, judged by the masked-expression objective: each"
+             " masked gene's change of log-likelihood when the weight is pruned (candidates"
+             " and nulls from the base confirmation)",
+    )  # fmt: skip
+    p.add_argument("--mask-ratio", type=float, default=0.15,
+                   help="with --masked-expression: share of each cell's genes masked (as the"
+                        " base confirmation's ablate.mask_ratio)")  # fmt: skip
     settings_arguments(p, GeneEffectSettings)
     p.epilog = (
         "example:\n  superweights genes --checkpoint finetune/checkpoint --data tokenised.h5ad"
-        " --candidates ablate/confirmed.tsv --nulls ablate/nulls.tsv --out genes/"
+        " --candidates ablate/confirmed.tsv --nulls ablate/nulls.tsv --out genes/\n"
+        "  superweights genes --masked-expression --checkpoint pretrain/checkpoint --data"
+        " tokenised.h5ad --candidates base/confirm/confirmed.tsv --nulls base/confirm/nulls.tsv"
+        " --out base/genes/"
     )
     p.set_defaults(func=cmd_genes)
 

@@ -329,11 +329,35 @@ def score_genes(effects: TokenEffects, channel: Channel, donors: np.ndarray, gen
                 min_cells: int) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """(`GENE_COLUMNS` rows of the candidate's ranked genes by rank, `NULL_COLUMNS` rows of
     its null weights' rankings of the same genes)."""
-    name = channel.candidate
+    values = {m: getattr(effects, m)[channel.candidate] for m in MEASURES}
+    return rank_genes(values, effects.cell, effects.gene, channel, donors, gene_names,
+                      min_cells, GENE_COLUMNS, NULL_COLUMNS)  # fmt: skip
+
+
+def rank_genes(
+    values: Mapping[str, np.ndarray],
+    cells: np.ndarray,
+    genes: np.ndarray,
+    channel: Channel,
+    donors: np.ndarray,
+    gene_names,
+    min_cells: int,
+    gene_columns: Sequence[str],
+    null_columns: Sequence[str],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A candidate's gene ranking and its null weights' rankings from per-pair effects.
+
+    `values`: per measure, effects [1 + n_null, pairs] (row 0: the candidate, then its null
+    weights in `channel.nulls` order) of the (cell, gene id) pairs `cells`, `genes`; the
+    first measure ranks. Donor means, null scores and BH q as the module docstring says;
+    returns (`gene_columns` rows by rank, `null_columns` rows of each null weight scored
+    against the others on the same ranked genes).
+    """
+    name, measures = channel.candidate, list(values)
+    first = measures[0]
     columns, nulls = {}, {}
-    for measure in MEASURES:
-        values = getattr(effects, measure)[name]
-        ids, n_cells, n_donors, mean, se = donor_means(values, effects.cell, effects.gene, donors)
+    for measure in measures:
+        ids, n_cells, n_donors, mean, se = donor_means(values[measure], cells, genes, donors)
         scores = null_scores(mean)
         columns |= {f"{measure}_effect": mean[0], f"{measure}_se": se[0]}
         columns |= {f"{measure}_{k}": v for k, v in scores.items()}
@@ -341,32 +365,32 @@ def score_genes(effects: TokenEffects, channel: Channel, donors: np.ndarray, gen
     names = np.array([gene_names(int(i)) for i in ids], dtype=object)
     frame = pd.DataFrame({"gene": names, "n_cells": n_cells,
                           "n_donors": n_donors, **columns})  # fmt: skip
-    keep = (frame["n_cells"] >= min_cells).to_numpy() & np.isfinite(frame["logp_z"].to_numpy())
-    frame = frame[keep].assign(**{f"{m}_q": np.nan for m in MEASURES})
-    for measure in MEASURES:
+    keep = (frame["n_cells"] >= min_cells).to_numpy() & np.isfinite(frame[f"{first}_z"].to_numpy())
+    frame = frame[keep].assign(**{f"{m}_q": np.nan for m in measures})
+    for measure in measures:
         frame[f"{measure}_q"] = _bh(frame[f"{measure}_p_null"].to_numpy())
-    frame = frame.sort_values(["logp_z", "gene"], ascending=[False, True], kind="stable")
+    frame = frame.sort_values([f"{first}_z", "gene"], ascending=[False, True], kind="stable")
     n = len(frame)
     frame["rank"] = np.arange(1, n + 1)
     frame["percentile"] = 100.0 * (n - frame["rank"]) / (n - 1) if n > 1 else 100.0
     where = {"candidate": name, "confirmed": channel.confirmed, "module": channel.module,
              "layer": channel.layer, "row": channel.row, "col": channel.col}  # fmt: skip
-    genes = frame.assign(**where)[GENE_COLUMNS].reset_index(drop=True)
+    ranked = frame.assign(**where)[list(gene_columns)].reset_index(drop=True)
     null_rows = []
     kept = np.flatnonzero(keep)
     for j, (row, col) in enumerate(channel.nulls):
         own = {}
-        for measure in MEASURES:
-            values = nulls[measure][:, kept]
-            order = [j, *(k for k in range(len(values)) if k != j)]
-            own[f"{measure}_effect"] = values[j]
-            own[f"{measure}_z"] = null_scores(values[order])["z"]
+        for measure in measures:
+            draws = nulls[measure][:, kept]
+            order = [j, *(k for k in range(len(draws)) if k != j)]
+            own[f"{measure}_effect"] = draws[j]
+            own[f"{measure}_z"] = null_scores(draws[order])["z"]
         table = pd.DataFrame({"gene": names[kept], **own})
         table = table.assign(n_cells=n_cells[kept], n_donors=n_donors[kept], null=j + 1,
                              null_row=row, null_col=col, candidate=name,
                              confirmed=channel.confirmed)  # fmt: skip
-        null_rows.append(table.sort_values(["logp_z", "gene"], ascending=[False, True]))
-    return genes, _concat(null_rows, NULL_COLUMNS)
+        null_rows.append(table.sort_values([f"{first}_z", "gene"], ascending=[False, True]))
+    return ranked, _concat(null_rows, list(null_columns))
 
 
 def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
