@@ -383,3 +383,20 @@ def test_seurat_flavour_is_scanpys(tmp_path, counts_adata):
     train_counts = chosen.var_names.get_indexer(tok.var_names)
     means = np.asarray(raw[chosen.obs_names].X[:, train_counts].mean(axis=0)).ravel()
     np.testing.assert_allclose(tok.var["mean_counts"], means, rtol=1e-5)  # float32 counts
+
+
+def test_tokenised_records_its_log1p_for_scanpy(tmp_path, counts_adata, monkeypatch):
+    """X is ln(1 + counts per 10,000): uns["log1p"] says so, as sc.pp.log1p would."""
+    import scanpy as sc
+
+    tok, _ = preprocess_adata(tmp_path / "a.h5ad", counts_adata, "seurat_v3")
+    path = tmp_path / "tok.h5ad"
+    tok.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    assert back.uns["log1p"] == {"base": None}
+    import scanpy.preprocessing._simple as simple
+
+    warned = []
+    monkeypatch.setattr(simple.logg, "warning", lambda message, *a, **k: warned.append(message))
+    sc.pp.log1p(back)  # scanpy sees the record and warns that X is already logged
+    assert warned == ["adata.X seems to be already log-transformed."]

@@ -11,6 +11,7 @@ The output h5ad (cells x selected genes) holds:
   the HVG score: `variances_norm` (`hvg_flavor` seurat_v3, as scGPT's own preprocessor: scanpy
   on the counts of the chosen cells) or `dispersions_norm` (seurat: scanpy's `seurat` flavour
   on log1p(counts per 10,000), from moments streamed over the chosen training cells);
+- `uns["log1p"]`: `{"base": None}` (natural log), scanpy's record that `X` is log1p data;
 - `uns["preprocess"]`: the settings, vocabulary and its match rate, dropped cell types,
   label order.
 
@@ -394,6 +395,7 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
     var_out.insert(0, "token_id", [vocab[g] for g in var_out.index])
     layers = {"counts": counts, "X_binned": bins}
     tokenised = ad.AnnData(X=logged, obs=obs_out, var=var_out, layers=layers)
+    tokenised.uns["log1p"] = {"base": None}  # X is ln(1 + x), as sc.pp.log1p records it
     tokenised.uns["preprocess"] = {
         **{k: v for k, v in asdict(settings).items()},
         "input": str(path),
