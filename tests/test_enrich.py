@@ -549,6 +549,73 @@ def test_null_rankings_that_hit_ad_sets_are_counted(tmp_path, ad_sets):
     assert cell["ad_test_n_genes"] == 20 and 0 < cell["ad_test_p"] < 1
 
 
+def _causal_table(candidate: str, confirmed: bool, ranking: pd.Series) -> pd.DataFrame:
+    """gene_effects' genes_causal.tsv for one candidate: the ranking as `logp_z`; `act_z`
+    reversed, so that ranking by it would show."""
+    return pd.DataFrame({"candidate": candidate, "confirmed": confirmed, "gene": ranking.index,
+                         "n_cells": 10, "logp_z": ranking.to_numpy(),
+                         "act_z": -ranking.to_numpy()})  # fmt: skip
+
+
+def _null_causal_table(candidate: str, where: str, n: int, seed: int = 40) -> pd.DataFrame:
+    """null_gene_effects.tsv: the null weights' rankings as `logp_z` (no `z` column)."""
+    table = _null_table(candidate, where, n, seed)
+    return table.rename(columns={"z": "logp_z"}).assign(act_z=0.0)
+
+
+def test_the_causal_ranking_is_enriched_first_as_the_primary_one(tmp_path, ad_sets):
+    """Causal (logp_z, nulls from null_gene_effects.tsv), then token (z, nulls from
+    null_genes.tsv), then cell; each with its own null rankings, every test counted."""
+    causal = _causal_table("L1[5,3]", True, _ad_ranking(3, "top"))
+    null_causal = _null_causal_table("L1[5,3]", "random", 4)
+    genes = _gene_table([("L1[5,3]", True, _ad_ranking(5, "random").reindex(GENES).to_numpy())])
+    null_genes = _null_table("L1[5,3]", "random", 3)
+    association = pd.DataFrame({"candidate": "L1[5,3]", "gene": GENES,
+                                "z": _ad_ranking(4, "random").reindex(GENES)})  # fmt: skip
+    summary = enrich.enrich_candidates(genes, ad_sets, ad_settings(n_null_rankings=4), tmp_path,
+                                       association, null_genes, causal, null_causal)  # fmt: skip
+    assert summary["ranking"].tolist() == ["causal", "token", "cell"]
+    assert summary["role"].tolist() == [enrich.RANKING_ROLES[k] for k in enrich.RANKINGS]
+    assert summary.loc[0, "role"] == "primary"
+    assert summary["folder"].tolist() == ["L1_5_3_causal", "L1_5_3", "L1_5_3_cell"]
+    causal_row, token_row = summary.iloc[0], summary.iloc[1]
+    assert causal_row["ad_hit"] and causal_row["top_ad_term"] == "AD_TOY"  # logp_z, not act_z
+    assert causal_row["ad_test_p"] < 1e-6 and causal_row["ad_test_p_null"] == pytest.approx(1 / 5)
+    assert causal_row["n_null_rankings"] == 4 and token_row["n_null_rankings"] == 3
+    assert summary.loc[2, "n_null_rankings"] == 0
+    assert (summary["n_tests"] == 2 * 22).all()
+    assert (summary["n_tests_total"] == 3 * 2 * 22).all()
+    table = pd.read_csv(tmp_path / "null_rankings.tsv", sep="\t")
+    assert table["ranking"].tolist() == ["causal"] * 5 + ["token"] * 4 + ["cell"]
+    # the causal null rankings are null_gene_effects' logp_z, each its own ranking
+    expected = enrich.ad_test(_ad_ranking(41, "random"), AD_GENES)["ad_test_p"]
+    assert table.loc[1, "ad_test_p"] == pytest.approx(expected)
+    for folder in ("L1_5_3_causal", "L1_5_3", "L1_5_3_cell"):
+        assert (tmp_path / folder / "prerank.tsv").is_file()
+
+
+def test_a_candidate_without_causally_ranked_genes_keeps_its_other_rankings(tmp_path, ad_sets):
+    """An empty causal ranking is a row with its reason; a candidate only in the causal
+    table gets only its causal ranking."""
+    causal = pd.concat([_causal_table("L1[5,3]", True, _ad_ranking(3, "top")).iloc[:0],
+                        _causal_table("L2[0,1]", False, _ad_ranking(6, "random"))])  # fmt: skip
+    genes = _gene_table([("L1[5,3]", True, _ad_ranking(5, "random").reindex(GENES).to_numpy())])
+    settings = ad_settings(n_null_rankings=2)
+    null_causal = _null_causal_table("L2[0,1]", "random", 2)
+    summary = enrich.enrich_candidates(genes, ad_sets, settings, tmp_path, causal=causal,
+                                       null_causal=null_causal)  # fmt: skip
+    assert summary[["candidate", "ranking"]].values.tolist() == [
+        ["L2[0,1]", "causal"], ["L1[5,3]", "causal"], ["L1[5,3]", "token"]
+    ]  # fmt: skip
+    assert summary.loc[0, "status"] == enrich.EXPLORATORY
+    assert summary.loc[0, "n_null_rankings"] == 2
+    empty = summary.iloc[1]
+    assert empty["n_tests"] == 0 and "no gene is ranked" in empty["reason"]
+    assert empty["null_reason"] == "the candidate's ranking was not tested"
+    assert not (tmp_path / "L1_5_3_causal").exists()
+    assert (summary["n_tests_total"] == 2 * 2 * 22).all()
+
+
 def test_fewer_null_rankings_than_asked_are_used_and_counted(tmp_path, ad_sets, caplog):
     genes = _gene_table([("L1[5,3]", True, _ad_ranking(3, "random").reindex(GENES).to_numpy())])
     nulls = _null_table("L1[5,3]", "random", 3)
@@ -570,6 +637,11 @@ def test_ad_test_sets_must_be_loaded(ad_sets):
 def test_null_gene_table_needs_its_columns():
     with pytest.raises(UserError, match=r"lacks column\(s\) \['null'\]"):
         enrich.null_rankings(pd.DataFrame(columns=["candidate", "gene", "z"]), "L1[5,3]", 5)
+    with pytest.raises(UserError, match=r"lacks column\(s\) \['logp_z'\]"):
+        enrich.null_rankings(pd.DataFrame(columns=["candidate", "null", "gene", "z"]),
+                             "L1[5,3]", 5, "logp_z")  # fmt: skip
+    with pytest.raises(UserError, match=r"causal gene table lacks column\(s\) \['logp_z'\]"):
+        enrich.ranking_from_causal(pd.DataFrame(columns=["candidate", "gene"]), "L1[5,3]")
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,10 @@ rule map_channels:
 
 rule enrich:
     input:
+        # the primary ranking: causal gene effects (logp_z), and its null weights' rankings
+        causal="results/{dataset}/genes/genes_causal.tsv",
+        null_causal="results/{dataset}/genes/null_gene_effects.tsv",
+        # descriptive: where the unit fires (token-level map)
         genes="results/{dataset}/channels/genes.tsv",
         null_genes="results/{dataset}/channels/null_genes.tsv",
         association="results/{dataset}/cells/association.tsv",

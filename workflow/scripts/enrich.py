@@ -10,7 +10,10 @@ with rule_log(snakemake):
     genes = pd.read_csv(snakemake.input.genes, sep="\t")
     association = pd.read_csv(snakemake.input.association, sep="\t")
     null_genes = pd.read_csv(snakemake.input.null_genes, sep="\t")
+    causal = pd.read_csv(snakemake.input.causal, sep="\t")
+    null_causal = pd.read_csv(snakemake.input.null_causal, sep="\t")
     gene_sets = load_gene_sets(GeneSetSettings(**params.gene_sets))
     settings = EnrichSettings(**params.settings)
-    enrich_candidates(genes, gene_sets, settings, out_dir, association, null_genes)
+    enrich_candidates(genes, gene_sets, settings, out_dir, association, null_genes, causal,
+                      null_causal)  # fmt: skip
     plot_candidates(out_dir)

@@ -275,10 +275,14 @@ def cmd_enrich(args) -> None:
     from .enrich import EnrichSettings, GeneSetSettings, enrich_candidates, load_gene_sets
     from .enrich_plots import plot_candidates
 
-    genes = pd.read_csv(args.genes, sep="\t")
-    association = pd.read_csv(args.association, sep="\t") if args.association else None
+    def read(path):
+        return pd.read_csv(path, sep="\t") if path else None
+
     gene_sets = load_gene_sets(settings_from(args, GeneSetSettings))
-    enrich_candidates(genes, gene_sets, settings_from(args, EnrichSettings), args.out, association)
+    enrich_candidates(
+        read(args.genes), gene_sets, settings_from(args, EnrichSettings), args.out,
+        read(args.association), read(args.null_genes), read(args.causal), read(args.null_causal),
+    )  # fmt: skip
     plot_candidates(args.out)
     print(f"wrote enrichment tables and plots to {args.out}")
 
@@ -447,7 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_genes)
 
     p = sub.add_parser("enrich", help="gene-set enrichment of the gene rankings")
-    p.add_argument("--genes", required=True, help="genes.tsv from map")
+    p.add_argument(
+        "--genes", required=True,
+        help="genes.tsv from map (the token-level ranking: where the unit fires)",
+    )  # fmt: skip
+    p.add_argument("--null-genes", help="null_genes.tsv from map: its null weights' rankings")
+    p.add_argument("--causal", help="genes_causal.tsv from genes: the primary, causal ranking"
+                                    " (logp_z)")  # fmt: skip
+    p.add_argument("--null-causal", help="null_gene_effects.tsv from genes: the causal"
+                                         " ranking's null weights' rankings")  # fmt: skip
     p.add_argument("--association", help="association.tsv from cells: enrich it too")
     p.add_argument("--out", required=True, help="output folder")
     settings_arguments(p, GeneSetSettings)
@@ -495,7 +507,9 @@ EXAMPLES = {
     "cells": "superweights cells --cells ablate/cells.h5ad --data tokenised.h5ad --out cells/",
     "map": "superweights map --checkpoint finetune/checkpoint --data tokenised.h5ad"
     " --candidates ablate/confirmed.tsv --nulls ablate/nulls.tsv --out channels/",
-    "enrich": "superweights enrich --genes channels/genes.tsv --out enrich/",
+    "enrich": "superweights enrich --causal genes/genes_causal.tsv --null-causal"
+    " genes/null_gene_effects.tsv --genes channels/genes.tsv --null-genes"
+    " channels/null_genes.tsv --out enrich/",
     "quantize": "superweights quantize --checkpoint finetune/checkpoint --data tokenised.h5ad"
     " --super-weights ablate/confirmed.tsv --out quantize/",
     "report": "superweights report --results results/demo --out report.html",

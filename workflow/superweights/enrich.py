@@ -1,7 +1,16 @@
 """Gene-set enrichment of a super weight's gene ranking, calibrated on null weights.
 
-The ranking is the channel map's z-score per gene (`channels.py`) or the cell-level
-association's. Libraries (library name -> set name -> genes): GO Biological Process 2023
+A candidate has up to three rankings (`RANKINGS`), each enriched on its own:
+
+- "causal" (primary): the causal gene ranking of the fine-tuned classifier, `logp_z` of
+  `gene_effects`' genes_causal.tsv (what pruning the weight costs log p(true type) through
+  each gene, against magnitude-matched null weights), its null weights' rankings from
+  null_gene_effects.tsv (their `logp_z`); folder `<candidate>_causal`;
+- "token" (descriptive, "where the unit fires"): the channel map's z-score per gene
+  (`channels.py`), its null weights' rankings from channels' null_genes.tsv (`z`);
+- "cell": the cell-level association's z (no null-weight rankings).
+
+Libraries (library name -> set name -> genes): GO Biological Process 2023
 and KEGG 2021 Human read from blitzgsea's package data, every `*.gmt` file of the packaged
 `gene_sets`, GMT files named in config, and Enrichr libraries named in config (downloaded
 through gseapy, so only when Enrichr can be reached). Every set within the size limits is
@@ -22,7 +31,8 @@ biology). The AD hypothesis is also one pre-specified competitive test (`ad_test
 genes of `ad_test_sets` against the rest of the ranking, one-sided Mann-Whitney U (AD genes
 score higher), with its own p, outside the BH family. Both are calibrated on null weights:
 the same tests run on the rankings of `n_null_rankings` magnitude-matched null weights
-(channels' null_genes.tsv, each scored like the candidate against the other nulls), giving
+(null_gene_effects.tsv or channels' null_genes.tsv, each scored like the candidate against
+the other nulls), giving
 the rate at which a null weight's ranking has an AD hit, and the rate of competitive p <=
 `ad_test_level`. Cell-level rankings have no null-weight rankings (the cells stage writes
 none), so their rates are not given. A ranking whose scores are largely tied is not tested
@@ -86,11 +96,11 @@ NULL_WEIGHT = "null weight"
 CALIBRATION_COLUMNS = ["n_null_rankings", "null_ad_hit_rate", "null_any_hit_rate",
                        "null_ad_test_rate", "ad_test_p_null", "null_reason"]  # fmt: skip
 SUMMARY_COLUMNS = [
-    "candidate", "confirmed", "status", "ranking", "folder", "n_genes", "tied_fraction", "n_sets",
-    "n_tests", "n_significant", "n_ad_significant", "top_term", "top_library", "top_NES", "top_FDR",
-    "top_ad_term", "top_ad_library", "top_ad_NES", "top_ad_FDR", "reason", "n_enriched",
-    "n_depleted", "n_ad_enriched", "ad_hit", "ad_test_n_genes", "ad_test_auc", "ad_test_p",
-    *CALIBRATION_COLUMNS, "n_tests_total",
+    "candidate", "confirmed", "status", "ranking", "role", "folder", "n_genes", "tied_fraction",
+    "n_sets", "n_tests", "n_significant", "n_ad_significant", "top_term", "top_library",
+    "top_NES", "top_FDR", "top_ad_term", "top_ad_library", "top_ad_NES", "top_ad_FDR", "reason",
+    "n_enriched", "n_depleted", "n_ad_enriched", "ad_hit", "ad_test_n_genes", "ad_test_auc",
+    "ad_test_p", *CALIBRATION_COLUMNS, "n_tests_total",
 ]  # fmt: skip
 
 
@@ -581,8 +591,28 @@ def ranking_from_association(association: pd.DataFrame, candidate: str) -> pd.Se
     return rows.set_index("gene")["z"].astype(float)
 
 
-RANKING_FOLDERS = {"token": "", "cell": "_cell"}
-"""Folder suffix of each ranking: token-level (channel map) or cell-level (association)."""
+CAUSAL_STATISTIC = "logp_z"
+"""The causal ranking's statistic, in genes_causal.tsv and null_gene_effects.tsv."""
+
+
+def ranking_from_causal(genes_causal: pd.DataFrame, candidate: str) -> pd.Series:
+    """A candidate's causal gene z-scores (`logp_z` of gene_effects' genes_causal.tsv); empty
+    where it ranked no gene."""
+    missing = [c for c in ("candidate", "gene", CAUSAL_STATISTIC) if c not in genes_causal]
+    if missing:
+        raise UserError(f"the causal gene table lacks column(s) {missing}; rerun gene_effects")
+    rows = genes_causal[genes_causal["candidate"] == candidate]
+    return rows.set_index("gene")[CAUSAL_STATISTIC].astype(float)
+
+
+RANKINGS = ("causal", "token", "cell")
+"""The rankings in the order they are enriched and listed."""
+RANKING_FOLDERS = {"causal": "_causal", "token": "", "cell": "_cell"}
+"""Folder suffix of each ranking: causal (gene_effects), token-level (channel map) or
+cell-level (association)."""
+RANKING_ROLES = {"causal": "primary", "token": "descriptive: where the unit fires",
+                 "cell": "cell-level association"}  # fmt: skip
+"""The `role` column of summary.tsv: the causal ranking is the primary one."""
 
 
 def candidate_dirname(candidate: str) -> str:
@@ -613,24 +643,34 @@ def _curves_json(pre: Prerank) -> dict:
     }
 
 
-def null_rankings(null_genes: pd.DataFrame, candidate: str, n: int) -> list[tuple[dict, pd.Series]]:
+def null_rankings(
+    null_genes: pd.DataFrame, candidate: str, n: int, column: str = "z"
+) -> list[tuple[dict, pd.Series]]:
     """The first `n` null weights' rankings of a candidate from channels' null_genes.tsv
-    (candidate, null, gene, z; null_row, null_col when present), as ({null, null_row,
-    null_col}, z per gene)."""
-    missing = [c for c in ("candidate", "null", "gene", "z") if c not in null_genes.columns]
+    (`column` "z") or gene_effects' null_gene_effects.tsv (`column` "logp_z") (candidate,
+    null, gene, `column`; null_row, null_col when present), as ({null, null_row, null_col},
+    `column` per gene)."""
+    needed = ("candidate", "null", "gene", column)
+    missing = [c for c in needed if c not in null_genes.columns]
     if missing:
-        raise UserError(f"the null-weight gene table lacks column(s) {missing}; rerun channels")
+        raise UserError(
+            f"the null-weight gene table lacks column(s) {missing}; rerun the stage that wrote "
+            "it (channels or gene_effects)"
+        )
     rows = null_genes[null_genes["candidate"] == candidate]
     out = []
     for null, part in list(rows.groupby("null", sort=False))[:n]:
         where = {"null": null, **{k: part[k].iloc[0] for k in ("null_row", "null_col")
                                   if k in part.columns}}  # fmt: skip
-        out.append((where, part.set_index("gene")["z"].astype(float)))
+        out.append((where, part.set_index("gene")[column].astype(float)))
     return out
 
 
 def _test_ranking(ranking, gene_sets, settings, ad_genes, keep_curves=0):
-    """Tables, prerank result and `HIT_COLUMNS` of one ranking; or its tie reason."""
+    """Tables, prerank result and `HIT_COLUMNS` of one ranking; or why it is not tested
+    (empty, or too tied)."""
+    if not np.isfinite(pd.to_numeric(ranking, errors="coerce").to_numpy(dtype=float)).any():
+        return None, None, {"reason": "no gene is ranked (none passed the stage's min_cells)"}
     reason = check_ties(ranking, settings.max_tied)
     if reason:
         return None, None, {"reason": reason}
@@ -662,43 +702,56 @@ def calibrate(rows: pd.DataFrame, settings: EnrichSettings) -> dict:
 
 
 def enrich_candidates(
-    genes: pd.DataFrame,
+    genes: pd.DataFrame | None,
     gene_sets: GeneSets,
     settings: EnrichSettings,
     out_dir: str | Path,
     association: pd.DataFrame | None = None,
     null_genes: pd.DataFrame | None = None,
+    causal: pd.DataFrame | None = None,
+    null_causal: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Enrich every candidate of the channel map's gene table (its "all" stratum) and, with
-    `association` (`cell_map`'s table), the same candidates' cell-level z-scores; with
-    `null_genes` (channels' null_genes.tsv), the first `n_null_rankings` null weights'
-    rankings of each candidate alike, beside its token-level ranking.
+    """Enrich every candidate of `causal` (gene_effects' genes_causal.tsv, `logp_z`: the
+    primary ranking) and of the channel map's gene table `genes` (its "all" stratum: the
+    token-level ranking) and, with `association` (`cell_map`'s table), the same candidates'
+    cell-level z-scores; with `null_causal` (null_gene_effects.tsv) and `null_genes`
+    (channels' null_genes.tsv), the first `n_null_rankings` null weights' rankings of each
+    candidate alike, beside its causal and token-level rankings.
 
-    Writes `<out_dir>/<candidate_dirname>[_cell]/{prerank,ora,ad_terms}.tsv` and
+    Writes `<out_dir>/<candidate_dirname>[_causal|_cell]/{prerank,ora,ad_terms}.tsv` and
     `gsea_curves.json` (what `enrich_plots` draws), `<out_dir>/null_rankings.tsv`
     (`NULL_RANKING_COLUMNS`: per candidate and ranking, its own row and each null weight's)
     and `<out_dir>/summary.tsv` (`SUMMARY_COLUMNS`, also returned): one row per candidate and
-    ranking with its status (confirmed or exploratory), the ranking ("token" or "cell"),
-    the sets tested (`n_sets`, each by prerank and by ORA: `n_tests`), the sets called
-    enriched and depleted (`n_enriched` = `n_significant`, `n_ad_enriched` =
-    `n_ad_significant`: enriched only), the best enriched prerank row (`top_*`; `top_FDR`
-    is its q_all_tests), the competitive AD test, the null-weight rates
-    (`CALIBRATION_COLUMNS`), the tests over all candidates and rankings (`n_tests_total`),
-    and why a ranking was not tested. Tables of unconfirmed candidates carry the
-    exploratory status in a first column.
+    ranking (causal, token, cell, in this order) with its status (confirmed or exploratory),
+    the ranking and its `role` (`RANKING_ROLES`), the sets tested (`n_sets`, each by prerank
+    and by ORA: `n_tests`), the sets called enriched and depleted (`n_enriched` =
+    `n_significant`, `n_ad_enriched` = `n_ad_significant`: enriched only), the best enriched
+    prerank row (`top_*`; `top_FDR` is its q_all_tests), the competitive AD test, the null-
+    weight rates (`CALIBRATION_COLUMNS`), the tests over all candidates and rankings
+    (`n_tests_total`), and why a ranking was not tested. Tables of unconfirmed candidates
+    carry the exploratory status in a first column.
     """
     ad_genes = ad_test_genes(gene_sets, settings.ad_test_sets)
+    null_tables = {"causal": (null_causal, CAUSAL_STATISTIC), "token": (null_genes, "z")}
+    tables = [t for t in (causal, genes) if t is not None]
     rows, null_rows = [], []
-    for candidate in dict.fromkeys(genes["candidate"]):
-        confirmed = bool(genes.loc[genes["candidate"] == candidate, "confirmed"].iloc[0])
-        rankings = {"token": ranking_from_genes(genes, candidate)}
+    for candidate in dict.fromkeys(c for t in tables for c in t["candidate"]):
+        confirmed = next(bool(t.loc[t["candidate"] == candidate, "confirmed"].iloc[0])
+                         for t in tables if (t["candidate"] == candidate).any())  # fmt: skip
+        rankings = {}
+        if causal is not None:
+            rankings["causal"] = ranking_from_causal(causal, candidate)
+        if genes is not None and (genes["candidate"] == candidate).any():
+            rankings["token"] = ranking_from_genes(genes, candidate)
         if association is not None and (association["candidate"] == candidate).any():
             rankings["cell"] = ranking_from_association(association, candidate)
         for kind, ranking in rankings.items():
             folder = candidate_dirname(candidate) + RANKING_FOLDERS[kind]
             row, found = _enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets,
                                      settings, Path(out_dir), ad_genes)  # fmt: skip
-            nulls = null_genes if kind == "token" and not found["reason"] else None
+            nulls = null_tables.get(kind, (None, ""))
+            if found["reason"]:
+                nulls = (None, "")
             table = _null_table(row, found, nulls, gene_sets, settings, ad_genes)
             null_rows.append(table)
             rows.append({**row, **calibrate(table, settings)})
@@ -714,25 +767,28 @@ def enrich_candidates(
     return summary
 
 
-def _null_table(row, found, null_genes, gene_sets, settings, ad_genes) -> pd.DataFrame:
+def _null_table(row, found, nulls, gene_sets, settings, ad_genes) -> pd.DataFrame:
     """`null_rankings.tsv` rows of one ranking: the candidate's (`found`), then its null
-    weights' (none without `null_genes`)."""
+    weights' (`nulls`: (null-weight gene table, its statistic); none without a table)."""
     where = {"candidate": row["candidate"], "ranking": row["ranking"]}
     rows = [{**where, "weight": "candidate", "n_genes": row["n_genes"], **found}]
-    rows += _null_rows(where, row["candidate"], null_genes, gene_sets, settings, ad_genes)
+    rows += _null_rows(where, row["candidate"], *nulls, gene_sets, settings, ad_genes)
     table = pd.DataFrame(rows, columns=NULL_RANKING_COLUMNS)
     return table.astype(dict.fromkeys(["null", "null_row", "null_col"], "Int64"))
 
 
-def _null_rows(where, candidate, null_genes, gene_sets, settings, ad_genes) -> list[dict]:
-    """`null_rankings.tsv` rows of a candidate's null weights (none without `null_genes`)."""
+def _null_rows(where, candidate, null_genes, column, gene_sets, settings,
+               ad_genes) -> list[dict]:  # fmt: skip
+    """`null_rankings.tsv` rows of a candidate's null weights (none without `null_genes`),
+    ranked by their `column`."""
     if null_genes is None or not settings.n_null_rankings:
         return []
-    found = null_rankings(null_genes, candidate, settings.n_null_rankings)
+    found = null_rankings(null_genes, candidate, settings.n_null_rankings, column)
     if len(found) < settings.n_null_rankings:
         log.warning(
-            "%s: %d null-weight rankings, fewer than n_null_rankings = %d (raise channels.n_null)",
-            candidate, len(found), settings.n_null_rankings,
+            "%s (%s ranking): %d null-weight rankings, fewer than n_null_rankings = %d (raise "
+            "the n_null of %s)", candidate, where["ranking"], len(found),
+            settings.n_null_rankings, "genes" if where["ranking"] == "causal" else "channels",
         )  # fmt: skip
     rows = []
     for null, ranking in found:
@@ -749,7 +805,7 @@ def _enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets, settings
     summary row and its `HIT_COLUMNS`."""
     status = "confirmed" if confirmed else EXPLORATORY
     row = {"candidate": candidate, "confirmed": confirmed, "status": status, "ranking": kind,
-           "folder": folder, "n_genes": len(ranking),
+           "role": RANKING_ROLES[kind], "folder": folder, "n_genes": len(ranking),
            "tied_fraction": tied_fraction(ranking)}  # fmt: skip
     tables, pre, found = _test_ranking(ranking, gene_sets, settings, ad_genes, keep_curves=5)
     if tables is None:
