@@ -214,7 +214,8 @@ def confirm_super_weights(
         groups = _check_groups(groups, len(base))
         runner = _Runner(model, score, base)
         rows, nulls, effects, null_effects_per_example, spikes = [], [], {}, {}, {}
-        for i, t in enumerate(tqdm(targets, desc="confirm", disable=not progress)):
+        for i, t in enumerate(tqdm(targets, desc="confirm", disable=None if progress else True)):
+            log.info("confirm: %s (%d of %d)", t["id"], i + 1, len(targets))
             rng = np.random.default_rng([settings.seed, i])
             places = _spike_places(recorded[t["id"]], padding, packings)
             spikes[t["id"]] = np.concatenate([v.double().cpu().numpy() for _, v in places])
