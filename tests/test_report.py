@@ -299,7 +299,8 @@ def test_summary_states_what_was_found_from_the_outputs(results):
     assert "APOE ranks 3 of 30 on L1[12,40]" in text
     assert "MAPT" not in text.split("Genes of interest in the top 10%")[1].split("</dd>")[0]
     assert (
-        "L1[12,40]: 4 gene sets of 120 enriched and 2 depleted at q ≤ 0.05 (top: astrocyte "
+        "L1[12,40] (token-level): 4 gene sets of 120 enriched and 2 depleted at q ≤ 0.05 (top: "
+        "astrocyte "
         "differentiation (GO:0048708), NES 2.35), 1 AD-related set enriched; pre-specified AD "
         "test (AD genes vs the rest, one-sided Mann-Whitney): AUC 0.71, p = 0.004; of 20 null "
         "weights' rankings, 5% hit an AD set and 10% reach AD test p ≤ 0.05" in text
@@ -320,7 +321,7 @@ def test_no_super_weight_is_stated_plainly(tmp_path, png):
     )
     assert "No super weight was held out, so clip + restore equals clip only" in summary
     assert 'class="headline none"' in page
-    assert "L1[12,40] (exploratory: not confirmed by pruning): 4 gene sets" in summary
+    assert "L1[12,40] (token-level) (exploratory: not confirmed by pruning): 4 gene sets" in summary
 
 
 def test_sections_show_the_stage_outputs(results):

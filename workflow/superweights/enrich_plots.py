@@ -82,6 +82,8 @@ def plot_candidates(out_dir, n_terms: int = 5) -> list[Path]:
         folder = Path(out_dir) / row.folder
         if (folder / "gsea_curves.json").is_file():
             confirmed = str(row.confirmed).lower() == "true"
-            title = f"{row.candidate}, {getattr(row, 'ranking', 'token')}-level ranking"
+            ranking = getattr(row, "ranking", "token")
+            kind = "causal" if ranking == "causal" else f"{ranking}-level"
+            title = f"{row.candidate}, {kind} ranking"
             paths += plot_candidate(folder, title, n_terms, exploratory=not confirmed)
     return paths

@@ -1024,10 +1024,15 @@ def gene_statement(core_rows: pd.DataFrame | None, core: tuple[str, ...]) -> str
     return " ".join(parts) or "No gene of interest was ranked on a candidate."
 
 
+RANKING_NAMES = {"causal": "causal", "token": "token-level", "cell": "cell-level"}
+"""How each of a candidate's rankings is named in the report."""
+
+
 def _ranking_name(row) -> str:
-    """A candidate, with "(cell-level)" for its cell-level ranking."""
-    cell = str(getattr(row, "ranking", "token")) == "cell"
-    return f"{row.candidate} (cell-level)" if cell else str(row.candidate)
+    """A candidate with its ranking: causal (gene-token ablation, the primary one),
+    token-level (where the unit fires) or cell-level (association)."""
+    ranking = str(getattr(row, "ranking", "token"))
+    return f"{row.candidate} ({RANKING_NAMES.get(ranking, ranking)})"
 
 
 def pathway_statement(summary: pd.DataFrame | None, n_folders: int, fdr: float) -> str:
