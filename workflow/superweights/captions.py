@@ -32,13 +32,16 @@ CAPTIONS = {
     "probe_cells": "Output spike ratio (largest absolute output of the down-projection over "
     "the median, log10) per cell and layer, cells grouped by cell type.",
     "ablate_forest": "Each candidate's effect (mean drop of log p(true cell type) per "
-    "held-out cell when the weight is set to 0) with its 95% donor-bootstrap CI, against the "
-    "null band (mean to 95th percentile of magnitude-matched weights of the same matrix) and "
-    "the top-k control.",
-    "ablate_nulls": "Effects of the null weights as a histogram, with the candidate's effect "
-    "marked, its empirical p and its Benjamini-Hochberg q.",
-    "ablate_confirmed": "Verdict for every tested candidate: effect, CI, p and q against its "
-    "null, the top-k control, and the reason it was confirmed or rejected.",
+    "held-out cell when the weight is set to 0) with its 95% donor-bootstrap CI and its tier "
+    "(super weight, important weight, not confirmed), against the null band (mean to 95th "
+    "percentile of magnitude-matched weights of the same matrix), the 95th percentile of "
+    "contribution-matched weights and the top-k control.",
+    "ablate_nulls": "Effects of both nulls' weights (magnitude-matched and contribution-matched) "
+    "as histograms, with the candidate's effect marked and its empirical p and "
+    "Benjamini-Hochberg q against each.",
+    "ablate_confirmed": "Verdict for every tested candidate: effect, CI, p and q against both "
+    "nulls, the top-k control, the activation restore and ablations, its tier and every "
+    "condition it failed.",
     "persistence_table": "Every super weight tested in the starting or the fine-tuned model: "
     "its value in both, its effect in both (masked-expression log-likelihood before, log "
     "p(true cell type) after fine-tuning, with donor-bootstrap CIs) and each model's verdict.",
