@@ -134,8 +134,9 @@ class ConfirmSettings:
         )
         return (
             f"n_null {self.n_null} is too small for alpha {self.alpha:g}: the smallest "
-            f"p-value is 1/{self.n_null + 1}, so {who}; use n_null >= "
-            f"{math.ceil(n_candidates / self.alpha) - 1}"
+            f"reachable p is 1/{self.n_null + 1} and, with {n_candidates} candidate(s), the "
+            f"smallest reachable q is {min(1.0, n_candidates * smallest):.3g}, so {who}; use "
+            f"n_null >= {math.ceil(n_candidates / self.alpha) - 1}"
         )
 
 
