@@ -146,7 +146,7 @@ def test_clean_model_reports_strongest_spikes_not_accepted(tokenised, vocab, tmp
     result = probe_scgpt(model, tokenised, vocab, SETTINGS)
     assert_unchanged(model, before)
     assert not result.summary["found"] and result.summary["n_candidates"] == 0
-    assert result.summary["statement"].startswith("No super weight passed the thresholds")
+    assert result.summary["statement"].startswith("No candidate passed the thresholds")
     assert "accepted = False" in result.summary["statement"]
     table = result.candidates
     assert len(table) == 3 and not table["accepted"].any()

@@ -329,7 +329,7 @@ def _statement(table: pd.DataFrame, n_cells: int, n_types: int, settings, n_ln: 
             for r in accepted.itertuples()
         ]
         text = (
-            f"Found {len(accepted)} candidate super weight(s) in {cohort}: "
+            f"Found {len(accepted)} candidate(s) in {cohort}: "
             + "; ".join(parts)
             + ". Candidates are spikes, not proof: the ablate stage tests them by pruning."
         )
@@ -340,7 +340,7 @@ def _statement(table: pd.DataFrame, n_cells: int, n_types: int, settings, n_ln: 
             f"≥ {settings.weight_ratio:g}, input ratio ≥ {settings.input_ratio:g}"
             + (f", |activation| ≥ {settings.min_abs:g}" if settings.min_abs > 0 else "")
         )
-        text = f"No super weight passed the thresholds ({thresholds}) in {cohort}"
+        text = f"No candidate passed the thresholds ({thresholds}) in {cohort}"
         if len(table):
             top = table.iloc[0]
             text += (
