@@ -488,19 +488,7 @@ def null_positions(
     allowed = torch.ones_like(weight, dtype=torch.bool)
     allowed[row, :] = False
     allowed[:, col] = False
-    magnitude = float(weight[row, col])
-    lo, hi = magnitude / band, magnitude * band
-    in_band = allowed & (weight >= lo) & (weight <= hi)
-    eligible = torch.nonzero(in_band.flatten()).flatten().numpy()
-    if len(eligible) >= n_null:
-        flat = np.sort(rng.choice(eligible, n_null, replace=False))
-        kind = f"|w| in [{lo:.3g}, {hi:.3g}] ({len(eligible)} weights)"
-    else:
-        ranked = weight.masked_fill(~allowed, -1.0).flatten()
-        flat = torch.topk(ranked, min(n_null, int(allowed.sum()))).indices.numpy()
-        kind = f"largest |w| of the matrix (only {len(eligible)} weights in [{lo:.3g}, {hi:.3g}])"
-    width = weight.shape[1]
-    return kind, [(int(f) // width, int(f) % width) for f in flat]
+    return _banded_draw(weight, allowed, row, col, n_null, band, rng, "|w|")
 
 
 def contribution_positions(
@@ -515,23 +503,29 @@ def contribution_positions(
     candidate itself excluded); when fewer qualify, the matrix's largest contributions.
     """
     contribution = weight.detach().float().abs().cpu() * input_peaks.float().cpu()[None, :]
-    allowed = torch.ones_like(contribution, dtype=torch.bool)
+    allowed = contribution > 0  # a weight whose input never fires carries no contribution
     allowed[row, col] = False
-    own = float(contribution[row, col])
+    return _banded_draw(contribution, allowed, row, col, n_null, band, rng, "max |x*w|")
+
+
+def _banded_draw(values: Tensor, allowed: Tensor, row, col, n_null, band, rng, name: str):
+    """(description, positions) of `n_null` entries of `values` (non-negative, [rows, cols])
+    drawn with `rng` among the `allowed` ones within a factor `band` of `values[row, col]`;
+    when fewer qualify, the largest allowed ones."""
+    own = float(values[row, col])
     lo, hi = own / band, own * band
-    in_band = allowed & (contribution >= lo) & (contribution <= hi) & (contribution > 0)
+    in_band = allowed & (values >= lo) & (values <= hi)
     eligible = torch.nonzero(in_band.flatten()).flatten().numpy()
     if len(eligible) >= n_null:
         flat = np.sort(rng.choice(eligible, n_null, replace=False))
-        kind = f"max |x*w| in [{lo:.3g}, {hi:.3g}] ({len(eligible)} weights)"
+        kind = f"{name} in [{lo:.3g}, {hi:.3g}] ({len(eligible)} weights)"
     else:
-        ranked = contribution.masked_fill(~allowed, -1.0).flatten()
+        ranked = values.masked_fill(~allowed, -1.0).flatten()
         flat = torch.topk(ranked, min(n_null, int(allowed.sum()))).indices.numpy()
         kind = (
-            f"largest max |x*w| of the matrix (only {len(eligible)} weights in "
-            f"[{lo:.3g}, {hi:.3g}])"
+            f"largest {name} of the matrix (only {len(eligible)} weights in [{lo:.3g}, {hi:.3g}])"
         )
-    width = contribution.shape[1]
+    width = values.shape[1]
     return kind, [(int(f) // width, int(f) % width) for f in flat]
 
 
