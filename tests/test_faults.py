@@ -135,7 +135,7 @@ def test_checkpoint_of_other_cell_types_is_refused(tmp_path, tokenised, capsys, 
     out = tmp_path / "ablate"
     code, errors = run_cli(
         capsys, "ablate", "--checkpoint", ckpt, "--data", tokenised, "--out", out,
-        "--candidates", candidates_file(tmp_path / "candidates.tsv"), "--min-donors", 1,
+        "--candidates", candidates_file(tmp_path / "candidates.tsv"), "--min-donors", 2,
     )  # fmt: skip
     assert code == 2 and len(errors) == 1, errors
     assert "was trained on other cell types " + needle in errors[0]
