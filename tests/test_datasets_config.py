@@ -76,3 +76,14 @@ def test_two_datasets_run_in_one_invocation_and_bad_entries_stop_it(tmp_path):
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.strip().splitlines()[-1].startswith("error: ")
         assert not (tmp_path / "results").exists()
+
+
+def test_pretraining_a_toy_model_on_real_data_is_said_loudly(tmp_path):
+    """Without model.checkpoint, a real dataset gets the demo-sized model pretrained on it:
+    the dry run says so; the demo alone does not warn."""
+    local = with_datasets({"name": "mine", "source": "local", "local": {"path": "mine.h5ad"}})
+    result = run_dry(tmp_path, local)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "WARNING: model.checkpoint is empty, so a small model (4 layers x 64)" in result.stderr
+    assert "pretrained here on mine" in result.stderr
+    assert "WARNING: model.checkpoint" not in run_dry(tmp_path, CONFIG).stderr

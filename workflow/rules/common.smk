@@ -36,6 +36,22 @@ def check_checkpoint():
             sys.exit(USER_ERROR_EXIT)
 
 
+def warn_toy_model_on_real_data():
+    """Say loudly when, without model.checkpoint, the demo-sized model would be pretrained
+    on real data (a preset used alone): the result is about that toy model, not scGPT.
+    """
+    real = sorted(d["name"] for d in config["datasets"] if d["source"] != "demo")
+    if not config["model"]["checkpoint"] and real:
+        arch = config["model"]["architecture"]
+        print(
+            f"WARNING: model.checkpoint is empty, so a small model "
+            f"({arch['nlayers']} layers x {arch['d_model']}) is pretrained here on "
+            f"{', '.join(real)} and studied instead of a released scGPT model; set "
+            "model.checkpoint (e.g. config/seaad_scgpt.yaml) for biology",
+            file=sys.stderr,
+        )
+
+
 def per_dataset_configs():
     """Each dataset's config (its overrides merged in); stop now on a bad one."""
     try:
@@ -48,6 +64,7 @@ def per_dataset_configs():
 check_settings()
 validate(config, "../superweights/config.schema.yaml")
 check_checkpoint()
+warn_toy_model_on_real_data()
 
 DATASET_CONFIGS = per_dataset_configs()
 SOURCES = {d["name"]: d["source"] for d in config["datasets"]}
