@@ -3,6 +3,7 @@ SEA-AD preset that starts from one."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,25 @@ def test_corrupt_weights_are_one_line_naming_the_file(tmp_path, released, capsys
     assert code == 2 and out == "" and len(errors) == 1, err
     assert errors[0].startswith(f"error: cannot read weights {weights}: ") and needle in errors[0]
     assert "weights_only" not in err and "Traceback" not in err
+
+
+def test_own_h5ad_with_a_released_model_plans_a_slurm_run(tmp_path, released):
+    """The README's path for a newcomer: a local h5ad, a released-format folder and a copy
+    of the SLURM profile, planned with a dry run (no pretraining, every stage on the data)."""
+    profile = tmp_path / "mylab"
+    shutil.copytree(ROOT / "profiles" / "slurm", profile)
+    own = tmp_path / "mydata.yaml"
+    own.write_text(
+        "datasets:\n  - name: mine\n    source: local\n"
+        f"local:\n  path: {tmp_path / 'mine.h5ad'}\npreprocess:\n  counts_layer: auto\n"
+    )
+    result = dry_run(
+        tmp_path / "work", "--profile", str(profile), "--configfile", "config/seaad_scgpt.yaml",
+        str(own), "--config", f"model={{checkpoint: {released}}}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    plan = result.stdout
+    assert "rule pretrain:" not in plan and "WARNING: model.checkpoint" not in result.stderr
+    for rule in ("fetch", "finetune", "probe", "ablate", "gene_effects", "enrich", "report"):
+        assert f"rule {rule}:" in plan, rule
+    assert "results/mine/report.html" in plan
