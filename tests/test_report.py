@@ -190,6 +190,11 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "status": "confirmed",
     })  # fmt: skip
     write_json(root, "cells/summary.json", {"notes": ["CELL NOTE"], "n_cells": 40})
+    tsv(root, "base/genes/genes_causal.tsv", {
+        "candidate": "L1[12,40]", "confirmed": True, "gene": ["BASEGENE"], "n_cells": [12],
+        "n_donors": [6], "expr_effect": [0.3], "expr_z": [4.1], "expr_p_null": [0.02],
+        "expr_q": [0.04], "rank": [1],
+    })  # fmt: skip
     tsv(root, "genes/genes_causal.tsv", {
         "candidate": tested[0], "confirmed": accepted, "gene": ["CAUSALGENE", "APOE"],
         "n_cells": [40, 35], "n_donors": [7, 7], "logp_effect": [0.8, 0.1], "logp_z": [9.1, 1.2],
@@ -400,6 +405,7 @@ def test_cells_section_and_cell_level_columns_of_the_genes_of_interest(results):
     genes = section(page, "genes")
     causal = genes.split("Causal gene ranking")[1].split("Genes of interest")[0]
     assert causal.index(">CAUSALGENE<") < causal.index(">APOE<")
+    assert "L1[12,40] (starting model, masked expression)" in causal and ">BASEGENE<" in causal
     core = genes.split("Genes of interest")[1].split("Other genes")[0]
     apoe = core[core.index(">APOE<") :].split("</tr>")[0]  # token rank 3, cell-level rank 2
     values = re.findall(r"<td[^>]*>([^<]*)</td>", apoe)

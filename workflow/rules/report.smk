@@ -29,6 +29,7 @@ rule report:
         cells_summary="results/{dataset}/cells/summary.json",
         genes="results/{dataset}/channels/genes.tsv",
         genes_causal="results/{dataset}/genes/genes_causal.tsv",
+        base_genes_causal="results/{dataset}/base/genes/genes_causal.tsv",
         genes_of_interest="results/{dataset}/channels/genes_of_interest.tsv",
         cls="results/{dataset}/channels/cls.tsv",
         enrich="results/{dataset}/enrich",

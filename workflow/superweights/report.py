@@ -58,6 +58,7 @@ INPUT_FILES = {
     "cells_summary": "cells/summary.json",
     "genes": "channels/genes.tsv",
     "genes_causal": "genes/genes_causal.tsv",
+    "base_genes_causal": "base/genes/genes_causal.tsv",
     "genes_of_interest": "channels/genes_of_interest.tsv",
     "cls": "channels/cls.tsv",
     "enrich": "enrich",
@@ -186,6 +187,16 @@ LABELS = {
     "of_weights": "of weights",
     "matrices_hit": "matrices hit",
     "expr_effect": "drop in expression log-lik.",
+    "expr_z": "z (expression)",
+    "expr_p_null": "p (expression, null)",
+    "expr_q": "q (expression)",
+    "logp_effect": "drop in log p(true type) going with the gene",
+    "logp_z": "z (Δ log p)",
+    "logp_p_null": "p (Δ log p, null)",
+    "logp_q": "q (Δ log p)",
+    "act_effect": "super activation going with the gene",
+    "act_z": "z (activation)",
+    "act_q": "q (activation)",
     "n_donors": "donors",
     "weight_base": "weight before",
     "weight_finetuned": "weight after",
@@ -696,6 +707,8 @@ def _interest_frames(goi: pd.DataFrame | None, core: tuple[str, ...], associatio
 
 CAUSAL_COLUMNS = ["rank", "gene", "n_cells", "n_donors", "logp_effect", "logp_z", "logp_p_null",
                   "logp_q", "act_effect", "act_z", "act_q"]  # fmt: skip
+BASE_CAUSAL_COLUMNS = ["rank", "gene", "n_cells", "n_donors", "expr_effect", "expr_z",
+                       "expr_p_null", "expr_q"]  # fmt: skip
 
 
 def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.DataFrame | None]:
@@ -711,6 +724,13 @@ def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.Data
         for candidate, part in causal.groupby("candidate", sort=False):
             sec.per_candidate[str(candidate)] = make_table(
                 part.sort_values("rank"), CAUSAL_COLUMNS, res.label("genes_causal"),
+                max_rows=TOP_GENES, highlight=frozenset(core),
+            )  # fmt: skip
+    base = res.tsv("base_genes_causal")
+    if base is not None and not base.empty:
+        for candidate, part in base.groupby("candidate", sort=False):
+            sec.per_candidate[f"{candidate} (starting model, masked expression)"] = make_table(
+                part.sort_values("rank"), BASE_CAUSAL_COLUMNS, res.label("base_genes_causal"),
                 max_rows=TOP_GENES, highlight=frozenset(core),
             )  # fmt: skip
     highlight = frozenset(core)
