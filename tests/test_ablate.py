@@ -30,6 +30,7 @@ from superweights.errors import UserError
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
 from superweights.model.train import TrainSettings, make_loader, split_datasets
+from superweights.outputs import cell_key
 
 GENES = [f"GENE{i}" for i in range(60)]
 VOCAB = {g: i for i, g in enumerate(GENES)} | {"<pad>": 60, "<cls>": 61, "<eoc>": 62}
@@ -232,10 +233,10 @@ def test_cell_map_holds_embeddings_effects_and_null_effects(result, setup):
         direct = setup["model"](b["gene_ids"], b["values"], b["padding_mask"])["cell_emb"]
     np.testing.assert_allclose(cells.obsm["X_cls"][: len(direct)], direct.numpy(), atol=1e-5)
     own = result.cells[result.cells["candidate"] == planted]
-    np.testing.assert_allclose(cells.obs[f"effect {planted}"], own["effect"])
+    np.testing.assert_allclose(cells.obs[cell_key("effect", planted)], own["effect"])
     own_nulls = result.nulls[result.nulls["candidate"] == planted]
     nulls = own_nulls.loc[own_nulls["kind"] == "magnitude", "effect"].to_numpy()
-    np.testing.assert_allclose(cells.obsm[f"null {planted}"].mean(axis=0), nulls, atol=1e-9)
+    np.testing.assert_allclose(cells.obsm[cell_key("null", planted)].mean(axis=0), nulls, atol=1e-9)
     assert list(cells.obs["cell_type"]) == list(own["cell_type"])
     assert "Overall AD neuropathological Change" in cells.obs
 

@@ -12,6 +12,7 @@ from scipy.stats import spearmanr
 from superweights.cell_map import association, log_expression, map_cells, read_cells, write_outputs
 from superweights.cell_map_plots import write_cell_map_figure
 from superweights.errors import UserError
+from superweights.outputs import cell_key
 
 TYPES = ("Astro", "Micro", "Oligo")
 DONORS = ("d1", "d2", "d3", "d4")
@@ -47,7 +48,7 @@ def synthetic(n_per_type: int = 48, seed: int = 0, flat: bool = False, driven: b
     obs = pd.DataFrame({"cell_type": kind, "donor": donor}, index=ids)
     obs["Overall AD neuropathological Change"] = rng.choice(["Low", "High"], n)
     obs["log_likelihood"] = rng.normal(-0.2, 0.05, n)
-    obs[f"effect {CID}"] = 0.0 if flat else effect
+    obs[cell_key("effect", CID)] = 0.0 if flat else effect
     embedding = rng.normal(size=(n, 8)) + 3 * (kind == "Micro")[:, None]
     cells = ad.AnnData(obs=obs, obsm={"X_cls": embedding})
     cells.uns["candidates"] = [CID]
@@ -81,7 +82,7 @@ def test_a_donor_confound_would_fool_a_within_type_correlation():
     expr = log_expression(tokenised, cells.obs_names)
     for kind in TYPES:
         rows = (cells.obs["cell_type"] == kind).to_numpy()
-        rho = spearmanr(expr[rows, "DONORGENE"].X.ravel(), cells.obs[f"effect {CID}"][rows])
+        rho = spearmanr(expr[rows, "DONORGENE"].X.ravel(), cells.obs[cell_key("effect", CID)][rows])
         assert rho.statistic > 0.5 and rho.pvalue < 1e-4
     assert associate(cells, tokenised).set_index("gene").loc["DONORGENE", "p_null"] > 0.01
 
@@ -112,7 +113,14 @@ def test_map_cells_writes_a_umap_and_tables(tmp_path):
     assert result.summary["notes"] == [] and result.summary["n_genes_ranked"][CID] > 10
     written = write_outputs(result, tmp_path / "out")
     assert {p.name for p in written} == {"cells.h5ad", "association.tsv", "summary.json"}
-    assert "X_umap" in ad.read_h5ad(tmp_path / "out" / "cells.h5ad").obsm
+    back = ad.read_h5ad(tmp_path / "out" / "cells.h5ad")
+    assert "X_umap" in back.obsm and "effect_L1_5_7" in back.obs  # valid identifiers
+    # The evaluated cells' expression rides along: scanpy plots a gene on the cell map.
+    import scanpy as sc
+
+    assert list(back.var_names) == GENES and back.uns["log1p"] == {"base": None}
+    ax = sc.pl.umap(back, color="DRIVER", show=False)
+    assert ax.get_title() == "DRIVER"
     figure = write_cell_map_figure(result.cells, tmp_path / "umap.png")
     assert figure.stat().st_size > 20_000
 

@@ -14,8 +14,9 @@ the smallest effect it could detect; strata with fewer than `min_donors` donors 
 not compared; a trend across ordered stages (ADNC, Braak) is Spearman's rho between stage
 and donor effect, tested by permuting the stages among donors. `cells.h5ad` holds, per
 evaluated cell, its `<cls>` embedding
-(`obsm["X_cls"]`), metadata, each candidate's effect (`obs["effect <candidate>"]`) and the
-per-cell effects of up to `CELL_NULLS` of its null weights (`obsm["null <candidate>"]`), for
+(`obsm["X_cls"]`), metadata, each candidate's effect (`obs["effect_<candidate>"]`, e.g.
+`effect_L1_5_7`: `outputs.cell_key`) and the per-cell effects of up to `CELL_NULLS` of its
+null weights (`obsm["null_<candidate>"]`), for
 the cell map and the gene–effect association (`cell_map`).
 
 Expression measures (masked-expression log-likelihood) are reported only when the
@@ -51,7 +52,7 @@ from .model.checkpoint import checkpoint_config, read_args_and_vocab
 from .model.finetuned import load_test_cells
 from .model.scgpt import ScGPTModel
 from .model.train import class_names, read_tokenised
-from .outputs import named_paths, write_h5ad, write_json, write_tsv
+from .outputs import cell_key, named_paths, write_h5ad, write_json, write_tsv
 from .scores import PRECISIONS, CellTypeScore, MaskedExpressionScore
 
 log = logging.getLogger(__name__)
@@ -363,9 +364,9 @@ def _cell_map(model, score, obs, labels, classes, result: Confirmation, strata) 
     cells = ad.AnnData(obs=meta, obsm={"X_cls": embedding.float().cpu().numpy()})
     cells.obs["log_likelihood"] = result.base_scores
     for cid, delta in result.example_effects.items():
-        cells.obs[f"effect {cid}"] = delta
-        cells.obs[f"spike {cid}"] = _per_cell(result.spike_values.get(cid), len(delta))
-        cells.obsm[f"null {cid}"] = result.null_example_effects[cid][:CELL_NULLS].T
+        cells.obs[cell_key("effect", cid)] = delta
+        cells.obs[cell_key("spike", cid)] = _per_cell(result.spike_values.get(cid), len(delta))
+        cells.obsm[cell_key("null", cid)] = result.null_example_effects[cid][:CELL_NULLS].T
     cells.uns["candidates"] = list(result.example_effects)
     cells.uns["confirmed"] = result.confirmed
     cells.uns["super_weights"] = result.super_weights

@@ -2,7 +2,9 @@
 
 Reads the pruning stage's `cells.h5ad` (per evaluated cell: `<cls>` embedding, cell type,
 donor, AD strata, its baseline log p(true type) `log_likelihood`, and each candidate's
-effect `effect <candidate>` = drop of log p(true type) when the weight is zeroed).
+effect `effect_<candidate>` (`outputs.cell_key`) = drop of log p(true type) when the weight
+is zeroed). The written cells.h5ad carries the cells' log1p CP10k expression in `X` (genes
+in `var`), so that `sc.pl.umap(cells, color="APOE")` works.
 
 - **Cell map**: a UMAP of the `<cls>` embeddings (scanpy `pp.neighbors`, `tl.umap`).
 - **Gene–effect association**, donor-aware, within donor × cell type so that neither
@@ -34,7 +36,7 @@ from scipy.stats import false_discovery_control
 
 from .data.preprocess import normalise
 from .errors import UserError
-from .outputs import named_paths, write_h5ad, write_json, write_tsv
+from .outputs import cell_key, named_paths, write_h5ad, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ def association(
     ])  # fmt: skip
     basis = _design_basis(labels, covariates)
     x = np.asarray(expr.X, dtype=float)[used]
-    effect = _residual(basis, cells.obs[f"effect {candidate}"].to_numpy(float)[used, None])
+    effect = _residual(basis, cells.obs[cell_key("effect", candidate)].to_numpy(float)[used, None])
     orders = _within_group_permutations(labels, n_permutations, seed)
     permuted = _residual(basis, effect[:, 0][orders].T)  # Freedman-Lane: residualised again
     rx = _residual(basis, x)
@@ -201,7 +203,7 @@ def map_cells(cells: ad.AnnData, tokenised: ad.AnnData, min_cells: int = 10, see
     expr = log_expression(tokenised, cells.obs_names)
     frames, flat = [], []
     for cid in candidates:
-        effect = cells.obs[f"effect {cid}"].to_numpy(float)
+        effect = cells.obs[cell_key("effect", cid)].to_numpy(float)
         if not np.any(effect != 0):
             flat.append(cid)
             notes.append(f"{cid}: every cell's effect is exactly 0; no cell depends on it")
@@ -225,7 +227,20 @@ def map_cells(cells: ad.AnnData, tokenised: ad.AnnData, min_cells: int = 10, see
     }
     for note in notes:
         log.info(note)
-    return CellMapResult(cells, table, summary)
+    return CellMapResult(with_expression(cells, expr), table, summary)
+
+
+def with_expression(cells: ad.AnnData, expr: ad.AnnData) -> ad.AnnData:
+    """`cells` (obs, obsm, obsp, uns) with `expr`'s log1p CP10k values in `X` and its genes
+    in `var`, in scanpy's conventions (`uns["log1p"]`)."""
+    return ad.AnnData(
+        X=sp.csr_matrix(np.asarray(expr.X, dtype=np.float32)),
+        obs=cells.obs,
+        var=pd.DataFrame(index=expr.var_names.astype(str)),
+        obsm=dict(cells.obsm),
+        obsp=dict(cells.obsp),
+        uns=dict(cells.uns) | {"log1p": {"base": None}},
+    )
 
 
 def write_outputs(result: CellMapResult, outputs) -> list[Path]:

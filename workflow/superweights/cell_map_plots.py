@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .outputs import save_figure  # noqa: E402
+from .outputs import cell_key, save_figure  # noqa: E402
 
 ADNC = "Overall AD neuropathological Change"
 ADNC_ORDER = ("Reference", "Not AD", "Low", "Intermediate", "High")
@@ -37,7 +37,8 @@ def plot_cell_map(cells: ad.AnnData) -> Figure:
         cells = cells.copy()  # stages in their order, not alphabetical
         present = [s for s in ADNC_ORDER if s in set(cells.obs[ADNC].astype(str))]
         cells.obs[ADNC] = pd.Categorical(cells.obs[ADNC].astype(str), categories=present)
-    effects = [f"effect {c}" for c in cells.uns.get("candidates", [])][:MAX_EFFECT_PANELS]
+    effects = [cell_key("effect", c) for c in cells.uns.get("candidates", [])]
+    effects = effects[:MAX_EFFECT_PANELS]
     panels += effects
     rows = -(-len(panels) // COLUMNS)
     fig, axes = plt.subplots(rows, COLUMNS, figsize=(11, 4.4 * rows), squeeze=False)

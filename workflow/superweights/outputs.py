@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -243,3 +244,10 @@ def write_h5ad(adata: ad.AnnData, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
     return Path(path)
+
+
+def cell_key(kind: str, candidate: str) -> str:
+    """The obs/obsm key of a candidate's per-cell values in cells.h5ad, a valid identifier:
+    `cell_key("effect", "L1[5,7]")` is ``effect_L1_5_7``."""
+    safe = re.sub(r"\W+", "_", candidate).strip("_")
+    return f"{kind}_{safe}"
