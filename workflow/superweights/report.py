@@ -716,9 +716,12 @@ def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.Data
     token and the top genes of each channel's token-level map."""
     sec = Section()
     causal = res.tsv("genes_causal")
-    if causal is None or causal.empty:
-        sec.missing["causal"] = res.missing(
-            "genes_causal", "No causal gene ranking (no mapped candidate)"
+    if causal is None:
+        sec.missing["causal"] = res.missing("genes_causal", "No causal gene ranking")
+    elif causal.empty:
+        sec.missing["causal"] = (
+            "No causal gene ranking: no weight was mapped (confirmed weights and the "
+            "`channels.n_unconfirmed` strongest unconfirmed ones are)."
         )
     else:
         for candidate, part in causal.groupby("candidate", sort=False):
