@@ -531,7 +531,7 @@ def test_base_end_to_end_from_a_checkpoint_without_a_classifier(tmp_path):
     assert result.null_gene_effects[["null_row", "null_col"]].drop_duplicates().values.tolist() == [
         [0, 1], [1, 2], [2, 3]
     ]  # fmt: skip
-    paths = geb.write_outputs(result, tmp_path / "out")
+    paths = ge.write_outputs(result, tmp_path / "out")
     assert [p.name for p in paths] == ["genes_causal.tsv", "null_gene_effects.tsv", "summary.json"]
     assert list(pd.read_csv(paths[0], sep="\t").columns) == geb.GENE_COLUMNS
     empty = geb.base_gene_effects(adata, tmp_path / "ckpt", table.iloc[:0], settings,

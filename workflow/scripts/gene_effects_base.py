@@ -1,5 +1,5 @@
-from superweights.gene_effects import GeneEffectSettings
-from superweights.gene_effects_base import base_gene_effects, write_outputs
+from superweights.gene_effects import GeneEffectSettings, write_outputs
+from superweights.gene_effects_base import base_gene_effects
 from superweights.rule_io import rule_log
 
 with rule_log(snakemake):

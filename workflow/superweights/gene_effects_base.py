@@ -48,7 +48,6 @@ from .editing import evaluation, read_table
 from .gene_effects import GeneEffectResult, GeneEffectSettings, _concat, rank_genes
 from .model.finetuned import load_test_cells
 from .model.scgpt import ScGPTModel
-from .outputs import named_paths, write_json, write_tsv
 from .scores import MaskedExpressionScore, full_precision
 
 log = logging.getLogger(__name__)
@@ -63,8 +62,6 @@ GENE_COLUMNS = ["candidate", "confirmed", "module", "layer", "row", "col", "gene
 NULL_COLUMNS = ["candidate", "confirmed", "null", "null_row", "null_col", "gene", "n_cells",
                 "n_donors", "expr_effect", "expr_z"]  # fmt: skip
 """null_gene_effects.tsv of the base model: each null weight scored against the others."""
-OUTPUT_TABLES = ("genes_causal", "null_gene_effects")
-OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
 METHOD = (
     "masked-expression objective: per masked gene position, the Gaussian log-likelihood of "
     "its value with the weight minus with the weight pruned, on the same seeded masks"
@@ -232,13 +229,3 @@ def base_gene_effects(
                            "the confirmation's nulls.tsv has them")  # fmt: skip
     return base_causal_gene_effects(cells.model, cells.batches, channels, cells.vocab, settings,
                                     mask_ratio, cells.obs, drawn)  # fmt: skip
-
-
-def write_outputs(result: GeneEffectResult, outputs) -> list[Path]:
-    """Write genes_causal.tsv, null_gene_effects.tsv and summary.json, each atomically.
-
-    `outputs`: a folder or the rule's named outputs (`named_paths`).
-    """
-    paths = named_paths(outputs, OUTPUT_FILES)
-    tables = [write_tsv(paths[name], getattr(result, name)) for name in OUTPUT_TABLES]
-    return [*tables, write_json(paths["summary"], result.summary)]
