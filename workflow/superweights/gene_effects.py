@@ -428,7 +428,6 @@ def causal_gene_effects(
     channels = with_nulls(model, channels, settings.n_null, settings.band, settings.seed,
                           drawn_nulls)  # fmt: skip
     id_to_gene = {i: g for g, i in vocab.items()}
-    tables, null_tables, summaries = [], [], []
     effects = None
     if channels:
         log.info("causal gene effects: %d candidate(s), %d cells, up to %d genes per cell, %d "
@@ -436,17 +435,12 @@ def causal_gene_effects(
                  settings.n_null)  # fmt: skip
         effects = token_effects(model, batches, channels, settings.max_genes,
                                 settings.batch_size, packed)  # fmt: skip
-    for c in channels:
-        genes, nulls = score_genes(effects, c, donors, lambda i: id_to_gene.get(i, str(i)),
-                                   settings.min_cells)  # fmt: skip
-        tables.append(genes)
-        null_tables.append(nulls)
-        summaries.append({
-            **c.row_dict(), "n_ranked": len(genes),
-            "top_genes": genes["gene"].head(10).tolist(),
-            "n_logp_q05": int((genes["logp_q"] <= 0.05).sum()),
-            "n_act_q05": int((genes["act_q"] <= 0.05).sum()),
-        })  # fmt: skip
+    tables, null_tables, summaries = rank_channels(
+        channels,
+        lambda c: score_genes(effects, c, donors, lambda i: id_to_gene.get(i, str(i)),
+                              settings.min_cells),
+        ("logp", "act"),
+    )  # fmt: skip
     summary = {
         "method": METHOD,
         "n_cells": n_cells,
@@ -459,6 +453,21 @@ def causal_gene_effects(
     }
     return GeneEffectResult(_concat(tables, GENE_COLUMNS), _concat(null_tables, NULL_COLUMNS),
                             summary)  # fmt: skip
+
+
+def rank_channels(channels, rank, measures: tuple[str, ...]):
+    """(gene tables, null tables, summaries) of `channels`, each ranked by `rank(channel)`
+    -> (genes, nulls); a summary counts the genes at q <= 0.05 of each of `measures`."""
+    tables, null_tables, summaries = [], [], []
+    for c in channels:
+        genes, nulls = rank(c)
+        tables.append(genes)
+        null_tables.append(nulls)
+        summaries.append(
+            {**c.row_dict(), "n_ranked": len(genes), "top_genes": genes["gene"].head(10).tolist()}
+            | {f"n_{m}_q05": int((genes[f"{m}_q"] <= 0.05).sum()) for m in measures}
+        )
+    return tables, null_tables, summaries
 
 
 def gene_effects(

@@ -45,7 +45,13 @@ from torch import Tensor
 
 from .channels import Channel, select_channels, with_nulls
 from .editing import evaluation, read_table
-from .gene_effects import GeneEffectResult, GeneEffectSettings, _concat, rank_genes
+from .gene_effects import (
+    GeneEffectResult,
+    GeneEffectSettings,
+    _concat,
+    rank_channels,
+    rank_genes,
+)
 from .model.finetuned import load_test_cells
 from .model.scgpt import ScGPTModel
 from .scores import MaskedExpressionScore, full_precision
@@ -162,23 +168,18 @@ def base_causal_gene_effects(
     channels = with_nulls(model, channels, settings.n_null, settings.band, settings.seed,
                           drawn_nulls)  # fmt: skip
     id_to_gene = {i: g for g, i in vocab.items()}
-    tables, null_tables, summaries = [], [], []
     effects = None
     if channels:
         log.info("base causal gene effects: %d candidate(s), %d cells, mask ratio %g, %d null "
                  "weights", len(channels), n_cells, mask_ratio, settings.n_null)  # fmt: skip
         effects = position_effects(model, batches, channels, mask_ratio, settings.seed, packed)
-    for c in channels:
-        genes, nulls = rank_genes({"expr": effects.expr[c.candidate]}, effects.cell,
-                                  effects.gene, c, donors, lambda i: id_to_gene.get(i, str(i)),
-                                  settings.min_cells, GENE_COLUMNS, NULL_COLUMNS)  # fmt: skip
-        tables.append(genes)
-        null_tables.append(nulls)
-        summaries.append({
-            **c.row_dict(), "n_ranked": len(genes),
-            "top_genes": genes["gene"].head(10).tolist(),
-            "n_expr_q05": int((genes["expr_q"] <= 0.05).sum()),
-        })  # fmt: skip
+    tables, null_tables, summaries = rank_channels(
+        channels,
+        lambda c: rank_genes({"expr": effects.expr[c.candidate]}, effects.cell, effects.gene, c,
+                             donors, lambda i: id_to_gene.get(i, str(i)), settings.min_cells,
+                             GENE_COLUMNS, NULL_COLUMNS),
+        ("expr",),
+    )  # fmt: skip
     summary = {
         "method": METHOD,
         "mask_ratio": mask_ratio,
