@@ -34,7 +34,6 @@ def rules_declaring_gpu() -> set[str]:
 GPU_RULES = rules_declaring_gpu()
 
 
-
 def test_profile_sends_every_gpu_rule_to_the_gpu_partition():
     """A rule asking for a GPU on the CPU partition would be refused by a real cluster."""
     routed = {rule for rule, res in PROFILE["set-resources"].items() if "slurm_partition" in res}
