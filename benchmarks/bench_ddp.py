@@ -28,7 +28,7 @@ import torch
 from superweights.data.vocab import load_vocab
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
-from superweights.model.train import data_vocab
+from superweights.model.tokens import data_vocab
 from superweights.outputs import write_h5ad
 
 N_BINS = 51

@@ -1,7 +1,7 @@
 """Super activations through training: pretraining (post-LN and pre-LN), then fine-tuning
 from a released-format checkpoint with a planted super weight and from the pretrained model.
 
-Every run records `spikes_over_training.tsv` (see `superweights.spikes`) on 64 fixed
+Every run records `spikes_over_training.tsv` (see `superweights.model.spikes`) on 64 fixed
 validation cells; --out gets its figure, every run's table and history joined
 (spikes.tsv, histories.tsv, with a `run` column) and `study.json`: per run, the statistics
 cost against training time, the largest output ratio at the start and at the end, and each
@@ -30,9 +30,9 @@ from superweights.data.preprocess import PreprocessSettings, preprocess
 from superweights.data.vocab import genes_vocab, load_vocab
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+from superweights.model.spikes import SPIKES_FILE, read_spikes
+from superweights.model.spikes_plots import plot_spikes
 from superweights.model.train import ModelSettings, TrainSettings, finetune, pretrain
-from superweights.spikes import SPIKES_FILE, read_spikes
-from superweights.spikes_plots import plot_spikes
 
 PLANT = {"layer": 3, "row": 200, "col": 100, "scale": 100.0, "weight": 2.0}
 

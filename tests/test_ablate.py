@@ -29,7 +29,8 @@ from superweights.editing import read_candidates
 from superweights.errors import UserError
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
-from superweights.model.train import TrainSettings, make_loader, split_datasets
+from superweights.model.tokens import split_datasets
+from superweights.model.train import TrainSettings, make_loader
 from superweights.outputs import cell_key
 
 GENES = [f"GENE{i}" for i in range(60)]
@@ -107,7 +108,7 @@ def planted_model(seed: int = 0) -> tuple[ScGPTModel, dict]:
 
 def train(model: ScGPTModel, frozen: dict, adata: ad.AnnData, epochs: int = 6) -> None:
     settings = TrainSettings(batch_size=32, max_seq_len=17, seed=0)
-    data = split_datasets(adata, VOCAB, settings, labelled=True)
+    data = split_datasets(adata, VOCAB, max_seq_len=17, seed=0, labelled=True)
     loader = make_loader(data["train"], settings, VOCAB["<pad>"], shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
@@ -130,7 +131,7 @@ def setup():
     model, frozen = planted_model()
     train(model, frozen, adata)
     settings = TrainSettings(batch_size=64, max_seq_len=17, seed=0)
-    test = split_datasets(adata, VOCAB, settings, labelled=True)["test"]
+    test = split_datasets(adata, VOCAB, max_seq_len=17, seed=0, labelled=True)["test"]
     loader = make_loader(test, settings, VOCAB["<pad>"], shuffle=False)
     batches = list(loader)
     obs = adata.obs[adata.obs["split"] == "test"]

@@ -16,10 +16,10 @@ from superweights.model import train
 from superweights.model.cells import cell_batches, sample_rows
 from superweights.model.checkpoint import load_checkpoint, save_checkpoint
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+from superweights.model.spikes import COLUMNS, SPIKES_FILE, read_spikes
+from superweights.model.spikes_plots import plot_spikes
 from superweights.model.train import TrainSettings, finetune, pretrain
 from superweights.probe import find_super_weights
-from superweights.spikes import COLUMNS, SPIKES_FILE, read_spikes
-from superweights.spikes_plots import plot_spikes
 from test_ablate import VOCAB, tokenised
 from test_train import MODEL, SETTINGS, training_cells
 

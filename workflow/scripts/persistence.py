@@ -1,10 +1,10 @@
 from superweights.ablate import AblateSettings
+from superweights.model.spikes import read_spikes
+from superweights.model.spikes_plots import plot_spikes
 from superweights.outputs import write_tsv
 from superweights.persistence import persistence
 from superweights.persistence_plots import write_figure
 from superweights.rule_io import rule_log
-from superweights.spikes import read_spikes
-from superweights.spikes_plots import plot_spikes
 
 with rule_log(snakemake):
     inp, out = snakemake.input, snakemake.output

@@ -46,19 +46,18 @@ from .confirm import (
     candidate_id,
     confirm_super_weights,
 )
+from .data.preprocess import SPLITS, class_names, read_tokenised
 from .editing import WeightEdit, check_candidate, edited_weights, layer_of, read_candidates
 from .errors import UserError
 from .model.checkpoint import checkpoint_config, read_args_and_vocab
 from .model.finetuned import load_test_cells
 from .model.scgpt import ScGPTModel
-from .model.train import class_names, read_tokenised
 from .outputs import cell_key, named_paths, write_h5ad, write_json, write_tsv
 from .scores import PRECISIONS, CellTypeScore, MaskedExpressionScore
 
 log = logging.getLogger(__name__)
 
 CELL_TYPE = "cell type"
-SPLITS = ("train", "val", "test")
 CELL_NULLS = 99
 """Null weights per candidate whose per-cell effects go to cells.h5ad (the first draws)."""
 

@@ -53,14 +53,14 @@ import torch
 from torch import Tensor, nn
 
 from .confirm import null_positions
+from .data.preprocess import read_tokenised
 from .editing import check_candidate, evaluation, layer_of, read_table, zeroed
 from .enrich import RESOURCE_DIR, read_gmt
 from .errors import UserError
 from .genes import GENES_OF_INTEREST
 from .model.cells import cell_batches, sample_rows
-from .model.checkpoint import load_checkpoint
+from .model.checkpoint import load_checkpoint, pick_device
 from .model.scgpt import ScGPTModel
-from .model.train import pick_device, read_tokenised
 from .outputs import named_paths, write_json, write_tsv
 
 log = logging.getLogger(__name__)

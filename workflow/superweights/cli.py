@@ -157,8 +157,9 @@ def cmd_preprocess(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
+    from .data.preprocess import read_tokenised
     from .data.vocab import genes_vocab
-    from .model.train import ModelSettings, TrainSettings, pretrain, read_tokenised
+    from .model.train import ModelSettings, TrainSettings, pretrain
 
     data = read_tokenised(args.input)
     pretrain(

@@ -27,16 +27,15 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .data.preprocess import SPLITS, read_tokenised
 from .editing import evaluation, layer_of, zeroed
 from .errors import UserError
 from .model.cells import cell_batches
-from .model.checkpoint import load_checkpoint
+from .model.checkpoint import load_checkpoint, pick_device
 from .model.scgpt import ScGPTModel
-from .model.train import pick_device, read_tokenised
 from .outputs import named_paths, write_json, write_tsv
 from .probe import ProbeResult, down_projections, find_super_weights, layernorm_outliers
 
-SPLITS = ("train", "val", "test")
 TOP_GENES = 5
 SECONDARY = "secondary candidate: LayerNorm gain outlier"
 CANDIDATE_COLUMNS = [

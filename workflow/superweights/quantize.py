@@ -49,11 +49,12 @@ import torch
 from torch import Tensor, nn
 
 from .confirm import bootstrap_mean_ci
+from .data.preprocess import read_tokenised
 from .editing import evaluation, layer_of, read_table
 from .errors import UserError
 from .model.cells import cell_batches, sample_rows
 from .model.finetuned import load_test_cells
-from .model.train import classification_metrics, read_tokenised
+from .model.train import classification_metrics
 from .outputs import named_paths, write_tsv
 from .quantize_table import ARMS, COLUMNS, CONTRAST_COLUMNS, CONTRASTS, MEASURES
 

@@ -90,6 +90,19 @@ def read_tokenised(tokenised: ad.AnnData | str | Path) -> ad.AnnData:
     return adata
 
 
+def class_names(adata: ad.AnnData) -> list[str]:
+    """Class order of `obs["label"]`; at least two classes must occur in training cells."""
+    labels = adata.obs["label"].astype("category")
+    classes = [str(c) for c in labels.cat.categories]
+    in_train = labels[(adata.obs["split"] == "train").to_numpy()].nunique()
+    if len(classes) < 2 or in_train < 2:
+        raise UserError(
+            f"cell-type classification needs two or more classes in the training cells, "
+            f"found {in_train} ({', '.join(classes)}); check preprocess.label_column"
+        )
+    return classes
+
+
 def check_donor_split(obs: pd.DataFrame, source) -> None:
     """UserError when a donor's cells are in more than one split (test cells would then share
     donors with training cells); without a `donor` column there is nothing to check."""

@@ -1,1 +1,1 @@
-"""scGPT-compatible model, checkpoint IO and training loops."""
+"""scGPT-compatible model, tokens, checkpoint IO, training loops and spike tracking."""

@@ -13,11 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.preprocess import SPLITS
 from ..errors import UserError
-from .tokens import Collate
-from .train import TrainSettings, split_datasets
-
-SPLITS = ("train", "val", "test")
+from .tokens import Collate, split_datasets
 
 
 def cell_batches(
@@ -37,8 +35,9 @@ def cell_batches(
     positions = np.asarray(positions, dtype=np.int64)
     if positions.size == 0:
         raise UserError("no cells to run; the chosen split(s) hold none")
-    settings = TrainSettings(batch_size=batch_size, max_seq_len=max_seq_len, seed=seed)
-    datasets = split_datasets(adata, vocab, settings, labelled=labelled, required=())
+    datasets = split_datasets(
+        adata, vocab, max_seq_len=max_seq_len, seed=seed, labelled=labelled, required=()
+    )
     split = adata.obs["split"].astype(str).to_numpy()
     within = np.zeros(len(split), dtype=np.int64)  # a cell's index inside its split
     for name in SPLITS:

@@ -83,6 +83,11 @@ def ignored_by_head(keys: Iterable[str], config: ScGPTConfig) -> dict[str, list[
     return groups
 
 
+def pick_device() -> torch.device:
+    """CUDA (the first visible GPU) when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_checkpoint(
     folder: str | Path,
     *,

@@ -8,10 +8,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ..data.preprocess import class_names, read_tokenised
 from .cells import cell_batches, sample_rows
-from .checkpoint import check_classes, load_checkpoint
+from .checkpoint import check_classes, load_checkpoint, pick_device
 from .scgpt import ScGPTConfig, ScGPTModel
-from .train import class_names, pick_device, read_tokenised
 
 
 @dataclass

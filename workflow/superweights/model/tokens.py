@@ -1,4 +1,5 @@
-"""Cells of a tokenised AnnData as scGPT input sequences, batching and value masking.
+"""Cells of a tokenised AnnData as scGPT input sequences (a dataset per split), the
+vocabulary a model pretrained here gets, batching and value masking.
 
 A cell becomes `<cls>` (value 0) followed by its expressed genes (token id, bin value).
 A cell with more genes than fit is represented by a random subset of them, drawn again
@@ -9,12 +10,15 @@ each epoch and reproducible from (seed, epoch, cell index). Batches are padded w
 import logging
 from dataclasses import dataclass, replace
 
+import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from ..data.preprocess import SPLITS
+from ..data.vocab import SPECIAL_TOKENS
 from ..errors import UserError
 from .scgpt import Packing
 
@@ -40,6 +44,19 @@ def gene_token_ids(genes, vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray
         log.warning("dropped %d of %d genes missing from the model vocabulary", dropped, len(genes))
     ids = np.array([vocab[genes[i]] for i in columns], dtype=np.int64)
     return columns, ids
+
+
+def data_vocab(genes: list[str], vocab: dict[str, int]) -> dict[str, int]:
+    """The genes of `genes` that `vocab` knows, in vocab order, then `<pad>`, `<cls>`, `<eoc>`.
+
+    Ids are renumbered from 0 (special tokens last, as in scGPT's vocabulary), so a model
+    pretrained here has an embedding row for every token it can see and no others.
+    """
+    known = sorted((vocab[g], g) for g in set(genes) if g in vocab)
+    if not known:
+        gene_token_ids(genes, vocab)  # raises the UserError
+    names = [g for _, g in known] + list(SPECIAL_TOKENS)
+    return {name: i for i, name in enumerate(names)}
 
 
 class CellDataset(Dataset):
@@ -93,6 +110,38 @@ class CellDataset(Dataset):
         if self.labels is not None:
             item["label"] = torch.tensor(self.labels[index])
         return item
+
+
+def split_datasets(
+    adata: ad.AnnData,
+    vocab: dict[str, int],
+    *,
+    max_seq_len: int,
+    seed: int,
+    labelled: bool,
+    required: tuple[str, ...] = ("train", "val"),
+) -> dict[str, CellDataset]:
+    """A CellDataset per split (train/val/test) over the genes that `vocab` knows, long cells
+    cut to `max_seq_len` tokens with `seed`; the `required` splits must hold cells."""
+    columns, token_ids = gene_token_ids(list(map(str, adata.var_names)), vocab)
+    bins = (adata.layers["X_binned"] if "X_binned" in adata.layers else adata.X)[:, columns]
+    split = adata.obs["split"].astype(str).to_numpy()
+    codes = adata.obs["label"].astype("category").cat.codes.to_numpy() if labelled else None
+    datasets = {}
+    for name in SPLITS:
+        rows = np.flatnonzero(split == name)
+        datasets[name] = CellDataset(
+            bins[rows],
+            token_ids,
+            cls_id=vocab["<cls>"],
+            max_seq_len=max_seq_len,
+            labels=None if codes is None else codes[rows],
+            seed=seed,
+        )
+    for name in required:
+        if len(datasets[name]) == 0:
+            raise UserError(f"no cells in split '{name}'; preprocess needs more donors")
+    return datasets
 
 
 @dataclass

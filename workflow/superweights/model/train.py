@@ -32,14 +32,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ..data.preprocess import read_tokenised
-from ..data.vocab import SPECIAL_TOKENS
+from ..data.preprocess import class_names, read_tokenised
 from ..errors import UserError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import SINGLE, RankSlices, World, all_sum, init_world, loss_weight
 from .graphed import GraphedSteps, capturable_adamw
 from .scgpt import ScGPTConfig, ScGPTModel, flash_attention_available
-from .tokens import CellDataset, Collate, EpochSampler, gene_token_ids, mask_values
+from .spikes import SPIKES_FILE, SpikeMonitor, fixed_cells, write_spikes
+from .tokens import CellDataset, Collate, EpochSampler, data_vocab, mask_values, split_datasets
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,6 @@ class TrainSettings:
             raise UserError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
 
 
-def pick_device() -> torch.device:
-    """CUDA (the first visible GPU) when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -160,62 +155,6 @@ def _deterministic(seed: int, device: torch.device):
 
 
 # --- data -------------------------------------------------------------------------------
-
-
-def class_names(adata: ad.AnnData) -> list[str]:
-    """Class order of `obs["label"]`; at least two classes must occur in training cells."""
-    labels = adata.obs["label"].astype("category")
-    classes = [str(c) for c in labels.cat.categories]
-    in_train = labels[(adata.obs["split"] == "train").to_numpy()].nunique()
-    if len(classes) < 2 or in_train < 2:
-        raise UserError(
-            f"cell-type classification needs two or more classes in the training cells, "
-            f"found {in_train} ({', '.join(classes)}); check preprocess.label_column"
-        )
-    return classes
-
-
-def split_datasets(
-    adata: ad.AnnData,
-    vocab: dict[str, int],
-    settings: TrainSettings,
-    labelled: bool,
-    required: tuple[str, ...] = ("train", "val"),
-) -> dict[str, CellDataset]:
-    """A CellDataset per split (train/val/test) over the genes that `vocab` knows; the
-    `required` splits must hold cells."""
-    columns, token_ids = gene_token_ids(list(map(str, adata.var_names)), vocab)
-    bins = (adata.layers["X_binned"] if "X_binned" in adata.layers else adata.X)[:, columns]
-    split = adata.obs["split"].astype(str).to_numpy()
-    codes = adata.obs["label"].astype("category").cat.codes.to_numpy() if labelled else None
-    datasets = {}
-    for name in ("train", "val", "test"):
-        rows = np.flatnonzero(split == name)
-        datasets[name] = CellDataset(
-            bins[rows],
-            token_ids,
-            cls_id=vocab["<cls>"],
-            max_seq_len=settings.max_seq_len,
-            labels=None if codes is None else codes[rows],
-            seed=settings.seed,
-        )
-    for name in required:
-        if len(datasets[name]) == 0:
-            raise UserError(f"no cells in split '{name}'; preprocess needs more donors")
-    return datasets
-
-
-def data_vocab(genes: list[str], vocab: dict[str, int]) -> dict[str, int]:
-    """The genes of `genes` that `vocab` knows, in vocab order, then `<pad>`, `<cls>`, `<eoc>`.
-
-    Ids are renumbered from 0 (special tokens last, as in scGPT's vocabulary), so a model
-    pretrained here has an embedding row for every token it can see and no others.
-    """
-    known = sorted((vocab[g], g) for g in set(genes) if g in vocab)
-    if not known:
-        gene_token_ids(genes, vocab)  # raises the UserError
-    names = [g for _, g in known] + list(SPECIAL_TOKENS)
-    return {name: i for i, name in enumerate(names)}
 
 
 def make_loader(
@@ -614,8 +553,6 @@ def _spike_monitor(adata, vocab, model, settings: TrainSettings, device, phase: 
     """A `SpikeMonitor` on `spike_cells` validation cells, or None when recording is off."""
     if settings.spike_cells == 0:
         return None
-    from ..spikes import SpikeMonitor, fixed_cells  # spikes imports cells, which imports us
-
     batches = fixed_cells(
         adata, vocab, model.config.pad_token_id, settings.spike_cells, settings.max_seq_len,
         settings.seed, device,
@@ -625,8 +562,6 @@ def _spike_monitor(adata, vocab, model, settings: TrainSettings, device, phase: 
 
 def _write_spikes(monitor, out_dir: Path) -> None:
     """spikes_over_training.tsv: the monitor's rows, or only the header when it was off."""
-    from ..spikes import SPIKES_FILE, write_spikes
-
     write_spikes(monitor.rows if monitor is not None else [], out_dir / SPIKES_FILE)
 
 
@@ -698,7 +633,9 @@ def pretrain(
             do_mvc=model_settings.do_mvc,
         )
         model = ScGPTModel(config).to(device)
-        data = split_datasets(adata, vocab, settings, labelled=False)
+        data = split_datasets(
+            adata, vocab, max_seq_len=settings.max_seq_len, seed=settings.seed, labelled=False
+        )
         # Start the expression decoder at the mean bin, not at 0, so the first steps are
         # not spent (and the hidden states not distorted) learning the output scale.
         with torch.no_grad():
@@ -767,7 +704,9 @@ def finetune(
             unused.append(model.decoder)
         for head in unused:  # not trained; frozen, so data-parallel ranks skip them
             head.requires_grad_(False)
-        data = split_datasets(adata, vocab, settings, labelled=True)
+        data = split_datasets(
+            adata, vocab, max_seq_len=settings.max_seq_len, seed=settings.seed, labelled=True
+        )
         if len(data["test"]) == 0:
             raise UserError("no cells in split 'test'; preprocess needs more donors")
         pad, pack = config.pad_token_id, packs(device)

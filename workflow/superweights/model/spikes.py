@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .model.cells import cell_batches, sample_rows
-from .outputs import write_tsv
-from .probe import LayerStat, find_super_weights
+from ..outputs import write_tsv
+from ..probe import LayerStat, find_super_weights
+from .cells import cell_batches, sample_rows
 
 SPIKES_FILE = "spikes_over_training.tsv"
 CLS = "<cls>"

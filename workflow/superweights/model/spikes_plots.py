@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .outputs import save_figure  # noqa: E402
+from ..outputs import save_figure  # noqa: E402
 from .spikes import CLS  # noqa: E402
 
 OUTPUT_RATIO = 100.0  # the probe's default output_ratio, drawn for scale
