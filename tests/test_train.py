@@ -23,6 +23,7 @@ from superweights.model.train import (
     pretrain,
 )
 from superweights.model.train_plots import plot_confusion, plot_training_curves
+from superweights.outputs import all_or_nothing
 
 CLASSES = ["astro", "micro", "neuron"]
 MODEL = ModelSettings(d_model=32, nhead=4, d_hid=64, nlayers=2, dropout=0.1)  # RNG in use
@@ -145,7 +146,7 @@ def test_interrupted_run_resumes_to_the_same_model(
     out, metrics = finetuned
     real_step = train.train_step
     monkeypatch.setattr(train, "train_step", die_in_epoch_2(real_step, data, SETTINGS.batch_size))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), all_or_nothing():  # as the CLI runs it
         finetune(data, tmp_path, SETTINGS, pretrained)
     state = torch.load(tmp_path / train.STATE_FILE, weights_only=True)
     assert state["epoch"] == 1 and not (tmp_path / "metrics.json").exists()

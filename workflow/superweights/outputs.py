@@ -58,13 +58,14 @@ _written: dict[Path, Path | None] | None = None  # in a block: target -> backup 
 
 
 @contextmanager
-def atomic_path(out: str | Path) -> Iterator[Path]:
+def atomic_path(out: str | Path, *, rollback: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `out` with the same suffix, to be written by the caller.
 
     On success the temporary file is renamed to `out`; on failure it is removed. The parent
     folder of `out` is created. The name is `.<stem>.partial<suffix>`, so writers that pick
     the format from the suffix (matplotlib, anndata) still do. An OSError while writing
-    becomes a UserError.
+    becomes a UserError. With `rollback` False, a failing `all_or_nothing` block leaves the
+    file as written (a training state that the next run resumes from).
     """
     out = Path(out)
     tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
@@ -73,7 +74,7 @@ def atomic_path(out: str | Path) -> Iterator[Path]:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp.unlink(missing_ok=True)
             yield tmp
-            if _written is not None and out not in _written:
+            if rollback and _written is not None and out not in _written:
                 _written[out] = _backup(out) if out.exists() else None
             apply_umask(tmp)
             os.replace(tmp, out)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from ..data.preprocess import class_names, read_tokenised
 from ..errors import UserError
+from ..outputs import atomic_path, write_text
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import SINGLE, RankSlices, World, all_sum, init_world, loss_weight
 from .graphed import GraphedSteps, capturable_adamw
@@ -372,10 +372,8 @@ def _fingerprint(**parts) -> str:
 
 
 def _save_state(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, rollback=False) as tmp:  # kept when the run fails, to resume
+        torch.save(state, tmp)
 
 
 def _load_state(path: Path, fingerprint: str) -> dict | None:
@@ -581,16 +579,9 @@ def _copy(model: nn.Module) -> dict[str, Tensor]:
 # --- outputs ----------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_history(history: list[dict], path: Path) -> None:
     frame = pd.DataFrame(history).reindex(columns=list(HISTORY_COLUMNS))
-    _write_atomic(path, frame.dropna(axis=1, how="all").to_csv(sep="\t", index=False))
+    write_text(path, frame.dropna(axis=1, how="all").to_csv(sep="\t", index=False))
 
 
 # --- entry points -----------------------------------------------------------------------
@@ -766,7 +757,7 @@ def finetune(
         )
         write_history(result.history, out_dir / "history.tsv")
         _write_spikes(monitor, out_dir)
-        _write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         state_file.unlink(missing_ok=True)
     world.barrier()
     return metrics

@@ -1,6 +1,5 @@
 """Figures of a training run: confusion matrix and learning curves (PNG, Agg backend)."""
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -10,18 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+from ..outputs import save_figure  # noqa: E402
 
 
 def plot_confusion(metrics: dict, path: str | Path) -> Path:
@@ -45,7 +33,7 @@ def plot_confusion(metrics: dict, path: str | Path) -> Path:
         f"test cells: accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}"
     )
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_training_curves(history, path: str | Path) -> Path:
@@ -70,4 +58,4 @@ def plot_training_curves(history, path: str | Path) -> Path:
     for ax in axes:
         ax.set_xticks(frame["epoch"])
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")
