@@ -1,22 +1,14 @@
 """Pruning test of the scGPT stage: a planted super weight is confirmed, an ordinary one is
-not, the tables and figures are written, and the model is kept.
-
-The planted model is pre-LN. The `<cls>` value (0) drives a value-encoder unit, layer 0's
-LayerNorm gain amplifies it, and one MLP unit of layer 0 fires on `<cls>` only; its
-down-projection weight W[ROW, K] turns that into a massive activation in channel ROW of
-the `<cls>` residual stream. The classifier's first units carry a bias of -40 that this
-activation (about +100) cancels, so they are silent without it. The planted entries stay
-fixed while the rest of the model learns an easy four-class task.
+not, the tables and figures are written, and the model is kept. The model is
+`helpers.planted_model`, trained on `helpers.tokenised` cells.
 """
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 
+from helpers import CLASSES, PLANTED, ROW, VOCAB, K, planted_model, tokenised, train
 from superweights.ablate import (
     OUTPUT_TABLES,
     AblateSettings,
@@ -28,101 +20,12 @@ from superweights.ablate_plots import FIGURE_FILES, write_figures
 from superweights.editing import read_candidates
 from superweights.errors import UserError
 from superweights.model.checkpoint import save_checkpoint
-from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+from superweights.model.scgpt import ScGPTModel
 from superweights.model.tokens import split_datasets
 from superweights.model.train import TrainSettings, make_loader
 from superweights.outputs import cell_key
 
-GENES = [f"GENE{i}" for i in range(60)]
-VOCAB = {g: i for i, g in enumerate(GENES)} | {"<pad>": 60, "<cls>": 61, "<eoc>": 62}
-CLASSES = ["astro", "micro", "neuron", "oligo"]
-ROW, K = 5, 7  # the planted super weight: layer 0 linear2.weight[ROW, K]
-PLANTED = "transformer_encoder.layers.0.linear2"
-DONOR_PREFIX = {"train": "T", "val": "V", "test": "D"}
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tokenised(n: int = 800, seed: int = 0) -> ad.AnnData:
-    """Binned cells: each type expresses 5 of its 10 marker genes and 4-10 shared genes."""
-    rng = np.random.default_rng(seed)
-    types = rng.integers(0, 4, n)
-    bins = np.zeros((n, len(GENES)), dtype=np.float32)
-    for i, t in enumerate(types):
-        genes = np.concatenate(
-            [rng.choice(10, 5, replace=False) + 10 * t, rng.choice(20, rng.integers(4, 11)) + 40]
-        )
-        bins[i, genes] = rng.integers(1, 51, len(genes))
-    split = np.array(["train", "val", "test", "test"])[np.arange(n) % 4]
-    split[: n // 2] = "train"
-    obs = pd.DataFrame(
-        {
-            "label": pd.Categorical([CLASSES[t] for t in types], categories=CLASSES),
-            "split": split,
-            "Braak": rng.choice(["Braak II", "Braak V"], n),
-            # Donors never span splits: test donors D0-D7, training T*, validation V*.
-            "donor": [
-                DONOR_PREFIX[s] + str(d) for s, d in zip(split, rng.integers(0, 8, n), strict=True)
-            ],
-        },
-        index=[f"cell{i}" for i in range(n)],
-    )
-    # A stage only donors D0 and D1 reached: too few donors to compare.
-    obs["Overall AD neuropathological Change"] = np.where(
-        obs["donor"].isin(["D0", "D1"]), "High", "Low"
-    )
-    return ad.AnnData(X=sp.csr_matrix(bins), obs=obs, var=pd.DataFrame(index=GENES))
-
-
-def planted_model(seed: int = 0) -> tuple[ScGPTModel, dict]:
-    torch.manual_seed(seed)
-    config = ScGPTConfig(
-        ntoken=len(VOCAB), d_model=32, nhead=4, d_hid=48, nlayers=3, n_cls=4, dropout=0.0,
-        pad_token_id=VOCAB["<pad>"], pre_norm=True,
-    )  # fmt: skip
-    model = ScGPTModel(config)
-    frozen = {}
-
-    def plant(param, index, value):
-        with torch.no_grad():
-            param[index] = value
-        frozen.setdefault(param, torch.zeros_like(param, dtype=torch.bool))[index] = True
-
-    values, layer0 = model.value_encoder, model.transformer_encoder.layers[0]
-    gate = model.cls_decoder._decoder[0]
-    unit, channel = 3, 9
-    plant(values.linear1.weight, (unit, 0), -50.0)  # fires for value 0 (<cls>) only
-    plant(values.linear1.bias, unit, 10.0)
-    plant(values.linear2.weight, (slice(None), unit), 0.0)
-    plant(values.linear2.weight, (channel, unit), 5.0)
-    plant(layer0.norm2.weight, channel, 10.0)
-    plant(layer0.linear1.weight, K, 0.0)
-    plant(layer0.linear1.weight, (K, channel), 0.25)
-    plant(layer0.linear1.bias, K, -5.0)
-    plant(layer0.linear2.weight, (ROW, K), 24.0)
-    plant(gate.weight, (slice(None), ROW), 1.0)
-    plant(gate.bias, slice(None), -40.0)
-    return model, frozen
-
-
-def train(model: ScGPTModel, frozen: dict, adata: ad.AnnData, epochs: int = 6) -> None:
-    settings = TrainSettings(batch_size=32, max_seq_len=17, seed=0)
-    data = split_datasets(adata, VOCAB, max_seq_len=17, seed=0, labelled=True)
-    loader = make_loader(data["train"], settings, VOCAB["<pad>"], shuffle=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
-        for batch in loader:
-            out = model(batch["gene_ids"], batch["values"], batch["padding_mask"])
-            loss = F.cross_entropy(out["cls_logits"], batch["labels"])
-            optimizer.zero_grad()
-            loss.backward()
-            for param, mask in frozen.items():
-                param.grad[mask] = 0.0
-            optimizer.step()
-    model.eval()
 
 
 @pytest.fixture(scope="module")

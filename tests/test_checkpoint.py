@@ -2,60 +2,26 @@
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import CHECKPOINT_VOCAB, flash_names, random_model, released_args, write_folder
 from superweights.errors import UserError
 from superweights.model import checkpoint
 from superweights.model.checkpoint import load_checkpoint, save_checkpoint
-from superweights.model.scgpt import ScGPTConfig, ScGPTModel
+from superweights.model.scgpt import ScGPTModel
 
-HUMAN_ARGS = Path("/work/shared/reference/scgpt_args/scGPT_human.args.json")
-VOCAB = {**{f"GENE{i}": i for i in range(197)}, "<pad>": 197, "<cls>": 198, "<eoc>": 199}
 LOGGER = "superweights.model.checkpoint"
-
-
-def released_args(**changes) -> dict:
-    """The official whole-human args.json, two layers instead of twelve for speed."""
-    return {**json.loads(HUMAN_ARGS.read_text()), "nlayers": 2, **changes}
-
-
-def flash_names(state: dict, attn_prefix: str = "self_attn.") -> dict:
-    """A state_dict as released checkpoints store it (flash-attn `Wqkv` names)."""
-    renamed = {}
-    for key, value in state.items():
-        key = key.replace("self_attn.in_proj_weight", f"{attn_prefix}Wqkv.weight")
-        key = key.replace("self_attn.in_proj_bias", f"{attn_prefix}Wqkv.bias")
-        renamed[key] = value.clone()
-    return renamed
-
-
-def write_folder(folder: Path, args: dict, state: dict, vocab: dict = VOCAB) -> Path:
-    folder.mkdir()
-    (folder / "args.json").write_text(json.dumps(args))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    torch.save(state, folder / "best_model.pt")
-    return folder
-
-
-def random_model(args: dict, n_cls: int = 0, seed: int = 0) -> ScGPTModel:
-    torch.manual_seed(seed)
-    model = ScGPTModel(ScGPTConfig.from_args(args, ntoken=len(VOCAB), n_cls=n_cls))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
 
 
 def inputs():
     g = torch.Generator().manual_seed(3)
     gene_ids = torch.randint(0, 197, (3, 10), generator=g)
-    gene_ids[:, 0] = VOCAB["<cls>"]
+    gene_ids[:, 0] = CHECKPOINT_VOCAB["<cls>"]
     values = torch.randint(1, 51, (3, 10), generator=g).float()
     padding = torch.arange(10)[None, :] >= torch.tensor([10, 7, 4])[:, None]
-    gene_ids[padding], values[padding] = VOCAB["<pad>"], -2
+    gene_ids[padding], values[padding] = CHECKPOINT_VOCAB["<pad>"], -2
     return gene_ids, values, padding
 
 
@@ -81,7 +47,7 @@ def test_released_checkpoint_loads_identically(tmp_path, source, attn_prefix, ca
     with caplog.at_level(logging.INFO, logger=LOGGER):
         model, config, vocab = load_checkpoint(folder)
     assert config.pad_token_id == 197 and config.do_mvc and config.n_cls == 0
-    assert vocab == VOCAB and not model.training
+    assert vocab == CHECKPOINT_VOCAB and not model.training
     assert_same_outputs(model, source)
     assert "renamed 4 flash-attention keys" in caplog.text
     assert f"loaded {len(state)} of {len(state)} model tensors" in caplog.text
@@ -130,7 +96,9 @@ def test_save_round_trip_safetensors_and_pt(tmp_path):
     trained = random_model(released_args(), n_cls=4, seed=1)
     folder = tmp_path / "out" / "finetuned"
     config = trained.config
-    save_checkpoint(trained, config, VOCAB, folder, extra_args={"n_bins": 51, "MVC": False})
+    save_checkpoint(
+        trained, config, CHECKPOINT_VOCAB, folder, extra_args={"n_bins": 51, "MVC": False}
+    )
     assert sorted(p.name for p in folder.iterdir()) == [
         "args.json",
         "best_model.pt",
@@ -140,7 +108,7 @@ def test_save_round_trip_safetensors_and_pt(tmp_path):
     args = json.loads((folder / "args.json").read_text())
     assert args["n_cls"] == 4 and args["n_bins"] == 51 and args["MVC"] is True
     model, loaded_config, vocab = load_checkpoint(folder)
-    assert loaded_config == config and vocab == VOCAB
+    assert loaded_config == config and vocab == CHECKPOINT_VOCAB
     assert_same_outputs(model, trained)
     (folder / "model.safetensors").unlink()
     model, _, _ = load_checkpoint(folder)
@@ -150,19 +118,19 @@ def test_save_round_trip_safetensors_and_pt(tmp_path):
 def test_save_replaces_existing_folder_only_when_complete(tmp_path, monkeypatch):
     first, second = random_model(released_args(), seed=1), random_model(released_args(), seed=2)
     folder = tmp_path / "ckpt"
-    save_checkpoint(first, first.config, VOCAB, folder)
+    save_checkpoint(first, first.config, CHECKPOINT_VOCAB, folder)
 
     def broken_save_file(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(second, second.config, VOCAB, folder)
+        save_checkpoint(second, second.config, CHECKPOINT_VOCAB, folder)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
     assert_same_outputs(load_checkpoint(folder)[0], first)
 
     monkeypatch.undo()
-    save_checkpoint(second, second.config, VOCAB, folder)
+    save_checkpoint(second, second.config, CHECKPOINT_VOCAB, folder)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     assert_same_outputs(load_checkpoint(folder)[0], second)
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import cell_batch, llama, plant_llama
 from superweights.confirm import (
     TIERS,
     ConfirmSettings,
@@ -16,7 +17,6 @@ from superweights.confirm import (
 from superweights.errors import UserError
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
 from superweights.probe import find_super_weights
-from test_probe import cell_batch, llama, plant_llama
 
 DOWN = "model.layers.{}.mlp.down_proj"
 

@@ -8,6 +8,7 @@ import anndata as ad
 import pytest
 import torch
 
+from helpers import die_in_epoch_2, make_counts_adata
 from superweights.data.preprocess import PreprocessSettings, preprocess
 from superweights.data.vocab import load_vocab
 from superweights.model import train
@@ -63,8 +64,6 @@ def pretrained(tmp_path_factory, request):
 
 @pytest.fixture(scope="module")
 def counts_h5ad_module(tmp_path_factory, vocab_genes):
-    from conftest import make_counts_adata
-
     path = tmp_path_factory.mktemp("counts") / "counts.h5ad"
     make_counts_adata(vocab_genes).write_h5ad(path)
     return path
@@ -105,8 +104,6 @@ def test_two_processes_match_one(pretrained):
 def test_two_processes_resume_a_killed_run(pretrained, monkeypatch):
     """A run killed in epoch 2 resumes under torchrun from its epoch-1 state (the state does
     not depend on the number of processes) and ends where an uninterrupted run ends."""
-    from conftest import die_in_epoch_2
-
     tokenised, init = pretrained / "tok.h5ad", pretrained / "pre" / "checkpoint"
     out = pretrained / "killed"
     step = die_in_epoch_2(train.train_step, ad.read_h5ad(tokenised), batch_size=16)

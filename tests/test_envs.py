@@ -28,7 +28,7 @@ from snakemake.settings.types import (
     ResourceSettings,
 )
 
-from conftest import ROOT
+from helpers import ROOT
 
 LIBRARY = ROOT / "workflow"
 PACKAGE = "superweights"

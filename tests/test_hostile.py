@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from matplotlib.figure import Figure
 
+from helpers import CHROMIUM, CONFIG, DATASET, chromium, page_errors, write_results
 from superweights.data.download import cache_path
 from superweights.errors import UserError
 from superweights.outputs import save_figure
 from superweights.report import build_report
-from test_report import CHROMIUM, CONFIG, DATASET, chromium, page_errors, write_results
 
 # Each replaces a name of the report's test results in every table and JSON file.
 HOSTILE = {

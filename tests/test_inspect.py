@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import CHECKPOINT_VOCAB, flash_names, random_model, released_args, write_folder
 from superweights.cli import main
 from superweights.model.checkpoint import save_checkpoint
-from test_checkpoint import VOCAB, flash_names, random_model, released_args, write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_fine_tuned_folder_with_classifier(tmp_path, capsys):
     model = random_model(released_args(), n_cls=4)
     classes = ["Astro", "Micro", "Oligo", "OPC"]
     folder = save_checkpoint(
-        model, model.config, VOCAB, tmp_path / "ft", extra_args={"classes": classes}
+        model, model.config, CHECKPOINT_VOCAB, tmp_path / "ft", extra_args={"classes": classes}
     )
     code, out, _ = run_inspect(folder, capsys)
     assert code == 0
@@ -86,7 +86,7 @@ def _break(folder, how):
     elif how == "shapes":
         (folder / "args.json").write_text(json.dumps(released_args(d_hid=256)))
     elif how == "no_cls":
-        vocab = {k: v for k, v in VOCAB.items() if k != "<cls>"} | {"GENE197": 198}
+        vocab = {k: v for k, v in CHECKPOINT_VOCAB.items() if k != "<cls>"} | {"GENE197": 198}
         (folder / "vocab.json").write_text(json.dumps(vocab))
 
 
@@ -169,7 +169,7 @@ def test_workflow_stops_before_any_job_on_an_unusable_checkpoint(
 def test_classifier_in_the_file_is_loaded_not_ignored(tmp_path, capsys):
     """A fine-tuned folder: the classifier is present and loaded; no ignored tensors."""
     model = random_model(released_args(), n_cls=4)
-    folder = save_checkpoint(model, model.config, VOCAB, tmp_path / "ft")
+    folder = save_checkpoint(model, model.config, CHECKPOINT_VOCAB, tmp_path / "ft")
     (folder / "model.safetensors").unlink()  # best_model.pt, as a released fine-tuned folder
     code, out, log = run_inspect(folder, capsys)
     assert code == 0

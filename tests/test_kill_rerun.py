@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SMALL_CONFIG, run_snakemake
+from helpers import ROOT, SMALL_CONFIG, run_snakemake
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import PLANTED, ROW, VOCAB, K, planted_model, tokenised, train
 from superweights.ablate import AblateSettings
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTModel
 from superweights.persistence import persistence
 from superweights.persistence_plots import write_figure
-from test_ablate import PLANTED, ROW, VOCAB, K, planted_model, tokenised, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import cell_batch, llama, plant_llama
 from superweights.errors import UserError
 from superweights.model.scgpt import Packing, ScGPTConfig, ScGPTModel
 from superweights.probe import (
@@ -18,28 +18,6 @@ from superweights.probe import (
     find_super_weights,
     layernorm_outliers,
 )
-
-
-def llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=100,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def plant_llama(model, layer: int, row: int, col: int, scale: float = 10.0, weight: float = 3.0):
-    """Make input channel `col` of the layer's down_proj spike and route it through W[row, col]."""
-    mlp = model.model.layers[layer].mlp
-    with torch.no_grad():
-        mlp.up_proj.weight[col] *= scale
-        mlp.gate_proj.weight[col] *= scale
-        mlp.down_proj.weight[row, col] = weight
 
 
 def token_batch(seed: int = 1) -> dict:
@@ -54,17 +32,6 @@ def scgpt(pre_norm: bool, seed: int = 0) -> ScGPTModel:
         pre_norm=pre_norm,
     )  # fmt: skip
     return ScGPTModel(config).eval()
-
-
-def cell_batch(seed: int = 1) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 59, (4, 20), generator=generator)
-    values = torch.randint(0, 51, (4, 20), generator=generator).float()
-    pad = torch.zeros(4, 20, dtype=torch.bool)
-    pad[1, 12:] = True
-    pad[3, 5:] = True
-    ids[pad], values[pad] = 59, -2.0
-    return {"gene_ids": ids, "values": values, "padding_mask": pad}
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -13,11 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_snakemake
+from helpers import flash_names, released_args, run_snakemake
 from superweights.data.vocab import load_vocab
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
 from superweights.model.scgpt_reference import load_reference_module
-from test_checkpoint import flash_names, released_args
 
 pytestmark = pytest.mark.slow
 

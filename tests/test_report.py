@@ -6,7 +6,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,31 +17,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-import yaml  # noqa: E402
 from docutils.core import publish_parts  # noqa: E402
 
+from helpers import (  # noqa: E402
+    CHROMIUM,
+    CONFIG,
+    DATASET,
+    FIGURES,
+    ROOT,
+    chromium,
+    page_errors,
+    write_results,
+)
 from superweights.captions import CAPTIONS  # noqa: E402
 from superweights.errors import UserError  # noqa: E402
-from superweights.quantize_table import MEASURES  # noqa: E402
 from superweights.report import INPUT_FILES, REQUIRED, build_report, fmt, make_table  # noqa: E402
 
-DATASET = "demo"
 SECTIONS = ("summary", "data", "probe", "pruning", "cells", "genes", "pathways", "quantization",
             "methods")  # fmt: skip
-CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 RULES = ROOT / "workflow" / "rules"
 SHOWN_BY_SNAKEMAKE = re.compile(r'report\(\s*"results/\{dataset\}/([^"]+)",\s*caption="([^"]+)"')
-FIGURES = (
-    "preprocess/qc.png", "finetune/confusion.png", "finetune/training_curve.png",
-    "probe/layer_spikes.png", "probe/cell_spikes.png", "ablate/forest.png",
-    "ablate/null_histograms.png", "ablate/scaling.png", "ablate/prediction_shift.png",
-    "ablate/celltype_effect.png", "persistence/persistence.png", "cells/umap.png",
-    "persistence/spikes_over_training.png",
-    "quantize/quantize.png", "enrich/L1_12_40/dotplot.png", "enrich/L1_12_40/gsea_top1.png",
-    "enrich/L1_12_40/gsea_top2.png", "enrich/L1_12_40/gsea_ad1.png",
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -53,212 +47,6 @@ def png() -> bytes:
     fig.savefig(buffer, format="png", dpi=60)
     plt.close(fig)
     return buffer.getvalue()
-
-
-def tsv(root: Path, rel: str, frame: pd.DataFrame | dict) -> None:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(frame).to_csv(path, sep="\t", index=False)
-
-
-def write_json(root: Path, rel: str, obj: dict) -> None:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-
-
-def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
-    """A small, consistent set of stage outputs: 3 cell types, 2 probe rows, 1 confirmed."""
-    root = results / DATASET
-    types = ["Astrocyte", "Microglia-PVM", "L2/3 IT"]
-    steps = [("input", "all", 900), ("qc_flag", "pass", 880), ("min_genes", "pass", 860),
-             ("max_mito_fraction", "pass", 850), ("cell_types_and_caps", "kept", 849),
-             ("dropped_cell_types", "VLMC", 0), ("genes", "selected", 1201)]  # fmt: skip
-    for split, n in (("train", 180), ("val", 60), ("test", 40)):
-        steps += [(f"split_{split}", t, n + i) for i, t in enumerate(types)]
-    steps += [("donors", "train", 6), ("donors", "val", 2), ("donors", "test", 2)]
-    tsv(root, "preprocess/qc.tsv", pd.DataFrame(steps, columns=["step", "group", "count"]))
-    write_json(root, "finetune/metrics.json", {
-        "accuracy": 0.912345, "macro_f1": 0.8766, "mean_log_likelihood": -0.31234,
-        "per_class_f1": {"Astrocyte": 0.95, "Microglia-PVM": 0.81, "L2/3 IT": None},
-        "n_cells": 123, "classes": types, "confusion": [[40, 1, 0], [2, 39, 0], [0, 0, 41]],
-        "epochs_run": 4, "best_epoch": 3,
-    })  # fmt: skip
-    write_json(root, "finetune/checkpoint/args.json", {
-        "embsize": 64, "nheads": 4, "d_hid": 128, "nlayers": 4, "n_layers_cls": 3, "n_cls": 3,
-        "dropout": 0.1, "norm_scheme": "post", "finetuned_from": "results/demo/pretrain",
-    })  # fmt: skip
-    tsv(root, "probe/candidates.tsv", {
-        "module": ["transformer_encoder.layers.1.linear2", "transformer_encoder.layers.2.linear2"],
-        "layer": [1, 2], "row": [12, 3], "col": [40, 5], "weight": [-2.5, 0.4],
-        "input_ratio": [512.3, 40.1], "output_ratio": [320.7, 22.2], "contribution": [0.93, 0.2],
-        "cell_type": ["Astrocyte", "Microglia-PVM"], "token_gene": ["<cls>", "APOE"],
-        "accepted": [accepted, False],
-        "reason": ["accepted" if accepted else "output ratio 320.7 < 1000",
-                   "spikes on different tokens (input 3:5, output 4:7); input ratio 40.1 < 100; "
-                   "output ratio 22.2 < 100"],
-        "n_cells_same_channel": [140, 3], "n_cells": [150, 150],
-        "top_genes": ["<cls>:140", "APOE:3"],
-    })  # fmt: skip
-    write_json(root, "probe/summary.json", {"found": accepted, "statement": "PROBE STATEMENT X"})
-    tsv(root, "probe/layernorm.tsv", {
-        "module": ["transformer_encoder.layers.1.norm2"], "layer": [1], "channel": [12],
-        "gain": [7.5], "robust_z": [9.1], "median_abs_gain": [1.0], "mad": [0.1],
-    })  # fmt: skip
-    tested = ["L1[12,40]", "L2[3,5]"]
-    tsv(root, "ablate/topk.tsv", {
-        "fraction": [1e-6, 1e-3], "k": [1, 8], "effect": [0.02, 0.09], "decides": [True, False],
-    })  # fmt: skip
-    tsv(root, "ablate/strata.tsv", {
-        "candidate": tested[0],
-        "stratum": ["cell type", "Overall AD neuropathological Change",
-                    "Overall AD neuropathological Change"],
-        "value": ["Astrocyte", "High", "Low"], "n_cells": [40, 12, 30], "n_donors": [7, 2, 6],
-        "effect": [3.1, np.nan, 2.9], "ci_low": [2.5, np.nan, 2.2], "ci_high": [3.6, np.nan, 3.5],
-        "p_value": [1e-4, np.nan, 2e-4], "mde": [0.8, np.nan, 0.9],
-        "status": ["compared", "too few donors (2 < 3)", "compared"],
-    })  # fmt: skip
-    tsv(root, "ablate/trend.tsv", {
-        "candidate": [tested[0]], "stratum": ["Overall AD neuropathological Change"],
-        "n_donors": [8], "n_stages": [2], "rho": [0.41], "p_value": [0.31], "mde_rho": [0.83],
-        "status": ["compared"],
-    })  # fmt: skip
-    (root / "ablate" / "summary.json").write_text(json.dumps({"expression": "EXPRESSION NOTE"}))
-    tsv(root, "persistence/persistence.tsv", {
-        "candidate": ["L1[12,40]", "L3[7,7]"], "status": ["persists", "lost in fine-tuning"],
-        "activation_status": ["spikes in both", "spikes only before fine-tuning"],
-        "tier_in_base": ["super weight", "important weight"],
-        "tier_in_finetuned": ["super weight", "not confirmed"],
-        "confirmed_in_base": [True, True], "confirmed_in_finetuned": [True, False],
-        "weight_base": [-2.6, 1.9], "weight_finetuned": [-2.5, 0.3],
-        "relative_change": [0.04, -0.84], "base_effect": [0.8, 0.5], "base_ci_low": [0.6, 0.3],
-        "base_ci_high": [1.0, 0.7], "finetuned_effect": [3.89, 0.001],
-        "finetuned_ci_low": [3.5, -0.01], "finetuned_ci_high": [4.1, 0.01],
-    })  # fmt: skip
-    tsv(root, "ablate/confirmed.tsv", {
-        "candidate": tested, "module": ["transformer_encoder.layers.1.linear2",
-                                        "transformer_encoder.layers.2.linear2"],
-        "layer": [1, 2], "row": [12, 3], "col": [40, 5], "weight": [-2.5, 0.4],
-        "source": ["probe: accepted" if accepted else "probe: strongest spike, not accepted"] * 2,
-        "effect": [3.89, 0.01], "ci_low": [3.5, -0.01], "ci_high": [4.1, 0.03],
-        "n_groups": [6, 6], "null_mean": [0.001, 0.002], "null_q95": [0.004, 0.005],
-        "n_null": [99, 99], "p_value": [0.01, 0.4], "q_value": [0.02, 0.4], "topk_k": [1, 1],
-        "topk_effect": [0.02, 0.02], "recovered": [0.8, np.nan], "confirmed": [accepted, False],
-        "tier": ["super weight" if accepted else "not confirmed", "not confirmed"],
-        "p_contribution": [0.01, 0.5], "q_contribution": [0.02, 0.5],
-        "contribution_null_q95": [0.01, 0.02], "spike_mean": [410.0, 3.0],
-        "spike_sd": [12.0, 1.0], "mean_spike_effect": [0.002, 0.0],
-        "zero_spike_effect": [3.7, 0.01],
-        "reason": ["super weight: REASON ONE" if accepted else "not confirmed: REASON ONE",
-                   "rejected: drop 0.01 does not exceed pruning the top-8 weights (0.09)"],
-    })  # fmt: skip
-    genes = ["GFAP", "AQP4", "APOE", "CLU", "SLC1A2"] + [f"GENE{i}" for i in range(25)]
-    tsv(root, "channels/genes.tsv", {
-        "candidate": tested[0], "confirmed": accepted, "stratum_type": "all", "stratum": "all",
-        "gene": genes, "n_cells": 50, "xw": np.linspace(-22.5, -2.5, 30),
-        "abs_xw": np.linspace(22.5, 2.5, 30), "se": 0.1, "null_mean_abs": 1.0,
-        "null_sd_abs": 0.5, "z": np.linspace(43, 3, 30), "p_null": 0.02,
-        "output_act": np.linspace(-5, -1, 30), "resid_act": 0.5, "ablation_effect": -0.01,
-        "rank": np.arange(1, 31),
-        "percentile": np.linspace(100, 0, 30),
-    })  # fmt: skip
-    interest = ["APP", "MAPT", "TREM2", "APOE", "PSEN1", "PSEN2", "CLU", "BIN1"]
-    tsv(root, "channels/genes_of_interest.tsv", {
-        "candidate": tested[0], "confirmed": accepted,
-        "stratum_type": ["all"] * 8 + ["cell type"], "stratum": ["all"] * 8 + ["Astrocyte"],
-        "gene": interest + ["APOE"],
-        "status": ["ranked", "not in these cells", "not in vocabulary", "ranked", "ranked",
-                   "ranked", "ranked", "not in these cells", "ranked"],
-        "n_cells": [12, 0, 0, 50, 9, 4, 50, 0, 20],
-        "z": [3.1, np.nan, np.nan, 19.9, 2.6, 2.5, 18.0, np.nan, 19.0],
-        "p_null": [0.2, np.nan, np.nan, 0.02, 0.3, 0.3, 0.02, np.nan, 0.02],
-        "rank": [20, np.nan, np.nan, 3, 28, 30, 4, np.nan, 2],
-        "percentile": [34.5, np.nan, np.nan, 93.1, 6.9, 0, 89.7, np.nan, 96.0],
-        "n_ranked": 30,
-    })  # fmt: skip
-    tsv(root, "channels/cls.tsv", {
-        "candidate": tested[0], "confirmed": accepted, "stratum_type": ["all", "cell type"],
-        "stratum": ["all", "Astrocyte"], "n_cells": [50, 20], "xw": [-41.5, -40.0],
-        "abs_xw": [41.5, 40.0], "se": 0.2, "null_mean_abs": 0.3, "null_sd_abs": 0.1,
-        "z": [97.7, 95.0], "p_null": 0.02, "output_act": -40.0, "resid_act": 3.0,
-    })  # fmt: skip
-    tsv(root, "cells/association.tsv", {
-        "candidate": tested[0], "gene": ["CLU", "APOE", "GENE3"], "n_cells": 40,
-        "n_expressing": [30, 35, 12], "n_groups": 9, "n_donors": 4,
-        "partial_r": [0.61, 0.42, 0.03], "null_sd": 0.11, "z": [5.45, 3.73, 0.18],
-        "p_null": [1e-5, 2e-4, 0.86], "q": [3e-5, 3e-4, 0.86], "rank": [1, 2, 3],
-        "status": "confirmed",
-    })  # fmt: skip
-    write_json(root, "cells/summary.json", {"notes": ["CELL NOTE"], "n_cells": 40})
-    tsv(root, "base/genes/genes_causal.tsv", {
-        "candidate": "L1[12,40]", "confirmed": True, "gene": ["BASEGENE"], "n_cells": [12],
-        "n_donors": [6], "expr_effect": [0.3], "expr_z": [4.1], "expr_p_null": [0.02],
-        "expr_q": [0.04], "rank": [1],
-    })  # fmt: skip
-    tsv(root, "genes/genes_causal.tsv", {
-        "candidate": tested[0], "confirmed": accepted, "gene": ["CAUSALGENE", "APOE"],
-        "n_cells": [40, 35], "n_donors": [7, 7], "logp_effect": [0.8, 0.1], "logp_z": [9.1, 1.2],
-        "logp_p_null": [0.02, 0.3], "logp_q": [0.04, 0.3], "act_effect": [30.0, 1.0],
-        "act_z": [12.0, 0.5], "act_q": [0.04, 0.6], "rank": [1, 2],
-    })  # fmt: skip
-    tsv(root, "enrich/summary.tsv", {
-        "candidate": [tested[0]], "confirmed": [accepted],
-        "status": ["confirmed" if accepted else "exploratory"], "folder": ["L1_12_40"],
-        "n_genes": [30], "n_sets": [120], "n_tests": [240], "n_significant": [4],
-        "n_ad_significant": [1], "n_enriched": [4], "n_depleted": [2], "n_ad_enriched": [1],
-        "ad_test_n_genes": [12], "ad_test_auc": [0.71], "ad_test_p": [0.004],
-        "n_null_rankings": [20], "null_ad_hit_rate": [0.05], "null_any_hit_rate": [0.1],
-        "null_ad_test_rate": [0.1], "ad_test_p_null": [0.0476],
-        "top_term": ["astrocyte differentiation (GO:0048708)"], "top_library": ["GO_BP"],
-        "top_NES": [2.345], "top_FDR": [0.0012], "top_ad_term": ["Alzheimer disease"],
-        "top_ad_library": ["KEGG_2021_Human"], "top_ad_NES": [1.9], "top_ad_FDR": [0.03],
-        "reason": [""], "n_tests_total": [240],
-    })  # fmt: skip
-    tsv(root, "enrich/L1_12_40/prerank.tsv", {
-        "library": ["GO_BP", "KEGG_2021_Human"],
-        "Term": ["astrocyte differentiation (GO:0048708)", "Alzheimer disease"],
-        "size": [18, 25], "ES": [0.8, 0.6], "NES": [2.345, 1.9], "NOM p-val": [1e-5, 1e-3],
-        "FDR q-val": [0.0012, 0.03], "Lead_genes": ["GFAP;AQP4", "APOE;APP"],
-        "direction": ["positive", "positive"], "q_all_tests": [0.004, 0.04],
-        "call": ["enriched", "enriched"],
-    })  # fmt: skip
-    tsv(root, "enrich/L1_12_40/ad_terms.tsv", {
-        "analysis": ["prerank"], "library": ["KEGG_2021_Human"], "Term": ["Alzheimer disease"],
-        "size": [25], "NES": [1.9], "FDR q-val": [0.03], "Odds Ratio": [np.nan],
-    })  # fmt: skip
-    tsv(root, "enrich/L1_12_40/ora.tsv", {
-        "library": ["alzheimers_curated"], "Term": ["ORA TERM amyloid clearance"], "size": [12],
-        "Overlap": ["3/12"], "Odds Ratio": [8.2], "Combined Score": [40.1], "P-value": [2e-4],
-        "Adjusted P-value": [0.004], "Genes": ["APOE;CLU;TREM2"],
-    })  # fmt: skip
-    nan = np.nan
-    rows = [("fp32", "none", 32, "none", nan, "none", -0.31, 0.91, 0.88, 0.0, 0)]
-    for block, naive in (("64", 0.85), ("tensor", 0.41)):
-        rows += [
-            ("weight", "naive", 4, block, nan, "none", -2.0, naive, 0.3, 0.1, 0),
-            ("weight", "clip", 4, block, 6.0, "none", -1.0, 0.6, 0.5, 0.2, 12),
-            ("weight", "clip_restore", 4, block, 6.0, "none", -0.5, 0.87, 0.8, 0.08, 12),
-        ]
-    rows += [
-        ("w8a8", method, 8, "channel", nan, "tensor", -0.4, acc, 0.86, 0.01, 0)
-        for method, acc in (("naive", 0.9), ("holdout", 0.905))
-    ]
-    columns = ["scheme", "method", "bits", "block_size", "clip_value", "activation_scale"]
-    columns += [*MEASURES, "n_clipped"]
-    quantized = pd.DataFrame(rows, columns=columns)
-    tsv(root, "quantize/quantize.tsv", quantized.assign(n_cells=123, n_super_weights=int(accepted)))
-    contrast = {"scheme": "weight", "bits": 4, "block_size": "tensor", "clip_value": 6.0,
-                "measure": "mean_log_likelihood", "n_cells": 123, "n_donors": 4}  # fmt: skip
-    tsv(root, "quantize/contrasts.tsv", pd.DataFrame([
-        contrast | {"contrast": "restore vs clip", "difference": 0.5, "ci_low": 0.31,
-                    "ci_high": 0.72},
-        contrast | {"contrast": "restore vs control", "difference": 0.45, "ci_low": -0.02,
-                    "ci_high": 0.9},
-    ]))  # fmt: skip
-    for rel in FIGURES:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(png)
-    return root
 
 
 @pytest.fixture
@@ -578,25 +366,6 @@ def test_report_is_written_atomically_and_replaced(results):
 
 
 # --- headless browser -------------------------------------------------------------------
-
-PAGE_ERROR = re.compile(r":CONSOLE[:(\]]|Uncaught|Failed to load resource")
-
-
-def chromium(tmp_path: Path, name: str, page: Path, *args: str) -> subprocess.CompletedProcess:
-    profile = tmp_path / f"profile-{name}"
-    profile.mkdir()
-    command = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-        *args, page.resolve().as_uri(),
-    ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
-
-
-def page_errors(stderr: str) -> list[str]:
-    """Console messages and failed loads of the page; Chromium's own dbus/GPU noise is not."""
-    return [line for line in stderr.splitlines() if PAGE_ERROR.search(line)]
 
 
 @pytest.mark.browser

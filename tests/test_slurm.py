@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, run_snakemake
+from helpers import ROOT, run_snakemake
 from slurm_cluster import LocalSlurm, why_unavailable
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import die_in_epoch_2
+from helpers import TRAIN_MODEL, TRAIN_SETTINGS, VOCAB, die_in_epoch_2, tokenised, training_cells
 from superweights.errors import UserError
 from superweights.model import train
 from superweights.model.cells import cell_batches, sample_rows
@@ -20,14 +20,12 @@ from superweights.model.spikes import COLUMNS, SPIKES_FILE, read_spikes
 from superweights.model.spikes_plots import plot_spikes
 from superweights.model.train import TrainSettings, finetune, pretrain
 from superweights.probe import find_super_weights
-from test_ablate import VOCAB, tokenised
-from test_train import MODEL, SETTINGS, training_cells
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CELLS = 24
 PLANTED = "transformer_encoder.layers.1.linear2"
-RECORDING = replace(SETTINGS, spike_cells=CELLS)
+RECORDING = replace(TRAIN_SETTINGS, spike_cells=CELLS)
 STAT_COLUMNS = ["ratio_in", "ratio_out", "max_in", "max_out", "median_in", "median_out",
                 "channel_in", "channel_out", "row", "col", "weight", "resid_ratio"]  # fmt: skip
 
@@ -39,7 +37,7 @@ def data(vocab):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data, vocab):
-    return pretrain(data, tmp_path_factory.mktemp("pre"), MODEL, RECORDING, vocab)
+    return pretrain(data, tmp_path_factory.mktemp("pre"), TRAIN_MODEL, RECORDING, vocab)
 
 
 def standalone_probe(checkpoint, adata, settings: TrainSettings) -> pd.DataFrame:
@@ -89,10 +87,10 @@ def test_pretraining_records_every_epoch_and_the_best_equals_a_probe_of_the_chec
     spikes = read_spikes(out / SPIKES_FILE)
     assert list(spikes.columns) == COLUMNS
     history = pd.read_csv(out / "history.tsv", sep="\t")
-    steps = math.ceil((data.obs["split"] == "train").sum() / SETTINGS.batch_size)
+    steps = math.ceil((data.obs["split"] == "train").sum() / TRAIN_SETTINGS.batch_size)
     layers = spikes[spikes["record"] == "layer"]
     assert sorted(set(layers["step"])) == [0, steps, 2 * steps]
-    assert layers.groupby("step").size().tolist() == [MODEL.nlayers] * 3
+    assert layers.groupby("step").size().tolist() == [TRAIN_MODEL.nlayers] * 3
     assert set(layers["token_out"]) <= set(data.var_names) | {"<cls>"}
     best = int(history.loc[history["val_loss"].idxmin(), "epoch"])
     assert_agrees_with_checkpoint(out, data, best, RECORDING)
@@ -148,7 +146,9 @@ def test_an_interrupted_run_resumes_with_the_same_table(tmp_path, monkeypatch, d
     uninterrupted = tmp_path / "once"
     finetune(data, uninterrupted, RECORDING, pretrained)
     real_step = train.train_step
-    monkeypatch.setattr(train, "train_step", die_in_epoch_2(real_step, data, SETTINGS.batch_size))
+    monkeypatch.setattr(
+        train, "train_step", die_in_epoch_2(real_step, data, TRAIN_SETTINGS.batch_size)
+    )
     with pytest.raises(KeyboardInterrupt):
         finetune(data, tmp_path / "twice", RECORDING, pretrained)
     monkeypatch.setattr(train, "train_step", real_step)
@@ -161,7 +161,7 @@ def test_an_interrupted_run_resumes_with_the_same_table(tmp_path, monkeypatch, d
 
 
 def test_recording_off_writes_an_empty_table_and_a_blank_figure(tmp_path, data, pretrained):
-    finetune(data, tmp_path, replace(SETTINGS, epochs=1, spike_cells=0), pretrained)
+    finetune(data, tmp_path, replace(TRAIN_SETTINGS, epochs=1, spike_cells=0), pretrained)
     spikes = read_spikes(tmp_path / SPIKES_FILE)
     assert spikes.empty and list(spikes.columns) == COLUMNS
     assert "spike_seconds" not in pd.read_csv(tmp_path / "history.tsv", sep="\t")

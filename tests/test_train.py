@@ -4,19 +4,16 @@ determinism, resume after interruption, user errors, figures."""
 import json
 import math
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 import torch
 
-from conftest import die_in_epoch_2
+from helpers import TRAIN_CLASSES, TRAIN_MODEL, TRAIN_SETTINGS, die_in_epoch_2, training_cells
 from superweights.errors import UserError
 from superweights.model import train
 from superweights.model.checkpoint import load_checkpoint, read_state_dict
 from superweights.model.train import (
-    ModelSettings,
     TrainSettings,
     classification_metrics,
     finetune,
@@ -24,37 +21,6 @@ from superweights.model.train import (
 )
 from superweights.model.train_plots import plot_confusion, plot_training_curves
 from superweights.outputs import all_or_nothing
-
-CLASSES = ["astro", "micro", "neuron"]
-MODEL = ModelSettings(d_model=32, nhead=4, d_hid=64, nlayers=2, dropout=0.1)  # RNG in use
-SETTINGS = TrainSettings(epochs=2, lr=1e-3, batch_size=8, max_seq_len=24, warmup_fraction=0.1)
-
-
-def synthetic_tokenised(genes: list[str], n_cells: int = 600, seed: int = 0) -> ad.AnnData:
-    """Cells of 3 types: 6 marker genes at high bins plus ~20 random background genes."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, len(CLASSES), n_cells)
-    bins = np.zeros((n_cells, len(genes)), np.float32)
-    background = np.arange(18, len(genes))
-    for i, label in enumerate(labels):
-        bins[i, rng.choice(background, 20, replace=False)] = rng.integers(1, 40, 20)
-        bins[i, label * 6 : label * 6 + 6] = rng.integers(40, 51, 6)
-    donors = np.arange(n_cells) % 5
-    split = np.array(["train", "train", "train", "val", "test"])[donors]
-    obs = pd.DataFrame(
-        {
-            "label": pd.Categorical(np.array(CLASSES)[labels], categories=CLASSES),
-            "donor": [f"d{d}" for d in donors],
-            "split": pd.Categorical(split, categories=["train", "val", "test"]),
-        },
-        index=[f"c{i}" for i in range(n_cells)],
-    )
-    return ad.AnnData(X=sp.csr_matrix(bins), obs=obs, var=pd.DataFrame(index=genes))
-
-
-def training_cells(vocab) -> ad.AnnData:
-    """The tokenised cells of the training tests: `synthetic_tokenised` on 60 vocabulary genes."""
-    return synthetic_tokenised([g for g in vocab if g.isalnum() and g.isupper()][:60])
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +30,13 @@ def data(vocab):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data, vocab):
-    return pretrain(data, tmp_path_factory.mktemp("pre"), MODEL, SETTINGS, vocab)
+    return pretrain(data, tmp_path_factory.mktemp("pre"), TRAIN_MODEL, TRAIN_SETTINGS, vocab)
 
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, data, pretrained):
     out = tmp_path_factory.mktemp("ft")
-    return out, finetune(data, out, SETTINGS, pretrained)
+    return out, finetune(data, out, TRAIN_SETTINGS, pretrained)
 
 
 def without_seconds(metrics: dict) -> dict:
@@ -111,9 +77,9 @@ def test_finetune_writes_outputs_with_sane_metrics(finetuned, data):
     ]  # fmt: skip
     assert json.loads((out / "metrics.json").read_text()) == metrics
     n_test = int((data.obs["split"] == "test").sum())
-    assert metrics["n_cells"] == n_test and metrics["classes"] == CLASSES
+    assert metrics["n_cells"] == n_test and metrics["classes"] == TRAIN_CLASSES
     assert metrics["accuracy"] > 0.8  # chance is 1/3
-    assert set(metrics["per_class_f1"]) == set(CLASSES)
+    assert set(metrics["per_class_f1"]) == set(TRAIN_CLASSES)
     assert -math.log(3) < metrics["mean_log_likelihood"] <= 0
     assert metrics["epochs_run"] == 2 and metrics["best_epoch"] in (1, 2)
     assert np.asarray(metrics["confusion"]).sum() == n_test
@@ -123,7 +89,7 @@ def test_finetune_writes_outputs_with_sane_metrics(finetuned, data):
     assert best == history["val_loss"].min()
     model, config, _ = load_checkpoint(out / "checkpoint")
     assert config.n_cls == 3
-    assert json.loads((out / "checkpoint" / "args.json").read_text())["classes"] == CLASSES
+    assert json.loads((out / "checkpoint" / "args.json").read_text())["classes"] == TRAIN_CLASSES
 
 
 CPU_ONLY = pytest.mark.skipif(
@@ -134,7 +100,7 @@ CPU_ONLY = pytest.mark.skipif(
 @CPU_ONLY
 def test_finetune_is_deterministic(tmp_path, finetuned, data, pretrained):
     out, metrics = finetuned
-    again = finetune(data, tmp_path, SETTINGS, pretrained)
+    again = finetune(data, tmp_path, TRAIN_SETTINGS, pretrained)
     assert without_seconds(again) == without_seconds(metrics)
     assert_same_weights(out / "checkpoint", tmp_path / "checkpoint")
 
@@ -145,27 +111,31 @@ def test_interrupted_run_resumes_to_the_same_model(
 ):
     out, metrics = finetuned
     real_step = train.train_step
-    monkeypatch.setattr(train, "train_step", die_in_epoch_2(real_step, data, SETTINGS.batch_size))
+    monkeypatch.setattr(
+        train, "train_step", die_in_epoch_2(real_step, data, TRAIN_SETTINGS.batch_size)
+    )
     with pytest.raises(KeyboardInterrupt), all_or_nothing():  # as the CLI runs it
-        finetune(data, tmp_path, SETTINGS, pretrained)
+        finetune(data, tmp_path, TRAIN_SETTINGS, pretrained)
     state = torch.load(tmp_path / train.STATE_FILE, weights_only=True)
     assert state["epoch"] == 1 and not (tmp_path / "metrics.json").exists()
 
     monkeypatch.setattr(train, "train_step", real_step)
-    resumed = finetune(data, tmp_path, SETTINGS, pretrained)
+    resumed = finetune(data, tmp_path, TRAIN_SETTINGS, pretrained)
     assert without_seconds(resumed) == without_seconds(metrics)
     assert_same_weights(out / "checkpoint", tmp_path / "checkpoint")
     assert not (tmp_path / train.STATE_FILE).exists()
 
 
 def test_state_of_other_settings_is_not_resumed(tmp_path, monkeypatch, data, pretrained):
-    other = TrainSettings(**{**vars(SETTINGS), "seed": 7, "epochs": 1})
+    other = TrainSettings(**{**vars(TRAIN_SETTINGS), "seed": 7, "epochs": 1})
     reference = finetune(data, tmp_path / "reference", other, pretrained)
     state_file = tmp_path / "state.pt"
     real_step = train.train_step
-    monkeypatch.setattr(train, "train_step", die_in_epoch_2(real_step, data, SETTINGS.batch_size))
+    monkeypatch.setattr(
+        train, "train_step", die_in_epoch_2(real_step, data, TRAIN_SETTINGS.batch_size)
+    )
     with pytest.raises(KeyboardInterrupt):
-        finetune(data, tmp_path / "a", SETTINGS, pretrained, state_file=state_file)
+        finetune(data, tmp_path / "a", TRAIN_SETTINGS, pretrained, state_file=state_file)
     assert torch.load(state_file, weights_only=True)["epoch"] == 1
     monkeypatch.setattr(train, "train_step", real_step)
     # resuming this state with epochs=1 would skip training; it must start over instead
@@ -174,7 +144,7 @@ def test_state_of_other_settings_is_not_resumed(tmp_path, monkeypatch, data, pre
 
 
 def test_masked_expression_objective_while_finetuning(tmp_path, data, pretrained):
-    settings = TrainSettings(**{**vars(SETTINGS), "epochs": 1, "mlm_weight": 0.5})
+    settings = TrainSettings(**{**vars(TRAIN_SETTINGS), "epochs": 1, "mlm_weight": 0.5})
     metrics = finetune(data, tmp_path, settings, pretrained)
     assert np.isfinite(metrics["history"][0]["train_loss"])
     # the objective adds a masked-value MSE (bins up to 50) to the cross-entropy
@@ -207,7 +177,7 @@ def test_single_class_is_a_user_error(tmp_path, data, pretrained):
     one = data.copy()
     one.obs["label"] = pd.Categorical(["astro"] * one.n_obs)
     with pytest.raises(UserError, match="two or more classes"):
-        finetune(one, tmp_path, SETTINGS, pretrained)
+        finetune(one, tmp_path, TRAIN_SETTINGS, pretrained)
     assert not any(tmp_path.iterdir())
 
 
@@ -215,9 +185,9 @@ def test_data_without_known_genes_is_a_user_error(tmp_path, data, pretrained, vo
     renamed = data.copy()
     renamed.var_names = [f"NOT_A_GENE_{i}" for i in range(renamed.n_vars)]
     with pytest.raises(UserError, match="vocabulary"):
-        finetune(renamed, tmp_path, SETTINGS, pretrained)
+        finetune(renamed, tmp_path, TRAIN_SETTINGS, pretrained)
     with pytest.raises(UserError, match="vocabulary"):
-        pretrain(renamed, tmp_path, MODEL, SETTINGS, vocab)
+        pretrain(renamed, tmp_path, TRAIN_MODEL, TRAIN_SETTINGS, vocab)
     assert not any(tmp_path.iterdir())
 
 
@@ -247,7 +217,7 @@ def test_logs_get_one_line_per_epoch_and_no_progress_bar(tmp_path, data, vocab, 
 
     settings = TrainSettings(epochs=1, batch_size=32, max_seq_len=16)
     with caplog.at_level(logging.INFO, logger="superweights.model.train"):
-        pretrain(data, tmp_path, MODEL, settings, vocab)
+        pretrain(data, tmp_path, TRAIN_MODEL, settings, vocab)
     err = capfd.readouterr().err
     assert "\r" not in err and "it/s" not in err  # no bar in a non-terminal stream
     steps = -(-int((data.obs["split"] == "train").sum()) // 32)

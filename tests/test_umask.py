@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import CHECKPOINT_VOCAB, random_model, released_args
 from superweights.model.checkpoint import load_checkpoint, save_checkpoint
 from superweights.outputs import current_umask, write_h5ad, write_json, write_text, write_tsv
-from test_checkpoint import VOCAB, random_model, released_args
 
 
 @pytest.fixture(params=[0o022, 0o002], ids=["022", "002"])
@@ -31,7 +31,9 @@ def test_current_umask_is_read_without_changing_it(umask):
 
 def test_checkpoint_folder_and_files_follow_the_umask(tmp_path, umask):
     model = random_model(released_args(), n_cls=3)
-    folder = save_checkpoint(model, model.config, VOCAB, tmp_path / "results" / "checkpoint")
+    folder = save_checkpoint(
+        model, model.config, CHECKPOINT_VOCAB, tmp_path / "results" / "checkpoint"
+    )
     assert mode(folder) == 0o777 & ~umask  # not mkdtemp's 0o700
     files = sorted(folder.iterdir())
     assert [p.name for p in files] == [
@@ -42,7 +44,7 @@ def test_checkpoint_folder_and_files_follow_the_umask(tmp_path, umask):
     ]
     for path in files:  # model.safetensors was -rw------- whatever the umask
         assert mode(path) == 0o666 & ~umask, path.name
-    save_checkpoint(model, model.config, VOCAB, folder)  # replacing keeps the modes
+    save_checkpoint(model, model.config, CHECKPOINT_VOCAB, folder)  # replacing keeps the modes
     assert mode(folder) == 0o777 & ~umask
     assert {mode(p) for p in folder.iterdir()} == {0o666 & ~umask}
     load_checkpoint(folder)
