@@ -1,5 +1,6 @@
 """Imports between the library's modules, read from the source with `ast` (nothing is
-imported): no cycle, and every import goes down the layers. Imports inside functions count."""
+imported): no cycle, and every import goes down the layers. Imports inside functions count.
+Test modules import shared builders from helpers.py, never from each other."""
 
 import ast
 from pathlib import Path
@@ -115,3 +116,19 @@ def test_no_import_cycle():
     for module in edges:
         if module not in state:
             visit(module)
+
+
+def test_no_test_module_imports_another():
+    """Shared builders live in helpers.py and fixtures in conftest.py, never in a test module."""
+    found = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module]
+            found += [
+                f"tests/{path.name}:{node.lineno} imports {name}"
+                for name in names
+                if name.split(".")[0].startswith("test_") or name == "conftest"
+            ]
+    assert not found, "\n".join(found)
