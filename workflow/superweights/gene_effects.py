@@ -504,3 +504,34 @@ def write_outputs(result: GeneEffectResult, outputs) -> list[Path]:
     paths = named_paths(outputs, OUTPUT_FILES)
     tables = [write_tsv(paths[name], getattr(result, name)) for name in OUTPUT_TABLES]
     return [*tables, write_json(paths["summary"], result.summary)]
+
+
+def run(
+    inputs,
+    outputs,
+    settings: GeneEffectSettings,
+    *,
+    n_unconfirmed: int = 0,
+    score: str = "cell-type",
+    mask_ratio: float = 0.15,
+) -> GeneEffectResult:
+    """The causal gene stage: the gene effects of `inputs["candidates"]` of
+    `inputs["checkpoint"]` on `inputs["data"]`, against `inputs["nulls"]` where given;
+    write the tables (`write_outputs`) to `outputs`.
+
+    `score` "cell-type": a fine-tuned classifier (`gene_effects`); "masked-expression": a
+    starting checkpoint, with `mask_ratio` of each cell's genes masked
+    (`gene_effects_base.base_gene_effects`).
+    """
+    args = (inputs["data"], inputs["checkpoint"], inputs["candidates"], settings)
+    options = {"nulls": inputs.get("nulls"), "n_unconfirmed": n_unconfirmed}
+    if score == "cell-type":
+        result = gene_effects(*args, **options)
+    elif score == "masked-expression":
+        from .gene_effects_base import base_gene_effects
+
+        result = base_gene_effects(*args, **options, mask_ratio=mask_ratio)
+    else:
+        raise UserError(f"score must be cell-type or masked-expression, not {score!r}")
+    write_outputs(result, outputs)
+    return result
