@@ -258,6 +258,19 @@ def cmd_quantize(args) -> None:
     print(f"wrote quantize.tsv, contrasts.tsv and quantize.png to {args.out}")
 
 
+def cmd_persistence(args) -> None:
+    from . import persistence
+    from .ablate import AblateSettings
+
+    inputs = by_name(
+        args, "data", "base", "finetuned", "base_confirmed", "finetuned_confirmed",
+        "base_candidates", "finetuned_candidates", "spikes",
+    )  # fmt: skip
+    table = persistence.run(inputs, args.out, settings_from(args, AblateSettings))
+    for row in table.itertuples():
+        print(f"{row.candidate}: {row.status}")
+
+
 def cmd_report(args) -> None:
     from . import report
 
@@ -433,6 +446,24 @@ def build_parser() -> argparse.ArgumentParser:
     settings_arguments(p, QuantizeSettings)
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("persistence", help="super weights of the starting and the fine-tuned"
+                       " checkpoint, side by side")  # fmt: skip
+    p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+    p.add_argument("--base", required=True, help="starting checkpoint folder")
+    p.add_argument("--finetuned", required=True, help="fine-tuned checkpoint folder")
+    p.add_argument("--base-confirmed", required=True,
+                   help="the starting checkpoint's confirmed.tsv (confirm)")  # fmt: skip
+    p.add_argument("--finetuned-confirmed", required=True, help="ablate's confirmed.tsv")
+    p.add_argument("--base-candidates", help="the starting checkpoint's probe candidates.tsv")
+    p.add_argument("--finetuned-candidates", help="the fine-tuned checkpoint's probe"
+                                                  " candidates.tsv")  # fmt: skip
+    p.add_argument("--spikes", nargs="*", default=[], metavar="TSV",
+                   help="spikes_over_training.tsv of pretraining (if run) and fine-tuning, in"
+                        " that order")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder")
+    settings_arguments(p, AblateSettings)
+    p.set_defaults(func=cmd_persistence)
+
     p = sub.add_parser("report", help="the HTML report of a results/<dataset> folder")
     p.add_argument("--results", required=True, help="results/<dataset> folder")
     p.add_argument("--dataset", default="demo", help="the dataset's name in the config")
@@ -472,6 +503,9 @@ EXAMPLES = {
     " channels/null_genes.tsv --out enrich/",
     "quantize": "superweights quantize --checkpoint finetune/checkpoint --data tokenised.h5ad"
     " --super-weights ablate/confirmed.tsv --out quantize/",
+    "persistence": "superweights persistence --data tokenised.h5ad --base pretrain/checkpoint"
+    " --finetuned finetune/checkpoint --base-confirmed base/confirm/confirmed.tsv"
+    " --finetuned-confirmed ablate/confirmed.tsv --out persistence/",
     "report": "superweights report --results results/demo --out report.html",
     "inspect": "superweights inspect scGPT_brain/",
 }
