@@ -6,5 +6,6 @@ with rule_log(snakemake):
         snakemake.input,
         snakemake.output,
         ablate.AblateSettings(**snakemake.params.settings),
+        score=snakemake.params.get("score"),  # confirm_base: the confirmation alone
         selection_splits=snakemake.params.probe_splits,
     )
