@@ -58,14 +58,14 @@ from .scores import PRECISIONS, CellTypeScore, MaskedExpressionScore
 log = logging.getLogger(__name__)
 
 CELL_TYPE = "cell type"
+SPLITS = ("train", "val", "test")
+CELL_NULLS = 99
+"""Null weights per candidate whose per-cell effects go to cells.h5ad (the first draws)."""
 SCORES = {
     "cell-type": "log p(true cell type) per cell",
     "masked-expression": "masked-expression log-likelihood per cell",
 }
 """What each score of a confirmation measures, as the summaries state it."""
-SPLITS = ("train", "val", "test")
-CELL_NULLS = 99
-"""Null weights per candidate whose per-cell effects go to cells.h5ad (the first draws)."""
 
 
 @dataclass

@@ -613,6 +613,9 @@ cell-level (association)."""
 RANKING_ROLES = {"causal": "primary", "token": "descriptive: where the unit fires",
                  "cell": "cell-level association"}  # fmt: skip
 """The `role` column of summary.tsv: the causal ranking is the primary one."""
+RANKING_INPUTS = ("genes", "association", "null_genes", "causal", "null_causal")
+"""`run`'s inputs by name: the tables of `enrich_candidates` (the channel map's, the cells
+stage's and the causal rankings, and their null weights' rankings)."""
 
 
 def candidate_dirname(candidate: str) -> str:
@@ -832,11 +835,6 @@ def _enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets, settings
         **_best(table, "top"),
         **_best(ad_rows(table), "top_ad"),
     }, found
-
-
-RANKING_INPUTS = ("genes", "association", "null_genes", "causal", "null_causal")
-"""The tables `enrich_candidates` reads, by input name (gene_effects', the channel map's and
-the cells stage's)."""
 
 
 def run(inputs, outputs, settings: EnrichSettings, *, gene_sets: GeneSetSettings) -> pd.DataFrame:
