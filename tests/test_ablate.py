@@ -3,6 +3,8 @@ not, the tables and figures are written, and the model is kept. The model is
 `helpers.planted_model`, trained on `helpers.tokenised` cells.
 """
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -242,6 +244,8 @@ def test_confirm_cli_on_a_classifier_and_on_a_checkpoint_without_one(setup, tmp_
     )
     confirmed = pd.read_csv(tmp_path / "a" / "confirmed.tsv", sep="\t")
     assert confirmed["confirmed"].all() and "confirmed" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["score"] == "log p(true cell type) per cell"  # the score "auto" chose
     # The quantize stage from the command line, holding the confirmed weight out.
     quantize = ["quantize", "--checkpoint", str(classifier), "--data", str(data),
                 "--super-weights", str(tmp_path / "a" / "confirmed.tsv"), "--out",
@@ -261,6 +265,8 @@ def test_confirm_cli_on_a_classifier_and_on_a_checkpoint_without_one(setup, tmp_
     )
     frame = pd.read_csv(tmp_path / "b" / "confirmed.tsv", sep="\t")
     assert len(frame) == 1 and np.isfinite(frame["effect"]).all()
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["score"] == "masked-expression log-likelihood per cell"
     # A bad table: one line, exit 2, nothing written.
     bad = tmp_path / "bad.tsv"
     setup["cands"].drop(columns="col").to_csv(bad, sep="\t", index=False)

@@ -62,6 +62,26 @@ def test_a_weight_kept_through_fine_tuning_persists_and_a_shrunk_one_is_lost(tmp
     again = persistence(adata, base_dir, tuned_dir, base_confirmed, tested, settings)
     assert again.set_index("candidate").loc["L1[2,3]", "status"] == "lost in fine-tuning"
     assert set(again["activation_status"]) == {"spikes in neither"}  # no probe tables given
+    # The stage from the command line: the same table, its figure and the spikes figure.
+    from superweights.cli import main
+
+    adata.write_h5ad(tmp_path / "data.h5ad")
+    tables = {"base-confirmed": base_confirmed, "finetuned-confirmed": tuned_confirmed,
+              "base-candidates": base_probe, "finetuned-candidates": tuned_probe}  # fmt: skip
+    args = ["persistence", "--data", str(tmp_path / "data.h5ad"), "--base", str(base_dir),
+            "--finetuned", str(tuned_dir), "--out", str(tmp_path / "cli"), "--n-boot", "50",
+            "--max-seq-len", "17", "--batch-size", "64", "--max-cells", "200"]  # fmt: skip
+    for name, frame in tables.items():
+        frame.to_csv(tmp_path / f"{name}.tsv", sep="\t", index=False)
+        args += [f"--{name}", str(tmp_path / f"{name}.tsv")]
+    assert main(args) == 0
+    written = pd.read_csv(tmp_path / "cli" / "persistence.tsv", sep="\t")
+    pd.testing.assert_frame_equal(written, table, check_dtype=False)
+    assert {p.name for p in (tmp_path / "cli").iterdir()} == {
+        "persistence.tsv",
+        "persistence.png",
+        "spikes_over_training.png",
+    }
 
 
 def test_status_is_judged_only_where_both_models_tested():

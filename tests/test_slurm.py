@@ -21,14 +21,21 @@ LOCAL_RULES = {"fetch", "report"}
 
 
 def rules_declaring_gpu() -> set[str]:
-    """Rules whose `resources:` ask for a GPU, read from the rule files themselves."""
-    rules = set()
+    """Rules whose `resources:` ask for a GPU, read from the rule files themselves; a rule
+    made by `use rule A as B with:` asks for one as A does, unless it sets its own resources."""
+    gpu, base = {}, {}
     for path in (ROOT / "workflow" / "rules").glob("*.smk"):
-        for block in re.split(r"^(?=rule \w+:)", path.read_text(), flags=re.M):
-            name = re.match(r"rule (\w+):", block)
-            if name and re.search(r"^\s+gpu=", block, flags=re.M):
-                rules.add(name.group(1))
-    return rules
+        for block in re.split(r"^(?=rule \w+:|use rule )", path.read_text(), flags=re.M):
+            if name := re.match(r"rule (\w+):", block):
+                rule = name.group(1)
+            elif name := re.match(r"use rule (\w+) as (\w+)", block):
+                rule = name.group(2)
+                if not re.search(r"^\s+resources:", block, flags=re.M):
+                    base[rule] = name.group(1)
+            else:
+                continue
+            gpu[rule] = bool(re.search(r"^\s+gpu=", block, flags=re.M))
+    return {rule for rule in gpu if gpu[rule] or gpu.get(base.get(rule), False)}
 
 
 GPU_RULES = rules_declaring_gpu()

@@ -1,4 +1,4 @@
-rule probe_base:
+use rule probe as probe_base with:
     input:
         data="results/{dataset}/preprocess/tokenised.h5ad",
         checkpoint=init_checkpoint,
@@ -14,20 +14,11 @@ rule probe_base:
         "results/{dataset}/logs/probe_base.log",
     benchmark:
         "results/{dataset}/benchmarks/probe_base.tsv"
-    conda:
-        "../../envs/model.yaml"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=60,
-        gpu=1,
-    params:
-        settings=config["probe"],
-    script:
-        "../scripts/probe.py"
 
 
-rule confirm_base:
+# A starting checkpoint has no classifier: the ablate script confirms its candidates alone
+# (no follow-up tables), by the masked-expression log-likelihood.
+use rule ablate as confirm_base with:
     input:
         data="results/{dataset}/preprocess/tokenised.h5ad",
         checkpoint=init_checkpoint,
@@ -41,17 +32,8 @@ rule confirm_base:
         "results/{dataset}/logs/confirm_base.log",
     benchmark:
         "results/{dataset}/benchmarks/confirm_base.tsv"
-    conda:
-        "../../envs/model.yaml"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
     params:
-        settings=ablate_settings,
-    script:
-        "../scripts/confirm_base.py"
+        score="masked-expression",
 
 
 # Spike statistics over training: pretraining's (when it ran here), then fine-tuning's.

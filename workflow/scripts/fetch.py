@@ -1,11 +1,10 @@
-from pathlib import Path
-
-from superweights.data.fetch import fetch
+from superweights.data import fetch
 from superweights.rule_io import rule_log
 
 with rule_log(snakemake):
-    fetch(
-        snakemake.params.source,
+    fetch.run(
+        snakemake.input,
+        snakemake.output,
         snakemake.params.config,
-        Path(snakemake.output.h5ad),
+        source=snakemake.params.source,
     )

@@ -1,14 +1,10 @@
-from superweights.gene_effects import GeneEffectSettings, gene_effects, write_outputs
+from superweights import gene_effects
 from superweights.rule_io import rule_log
 
 with rule_log(snakemake):
-    inp = snakemake.input
-    result = gene_effects(
-        inp.data,
-        inp.checkpoint,
-        inp.candidates,
-        GeneEffectSettings(**snakemake.params.settings),
-        nulls=inp.nulls,
+    gene_effects.run(
+        snakemake.input,
+        snakemake.output,
+        gene_effects.GeneEffectSettings(**snakemake.params.settings),
         n_unconfirmed=snakemake.params.channels["n_unconfirmed"],
     )
-    write_outputs(result, snakemake.output)

@@ -1,13 +1,9 @@
-from superweights.channels import ChannelSettings, map_channels, write_outputs
+from superweights import channels
 from superweights.rule_io import rule_log
 
 with rule_log(snakemake):
-    inp = snakemake.input
-    result = map_channels(
-        inp.data,
-        inp.checkpoint,
-        inp.candidates,
-        ChannelSettings(**snakemake.params.settings),
-        nulls=inp.nulls,
+    channels.run(
+        snakemake.input,
+        snakemake.output,
+        channels.ChannelSettings(**snakemake.params.settings),
     )
-    write_outputs(result, snakemake.output)

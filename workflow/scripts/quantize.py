@@ -1,15 +1,10 @@
-from superweights.quantize import QuantizeSettings, quantize_checkpoint, write_outputs
-from superweights.quantize_plots import write_figures
+from superweights import quantize
 from superweights.rule_io import rule_log
 
 with rule_log(snakemake):
-    inp = snakemake.input
-    result = quantize_checkpoint(
-        inp.data,
-        inp.checkpoint,
-        inp.super_weights,
-        QuantizeSettings(**snakemake.params.settings),
+    quantize.run(
+        snakemake.input,
+        snakemake.output,
+        quantize.QuantizeSettings(**snakemake.params.settings),
         seed=snakemake.params.seed,
     )
-    write_outputs(result, snakemake.output)
-    write_figures(result.table, snakemake.output)

@@ -1,10 +1,10 @@
-from superweights.report import build_report
+from superweights import report
 from superweights.rule_io import rule_log
 
 with rule_log(snakemake):
-    build_report(
+    report.run(
         snakemake.input,
-        snakemake.wildcards.dataset,
+        snakemake.output,
         snakemake.params.config,
-        snakemake.output.html,
+        dataset=snakemake.wildcards.dataset,
     )

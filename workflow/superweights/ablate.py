@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 CELL_TYPE = "cell type"
 CELL_NULLS = 99
 """Null weights per candidate whose per-cell effects go to cells.h5ad (the first draws)."""
+SCORES = {
+    "cell-type": "log p(true cell type) per cell",
+    "masked-expression": "masked-expression log-likelihood per cell",
+}
+"""What each score of a confirmation measures, as the summaries state it."""
 
 
 @dataclass
@@ -147,6 +152,8 @@ OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {
     "summary": "summary.json",
     "cells_h5ad": "cells.h5ad",
 }
+CONFIRM_FILES = ("confirmed", "nulls", "topk", "summary")
+"""The files of a confirmation alone (`run` with a score), named as in `OUTPUT_FILES`."""
 
 
 def select_targets(model: ScGPTModel, candidates: pd.DataFrame, n_strongest: int):
@@ -220,7 +227,7 @@ def run_ablation(
         "n_cells": len(labels),
         "n_donors": n_donors,
         "split": settings.split,
-        "score": "log p(true cell type) per cell",
+        "score": SCORES["cell-type"],
         "original_log_likelihood": float(result.base_scores.mean()),
         "original_accuracy": float((score.log_probs(model).argmax(1) == labels).mean()),
         "n_candidates": len(confirmed),
@@ -539,6 +546,13 @@ def ablate(
     return result
 
 
+def checkpoint_score(data: ad.AnnData, checkpoint: str | Path) -> str:
+    """The score "auto" stands for: "cell-type" when the checkpoint's classifier head fits
+    the data's cell types, else "masked-expression"."""
+    n_cls = checkpoint_config(*read_args_and_vocab(Path(checkpoint)), None).n_cls
+    return "cell-type" if n_cls == len(class_names(data)) else "masked-expression"
+
+
 def confirm_checkpoint(
     tokenised: ad.AnnData | str | Path,
     checkpoint: str | Path,
@@ -553,13 +567,11 @@ def confirm_checkpoint(
     types), "masked-expression" (Gaussian log-likelihood of masked values; any checkpoint)
     or "auto" (cell-type when the head fits the data, else masked-expression).
     """
-    if score not in ("auto", "cell-type", "masked-expression"):
-        raise UserError(f"score must be auto, cell-type or masked-expression, not {score!r}")
     if score == "auto":
-        data = read_tokenised(tokenised)
-        n_cls = checkpoint_config(*read_args_and_vocab(Path(checkpoint)), None).n_cls
-        score = "cell-type" if n_cls == len(class_names(data)) else "masked-expression"
-        tokenised = data
+        tokenised = read_tokenised(tokenised)
+        score = checkpoint_score(tokenised, checkpoint)
+    if score not in SCORES:
+        raise UserError(f"score must be auto, cell-type or masked-expression, not {score!r}")
     labelled = score == "cell-type"
     cells = load_test_cells(
         tokenised, checkpoint, batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
@@ -593,3 +605,46 @@ def write_outputs(result: AblationResult, outputs) -> list[Path]:
     tables = [write_tsv(paths[name], getattr(result, name)) for name in OUTPUT_TABLES]
     cell_map = write_h5ad(result.cell_map, paths["cells_h5ad"])
     return [*tables, write_json(paths["summary"], result.summary), cell_map]
+
+
+def run(
+    inputs,
+    outputs,
+    settings: AblateSettings,
+    *,
+    score: str | None = None,
+    selection_splits: tuple[str, ...] = (),
+) -> AblationResult | Confirmation:
+    """The pruning stage: test `inputs["candidates"]` of `inputs["checkpoint"]` on
+    `inputs["data"]` and write the results to `outputs`.
+
+    Without `score`, the ablation of a fine-tuned classifier (`ablate`, with
+    `selection_splits`): every table of `write_outputs` and the figures of `ablate_plots`.
+    With a `score` of `confirm_checkpoint` ("auto", "cell-type", "masked-expression"), the
+    confirmation alone, for any checkpoint: the `CONFIRM_FILES`, its summary naming the
+    score used.
+    """
+    checkpoint, candidates = inputs["checkpoint"], inputs["candidates"]
+    if score is None:
+        from .ablate_plots import write_figures
+
+        result = ablate(
+            inputs["data"], checkpoint, candidates, settings, selection_splits=selection_splits
+        )
+        write_outputs(result, outputs)
+        write_figures(result, outputs)
+        return result
+    data = read_tokenised(inputs["data"])
+    score = checkpoint_score(data, checkpoint) if score == "auto" else score
+    confirmation = confirm_checkpoint(data, checkpoint, candidates, settings, score)
+    paths = named_paths(outputs, {name: OUTPUT_FILES[name] for name in CONFIRM_FILES})
+    write_tsv(paths["confirmed"], confirmation.to_frame())
+    write_tsv(paths["nulls"], confirmation.nulls)
+    write_tsv(paths["topk"], confirmation.topk)
+    summary = {
+        "score": SCORES[score],
+        "warning": confirmation.warning,
+        "settings": confirmation.settings,
+    }
+    write_json(paths["summary"], summary)
+    return confirmation

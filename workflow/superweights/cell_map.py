@@ -34,7 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import false_discovery_control
 
-from .data.preprocess import normalise
+from .data.preprocess import normalise, read_tokenised
 from .errors import UserError
 from .outputs import cell_key, named_paths, write_h5ad, write_json, write_tsv
 
@@ -49,6 +49,7 @@ MIN_GROUP = 3
 """Cells a donor × cell type group needs to enter the association."""
 OUTPUT_FILES = {"cells": "cells.h5ad", "association": "association.tsv",
                 "summary": "summary.json"}  # fmt: skip
+FIGURE_FILES = {"figure": "umap.png"}
 
 
 @dataclass
@@ -251,3 +252,24 @@ def write_outputs(result: CellMapResult, outputs) -> list[Path]:
         write_tsv(paths["association"], result.association),
         write_json(paths["summary"], result.summary),
     ]
+
+
+def run(inputs, outputs, settings) -> CellMapResult:
+    """The cells stage: `map_cells` of the pruning stage's `inputs["cells"]` with the
+    expression of `inputs["data"]`; write the files of `write_outputs` and the cell map
+    figure (`FIGURE_FILES`) to `outputs`.
+
+    `settings`: `min_cells`, `seed` and `n_permutations` by name (the channels section).
+    """
+    from .cell_map_plots import write_cell_map_figure
+
+    result = map_cells(
+        read_cells(inputs["cells"]),
+        read_tokenised(inputs["data"]),
+        min_cells=settings["min_cells"],
+        seed=settings["seed"],
+        n_permutations=settings["n_permutations"],
+    )
+    write_outputs(result, outputs)
+    write_cell_map_figure(result.cells, named_paths(outputs, FIGURE_FILES)["figure"])
+    return result

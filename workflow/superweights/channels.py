@@ -597,3 +597,18 @@ def write_outputs(result: ChannelResult, outputs) -> list[Path]:
     paths = named_paths(outputs, OUTPUT_FILES)
     tables = [write_tsv(paths[name], getattr(result, name)) for name in OUTPUT_TABLES]
     return [*tables, write_json(paths["summary"], result.summary)]
+
+
+def run(inputs, outputs, settings: ChannelSettings) -> ChannelResult:
+    """The channel map stage: `map_channels` of `inputs["candidates"]` of
+    `inputs["checkpoint"]` on `inputs["data"]`, with `inputs["nulls"]` where given; write
+    the tables (`write_outputs`) to `outputs`."""
+    result = map_channels(
+        inputs["data"],
+        inputs["checkpoint"],
+        inputs["candidates"],
+        settings,
+        nulls=inputs.get("nulls"),
+    )
+    write_outputs(result, outputs)
+    return result

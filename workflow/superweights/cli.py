@@ -73,6 +73,11 @@ def settings_from(args: argparse.Namespace, settings_class):
     return settings_class(**{n: getattr(args, n) for n in names})
 
 
+def by_name(args: argparse.Namespace, *names: str) -> dict:
+    """The parsed arguments `names` by name: a stage's inputs, as a rule names them."""
+    return {name: getattr(args, name) for name in names}
+
+
 def cmd_demo_data(args) -> None:
     from .data.demo import write_demo_rosmap, write_demo_seaad
 
@@ -133,177 +138,144 @@ def config_for(args) -> dict:
 
 
 def cmd_fetch(args) -> None:
-    from .data.fetch import fetch
+    from .data import fetch
 
     config = config_for(args)
     sources = {d["name"]: d["source"] for d in config["datasets"]}
     source = args.source or sources.get(args.dataset)
     if source is None:
         raise UserError(f"dataset '{args.dataset}' is not in the config's datasets")
-    fetch(source, config, Path(args.out), args.cache_dir)
+    fetch.run({}, {"h5ad": args.out}, config, source=source, cache_dir=args.cache_dir)
 
 
 def cmd_preprocess(args) -> None:
-    from .data.preprocess import PreprocessSettings, preprocess
-    from .data.qc_plot import plot_qc
-    from .outputs import write_h5ad, write_tsv
+    from .data import preprocess
 
-    tokenised, qc = preprocess(args.input, settings_from(args, PreprocessSettings), args.vocab)
     out = Path(args.out)
-    qc_path = write_tsv(out.with_suffix(".qc.tsv"), qc)
-    plot_qc(qc, out.with_suffix(".qc.png"))
-    write_h5ad(tokenised, out)
-    print(f"wrote {out} ({tokenised.n_obs} cells x {tokenised.n_vars} genes) and {qc_path}")
+    outputs = {"h5ad": out, "qc": out.with_suffix(".qc.tsv"), "figure": out.with_suffix(".qc.png")}
+    inputs = {"data": args.input, "vocab": args.vocab}
+    tokenised, _ = preprocess.run(
+        inputs, outputs, settings_from(args, preprocess.PreprocessSettings)
+    )
+    print(f"wrote {out} ({tokenised.n_obs} cells x {tokenised.n_vars} genes) and {outputs['qc']}")
 
 
 def cmd_pretrain(args) -> None:
-    from .data.preprocess import read_tokenised
-    from .data.vocab import genes_vocab
-    from .model.train import ModelSettings, TrainSettings, pretrain
+    from . import pretrain
+    from .model.train import ModelSettings, TrainSettings
 
-    data = read_tokenised(args.input)
-    pretrain(
-        data,
-        args.out_dir,
-        settings_from(args, ModelSettings),
-        settings_from(args, TrainSettings),
-        genes_vocab(data.var_names),  # preprocess's vocabulary when it had no checkpoint
-    )
+    settings, model = settings_from(args, TrainSettings), settings_from(args, ModelSettings)
+    pretrain.run({"data": args.input}, args.out_dir, settings, model=model)
 
 
 def cmd_finetune(args) -> None:
-    from .model.distributed import init_world
-    from .model.train import TrainSettings, finetune
-    from .model.train_plots import plot_confusion, plot_training_curves
+    from . import finetune
+    from .model.train import TrainSettings
 
-    metrics = finetune(args.input, args.out_dir, settings_from(args, TrainSettings), args.init)
-    if init_world().main:
-        out = Path(args.out_dir)
-        plot_confusion(metrics, out / "confusion.png")
-        plot_training_curves(metrics["history"], out / "training_curve.png")
+    inputs = {"data": args.input, "init": args.init}
+    finetune.run(inputs, args.out_dir, settings_from(args, TrainSettings))
 
 
 def cmd_probe(args) -> None:
-    from .probe_cells import ProbeSettings, probe_checkpoint, write_outputs
-    from .probe_plots import write_figures
+    from . import probe_cells
 
-    result = probe_checkpoint(args.data, args.checkpoint, settings_from(args, ProbeSettings))
-    write_outputs(result, args.out)
-    write_figures(result, args.out)
+    inputs = by_name(args, "data", "checkpoint")
+    result = probe_cells.run(inputs, args.out, settings_from(args, probe_cells.ProbeSettings))
     print(result.summary["statement"])
 
 
 def cmd_confirm(args) -> None:
-    from .ablate import AblateSettings, confirm_checkpoint
-    from .outputs import write_json, write_tsv
+    from . import ablate
 
-    settings = settings_from(args, AblateSettings)
-    result = confirm_checkpoint(args.data, args.checkpoint, args.candidates, settings, args.score)
-    out = Path(args.out)
-    write_tsv(out / "confirmed.tsv", result.to_frame())
-    write_tsv(out / "nulls.tsv", result.nulls)
-    write_tsv(out / "topk.tsv", result.topk)
-    write_json(out / "summary.json", {"warning": result.warning, "settings": result.settings})
+    inputs = by_name(args, "data", "checkpoint", "candidates")
+    settings = settings_from(args, ablate.AblateSettings)
+    result = ablate.run(inputs, args.out, settings, score=args.score)
     for row in result.to_frame().itertuples():
         print(f"{row.candidate}: {row.reason}")
 
 
 def cmd_ablate(args) -> None:
-    from .ablate import AblateSettings, ablate, write_outputs
-    from .ablate_plots import write_figures
+    from . import ablate
 
-    settings = settings_from(args, AblateSettings)
-    result = ablate(args.data, args.checkpoint, args.candidates, settings,
-                    selection_splits=tuple(args.probe_splits))  # fmt: skip
-    write_outputs(result, args.out)
-    write_figures(result, args.out)
+    inputs = by_name(args, "data", "checkpoint", "candidates")
+    settings = settings_from(args, ablate.AblateSettings)
+    result = ablate.run(inputs, args.out, settings, selection_splits=args.probe_splits)
     for candidate, reason in result.summary["decisions"].items():
         print(f"{candidate}: {reason}")
 
 
 def cmd_cells(args) -> None:
-    from .cell_map import map_cells, read_cells, write_outputs
-    from .cell_map_plots import write_cell_map_figure
-    from .data.preprocess import read_tokenised
+    from . import cell_map
 
-    cells = read_cells(args.cells)
-    result = map_cells(
-        cells, read_tokenised(args.data), args.min_cells, args.seed, args.n_permutations
-    )
-    written = write_outputs(result, args.out)
-    written.append(write_cell_map_figure(result.cells, Path(args.out) / "umap.png"))
+    settings = by_name(args, "min_cells", "seed", "n_permutations")
+    result = cell_map.run(by_name(args, "cells", "data"), args.out, settings)
     for note in result.summary["notes"]:
         print(note)
-    print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
+    print(f"wrote the cell map and the gene-effect association to {args.out}")
 
 
 def cmd_map(args) -> None:
-    from .channels import ChannelSettings, map_channels, write_outputs
+    from . import channels
 
-    result = map_channels(
-        args.data, args.checkpoint, args.candidates, settings_from(args, ChannelSettings),
-        nulls=args.nulls,
-    )  # fmt: skip
-    write_outputs(result, args.out)
+    inputs = by_name(args, "data", "checkpoint", "candidates", "nulls")
+    result = channels.run(inputs, args.out, settings_from(args, channels.ChannelSettings))
     print(
         f"wrote gene rankings of {result.summary.get('n_channels', 'the')} channel(s) to {args.out}"
     )
 
 
 def cmd_genes(args) -> None:
-    from .gene_effects import GeneEffectSettings, gene_effects, write_outputs
-    from .gene_effects_base import base_gene_effects
+    from . import gene_effects, gene_effects_base
 
-    settings = settings_from(args, GeneEffectSettings)
+    inputs = by_name(args, "data", "checkpoint", "candidates", "nulls")
+    settings = settings_from(args, gene_effects.GeneEffectSettings)
     if args.masked_expression:
-        result = base_gene_effects(
-            args.data, args.checkpoint, args.candidates, settings, nulls=args.nulls,
-            n_unconfirmed=args.n_unconfirmed, mask_ratio=args.mask_ratio,
+        result = gene_effects_base.run(
+            inputs, args.out, settings, n_unconfirmed=args.n_unconfirmed,
+            mask_ratio=args.mask_ratio,
         )  # fmt: skip
     else:
-        result = gene_effects(
-            args.data, args.checkpoint, args.candidates, settings, nulls=args.nulls,
-            n_unconfirmed=args.n_unconfirmed,
-        )  # fmt: skip
-    write_outputs(result, args.out)
+        result = gene_effects.run(inputs, args.out, settings, n_unconfirmed=args.n_unconfirmed)
     n = len(result.summary["candidates"])
     print(f"wrote causal gene rankings of {n} candidate(s) to {args.out}")
 
 
 def cmd_enrich(args) -> None:
-    import pandas as pd
+    from . import enrich
 
-    from .enrich import EnrichSettings, GeneSetSettings, enrich_candidates, load_gene_sets
-    from .enrich_plots import plot_candidates
-
-    def read(path):
-        return pd.read_csv(path, sep="\t") if path else None
-
-    gene_sets = load_gene_sets(settings_from(args, GeneSetSettings))
-    enrich_candidates(
-        read(args.genes), gene_sets, settings_from(args, EnrichSettings), args.out,
-        read(args.association), read(args.null_genes), read(args.causal), read(args.null_causal),
-    )  # fmt: skip
-    plot_candidates(args.out)
+    inputs = by_name(args, *enrich.RANKING_INPUTS)
+    gene_sets = settings_from(args, enrich.GeneSetSettings)
+    enrich.run(inputs, args.out, settings_from(args, enrich.EnrichSettings), gene_sets=gene_sets)
     print(f"wrote enrichment tables and plots to {args.out}")
 
 
 def cmd_quantize(args) -> None:
-    from .quantize import QuantizeSettings, quantize_checkpoint, write_outputs
-    from .quantize_plots import write_figures
+    from . import quantize
 
-    settings = settings_from(args, QuantizeSettings)
-    result = quantize_checkpoint(
-        args.data, args.checkpoint, args.super_weights, settings, seed=args.finetune_seed
-    )
-    print(f"wrote {write_outputs(result, args.out)} and {write_figures(result.table, args.out)}")
+    inputs = by_name(args, "data", "checkpoint", "super_weights")
+    settings = settings_from(args, quantize.QuantizeSettings)
+    quantize.run(inputs, args.out, settings, seed=args.finetune_seed)
+    print(f"wrote quantize.tsv, contrasts.tsv and quantize.png to {args.out}")
+
+
+def cmd_persistence(args) -> None:
+    from . import persistence
+    from .ablate import AblateSettings
+
+    inputs = by_name(
+        args, "data", "base", "finetuned", "base_confirmed", "finetuned_confirmed",
+        "base_candidates", "finetuned_candidates", "spikes",
+    )  # fmt: skip
+    table = persistence.run(inputs, args.out, settings_from(args, AblateSettings))
+    for row in table.itertuples():
+        print(f"{row.candidate}: {row.status}")
 
 
 def cmd_report(args) -> None:
-    from .report import build_report
+    from . import report
 
     config = config_for(args)
-    path = build_report(args.results, args.dataset, config, Path(args.out))
+    path = report.run(args.results, {"html": args.out}, config, dataset=args.dataset)
     print(f"wrote {path}")
 
 
@@ -474,6 +446,24 @@ def build_parser() -> argparse.ArgumentParser:
     settings_arguments(p, QuantizeSettings)
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("persistence", help="super weights of the starting and the fine-tuned"
+                       " checkpoint, side by side")  # fmt: skip
+    p.add_argument("--data", required=True, help="tokenised .h5ad from preprocess")
+    p.add_argument("--base", required=True, help="starting checkpoint folder")
+    p.add_argument("--finetuned", required=True, help="fine-tuned checkpoint folder")
+    p.add_argument("--base-confirmed", required=True,
+                   help="the starting checkpoint's confirmed.tsv (confirm)")  # fmt: skip
+    p.add_argument("--finetuned-confirmed", required=True, help="ablate's confirmed.tsv")
+    p.add_argument("--base-candidates", help="the starting checkpoint's probe candidates.tsv")
+    p.add_argument("--finetuned-candidates", help="the fine-tuned checkpoint's probe"
+                                                  " candidates.tsv")  # fmt: skip
+    p.add_argument("--spikes", nargs="*", default=[], metavar="TSV",
+                   help="spikes_over_training.tsv of pretraining (if run) and fine-tuning, in"
+                        " that order")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder")
+    settings_arguments(p, AblateSettings)
+    p.set_defaults(func=cmd_persistence)
+
     p = sub.add_parser("report", help="the HTML report of a results/<dataset> folder")
     p.add_argument("--results", required=True, help="results/<dataset> folder")
     p.add_argument("--dataset", default="demo", help="the dataset's name in the config")
@@ -513,6 +503,9 @@ EXAMPLES = {
     " channels/null_genes.tsv --out enrich/",
     "quantize": "superweights quantize --checkpoint finetune/checkpoint --data tokenised.h5ad"
     " --super-weights ablate/confirmed.tsv --out quantize/",
+    "persistence": "superweights persistence --data tokenised.h5ad --base pretrain/checkpoint"
+    " --finetuned finetune/checkpoint --base-confirmed base/confirm/confirmed.tsv"
+    " --finetuned-confirmed ablate/confirmed.tsv --out persistence/",
     "report": "superweights report --results results/demo --out report.html",
     "inspect": "superweights inspect scGPT_brain/",
 }

@@ -57,7 +57,7 @@ import requests
 from scipy.stats import false_discovery_control, mannwhitneyu
 
 from .errors import UserError
-from .outputs import write_json, write_tsv
+from .outputs import named_paths, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -613,6 +613,9 @@ cell-level (association)."""
 RANKING_ROLES = {"causal": "primary", "token": "descriptive: where the unit fires",
                  "cell": "cell-level association"}  # fmt: skip
 """The `role` column of summary.tsv: the causal ranking is the primary one."""
+RANKING_INPUTS = ("genes", "association", "null_genes", "causal", "null_causal")
+"""`run`'s inputs by name: the tables of `enrich_candidates` (the channel map's, the cells
+stage's and the causal rankings, and their null weights' rankings)."""
 
 
 def candidate_dirname(candidate: str) -> str:
@@ -832,3 +835,28 @@ def _enrich_one(candidate, confirmed, kind, folder, ranking, gene_sets, settings
         **_best(table, "top"),
         **_best(ad_rows(table), "top_ad"),
     }, found
+
+
+def run(inputs, outputs, settings: EnrichSettings, *, gene_sets: GeneSetSettings) -> pd.DataFrame:
+    """The enrichment stage: `enrich_candidates` of the `RANKING_INPUTS` among `inputs` with
+    the libraries of `gene_sets`; write its tables and figures (`enrich_plots`) into
+    `outputs`, a folder (or named outputs with the folder `enrich`). Returns the summary."""
+    from .enrich_plots import plot_candidates
+
+    tables = {
+        name: pd.read_csv(inputs[name], sep="\t") if inputs.get(name) else None
+        for name in RANKING_INPUTS
+    }
+    out_dir = named_paths(outputs, {"enrich": ""})["enrich"]
+    summary = enrich_candidates(
+        tables["genes"],
+        load_gene_sets(gene_sets),
+        settings,
+        out_dir,
+        tables["association"],
+        tables["null_genes"],
+        tables["causal"],
+        tables["null_causal"],
+    )
+    plot_candidates(out_dir)
+    return summary

@@ -13,7 +13,6 @@ from pathlib import Path
 import gseapy
 import pandas as pd
 
-from .enrich import EXPLORATORY, ad_rows
 from .outputs import save_figure
 
 DPI = 120
@@ -56,17 +55,20 @@ def _label(term: str, library: str, width: int = 60) -> str:
     return f"{term} [{library}]"
 
 
-def plot_candidate(folder, title: str, n_terms: int = 5, exploratory: bool = False) -> list[Path]:
+def plot_candidate(folder, title: str, n_terms: int = 5, status: str = "") -> list[Path]:
     """`dotplot.png`, `gsea_top<i>.png` for the `n_terms` top terms and `gsea_ad<i>.png` for
-    the `n_terms` top AD terms of the candidate whose tables are in `folder`."""
+    the `n_terms` top AD terms (prerank rows of `ad_terms.tsv`) of the candidate whose tables
+    are in `folder`; a `status` other than confirmed (the summary's) goes into the titles."""
     folder = Path(folder)
     table = pd.read_csv(folder / "prerank.tsv", sep="\t")
+    ad = pd.read_csv(folder / "ad_terms.tsv", sep="\t")
     saved = json.loads((folder / "gsea_curves.json").read_text())
     curves = {(c["library"], c["Term"]): c for c in saved["curves"]}
+    exploratory = bool(status) and status != "confirmed"
     if exploratory:
-        title = f"{title}: {EXPLORATORY}"
+        title = f"{title}: {status}"
     paths = [dotplot(table, folder / "dotplot.png", title, 3 * n_terms)]
-    for prefix, rows in (("top", table), ("ad", ad_rows(table))):
+    for prefix, rows in (("top", table), ("ad", ad[ad["analysis"] == "prerank"])):
         for i, row in enumerate(rows.head(n_terms).itertuples(index=False), 1):
             curve = curves[(row.library, row.Term)]
             path = folder / f"gsea_{prefix}{i}.png"
@@ -81,9 +83,8 @@ def plot_candidates(out_dir, n_terms: int = 5) -> list[Path]:
     for row in summary.itertuples(index=False):
         folder = Path(out_dir) / row.folder
         if (folder / "gsea_curves.json").is_file():
-            confirmed = str(row.confirmed).lower() == "true"
             ranking = getattr(row, "ranking", "token")
             kind = "causal" if ranking == "causal" else f"{ranking}-level"
             title = f"{row.candidate}, {kind} ranking"
-            paths += plot_candidate(folder, title, n_terms, exploratory=not confirmed)
+            paths += plot_candidate(folder, title, n_terms, status=row.status)
     return paths

@@ -504,3 +504,16 @@ def write_outputs(result: GeneEffectResult, outputs) -> list[Path]:
     paths = named_paths(outputs, OUTPUT_FILES)
     tables = [write_tsv(paths[name], getattr(result, name)) for name in OUTPUT_TABLES]
     return [*tables, write_json(paths["summary"], result.summary)]
+
+
+def run(inputs, outputs, settings: GeneEffectSettings, *, n_unconfirmed: int = 0):
+    """The causal gene stage of a fine-tuned classifier: `gene_effects` of
+    `inputs["candidates"]` of `inputs["checkpoint"]` on `inputs["data"]`, against
+    `inputs["nulls"]` where given; write the tables (`write_outputs`) to `outputs`. The
+    starting model's counterpart is `gene_effects_base.run`."""
+    result = gene_effects(
+        inputs["data"], inputs["checkpoint"], inputs["candidates"], settings,
+        nulls=inputs.get("nulls"), n_unconfirmed=n_unconfirmed,
+    )  # fmt: skip
+    write_outputs(result, outputs)
+    return result

@@ -51,6 +51,7 @@ from .gene_effects import (
     _concat,
     rank_channels,
     rank_genes,
+    write_outputs,
 )
 from .model.finetuned import load_test_cells
 from .model.scgpt import ScGPTModel
@@ -230,3 +231,19 @@ def base_gene_effects(
                            "the confirmation's nulls.tsv has them")  # fmt: skip
     return base_causal_gene_effects(cells.model, cells.batches, channels, cells.vocab, settings,
                                     mask_ratio, cells.obs, drawn)  # fmt: skip
+
+
+def run(
+    inputs, outputs, settings: GeneEffectSettings, *, n_unconfirmed: int = 0,
+    mask_ratio: float = 0.15,
+) -> GeneEffectResult:  # fmt: skip
+    """The causal gene stage of a starting checkpoint: `base_gene_effects` of
+    `inputs["candidates"]` of `inputs["checkpoint"]` on `inputs["data"]` with `mask_ratio` of
+    each cell's genes masked, against `inputs["nulls"]` where given; write the tables
+    (`gene_effects.write_outputs`) to `outputs`."""
+    result = base_gene_effects(
+        inputs["data"], inputs["checkpoint"], inputs["candidates"], settings,
+        nulls=inputs.get("nulls"), n_unconfirmed=n_unconfirmed, mask_ratio=mask_ratio,
+    )  # fmt: skip
+    write_outputs(result, outputs)
+    return result

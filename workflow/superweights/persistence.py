@@ -23,6 +23,8 @@ from .ablate import AblateSettings
 from .confirm import candidate_id, weight_effects
 from .editing import read_candidates
 from .model.finetuned import load_test_cells
+from .model.spikes import read_spikes
+from .outputs import named_paths, write_tsv
 from .scores import CellTypeScore, MaskedExpressionScore
 
 COLUMNS = [
@@ -33,6 +35,11 @@ COLUMNS = [
     "weight_finetuned", "relative_change", "base_effect", "base_ci_low", "base_ci_high",
     "finetuned_effect", "finetuned_ci_low", "finetuned_ci_high",
 ]  # fmt: skip
+OUTPUT_FILES = {
+    "table": "persistence.tsv",
+    "figure": "persistence.png",
+    "spikes_figure": "spikes_over_training.png",
+}
 ACTIVATION_STATUS = {
     (True, True): "spikes in both",
     (True, False): "spikes only before fine-tuning",
@@ -132,3 +139,31 @@ def _accepted(candidates) -> set[tuple[str, int, int]]:
     table = table[table["accepted"]]
     return set(zip(table["module"], table["row"].astype(int), table["col"].astype(int),
                    strict=True))  # fmt: skip
+
+
+def run(inputs, outputs, settings: AblateSettings) -> pd.DataFrame:
+    """The persistence stage: the `persistence` table of the starting (`inputs["base"]`) and
+    the fine-tuned (`inputs["finetuned"]`) checkpoint on `inputs["data"]`, from their
+    confirmations (`base_confirmed`, `finetuned_confirmed`) and, where given, probes
+    (`base_candidates`, `finetuned_candidates`); write it, its figure and the figure of the
+    training phases' spike tables (`spikes`, in order) to `outputs` (`OUTPUT_FILES`).
+    """
+    from .model.spikes_plots import plot_spikes
+    from .persistence_plots import write_figure
+
+    paths = named_paths(outputs, OUTPUT_FILES)
+    table = persistence(
+        inputs["data"],
+        inputs["base"],
+        inputs["finetuned"],
+        inputs["base_confirmed"],
+        inputs["finetuned_confirmed"],
+        settings,
+        base_candidates=inputs.get("base_candidates"),
+        finetuned_candidates=inputs.get("finetuned_candidates"),
+    )
+    write_tsv(paths["table"], table)
+    write_figure(table, paths["figure"])
+    spikes = [read_spikes(path) for path in inputs.get("spikes") or []]
+    plot_spikes(spikes, paths["spikes_figure"])
+    return table

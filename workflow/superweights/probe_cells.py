@@ -432,3 +432,14 @@ def write_outputs(result: ScgptProbe, outputs) -> list[Path]:
     paths = named_paths(outputs, OUTPUT_FILES)
     tables = [write_tsv(paths[name], getattr(result, name)) for name in OUTPUT_TABLES]
     return [*tables, write_json(paths["summary"], result.summary)]
+
+
+def run(inputs, outputs, settings: ProbeSettings) -> ScgptProbe:
+    """The probe stage: probe `inputs["checkpoint"]` on `inputs["data"]`; write the tables
+    (`write_outputs`) and the figures (`probe_plots.write_figures`) to `outputs`."""
+    from .probe_plots import write_figures
+
+    result = probe_checkpoint(inputs["data"], inputs["checkpoint"], settings)
+    write_outputs(result, outputs)
+    write_figures(result, outputs)
+    return result

@@ -711,3 +711,17 @@ def quantize_checkpoint(
         test.model, test.batches, test.classes, read_super_weights(super_weights), settings,
         selection_batches=validation, donors=test.obs["donor"].astype(str).to_numpy(), seed=seed,
     )  # fmt: skip
+
+
+def run(inputs, outputs, settings: QuantizeSettings, *, seed: int) -> Quantization:
+    """The quantization stage: `quantize_checkpoint` of `inputs["checkpoint"]` on
+    `inputs["data"]`, holding out `inputs["super_weights"]`; write the tables
+    (`write_outputs`) and the figure (`quantize_plots.write_figures`) to `outputs`."""
+    from .quantize_plots import write_figures
+
+    result = quantize_checkpoint(
+        inputs["data"], inputs["checkpoint"], inputs["super_weights"], settings, seed=seed
+    )
+    write_outputs(result, outputs)
+    write_figures(result.table, outputs)
+    return result

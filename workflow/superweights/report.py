@@ -1260,3 +1260,11 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
     out_path = Path(out_path)
     write_text(out_path, html)
     return out_path
+
+
+def run(inputs, outputs, settings: dict, *, dataset: str) -> Path:
+    """The report stage: `build_report` of `dataset` from `inputs` (the folder
+    results/<dataset> or the inputs by name) with its config `settings`, written to
+    `outputs` (a folder, or named outputs with `html`)."""
+    path = named_paths(outputs, {"html": "report.html"})["html"]
+    return build_report(inputs, dataset, settings, path)

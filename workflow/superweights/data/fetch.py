@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import named_paths
 from .download import link_or_copy
 from .h5ad_stream import open_h5ad
 from .rosmap import fetch_rosmap
@@ -79,3 +80,11 @@ def fetch(source: str, cfg: dict, out: Path, cache_dir: str | Path | None = None
         backoff=http["backoff_seconds"],
         timeout=http["timeout_seconds"],
     )
+
+
+def run(inputs, outputs, settings: dict, *, source: str, cache_dir=None) -> Path:
+    """The fetch stage: `fetch` the raw data of `source` with the dataset's config
+    `settings` to `outputs` (a folder, or named outputs with `h5ad`); it reads no `inputs`
+    (a source's files come from its config section)."""
+    out = named_paths(outputs, {"h5ad": "data.h5ad"})["h5ad"]
+    return fetch(source, settings, out, cache_dir)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..genes import GENES_OF_INTEREST
+from ..outputs import named_paths, write_h5ad, write_tsv
 from .h5ad_stream import check_counts, find_counts, open_h5ad, read_frame
 from .vocab import genes_vocab, load_vocab, mostly_ensembl, vocab_overlap
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 QC_FLAG_COLUMN = "Used in analysis"
 SPLITS = ("train", "val", "test")
 HVG_FLAVORS = ("seurat_v3", "seurat")
+OUTPUT_FILES = {"h5ad": "tokenised.h5ad", "qc": "qc.tsv", "figure": "qc.png"}
 
 
 @dataclass
@@ -500,3 +502,18 @@ def qc_table(obs, flag, metrics, passed, rows, tokenised, report, settings) -> p
         {"step": "donors", "group": donors["split"].astype(str), "count": donors["donor"]}
     )
     return pd.concat([frame, composition, donors], ignore_index=True)
+
+
+def run(inputs, outputs, settings: PreprocessSettings) -> tuple[ad.AnnData, pd.DataFrame]:
+    """The preprocess stage: `preprocess` `inputs["data"]` with the vocabulary
+    `inputs["vocab"]` (a checkpoint's vocab.json or folder; none: the data's own genes);
+    write the QC table, its figure (`qc_plot`) and the tokenised h5ad to `outputs`
+    (`OUTPUT_FILES`)."""
+    from .qc_plot import plot_qc
+
+    paths = named_paths(outputs, OUTPUT_FILES)
+    tokenised, qc = preprocess(inputs["data"], settings, inputs.get("vocab") or None)
+    write_tsv(paths["qc"], qc)
+    plot_qc(qc, paths["figure"])
+    write_h5ad(tokenised, paths["h5ad"])
+    return tokenised, qc
