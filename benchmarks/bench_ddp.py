@@ -52,7 +52,7 @@ def synthetic_cells(args) -> ad.AnnData:
     x = sp.csr_matrix((bins, (rows, cols)), shape=(args.cells, args.genes))
     split = rng.choice(["train", "val", "test"], size=args.cells, p=[0.7, 0.15, 0.15])
     obs = pd.DataFrame(
-        {"label": pd.Categorical([f"type{i}" for i in labels]), "split": split},
+        {"cell_type": pd.Categorical([f"type{i}" for i in labels]), "split": split},
         index=[f"cell{i}" for i in range(args.cells)],
     )
     return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=genes))

@@ -83,7 +83,7 @@ def synthetic_tokenised(genes: list[str], n_cells: int = 600, seed: int = 0) -> 
     split = np.array(["train", "train", "train", "val", "test"])[donors]
     obs = pd.DataFrame(
         {
-            "label": pd.Categorical(np.array(TRAIN_CLASSES)[labels], categories=TRAIN_CLASSES),
+            "cell_type": pd.Categorical(np.array(TRAIN_CLASSES)[labels], categories=TRAIN_CLASSES),
             "donor": [f"d{d}" for d in donors],
             "split": pd.Categorical(split, categories=["train", "val", "test"]),
         },
@@ -135,7 +135,7 @@ def tokenised(n: int = 800, seed: int = 0) -> ad.AnnData:
     split[: n // 2] = "train"
     obs = pd.DataFrame(
         {
-            "label": pd.Categorical([CLASSES[t] for t in types], categories=CLASSES),
+            "cell_type": pd.Categorical([CLASSES[t] for t in types], categories=CLASSES),
             "split": split,
             "Braak": rng.choice(["Braak II", "Braak V"], n),
             # Donors never span splits: test donors D0-D7, training T*, validation V*.

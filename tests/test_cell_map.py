@@ -40,7 +40,7 @@ def synthetic(n_per_type: int = 48, seed: int = 0, flat: bool = False, driven: b
     tokenised = ad.AnnData(
         X=sp.csr_matrix(counts),
         obs=pd.DataFrame(
-            {"total_counts": counts.sum(1) + 500, "label": kind, "split": "test"}, index=ids
+            {"total_counts": counts.sum(1) + 500, "cell_type": kind, "split": "test"}, index=ids
         ),
         var=pd.DataFrame(index=GENES),
         layers={"counts": sp.csr_matrix(counts)},

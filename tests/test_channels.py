@@ -89,7 +89,7 @@ def _batches(cells, batch_size=5):
 
 OBS = pd.DataFrame(
     {
-        "label": ["A", "B"] * (N_CELLS // 2),
+        "cell_type": ["A", "B"] * (N_CELLS // 2),
         "ADNC": pd.Categorical(["High"] * 4 + ["Low"] * 6 + [np.nan] * 2, ["Low", "High"]),
     }
 )

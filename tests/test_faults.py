@@ -38,7 +38,7 @@ def tokenised(tmp_path_factory, vocab_genes, vocab):
     donors = [DONORS[i % 6] for i in range(n)]
     obs = pd.DataFrame(
         {
-            "label": pd.Categorical([TYPES[(i // 6) % 3] for i in range(n)], categories=TYPES),
+            "cell_type": pd.Categorical([TYPES[(i // 6) % 3] for i in range(n)], categories=TYPES),
             "donor": donors,
             "split": pd.Categorical([SPLIT_OF[d] for d in donors], ["train", "val", "test"]),
         },

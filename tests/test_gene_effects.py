@@ -342,7 +342,7 @@ def test_end_to_end_from_checkpoint_and_tokenised_data(tmp_path):
         bins[i, genes] = vals
     obs = pd.DataFrame(
         {
-            "label": pd.Categorical([f"t{i % N_CLS}" for i in range(30)]),
+            "cell_type": pd.Categorical([f"t{i % N_CLS}" for i in range(30)]),
             "split": ["test"] * 24 + ["train"] * 6,
             "donor": [f"D{i % 4}" for i in range(24)] + ["T0"] * 6,
         },
@@ -512,7 +512,7 @@ def test_base_end_to_end_from_a_checkpoint_without_a_classifier(tmp_path):
     for i, (genes, vals) in enumerate(cells):
         bins[i, genes] = vals
     obs = pd.DataFrame(
-        {"label": pd.Categorical([f"t{i % 2}" for i in range(60)]),
+        {"cell_type": pd.Categorical([f"t{i % 2}" for i in range(60)]),
          "split": ["test"] * 50 + ["train"] * 10,
          "donor": [f"D{i % 5}" for i in range(50)] + ["T0"] * 10},
         index=[f"c{i}" for i in range(60)],

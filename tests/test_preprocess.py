@@ -14,6 +14,7 @@ from superweights.data.preprocess import (
     PreprocessSettings,
     bin_row,
     preprocess,
+    read_tokenised,
     split_donors,
 )
 from superweights.errors import UserError
@@ -58,9 +59,19 @@ def test_preprocess_outputs(counts_h5ad, counts_adata):
     per_donor = tok.obs.groupby("donor", observed=True)["split"].nunique()
     assert (per_donor == 1).all()
     assert set(tok.obs["split"]) == {"train", "val", "test"}
-    assert list(tok.obs["label"].cat.categories) == ["type0", "type1", "type2", "type3"]
+    assert list(tok.obs["cell_type"].cat.categories) == ["type0", "type1", "type2", "type3"]
     kept = qc.set_index("step").loc["cell_types_and_caps", "count"]
     assert kept == tok.n_obs
+
+
+def test_tokenised_data_of_earlier_versions_reads_label_as_cell_type(counts_h5ad, tmp_path):
+    tok, _ = preprocess(counts_h5ad, settings())
+    old = tok.copy()
+    old.obs = old.obs.rename(columns={"cell_type": "label"})
+    old.write_h5ad(tmp_path / "old.h5ad")
+    read = read_tokenised(tmp_path / "old.h5ad")
+    assert "label" not in read.obs
+    pd.testing.assert_series_equal(read.obs["cell_type"], tok.obs["cell_type"])
 
 
 def test_preprocess_is_chunk_size_invariant_and_seeded(counts_h5ad):
@@ -132,8 +143,8 @@ def test_caps_and_rare_types(tmp_path, counts_adata, caplog):
     path = tmp_path / "rare.h5ad"
     counts_adata.write_h5ad(path)
     tok, _ = preprocess(path, settings(max_cells_per_type=100))
-    assert "rare" not in set(tok.obs["label"])
-    assert tok.obs["label"].value_counts().max() == 100
+    assert "rare" not in set(tok.obs["cell_type"])
+    assert tok.obs["cell_type"].value_counts().max() == 100
     assert "rare" in caplog.text
 
 

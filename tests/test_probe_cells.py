@@ -38,7 +38,7 @@ def tokenised(vocab_genes, vocab):
     bins = np.where(rng.random((n, len(genes))) < 0.4, rng.integers(1, 51, (n, len(genes))), 0)
     obs = pd.DataFrame(
         {
-            "label": pd.Categorical(labels, categories=TYPES),
+            "cell_type": pd.Categorical(labels, categories=TYPES),
             "split": [("train", "val", "test")[(i // 3) % 3] for i in range(n)],
             "Overall AD neuropathological Change": [("Not AD", "High")[i % 2] for i in range(n)],
         },
@@ -192,8 +192,9 @@ def test_sample_respects_cells_per_type_and_splits(tokenised):
     rows = sample_cells(obs, ProbeSettings(cells_per_type=3, splits=("test",)))
     picked = obs.iloc[rows]
     assert (picked["split"] == "test").all()
-    assert picked["label"].value_counts().tolist() == [3, 3, 3]
-    assert list(picked["label"]) == sorted(picked["label"], key=TYPES.index)  # grouped by type
+    assert picked["cell_type"].value_counts().tolist() == [3, 3, 3]
+    grouped = sorted(picked["cell_type"], key=TYPES.index)
+    assert list(picked["cell_type"]) == grouped
     again = sample_cells(obs, ProbeSettings(cells_per_type=3, splits=("test",)))
     other_seed = sample_cells(obs, ProbeSettings(cells_per_type=3, splits=("test",), seed=1))
     assert np.array_equal(rows, again) and not np.array_equal(rows, other_seed)

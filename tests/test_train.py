@@ -175,7 +175,7 @@ def test_classification_metrics_by_hand():
 
 def test_single_class_is_a_user_error(tmp_path, data, pretrained):
     one = data.copy()
-    one.obs["label"] = pd.Categorical(["astro"] * one.n_obs)
+    one.obs["cell_type"] = pd.Categorical(["astro"] * one.n_obs)
     with pytest.raises(UserError, match="two or more classes"):
         finetune(one, tmp_path, TRAIN_SETTINGS, pretrained)
     assert not any(tmp_path.iterdir())

@@ -42,7 +42,7 @@ def test_outputs_are_consistent_across_stages(small_run):
     metrics = json.loads((small_run / "finetune/metrics.json").read_text())
     test_cells = int((tokenised.obs["split"] == "test").sum())
     assert metrics["n_cells"] == test_cells
-    assert metrics["classes"] == list(tokenised.obs["label"].cat.categories)
+    assert metrics["classes"] == list(tokenised.obs["cell_type"].cat.categories)
     candidates = pd.read_csv(small_run / "probe/candidates.tsv", sep="\t")
     confirmed = pd.read_csv(small_run / "ablate/confirmed.tsv", sep="\t")
     assert len(candidates) > 0

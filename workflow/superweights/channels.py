@@ -12,7 +12,7 @@ forward hooks record at every token of every cell (gene tokens and `<cls>`):
 
 A gene occurs at most once per cell, so a gene's mean is over the `n_cells` cells whose
 sequence holds it; `<cls>` occurs in every cell and is reported apart (`cls.tsv`). Means are
-taken over all cells ("all"), per cell type (`obs["label"]`) and per level of each strata
+taken over all cells ("all"), per cell type (`obs["cell_type"]`) and per level of each strata
 column (e.g. ADNC).
 
 Gene score, a z-score against magnitude-matched null weights: the ones the confirmation
@@ -349,7 +349,7 @@ def _strata(obs: pd.DataFrame | None, n_cells: int, columns: Sequence[str]):
     """[(stratum_type, stratum)] and a [partitions, cells] index array (-1 = not in any)."""
     names = [(ALL, ALL)]
     codes = [np.zeros(n_cells, dtype=np.int64)]
-    partitions = [("label", CELL_TYPE)] + [(c, c) for c in columns]
+    partitions = [("cell_type", CELL_TYPE)] + [(c, c) for c in columns]
     for column, kind in partitions:
         if obs is None or column not in obs.columns:
             log.info("no obs column %r: no strata by it", column)

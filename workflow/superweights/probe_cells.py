@@ -1,6 +1,6 @@
 """The super-weight probe on an scGPT model, with cells as prompts.
 
-A stratified sample of cells (up to `cells_per_type` per `obs["label"]`, from the chosen
+A stratified sample of cells (up to `cells_per_type` per `obs["cell_type"]`, from the chosen
 splits) is tokenised as in training and run through `find_super_weights` once. Then each
 cell is looked at on its own: hooks on every down-projection record, per cell and layer,
 where the largest |input| and |output| sit (token, channel) and how far above that cell's
@@ -46,7 +46,7 @@ CANDIDATE_COLUMNS = [
     "n_cell_types", "top_genes",
 ]  # fmt: skip
 CELL_COLUMNS = [
-    "cell_id", "label", "split", "layer", "input_ratio", "output_ratio", "input_max",
+    "cell_id", "cell_type", "split", "layer", "input_ratio", "output_ratio", "input_max",
     "output_max", "input_channel", "output_channel", "output_gene",
 ]  # fmt: skip
 OUTPUT_TABLES = ("candidates", "layers", "layernorm", "cells")
@@ -122,7 +122,7 @@ def sample_cells(obs: pd.DataFrame, settings: ProbeSettings) -> np.ndarray:
     """
     splits = settings.splits or SPLITS
     eligible = obs["split"].astype(str).isin(splits).to_numpy()
-    labels = obs["label"].astype("category")
+    labels = obs["cell_type"].astype("category")
     rng = np.random.default_rng(settings.seed)
     picked = []
     for label in labels.cat.categories:
@@ -143,7 +143,7 @@ def _prepare(model, adata: ad.AnnData, vocab: dict[str, int], settings) -> _Cell
         batch_size=settings.batch_size, max_seq_len=settings.max_seq_len, seed=settings.seed,
         labelled=False, device=next(model.parameters()).device,
     )  # fmt: skip
-    obs = adata.obs.iloc[positions][["label", "split"]].astype(str)
+    obs = adata.obs.iloc[positions][["cell_type", "split"]].astype(str)
     genes = [
         ids[~pad].cpu().numpy()
         for b in batches
@@ -216,7 +216,7 @@ def _channel_use(spikes: pd.DataFrame, layer: int, row: int, col: int, cells: _C
     hit = (s["in_channel"] == col) & (s["out_channel"] == row) & (s["in_token"] == s["out_token"])
     same = s[hit]
     genes = Counter(cells.gene(c, t) for c, t in zip(same["cell"], same["out_token"], strict=True))
-    labels = cells.obs["label"].to_numpy()
+    labels = cells.obs["cell_type"].to_numpy()
     return {
         "n_cells_same_channel": len(same),
         "n_cells": len(cells.genes),
@@ -229,7 +229,7 @@ def _channel_use(spikes: pd.DataFrame, layer: int, row: int, col: int, cells: _C
 def _where(cells: _Cells, cell: int, token: int) -> dict:
     return {
         "cell_id": cells.obs.index[cell],
-        "cell_type": cells.obs["label"].iloc[cell],
+        "cell_type": cells.obs["cell_type"].iloc[cell],
         "token": token,
         "token_gene": cells.gene(cell, token),
     }
@@ -293,7 +293,7 @@ def _cell_table(spikes: pd.DataFrame, cells: _Cells) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "cell_id": cells.obs.index.to_numpy()[cell],
-            "label": cells.obs["label"].to_numpy()[cell],
+            "cell_type": cells.obs["cell_type"].to_numpy()[cell],
             "split": cells.obs["split"].to_numpy()[cell],
             "layer": spikes["layer"].to_numpy(),
             "input_ratio": spikes["in_ratio"].to_numpy(),
@@ -389,7 +389,7 @@ def probe_scgpt(
     )
     table, spikes = _candidate_table(model, result, cells, settings.n_strongest, first)
     layernorm = _layernorm_table(model, settings.ln_z)
-    per_type = cells.obs["label"].value_counts(sort=False)
+    per_type = cells.obs["cell_type"].value_counts(sort=False)
     per_type = {str(k): int(v) for k, v in per_type.items()}
     accepted = table[table["accepted"]]
     summary = {

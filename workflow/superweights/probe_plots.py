@@ -59,8 +59,8 @@ def plot_layer_spikes(layers: pd.DataFrame, candidates: pd.DataFrame) -> Figure:
 
 def plot_cell_spikes(cells: pd.DataFrame) -> Figure:
     """Cells x layers heatmap of log10 output spike ratio, cells grouped by cell type."""
-    types = list(dict.fromkeys(cells["label"]))
-    order = cells.assign(_type=cells["label"].map(types.index))
+    types = list(dict.fromkeys(cells["cell_type"]))
+    order = cells.assign(_type=cells["cell_type"].map(types.index))
     order = order.sort_values("_type", kind="stable")
     matrix = order.pivot_table(
         index="cell_id", columns="layer", values="output_ratio", aggfunc="first", sort=False
@@ -73,7 +73,7 @@ def plot_cell_spikes(cells: pd.DataFrame) -> Figure:
     fig, ax = plt.subplots(figsize=(10, 6))
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="magma")
     fig.colorbar(image, ax=ax, label="log10 (max |output| / cell median)")
-    labels = order.drop_duplicates("cell_id")["label"].to_numpy()
+    labels = order.drop_duplicates("cell_id")["cell_type"].to_numpy()
     bounds = np.flatnonzero(labels[1:] != labels[:-1]) + 1
     for b in bounds:
         ax.axhline(b - 0.5, color="white", lw=0.8)

@@ -77,7 +77,7 @@ class PreprocessSettings:
 
 
 def read_tokenised(tokenised: ad.AnnData | str | Path) -> ad.AnnData:
-    """The tokenised AnnData (read from a path if needed), checked for `label` and `split`."""
+    """The tokenised AnnData (read from a path if needed), checked for `cell_type` and `split`."""
     if isinstance(tokenised, ad.AnnData):
         adata = tokenised
     else:
@@ -85,7 +85,10 @@ def read_tokenised(tokenised: ad.AnnData | str | Path) -> ad.AnnData:
             adata = ad.read_h5ad(tokenised)
         except (OSError, KeyError) as err:
             raise UserError(f"cannot read the tokenised data {tokenised}: {err}") from err
-    missing = [c for c in ("label", "split") if c not in adata.obs.columns]
+    if "cell_type" not in adata.obs and "label" in adata.obs:  # written by earlier versions
+        log.warning("the tokenised data names its cell types `label`; reading it as `cell_type`")
+        adata.obs = adata.obs.rename(columns={"label": "cell_type"})
+    missing = [c for c in ("cell_type", "split") if c not in adata.obs.columns]
     if missing:
         raise UserError(f"tokenised data lacks obs column(s) {missing}; run preprocess first")
     check_donor_split(adata.obs, tokenised if not isinstance(tokenised, ad.AnnData) else "data")
@@ -93,8 +96,8 @@ def read_tokenised(tokenised: ad.AnnData | str | Path) -> ad.AnnData:
 
 
 def class_names(adata: ad.AnnData) -> list[str]:
-    """Class order of `obs["label"]`; at least two classes must occur in training cells."""
-    labels = adata.obs["label"].astype("category")
+    """Class order of `obs["cell_type"]`; at least two classes must occur in training cells."""
+    labels = adata.obs["cell_type"].astype("category")
     classes = [str(c) for c in labels.cat.categories]
     in_train = labels[(adata.obs["split"] == "train").to_numpy()].nunique()
     if len(classes) < 2 or in_train < 2:
@@ -427,8 +430,9 @@ def preprocess(path: str | Path, settings: PreprocessSettings, vocab_path=None):
 
 
 def split_cells(obs_out: pd.DataFrame, cell_types: list[str], settings) -> pd.DataFrame:
-    """The chosen cells with `label`, `donor` and their donor's `split`."""
-    obs_out["label"] = pd.Categorical(
+    """The chosen cells with `cell_type` (the label column's values), `donor` and their
+    donor's `split`."""
+    obs_out["cell_type"] = pd.Categorical(
         obs_out[settings.label_column].astype(str), categories=cell_types
     )
     obs_out["donor"] = obs_out[settings.donor_column].astype(str)
@@ -487,13 +491,12 @@ def qc_table(obs, flag, metrics, passed, rows, tokenised, report, settings) -> p
         ("genes", "selected", tokenised.n_vars),
     ]
     frame = pd.DataFrame(steps, columns=["step", "group", "count"])
-    composition = (
-        tokenised.obs.groupby(["split", "label"], observed=False).size().reset_index(name="count")
-    )
+    groups = tokenised.obs.groupby(["split", "cell_type"], observed=False)
+    composition = groups.size().reset_index(name="count")
     composition = pd.DataFrame(
         {
             "step": "split_" + composition["split"].astype(str),
-            "group": composition["label"].astype(str),
+            "group": composition["cell_type"].astype(str),
             "count": composition["count"],
         }
     )

@@ -126,7 +126,7 @@ def split_datasets(
     columns, token_ids = gene_token_ids(list(map(str, adata.var_names)), vocab)
     bins = (adata.layers["X_binned"] if "X_binned" in adata.layers else adata.X)[:, columns]
     split = adata.obs["split"].astype(str).to_numpy()
-    codes = adata.obs["label"].astype("category").cat.codes.to_numpy() if labelled else None
+    codes = adata.obs["cell_type"].astype("category").cat.codes.to_numpy() if labelled else None
     datasets = {}
     for name in SPLITS:
         rows = np.flatnonzero(split == name)
