@@ -15,9 +15,8 @@ from superweights.config import (
     settings_classes,
     stage_settings,
 )
-from superweights.enrich import RESOURCE_DIR, read_gmt
 from superweights.errors import UserError
-from superweights.genes import GENES_OF_INTEREST
+from superweights.genes import GENE_SETS_DIR, GENES_OF_INTEREST, read_gmt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema()
@@ -76,7 +75,7 @@ def test_demo_config_keeps_the_defaults_of_the_sources(path):
 
 
 def test_genes_of_interest_are_the_curated_core_genes():
-    curated = read_gmt(RESOURCE_DIR / "alzheimers_curated.gmt")["AD_CORE_GENES"]
+    curated = read_gmt(GENE_SETS_DIR / "alzheimers_curated.gmt")["AD_CORE_GENES"]
     assert sorted(GENES_OF_INTEREST) == sorted(curated)
     assert schema_of("preprocess")["properties"]["genes_of_interest"]["default"] == list(
         GENES_OF_INTEREST

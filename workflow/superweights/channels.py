@@ -54,9 +54,8 @@ from torch import Tensor, nn
 
 from .confirm import null_positions
 from .editing import check_candidate, evaluation, layer_of, read_table, zeroed
-from .enrich import RESOURCE_DIR, read_gmt
 from .errors import UserError
-from .genes import GENES_OF_INTEREST
+from .genes import GENE_SETS_DIR, GENES_OF_INTEREST, read_gmt
 from .model.cells import cell_batches, sample_rows
 from .model.checkpoint import load_checkpoint
 from .model.scgpt import ScGPTModel
@@ -65,7 +64,7 @@ from .outputs import named_paths, write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
-GWAS_GMT = RESOURCE_DIR / "bellenguez2022_gwas.gmt"
+GWAS_GMT = GENE_SETS_DIR / "bellenguez2022_gwas.gmt"
 ALL, CELL_TYPE, CLS = "all", "cell type", "<cls>"
 OUTPUT_TABLES = ("genes", "genes_of_interest", "cls", "channels", "null_genes")
 OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}

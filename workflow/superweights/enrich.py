@@ -46,7 +46,6 @@ import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 
 import blitzgsea.enrichr
@@ -57,6 +56,7 @@ import requests
 from scipy.stats import false_discovery_control, mannwhitneyu
 
 from .errors import UserError
+from .genes import GENE_SETS_DIR, read_gmt
 from .outputs import write_json, write_tsv
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 GeneSets = dict[str, dict[str, list[str]]]
 """Gene-set libraries: library name -> set name -> genes."""
 
-RESOURCE_DIR = files(__package__) / "gene_sets"
 PACKAGED_LIBRARIES = ("GO_Biological_Process_2023", "KEGG_2021_Human")
 AD_LIBRARIES = ("alzheimers_curated", "bellenguez2022_gwas")
 AD_PATTERN = re.compile(r"alzheimer|amyloid|\btau\b|tauopath|microglia|tyrobp", re.IGNORECASE)
@@ -114,7 +113,7 @@ class GeneSetSettings:
     """
 
     packaged: tuple[str, ...] = PACKAGED_LIBRARIES
-    resource_dir: str = str(RESOURCE_DIR)
+    resource_dir: str = str(GENE_SETS_DIR)
     gmt_files: tuple[str, ...] = ()
     enrichr: tuple[str, ...] = ()
     organism: str = "Human"
@@ -190,43 +189,6 @@ class EnrichSettings:
 
 
 # --- gene-set libraries -----------------------------------------------------------------
-
-
-def read_gmt(path: str | Path) -> dict[str, list[str]]:
-    """Sets of a GMT file (name, description, genes; tab-separated); `#` lines are skipped.
-
-    A line without a name, description and at least one gene, a repeated set name and a
-    file without sets are UserErrors naming the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"gene-set file {path} does not exist")
-    sets: dict[str, list[str]] = {}
-    first_seen: dict[str, int] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"gene-set file {path} is not UTF-8 text") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        fields = line.split("\t")
-        name = fields[0].strip()
-        genes = list(dict.fromkeys(g.strip() for g in fields[2:] if g.strip()))
-        if len(fields) < 3 or not name or not genes:
-            raise UserError(
-                f"{path}:{number}: a GMT line needs a set name, a description and at least one "
-                "gene, separated by tabs"
-            )
-        if name in sets:
-            raise UserError(
-                f"{path}:{number}: gene set {name!r} appears again "
-                f"(first on line {first_seen[name]})"
-            )
-        sets[name], first_seen[name] = genes, number
-    if not sets:
-        raise UserError(f"gene-set file {path} holds no gene sets")
-    return sets
 
 
 def packaged_library(name: str) -> dict[str, list[str]]:
