@@ -7,7 +7,7 @@ from snakemake.utils import min_version, validate
 
 from superweights.config import dataset_configs, stage_settings, validate_config
 from superweights.errors import UserError
-from superweights.model.checkpoint import read_args_and_vocab
+from superweights.model.args import read_args_and_vocab
 from superweights.rule_io import USER_ERROR_EXIT
 
 min_version("9.0")
