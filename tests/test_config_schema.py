@@ -1,5 +1,7 @@
-"""The config schema holds each key's default and description; the library agrees with it."""
+"""The config schema holds each key's default and description once; the library's settings
+read theirs from it."""
 
+import ast
 import dataclasses
 import subprocess
 import sys
@@ -8,20 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from superweights.config import (
-    config_readme,
-    load_schema,
-    section,
-    settings_classes,
-    stage_settings,
-)
+import superweights
+from superweights import settings
+from superweights.config import config_readme, load_schema, section, stage_settings
 from superweights.errors import UserError
 from superweights.genes import GENE_SETS_DIR, GENES_OF_INTEREST, read_gmt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema()
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-SETTINGS = settings_classes()
+SETTINGS = settings.SECTIONS
 
 
 def schema_of(path: str) -> dict:
@@ -57,15 +55,36 @@ def test_every_key_has_a_default_and_a_description(path):
 
 
 @pytest.mark.parametrize("path", list(SETTINGS))
-def test_schema_defaults_are_the_library_defaults(path):
+def test_settings_take_their_defaults_and_descriptions_from_the_schema(path):
     spec = schema_of(path)["properties"]
     fields = {f.name: f for f in dataclasses.fields(SETTINGS[path])}
-    assert set(spec) == set(fields), path
+    assert set(fields) == {k for k, sub in spec.items() if not sub.get("deprecated")}, path
+    built = SETTINGS[path]()
     for name, f in fields.items():
-        default, expected = spec[name]["default"], library_default(f)
-        if (path, name) == ("gene_sets", "resource_dir"):  # config: relative to the repository
-            default, expected = (ROOT / default).resolve(), Path(str(expected)).resolve()
-        assert default == expected, f"{path}.{name}: schema {default!r}, library {expected!r}"
+        default = spec[name]["default"]
+        assert library_default(f) == default, f"{path}.{name}"
+        assert f.metadata["description"] == " ".join(spec[name]["description"].split())
+        value = getattr(built, name)
+        if (path, name) == ("gene_sets", "resource_dir"):  # null: the shipped folder
+            default = str(GENE_SETS_DIR)
+        assert (list(value) if isinstance(value, tuple) else value) == default, f"{path}.{name}"
+
+
+def test_no_setting_default_is_written_in_code():
+    """Settings classes live in `settings` only, and state no default of a config key."""
+    package = Path(superweights.__file__).parent
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Settings"):
+                assert path.name == "settings.py", f"{node.name} in {path}"
+    classes = {c.__name__: c for c in vars(settings).values() if hasattr(c, "section")}
+    tree = ast.parse(Path(settings.__file__).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in classes:
+            keys = schema_of(classes[node.name].section)["properties"]
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and item.value is not None:
+                    assert item.target.id not in keys, f"{node.name}.{item.target.id}"
 
 
 @pytest.mark.parametrize("path", ["demo", "seaad", "rosmap", "local", "download"])

@@ -119,9 +119,13 @@ def checkpoint_vocab(wildcards):
 
 
 def gene_set_settings():
-    """Gene-set settings with the shipped resource folder resolved against the workflow."""
+    """Gene-set settings with a configured resource folder resolved against the workflow
+    (none: the shipped one)."""
     settings = dict(config["gene_sets"])
-    settings["resource_dir"] = os.path.join(workflow.basedir, settings["resource_dir"])
+    if settings["resource_dir"]:
+        settings["resource_dir"] = os.path.join(
+            workflow.basedir, settings["resource_dir"]
+        )
     return settings
 
 

@@ -61,6 +61,7 @@ from .model.checkpoint import load_checkpoint
 from .model.scgpt import ScGPTModel
 from .model.train import pick_device, read_tokenised
 from .outputs import named_paths, write_json, write_tsv
+from .settings import ChannelSettings
 
 log = logging.getLogger(__name__)
 
@@ -92,51 +93,6 @@ def default_genes_of_interest() -> tuple[str, ...]:
     """`GENES_OF_INTEREST`, then the Bellenguez et al. 2022 GWAS genes."""
     gwas = [g for genes in read_gmt(GWAS_GMT).values() for g in genes]
     return tuple(dict.fromkeys([*GENES_OF_INTEREST, *gwas]))
-
-
-@dataclass
-class ChannelSettings:
-    """Cells, strata, null and candidates of the channel map.
-
-    `splits`: obs["split"] values whose cells are used (empty: all cells), at most
-    `max_cells` of them (a seeded sample). `strata_columns`: obs columns averaged per level
-    besides the cell type. `n_unconfirmed`: strongest unconfirmed candidates mapped too
-    (flagged `confirmed = False`, exploratory). `n_null`, `band`: the null weights of the
-    z-scores. `min_cells`: cells a gene needs to be ranked (>= 2: its standard error must
-    exist). `genes_of_interest`: None = `default_genes_of_interest()`. `n_permutations`:
-    within donor × cell type permutations of the cell map's gene–effect association.
-    """
-
-    splits: tuple[str, ...] = ("test",)
-    strata_columns: tuple[str, ...] = ("Overall AD neuropathological Change",)
-    genes_of_interest: tuple[str, ...] | None = None
-    n_unconfirmed: int = 0
-    n_null: int = 50
-    band: float = 2.0
-    min_cells: int = 10
-    max_cells: int = 2000
-    batch_size: int = 32
-    max_seq_len: int = 256
-    n_permutations: int = 999
-    seed: int = 0
-
-    def __post_init__(self):
-        self.splits, self.strata_columns = tuple(self.splits), tuple(self.strata_columns)
-        if self.n_permutations < 99:
-            raise UserError(f"n_permutations must be >= 99, got {self.n_permutations}")
-        if self.genes_of_interest is not None:
-            self.genes_of_interest = tuple(self.genes_of_interest)
-        if self.n_unconfirmed < 0 or self.min_cells < 2:
-            raise UserError(
-                f"n_unconfirmed must be >= 0 and min_cells >= 2 (a gene's standard error needs "
-                f"2 cells); got {self.n_unconfirmed}, {self.min_cells}"
-            )
-        if self.n_null < 2 or self.band <= 1:
-            raise UserError(
-                f"n_null must be >= 2 (a null sd) and band > 1; got {self.n_null}, {self.band}"
-            )
-        if self.max_cells < 1 or self.batch_size < 1 or self.max_seq_len < 2:
-            raise UserError("max_cells and batch_size must be >= 1, max_seq_len >= 2")
 
 
 @dataclass

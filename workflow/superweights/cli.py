@@ -4,7 +4,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from importlib.resources import files
 from pathlib import Path
 
 import yaml
@@ -28,25 +27,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def schema_help(settings_class) -> dict[str, str]:
-    """Each field's description in config.schema.yaml, from the section of `settings_class`.
-
-    The section is the one whose keys hold every field of the dataclass. The packaged schema
-    is read as YAML here, not through `config.load_schema`, whose module imports jsonschema:
-    rule environments run this parser without it.
-    """
-    schema = yaml.safe_load((files(__package__) / "config.schema.yaml").read_text())
-    fields = {f.name for f in dataclasses.fields(settings_class)}
-    todo = [*schema["properties"].values(), *schema["definitions"].values()]
-    while todo:
-        spec = todo.pop(0)
-        keys = spec.get("properties", {})
-        if fields <= set(keys):
-            return {
-                name: " ".join(prop["description"].split()).replace("%", "%%")
-                for name, prop in keys.items()
-            }
-        todo += keys.values()
-    raise LookupError(f"config.schema.yaml has no section for {settings_class.__name__}")
+    """Each field's description, as the config schema states it (`settings.from_schema`)."""
+    return {
+        f.name: f.metadata["description"].replace("%", "%%")
+        for f in dataclasses.fields(settings_class)
+        if "description" in f.metadata
+    }
 
 
 def settings_arguments(parser: argparse.ArgumentParser, settings_class) -> None:
@@ -56,15 +42,17 @@ def settings_arguments(parser: argparse.ArgumentParser, settings_class) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         kwargs = {"default": default, "help": helps.get(f.name)}
+        listed = "array" in f.metadata.get("schema", {}).get("type", [])
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif isinstance(default, list | tuple) or default is None:
+        elif isinstance(default, list | tuple) or (default is None and listed):
             item = type(default[0]) if default else str
             parser.add_argument(flag, nargs="*", type=item, metavar="X", **kwargs)
         elif isinstance(default, dict):
             parser.add_argument(flag, type=json.loads, metavar="JSON", **kwargs)
         else:
-            parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kwargs)
+            kind = str if default is None else type(default)
+            parser.add_argument(flag, type=kind, metavar=f.name.upper(), **kwargs)
 
 
 def settings_from(args: argparse.Namespace, settings_class):
@@ -321,13 +309,19 @@ def model_stage(sub, name: str, help_text: str, checkpoint="fine-tuned checkpoin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .ablate import AblateSettings
-    from .channels import ChannelSettings
-    from .data.preprocess import PreprocessSettings
-    from .enrich import EnrichSettings, GeneSetSettings
-    from .model.train import ModelSettings, TrainSettings
-    from .probe_cells import ProbeSettings
-    from .quantize import QuantizeSettings
+    from .settings import (
+        AblateSettings,
+        ChannelSettings,
+        DemoSettings,
+        EnrichSettings,
+        GeneEffectSettings,
+        GeneSetSettings,
+        ModelSettings,
+        PreprocessSettings,
+        ProbeSettings,
+        QuantizeSettings,
+        TrainSettings,
+    )
 
     parser = argparse.ArgumentParser(
         prog="superweights",
@@ -339,10 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="write the embedded SEA-AD-shaped demo h5ad")
     p.add_argument("--out", required=True, help="output .h5ad (or folder with --rosmap)")
-    p.add_argument("--n-cells", type=int, default=8000, help="cells")
-    p.add_argument("--n-genes", type=int, default=2400, help="genes")
-    p.add_argument("--n-donors", type=int, default=60, help="donors (at least 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+    settings_arguments(p, DemoSettings)
     p.add_argument("--rosmap", action="store_true", help="write the ROSMAP-shaped folder instead")
     p.set_defaults(func=cmd_demo_data)
 
@@ -420,8 +411,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     settings_arguments(p, ChannelSettings)
     p.set_defaults(func=cmd_map)
-
-    from .gene_effects import GeneEffectSettings
 
     p = model_stage(sub, "genes", "causal gene effects of the super weights (gene-token ablation)")
     p.add_argument("--candidates", required=True, help="ablate's confirmed.tsv")

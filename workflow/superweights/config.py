@@ -1,20 +1,20 @@
 """The workflow config: its schema (config.schema.yaml, packaged), validation, stage settings.
 
-The schema holds every key's type, default and description; `config/README.md` is generated
-from it (`python -m superweights.config > config/README.md`).
+The schema holds every key's type, default and description, which the library's settings
+(`settings`) read; `config/README.md` is generated from it
+(`python -m superweights.config > config/README.md`).
 """
 
 import sys
 import textwrap
-from importlib.resources import files
 from itertools import groupby
 
 import jsonschema
 import yaml
 
 from .errors import UserError
+from .settings import SCHEMA_PATH, SECTIONS
 
-SCHEMA_PATH = files(__package__) / "config.schema.yaml"
 WIDTH = 96
 
 
@@ -32,32 +32,6 @@ def validate_config(config: dict) -> dict:
     return config
 
 
-def settings_classes() -> dict[str, type]:
-    """The settings dataclass of each config section that configures a library stage."""
-    from .ablate import AblateSettings
-    from .channels import ChannelSettings
-    from .data.preprocess import PreprocessSettings
-    from .enrich import EnrichSettings, GeneSetSettings
-    from .gene_effects import GeneEffectSettings
-    from .model.train import ModelSettings, TrainSettings
-    from .probe_cells import ProbeSettings
-    from .quantize import QuantizeSettings
-
-    return {
-        "preprocess": PreprocessSettings,
-        "model/architecture": ModelSettings,
-        "pretrain": TrainSettings,
-        "finetune": TrainSettings,
-        "probe": ProbeSettings,
-        "ablate": AblateSettings,
-        "channels": ChannelSettings,
-        "genes": GeneEffectSettings,
-        "gene_sets": GeneSetSettings,
-        "enrich": EnrichSettings,
-        "quantize": QuantizeSettings,
-    }
-
-
 def section(config: dict, path: str) -> dict:
     """The config section at `path` ("model/architecture"); {} where absent."""
     for key in path.split("/"):
@@ -73,7 +47,7 @@ def stage_settings(config: dict) -> dict[str, object]:
     Raises a one-line UserError naming the section.
     """
     built = {}
-    for path, settings_class in settings_classes().items():
+    for path, settings_class in SECTIONS.items():
         try:
             built[path] = settings_class(**section(config, path))
         except UserError as err:

@@ -56,15 +56,15 @@ import requests
 from scipy.stats import false_discovery_control, mannwhitneyu
 
 from .errors import UserError
-from .genes import GENE_SETS_DIR, read_gmt
+from .genes import read_gmt
 from .outputs import write_json, write_tsv
+from .settings import EnrichSettings, GeneSetSettings
 
 log = logging.getLogger(__name__)
 
 GeneSets = dict[str, dict[str, list[str]]]
 """Gene-set libraries: library name -> set name -> genes."""
 
-PACKAGED_LIBRARIES = ("GO_Biological_Process_2023", "KEGG_2021_Human")
 AD_LIBRARIES = ("alzheimers_curated", "bellenguez2022_gwas")
 AD_PATTERN = re.compile(r"alzheimer|amyloid|\btau\b|tauopath|microglia|tyrobp", re.IGNORECASE)
 ENRICHR_HOST = ("maayanlab.cloud", 443)
@@ -78,7 +78,6 @@ P_FDR = {"prerank": ("NOM p-val", "FDR q-val"), "ora": ("P-value", "Adjusted P-v
 CALL_COLUMNS = ["direction", "q_all_tests", "call"]
 """Added to gseapy's columns: direction, BH (or BY) q over every test of the ranking, call."""
 ENRICHED, DEPLETED, NOT_SIGNIFICANT = "enriched", "depleted", "not significant"
-FDR_METHODS = {"bh": "Benjamini-Hochberg", "by": "Benjamini-Yekutieli"}
 OUTPUT_FILES = ("prerank.tsv", "ora.tsv", "ad_terms.tsv")
 EXPLORATORY = "exploratory (weight not confirmed by pruning)"
 HIT_COLUMNS = [
@@ -101,91 +100,6 @@ SUMMARY_COLUMNS = [
     "n_enriched", "n_depleted", "n_ad_enriched", "ad_hit", "ad_test_n_genes", "ad_test_auc",
     "ad_test_p", *CALIBRATION_COLUMNS, "n_tests_total",
 ]  # fmt: skip
-
-
-@dataclass
-class GeneSetSettings:
-    """Which libraries to load.
-
-    `packaged`: blitzgsea library names; `resource_dir`: folder whose `*.gmt` files are
-    loaded ("" for none); `gmt_files`: more GMT paths; `enrichr`: Enrichr library names,
-    downloaded (needs network) for `organism`.
-    """
-
-    packaged: tuple[str, ...] = PACKAGED_LIBRARIES
-    resource_dir: str = str(GENE_SETS_DIR)
-    gmt_files: tuple[str, ...] = ()
-    enrichr: tuple[str, ...] = ()
-    organism: str = "Human"
-
-    def __post_init__(self):
-        self.packaged, self.gmt_files = tuple(self.packaged), tuple(self.gmt_files)
-        self.enrichr = tuple(self.enrichr)
-
-
-@dataclass
-class EnrichSettings:
-    """Enrichment tests.
-
-    `method`: gseapy prerank's "multilevel" (adaptive, fgsea-style p-values; ~5 s for all
-    GO BP sets on 8,000 genes, 2 cores) or "permutation" (gene-set permutations; 1.5-2 min).
-    Sets are kept when `min_size` <= genes in the ranking <= `max_size`; `library_min_size`
-    lowers the minimum for small curated libraries. `ora_top_n`: top-ranked genes tested
-    for over-representation against all ranked genes. `fdr_method`: "bh" or "by", over
-    every test of a ranking; `fdr_threshold`: the q at or below which a set is called.
-    `max_tied`: largest fraction of genes whose score equals another gene's that a ranking
-    may have and still be tested. `n_null_rankings`: null-weight rankings enriched alike
-    per candidate (0: none). `ad_test_sets`: the AD genes of the competitive test, as
-    library names ("alzheimers_curated": all its sets) or "library:set"; `ad_test_level`:
-    the p at or below which the null rankings' competitive tests are counted.
-    """
-
-    method: str = "multilevel"
-    permutation_num: int = 1000
-    min_size: int = 15
-    max_size: int = 500
-    library_min_size: dict[str, int] = field(
-        default_factory=lambda: {name: 3 for name in AD_LIBRARIES}
-    )
-    ora_top_n: int = 100
-    fdr_method: str = "bh"
-    fdr_threshold: float = 0.05
-    max_tied: float = 0.05
-    n_null_rankings: int = 20
-    ad_test_sets: tuple[str, ...] = AD_LIBRARIES
-    ad_test_level: float = 0.05
-    threads: int = 2
-    seed: int = 0
-
-    def __post_init__(self):
-        self.ad_test_sets = tuple(self.ad_test_sets)
-        if self.fdr_method not in FDR_METHODS:
-            raise UserError(f"fdr_method must be bh or by, not {self.fdr_method!r}")
-        if self.n_null_rankings < 0:
-            raise UserError(f"n_null_rankings must be >= 0, not {self.n_null_rankings}")
-        if not self.ad_test_sets:
-            raise UserError("ad_test_sets must name at least one gene-set library or set")
-        if not 0 < self.ad_test_level < 1:
-            raise UserError(f"ad_test_level must be in (0, 1), not {self.ad_test_level}")
-        if self.method not in ("multilevel", "permutation"):
-            raise UserError(
-                f"enrichment method must be multilevel or permutation, not {self.method!r}"
-            )
-        sizes = [self.min_size, *self.library_min_size.values()]
-        if min(sizes) < 1 or self.max_size < max(sizes):
-            raise UserError(
-                f"gene-set sizes need 1 <= min_size <= max_size "
-                f"(got minimum sizes {sizes}, max_size {self.max_size})"
-            )
-        if self.permutation_num < 1 or self.ora_top_n < 1 or self.threads < 1:
-            raise UserError("permutation_num, ora_top_n and threads must be >= 1")
-        if not 0 < self.fdr_threshold <= 1:
-            raise UserError(f"fdr_threshold must be in (0, 1], not {self.fdr_threshold}")
-        if not 0 <= self.max_tied < 1:
-            raise UserError(f"max_tied must be in [0, 1), not {self.max_tied}")
-
-    def min_size_of(self, library: str) -> int:
-        return self.library_min_size.get(library, self.min_size)
 
 
 # --- gene-set libraries -----------------------------------------------------------------

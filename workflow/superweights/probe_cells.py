@@ -35,8 +35,8 @@ from .model.scgpt import ScGPTModel
 from .model.train import pick_device, read_tokenised
 from .outputs import named_paths, write_json, write_tsv
 from .probe import ProbeResult, down_projections, find_super_weights, layernorm_outliers
+from .settings import SPLITS, ProbeSettings
 
-SPLITS = ("train", "val", "test")
 TOP_GENES = 5
 SECONDARY = "secondary candidate: LayerNorm gain outlier"
 CANDIDATE_COLUMNS = [
@@ -52,43 +52,6 @@ CELL_COLUMNS = [
 ]  # fmt: skip
 OUTPUT_TABLES = ("candidates", "layers", "layernorm", "cells")
 OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
-
-
-@dataclass
-class ProbeSettings:
-    """Which cells to probe and the probe's thresholds (see `find_super_weights`).
-
-    `splits`: splits to sample from (empty = all); `n_strongest`: rows of candidates.tsv
-    when fewer candidates were accepted; `ln_z`: robust z of LayerNorm gain outliers;
-    `max_seq_len`: genes per cell, subsampled with the training seed as in training.
-    """
-
-    cells_per_type: int = 50
-    splits: tuple[str, ...] = ("val",)
-    input_ratio: float = 10.0
-    output_ratio: float = 100.0
-    weight_ratio: float = 10.0
-    token_ratio: float = 10.0
-    min_abs: float = 0.0
-    contribution_min: float = 0.5
-    max_rounds: int = 10
-    residual: bool = True
-    n_strongest: int = 5
-    ln_z: float = 3.5
-    batch_size: int = 32
-    max_seq_len: int = 256
-    seed: int = 0
-
-    def __post_init__(self):
-        self.splits = tuple(self.splits)
-        unknown = [s for s in self.splits if s not in SPLITS]
-        if unknown:
-            raise UserError(f"probe splits {unknown} are not among {list(SPLITS)}")
-        if self.cells_per_type < 1 or self.batch_size < 1 or self.n_strongest < 0:
-            raise UserError(
-                f"probe needs cells_per_type, batch_size >= 1 and n_strongest >= 0 (got "
-                f"{self.cells_per_type}, {self.batch_size}, {self.n_strongest})"
-            )
 
 
 @dataclass

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from ..data.preprocess import read_tokenised
 from ..data.vocab import SPECIAL_TOKENS
 from ..errors import UserError
+from ..settings import ModelSettings, TrainSettings
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import SINGLE, RankSlices, World, all_sum, init_world, loss_weight
 from .graphed import GraphedSteps, capturable_adamw
@@ -49,69 +50,6 @@ HISTORY_COLUMNS = (
 )  # fmt: skip
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each waits for the GPU)
 GRAPH_BUCKET = 1024  # tokens: graphed batches are padded to a multiple (few shapes)
-
-
-@dataclass
-class ModelSettings:
-    """Architecture of a model pretrained here (post-LN like scGPT unless pre_norm).
-
-    `do_mvc`: also train scGPT's GEPC objective (masked values predicted from the `<cls>`
-    cell embedding), which teaches the cell embedding that fine-tuning starts from.
-    """
-
-    d_model: int = 64
-    nhead: int = 4
-    d_hid: int = 128
-    nlayers: int = 4
-    dropout: float = 0.0
-    pre_norm: bool = False
-    do_mvc: bool = True
-
-
-@dataclass
-class TrainSettings:
-    """Optimisation settings of one training run (pretraining or fine-tuning).
-
-    `mask_ratio`: share of each cell's genes whose value is masked for the expression
-    objective; `mlm_weight`: weight of that objective when fine-tuning (0 = off).
-    `patience`: epochs without a lower validation loss before stopping.
-    `spike_cells`: validation cells on which the probe's statistics are recorded over
-    training (0 = off); `spike_every`: steps between those passes besides the one before
-    training and the one after each epoch (0 = none). `cuda_graphs`: on a GPU, replay
-    fine-tuning steps from CUDA graphs (`graphed.GraphedSteps`; classifier objective alone,
-    one process), with the elementwise kernels fused (`ScGPTModel.fuse`).
-    """
-
-    epochs: int = 8
-    lr: float = 1e-3
-    batch_size: int = 16
-    max_seq_len: int = 192
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    patience: int = 3
-    mask_ratio: float = 0.4
-    mlm_weight: float = 0.0
-    seed: int = 0
-    num_workers: int = 0
-    spike_cells: int = 64
-    spike_every: int = 0
-    cuda_graphs: bool = True
-
-    def __post_init__(self):
-        if self.spike_cells < 0 or self.spike_every < 0:
-            raise UserError(
-                f"spike_cells and spike_every must be >= 0 (got {self.spike_cells}, "
-                f"{self.spike_every})"
-            )
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.lr <= 0:
-            raise UserError(
-                f"training needs epochs, batch_size, patience >= 1 and lr > 0 (got epochs="
-                f"{self.epochs}, batch_size={self.batch_size}, patience={self.patience}, "
-                f"lr={self.lr})"
-            )
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise UserError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
 
 
 def pick_device() -> torch.device:
