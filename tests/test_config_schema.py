@@ -1,5 +1,5 @@
 """The config schema holds each key's default and description once; the library's settings
-read theirs from it."""
+read theirs from it, and the demo config sets only what differs."""
 
 import ast
 import dataclasses
@@ -12,7 +12,13 @@ import yaml
 
 import superweights
 from superweights import settings
-from superweights.config import config_readme, load_schema, section, stage_settings
+from superweights.config import (
+    config_readme,
+    load_schema,
+    section,
+    stage_settings,
+    validate_config,
+)
 from superweights.errors import UserError
 from superweights.genes import GENE_SETS_DIR, GENES_OF_INTEREST, read_gmt
 
@@ -49,7 +55,7 @@ def leaf_keys(spec: dict, path: str = ""):
 @pytest.mark.parametrize("path", [p for p in SCHEMA["properties"] if p != "datasets"])
 def test_every_key_has_a_default_and_a_description(path):
     spec = schema_of(path)
-    assert spec.get("description"), path
+    assert spec.get("description") and SCHEMA["properties"][path]["default"] == {}, path
     for key, sub in leaf_keys(spec, f"{path}/"):
         assert "default" in sub and sub.get("description"), f"{key} lacks a default or description"
 
@@ -87,10 +93,18 @@ def test_no_setting_default_is_written_in_code():
                     assert item.target.id not in keys, f"{node.name}.{item.target.id}"
 
 
-@pytest.mark.parametrize("path", ["demo", "seaad", "rosmap", "local", "download"])
-def test_demo_config_keeps_the_defaults_of_the_sources(path):
-    defaults = {key: sub["default"] for key, sub in leaf_keys(schema_of(path))}
-    assert section(CONFIG, path) == defaults
+def test_demo_config_sets_only_what_differs_from_the_defaults():
+    for key, sub in leaf_keys(SCHEMA):
+        path, _, name = key.rpartition("/")
+        if path and name in section(CONFIG, path):
+            assert section(CONFIG, path)[name] != sub["default"], f"{key} is the default"
+
+
+def test_absent_sections_and_keys_take_their_defaults():
+    filled = validate_config({"datasets": [{"name": "demo", "source": "demo"}]})
+    assert filled["finetune"]["max_seq_len"] == 192 and filled["model"]["architecture"]["do_mvc"]
+    assert filled["gene_sets"]["resource_dir"] is None and filled["seaad"]["n_donors"] == 4
+    assert validate_config(CONFIG)["ablate"]["n_null"] == 59
 
 
 def test_genes_of_interest_are_the_curated_core_genes():
@@ -106,13 +120,14 @@ def test_config_readme_is_generated_from_the_schema():
     assert readme == config_readme(), "run: python -m superweights.config > config/README.md"
     assert "- `cells_per_type` (`50`): Cells probed per cell type." in readme
     assert "## `pretrain` and `finetune`\n" in readme and "## `pretrain`\n" not in readme
+    assert "- `architecture`: The model pretrained here." in readme
     assert "  - `d_model` (`64`): Width." in readme  # model.architecture, nested
 
 
 def test_demo_config_builds_every_stage_settings():
     built = stage_settings(CONFIG)
     assert set(built) == set(SETTINGS)
-    assert built["probe"].cells_per_type == CONFIG["probe"]["cells_per_type"]
+    assert built["ablate"].n_null == CONFIG["ablate"]["n_null"]
 
 
 @pytest.mark.parametrize(
@@ -125,7 +140,7 @@ def test_demo_config_builds_every_stage_settings():
 )
 def test_a_value_the_library_rejects_names_its_section(path, key, value, message):
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    config[path][key] = value
+    config.setdefault(path, {})[key] = value
     with pytest.raises(UserError) as err:
         stage_settings(config)
     assert str(err.value).startswith(message) and key in str(err.value)

@@ -22,6 +22,7 @@ import yaml  # noqa: E402
 from docutils.core import publish_parts  # noqa: E402
 
 from superweights.captions import CAPTIONS  # noqa: E402
+from superweights.config import validate_config  # noqa: E402
 from superweights.errors import UserError  # noqa: E402
 from superweights.quantize_table import MEASURES  # noqa: E402
 from superweights.report import INPUT_FILES, REQUIRED, build_report, fmt, make_table  # noqa: E402
@@ -31,7 +32,8 @@ SECTIONS = ("summary", "data", "probe", "pruning", "cells", "genes", "pathways",
             "methods")  # fmt: skip
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+CONFIG = validate_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+"""The demo config as the report gets it: defaults filled in."""
 RULES = ROOT / "workflow" / "rules"
 SHOWN_BY_SNAKEMAKE = re.compile(r'report\(\s*"results/\{dataset\}/([^"]+)",\s*caption="([^"]+)"')
 FIGURES = (

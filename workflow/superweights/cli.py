@@ -77,33 +77,19 @@ def cmd_demo_data(args) -> None:
 
 
 def load_config(path: Path) -> dict:
-    """Read and validate a workflow config file."""
+    """Read and validate a workflow config file, absent keys at their defaults."""
     from .config import validate_config
 
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    return validate_config(yaml.safe_load(path.read_text()))
+    return validate_config(yaml.safe_load(path.read_text()) or {})
 
 
 def default_config() -> dict:
-    """The demo config from the packaged schema's defaults (what config/config.yaml holds)."""
-    from .config import load_schema, validate_config
+    """The demo dataset with every setting at the packaged schema's default."""
+    from .config import validate_config
 
-    schema = load_schema()
-
-    def defaults(spec: dict):
-        if "default" in spec:
-            return spec["default"]
-        if "$ref" in spec:
-            spec = schema["definitions"][spec["$ref"].rsplit("/", 1)[1]]
-        if spec.get("type") == "object" and "properties" in spec:
-            values = {key: defaults(sub) for key, sub in spec["properties"].items()}
-            return {key: value for key, value in values.items() if value is not None}
-        return None
-
-    config = defaults(schema)
-    config["datasets"] = [{"name": "demo", "source": "demo"}]
-    return validate_config(config)
+    return validate_config({"datasets": [{"name": "demo", "source": "demo"}]})
 
 
 def config_for(args) -> dict:

@@ -5,6 +5,7 @@ The schema holds every key's type, default and description, which the library's 
 (`python -m superweights.config > config/README.md`).
 """
 
+import copy
 import sys
 import textwrap
 from itertools import groupby
@@ -22,13 +23,30 @@ def load_schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
+def _fill_defaults(validator, properties, instance, schema):
+    """jsonschema's `properties`, after setting each absent key that has a default."""
+    if isinstance(instance, dict):
+        for key, spec in properties.items():
+            if "default" in spec:
+                instance.setdefault(key, copy.deepcopy(spec["default"]))
+    yield from jsonschema.Draft202012Validator.VALIDATORS["properties"](
+        validator, properties, instance, schema
+    )
+
+
+Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {"properties": _fill_defaults}
+)
+
+
 def validate_config(config: dict) -> dict:
-    """Return the config if it matches the schema, else raise a one-line UserError."""
-    try:
-        jsonschema.validate(config, load_schema())
-    except jsonschema.ValidationError as err:
-        where = "/".join(str(p) for p in err.absolute_path) or "top level"
-        raise UserError(f"config error at {where}: {err.message}") from None
+    """A copy of the config with every absent key at its default (as Snakemake's `validate`
+    fills them), if it matches the schema; else a one-line UserError."""
+    config = copy.deepcopy(config)
+    error = jsonschema.exceptions.best_match(Validator(load_schema()).iter_errors(config))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "top level"
+        raise UserError(f"config error at {where}: {error.message}")
     return config
 
 
@@ -75,7 +93,7 @@ def dataset_configs(config: dict) -> dict[str, dict]:
             if key in entry:
                 own[key] = {**config.get(key, {}), **entry[key]}
         try:
-            validate_config(own)
+            own = validate_config(own)
             stage_settings(own)
         except UserError as err:
             raise UserError(f"dataset {entry['name']}: {err}") from None
@@ -101,7 +119,9 @@ def _paragraphs(text: str, indent: str = "") -> list[str]:
 def _keys(schema: dict, indent: str = "") -> list[str]:
     lines = []
     for key, spec in schema.get("properties", {}).items():
-        default = f" ({_value(spec['default'])})" if "default" in spec else ""
+        default = ""
+        if "default" in spec and "properties" not in spec:
+            default = f" ({_value(spec['default'])})"
         item = f"{indent}- `{key}`{default}: {spec['description']}"
         lines.append(textwrap.fill(item, WIDTH, subsequent_indent=indent + "  "))
         lines += _keys(spec, indent + "  ")
