@@ -14,6 +14,7 @@ import superweights
 from superweights import settings
 from superweights.config import (
     config_readme,
+    drop_deprecated,
     load_schema,
     section,
     stage_settings,
@@ -57,7 +58,8 @@ def test_every_key_has_a_default_and_a_description(path):
     spec = schema_of(path)
     assert spec.get("description") and SCHEMA["properties"][path]["default"] == {}, path
     for key, sub in leaf_keys(spec, f"{path}/"):
-        assert "default" in sub and sub.get("description"), f"{key} lacks a default or description"
+        assert sub.get("description"), f"{key} lacks a description"
+        assert "default" in sub or sub.get("deprecated"), f"{key} lacks a default"
 
 
 @pytest.mark.parametrize("path", list(SETTINGS))
@@ -98,6 +100,21 @@ def test_demo_config_sets_only_what_differs_from_the_defaults():
         path, _, name = key.rpartition("/")
         if path and name in section(CONFIG, path):
             assert section(CONFIG, path)[name] != sub["default"], f"{key} is the default"
+    assert CONFIG["finetune"]["max_seq_len"] == 128
+    assert all("max_seq_len" not in section(CONFIG, p) for p in ("probe", "ablate", "quantize"))
+
+
+def test_a_deprecated_key_is_dropped_with_one_line_of_warning():
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["probe"] = {"max_seq_len": 256, "cells_per_type": 3}
+    config["datasets"][0]["channels"] = {"max_seq_len": 64}
+    validate_config(config)  # accepted by the schema
+    warning = drop_deprecated(config)
+    assert warning.startswith("warning: deprecated config key(s) probe.max_seq_len, ")
+    assert "datasets[demo].channels.max_seq_len" in warning and "\n" not in warning
+    assert config["probe"] == {"cells_per_type": 3} and config["datasets"][0]["channels"] == {}
+    assert stage_settings(validate_config(config))["probe"].cells_per_type == 3
+    assert drop_deprecated(config) == ""
 
 
 def test_absent_sections_and_keys_take_their_defaults():
@@ -122,6 +139,7 @@ def test_config_readme_is_generated_from_the_schema():
     assert "## `pretrain` and `finetune`\n" in readme and "## `pretrain`\n" not in readme
     assert "- `architecture`: The model pretrained here." in readme
     assert "  - `d_model` (`64`): Width." in readme  # model.architecture, nested
+    assert "- `max_seq_len` (deprecated): Ignored, and refused from the next release" in readme
 
 
 def test_demo_config_builds_every_stage_settings():

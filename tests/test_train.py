@@ -14,6 +14,7 @@ import torch
 from conftest import die_in_epoch_2
 from superweights.errors import UserError
 from superweights.model import train
+from superweights.model.args import CellCut, cell_cut
 from superweights.model.checkpoint import load_checkpoint, read_state_dict
 from superweights.model.train import (
     ModelSettings,
@@ -91,6 +92,7 @@ def test_pretrain_writes_checkpoint_and_history(pretrained, data):
     ]  # fmt: skip
     model, config, vocab = load_checkpoint(pretrained)
     assert config.n_cls == 0 and config.d_model == 32 and config.do_mvc
+    assert cell_cut(pretrained) == CellCut(SETTINGS.max_seq_len, SETTINGS.seed)
     # the vocabulary holds the data's genes and the special tokens, nothing else
     assert set(vocab) == set(data.var_names) | {"<pad>", "<cls>", "<eoc>"}
     assert vocab["<pad>"] == len(vocab) - 3
@@ -122,7 +124,10 @@ def test_finetune_writes_outputs_with_sane_metrics(finetuned, data):
     assert best == history["val_loss"].min()
     model, config, _ = load_checkpoint(out / "checkpoint")
     assert config.n_cls == 3
-    assert json.loads((out / "checkpoint" / "args.json").read_text())["classes"] == CLASSES
+    args = json.loads((out / "checkpoint" / "args.json").read_text())
+    assert args["classes"] == CLASSES
+    # later stages cut cells as fine-tuning did
+    assert args["max_seq_len"] == SETTINGS.max_seq_len and args["subsample_seed"] == SETTINGS.seed
 
 
 CPU_ONLY = pytest.mark.skipif(

@@ -5,7 +5,12 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
-from superweights.config import dataset_configs, stage_settings, validate_config
+from superweights.config import (
+    dataset_configs,
+    drop_deprecated,
+    stage_settings,
+    validate_config,
+)
 from superweights.errors import UserError
 from superweights.model.args import read_args_and_vocab
 from superweights.rule_io import USER_ERROR_EXIT
@@ -17,7 +22,11 @@ def check_settings():
     """Stop now, before any job, on a value the schema or a stage's settings reject: one
     line, exit 2. The library's constructors check what the schema cannot (e.g. a top-k
     fraction of 0); Snakemake's own validation then fills in the schema's defaults.
+    Deprecated keys are dropped with a one-line warning.
     """
+    warning = drop_deprecated(config)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         validate_config(config)
         stage_settings(config)

@@ -9,7 +9,6 @@ with rule_log(snakemake):
         inp.checkpoint,
         inp.super_weights,
         QuantizeSettings(**snakemake.params.settings),
-        seed=snakemake.params.seed,
     )
     write_outputs(result, snakemake.output)
     write_figures(result.table, snakemake.output)

@@ -443,7 +443,6 @@ def ablate(
         tokenised,
         checkpoint,
         batch_size=settings.batch_size,
-        max_seq_len=settings.max_seq_len,
         seed=settings.seed,
         max_cells=settings.max_cells,
         device=device,
@@ -493,9 +492,8 @@ def confirm_checkpoint(
         tokenised = data
     labelled = score == "cell-type"
     cells = load_test_cells(
-        tokenised, checkpoint, batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
-        seed=settings.seed, max_cells=settings.max_cells, device=device, split=settings.split,
-        labelled=labelled,
+        tokenised, checkpoint, batch_size=settings.batch_size, seed=settings.seed,
+        max_cells=settings.max_cells, device=device, split=settings.split, labelled=labelled,
     )  # fmt: skip
     batches = cells.batches
     scorer = (

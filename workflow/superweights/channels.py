@@ -56,6 +56,7 @@ from .confirm import null_positions
 from .editing import check_candidate, evaluation, layer_of, read_table, zeroed
 from .errors import UserError
 from .genes import GENE_SETS_DIR, GENES_OF_INTEREST, read_gmt
+from .model.args import cell_cut
 from .model.cells import cell_batches, sample_rows
 from .model.checkpoint import load_checkpoint
 from .model.scgpt import ScGPTModel
@@ -521,17 +522,19 @@ def map_channels(
     device: str | torch.device | None = None,
     nulls: pd.DataFrame | str | Path | None = None,
 ) -> ChannelResult:
-    """Map the candidates' channels to genes on (up to `max_cells`) cells of `splits`, with
-    the confirmation's null draws when `nulls` (ablate's nulls.tsv) is given."""
+    """Map the candidates' channels to genes on (up to `max_cells`) cells of `splits`, cut
+    as the checkpoint's training cut them, with the confirmation's null draws when `nulls`
+    (ablate's nulls.tsv) is given."""
     adata = read_tokenised(tokenised)
     device = torch.device(device) if device else pick_device()
     model, config, vocab = load_checkpoint(checkpoint, device=device)
     channels = select_channels(model, candidates, settings.n_unconfirmed)
     split = adata.obs["split"].astype(str).to_numpy()
     rows = sample_rows(split, settings.splits, settings.max_cells, settings.seed)
+    cut = cell_cut(checkpoint)
     batches = cell_batches(
         adata, vocab, rows, pad_token_id=config.pad_token_id, batch_size=settings.batch_size,
-        max_seq_len=settings.max_seq_len, seed=settings.seed, labelled=False, device=device,
+        max_seq_len=cut.max_seq_len, seed=cut.seed, labelled=False, device=device,
     )  # fmt: skip
     log.info("channel map: %d candidate(s) on %d cells", len(channels), rows.size)
     obs = adata.obs.iloc[rows]

@@ -12,6 +12,7 @@ from . import __version__
 from .errors import UserError
 from .outputs import all_or_nothing, check_writable
 from .rule_io import USER_ERROR_EXIT, setup_logging
+from .settings import deprecated, section_schema
 
 REPO_CONFIG = Path("config/config.yaml")
 """The repository's demo config, used by `fetch` and `report` when run from the repository."""
@@ -53,10 +54,23 @@ def settings_arguments(parser: argparse.ArgumentParser, settings_class) -> None:
         else:
             kind = str if default is None else type(default)
             parser.add_argument(flag, type=kind, metavar=f.name.upper(), **kwargs)
+    for key in deprecated_keys(settings_class):
+        parser.add_argument("--" + key.replace("_", "-"), dest=f"deprecated_{key}",
+                            help=argparse.SUPPRESS)  # fmt: skip
+
+
+def deprecated_keys(settings_class) -> dict[str, str]:
+    """The deprecated keys of a settings class's config section, each with its description."""
+    keys = section_schema(settings_class.section)["properties"]
+    return {k: " ".join(s["description"].split()) for k, s in keys.items() if deprecated(s)}
 
 
 def settings_from(args: argparse.Namespace, settings_class):
-    """Build a settings dataclass from parsed arguments."""
+    """Build a settings dataclass from parsed arguments; a deprecated option given is ignored
+    with a one-line warning."""
+    for key, reason in deprecated_keys(settings_class).items():
+        if getattr(args, f"deprecated_{key}", None) is not None:
+            print(f"warning: --{key.replace('_', '-')} is deprecated: {reason}", file=sys.stderr)
     names = [f.name for f in dataclasses.fields(settings_class)]
     return settings_class(**{n: getattr(args, n) for n in names})
 
@@ -77,12 +91,17 @@ def cmd_demo_data(args) -> None:
 
 
 def load_config(path: Path) -> dict:
-    """Read and validate a workflow config file, absent keys at their defaults."""
-    from .config import validate_config
+    """Read and validate a workflow config file, absent keys at their defaults; a deprecated
+    key is dropped with a one-line warning."""
+    from .config import drop_deprecated, validate_config
 
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    return validate_config(yaml.safe_load(path.read_text()) or {})
+    config = yaml.safe_load(path.read_text()) or {}
+    warning = drop_deprecated(config)
+    if warning:
+        print(warning, file=sys.stderr)
+    return validate_config(config)
 
 
 def default_config() -> dict:
@@ -266,9 +285,7 @@ def cmd_quantize(args) -> None:
     from .quantize_plots import write_figures
 
     settings = settings_from(args, QuantizeSettings)
-    result = quantize_checkpoint(
-        args.data, args.checkpoint, args.super_weights, settings, seed=args.finetune_seed
-    )
+    result = quantize_checkpoint(args.data, args.checkpoint, args.super_weights, settings)
     print(f"wrote {write_outputs(result, args.out)} and {write_figures(result.table, args.out)}")
 
 
@@ -444,7 +461,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = model_stage(sub, "quantize", "weight and W8A8 quantization with super-weight holdout")
     p.add_argument("--super-weights", required=True, help="ablate's confirmed.tsv")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--finetune-seed", type=int, default=0, help="fine-tuning's seed (genes kept)")
     settings_arguments(p, QuantizeSettings)
     p.set_defaults(func=cmd_quantize)
 

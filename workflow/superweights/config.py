@@ -14,7 +14,7 @@ import jsonschema
 import yaml
 
 from .errors import UserError
-from .settings import SCHEMA_PATH, SECTIONS
+from .settings import SCHEMA_PATH, SECTIONS, deprecated, section_schema
 
 WIDTH = 96
 
@@ -48,6 +48,28 @@ def validate_config(config: dict) -> dict:
         where = "/".join(str(p) for p in error.absolute_path) or "top level"
         raise UserError(f"config error at {where}: {error.message}")
     return config
+
+
+def drop_deprecated(config: dict) -> str:
+    """Remove the deprecated keys from `config` and its datasets' overrides, in place; the
+    one-line warning that names them and says why, or "" when there were none."""
+    found, reasons = [], []
+    sections = [(config, "")] + [
+        (entry, f"datasets[{entry.get('name')}].") for entry in config.get("datasets") or []
+    ]
+    for owner, where in sections:
+        for path in SECTIONS:
+            values = section(owner, path)
+            for key, spec in section_schema(path)["properties"].items():
+                if deprecated(spec) and key in values:
+                    del values[key]
+                    found.append(f"{where}{path.replace('/', '.')}.{key}")
+                    reasons.append(" ".join(spec["description"].split()))
+    if not found:
+        return ""
+    return f"warning: deprecated config key(s) {', '.join(found)}: " + " ".join(
+        dict.fromkeys(reasons)
+    )
 
 
 def section(config: dict, path: str) -> dict:
@@ -120,7 +142,9 @@ def _keys(schema: dict, indent: str = "") -> list[str]:
     lines = []
     for key, spec in schema.get("properties", {}).items():
         default = ""
-        if "default" in spec and "properties" not in spec:
+        if deprecated(spec):
+            default = " (deprecated)"
+        elif "default" in spec and "properties" not in spec:
             default = f" ({_value(spec['default'])})"
         item = f"{indent}- `{key}`{default}: {spec['description']}"
         lines.append(textwrap.fill(item, WIDTH, subsequent_indent=indent + "  "))

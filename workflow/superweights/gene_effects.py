@@ -447,8 +447,8 @@ def gene_effects(
     `max_cells`) cells of `settings.split`, against the confirmation's null draws (`nulls`:
     ablate's nulls.tsv) where given."""
     test = load_test_cells(
-        tokenised, checkpoint, batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
-        seed=settings.seed, max_cells=settings.max_cells, device=device, split=settings.split,
+        tokenised, checkpoint, batch_size=settings.batch_size, seed=settings.seed,
+        max_cells=settings.max_cells, device=device, split=settings.split,
     )  # fmt: skip
     channels = select_channels(test.model, candidates, n_unconfirmed)
     drawn = None

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .editing import evaluation, layer_of, zeroed
 from .errors import UserError
+from .model.args import CellCut, cell_cut
 from .model.cells import cell_batches
 from .model.checkpoint import load_checkpoint
 from .model.scgpt import ScGPTModel
@@ -100,11 +101,11 @@ def sample_cells(obs: pd.DataFrame, settings: ProbeSettings) -> np.ndarray:
     return positions
 
 
-def _prepare(model, adata: ad.AnnData, vocab: dict[str, int], settings) -> _Cells:
+def _prepare(model, adata: ad.AnnData, vocab: dict[str, int], settings, cut: CellCut) -> _Cells:
     positions = sample_cells(adata.obs, settings)
     batches = cell_batches(
         adata, vocab, positions, pad_token_id=model.config.pad_token_id,
-        batch_size=settings.batch_size, max_seq_len=settings.max_seq_len, seed=settings.seed,
+        batch_size=settings.batch_size, max_seq_len=cut.max_seq_len, seed=cut.seed,
         labelled=False, device=next(model.parameters()).device,
     )  # fmt: skip
     obs = adata.obs.iloc[positions][["label", "split"]].astype(str)
@@ -321,15 +322,21 @@ def _top(top_genes: str) -> str:
 
 
 def probe_scgpt(
-    model: ScGPTModel, adata: ad.AnnData, vocab: dict[str, int], settings: ProbeSettings
+    model: ScGPTModel,
+    adata: ad.AnnData,
+    vocab: dict[str, int],
+    settings: ProbeSettings,
+    cut: CellCut | None = None,
 ) -> ScgptProbe:
     """Probe `model` for super weights on a cell-type-stratified sample of `adata`'s cells.
 
-    `adata` is the tokenised AnnData (or its path); `vocab` the checkpoint's vocabulary.
-    The model's weights and train/eval modes are left as they were.
+    `adata` is the tokenised AnnData (or its path); `vocab` the checkpoint's vocabulary;
+    `cut` how cells become sequences (the checkpoint's, `args.cell_cut`; None: `CellCut()`,
+    as for a checkpoint that records none). The model's weights and train/eval modes are
+    left as they were.
     """
     adata = read_tokenised(adata)
-    cells = _prepare(model, adata, vocab, settings)
+    cells = _prepare(model, adata, vocab, settings, cut or CellCut())
     first = _cell_spikes(model, cells)
     _check_finite(first, cells, down_projections(model, "scgpt"))
 
@@ -382,10 +389,11 @@ def probe_checkpoint(
     settings: ProbeSettings,
     device: str | torch.device | None = None,
 ) -> ScgptProbe:
-    """Load a checkpoint folder and run `probe_scgpt` on the tokenised data."""
+    """Load a checkpoint folder and run `probe_scgpt` on the tokenised data, its cells cut
+    as the checkpoint's training cut them."""
     device = torch.device(device) if device else pick_device()
     model, _, vocab = load_checkpoint(checkpoint, device=device)
-    return probe_scgpt(model, tokenised, vocab, settings)
+    return probe_scgpt(model, tokenised, vocab, settings, cell_cut(checkpoint))
 
 
 def write_outputs(result: ScgptProbe, outputs) -> list[Path]:

@@ -611,28 +611,23 @@ def quantize_checkpoint(
     super_weights,
     settings: QuantizeSettings,
     *,
-    seed: int,
     device=None,
 ) -> Quantization:
     """`run_quantization` of a fine-tuned checkpoint on its dataset's test cells, clip
-    thresholds chosen on its validation cells, all cut to `settings.max_seq_len` genes with
-    fine-tuning's `seed` as fine-tuning cuts them; donors are the contrasts' groups."""
+    thresholds chosen on its validation cells, all cut as fine-tuning cut them (so that the
+    unquantized row equals the fine-tuning test metrics); donors are the contrasts' groups."""
     adata = read_tokenised(tokenised)
     test = load_test_cells(
-        adata,
-        checkpoint,
-        batch_size=settings.batch_size,
-        max_seq_len=settings.max_seq_len,
-        seed=seed,
-        device=device,
+        adata, checkpoint, batch_size=settings.batch_size, seed=settings.seed, device=device
     )
-    rows = sample_rows(adata.obs["split"].astype(str).to_numpy(), ["val"], None, seed)
+    rows = sample_rows(adata.obs["split"].astype(str).to_numpy(), ["val"], None, settings.seed)
     validation = cell_batches(
         adata, test.vocab, rows, pad_token_id=test.config.pad_token_id,
-        batch_size=settings.batch_size, max_seq_len=settings.max_seq_len, seed=seed,
+        batch_size=settings.batch_size, max_seq_len=test.cut.max_seq_len, seed=test.cut.seed,
         labelled=True, device=test.device,
     )  # fmt: skip
     return run_quantization(
         test.model, test.batches, test.classes, read_super_weights(super_weights), settings,
-        selection_batches=validation, donors=test.obs["donor"].astype(str).to_numpy(), seed=seed,
+        selection_batches=validation, donors=test.obs["donor"].astype(str).to_numpy(),
+        seed=settings.seed,
     )  # fmt: skip

@@ -189,7 +189,6 @@ class ProbeSettings:
     n_strongest: int
     ln_z: float
     batch_size: int
-    max_seq_len: int
     seed: int
 
     def __post_init__(self):
@@ -275,7 +274,6 @@ class AblateSettings:
     mask_ratio: float
     max_cells: int
     batch_size: int
-    max_seq_len: int
     precision: str
     seed: int
 
@@ -298,8 +296,8 @@ class AblateSettings:
             raise UserError(f"scales must be a non-empty list of numbers, got {self.scales}")
         if not 0 < self.mask_ratio < 1:
             raise UserError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.max_cells < 1 or self.batch_size < 1 or self.max_seq_len < 2:
-            raise UserError("max_cells and batch_size must be >= 1, max_seq_len >= 2")
+        if self.max_cells < 1 or self.batch_size < 1:
+            raise UserError("max_cells and batch_size must be >= 1")
 
     def confirm_settings(self) -> ConfirmSettings:
         """The confirmation core's settings: every field of ConfirmSettings this stage has."""
@@ -321,7 +319,6 @@ class ChannelSettings:
     min_cells: int
     max_cells: int
     batch_size: int
-    max_seq_len: int
     n_permutations: int
     seed: int
 
@@ -340,8 +337,8 @@ class ChannelSettings:
             raise UserError(
                 f"n_null must be >= 2 (a null sd) and band > 1; got {self.n_null}, {self.band}"
             )
-        if self.max_cells < 1 or self.batch_size < 1 or self.max_seq_len < 2:
-            raise UserError("max_cells and batch_size must be >= 1, max_seq_len >= 2")
+        if self.max_cells < 1 or self.batch_size < 1:
+            raise UserError("max_cells and batch_size must be >= 1")
 
 
 @from_schema("genes")
@@ -355,7 +352,6 @@ class GeneEffectSettings:
     band: float
     min_cells: int
     batch_size: int
-    max_seq_len: int
     seed: int
 
     def __post_init__(self):
@@ -371,8 +367,6 @@ class GeneEffectSettings:
                 f"n_null must be >= 2 (a null sd), band > 1 and min_cells >= 1; got "
                 f"{self.n_null}, {self.band}, {self.min_cells}"
             )
-        if self.max_seq_len < 2:
-            raise UserError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
 
 
 @from_schema("gene_sets")
@@ -445,7 +439,7 @@ class EnrichSettings:
 
 @from_schema("quantize")
 class QuantizeSettings:
-    """The quantization grid, clipping, W8A8 and the evaluation batches (`quantize`)."""
+    """The quantization grid, clipping, W8A8 and the bootstrap of the arms (`quantize`)."""
 
     bits: list[int]
     block_sizes: list[int | str]
@@ -458,8 +452,8 @@ class QuantizeSettings:
     activation_scale: str
     hold_out_residual: bool
     batch_size: int
-    max_seq_len: int
     n_boot: int
+    seed: int
 
     def __post_init__(self):
         if self.n_boot < 1:
@@ -476,11 +470,8 @@ class QuantizeSettings:
             check_clip(self.clip, value)
         for key in ("clip_scope", "w8a8_weights", "activation_scale"):
             check_choice(key, getattr(self, key), tuple(choices(self, key)))
-        if self.batch_size < 1 or self.max_seq_len < 2:
-            raise UserError(
-                f"quantize needs batch_size >= 1 and max_seq_len >= 2, not "
-                f"{self.batch_size} and {self.max_seq_len}"
-            )
+        if self.batch_size < 1:
+            raise UserError(f"quantize needs batch_size >= 1, not {self.batch_size}")
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

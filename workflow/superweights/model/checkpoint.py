@@ -1,6 +1,7 @@
 """Read and write scGPT checkpoint folders, refusing any weight that does not fit.
 
-A folder holds `args.json` (scGPT's keys, plus our `n_cls` and `norm_scheme`),
+A folder holds `args.json` (scGPT's keys, plus our `n_cls`, `norm_scheme` and the cells' cut,
+`args.CellCut`),
 `vocab.json` (`{gene: id}`), and the weights as `model.safetensors` and/or `best_model.pt`
 (a plain state_dict). Released scGPT folders have only `best_model.pt`, saved with
 flash-attention names, which are mapped to PyTorch's.

@@ -36,6 +36,7 @@ from ..data.preprocess import read_tokenised
 from ..data.vocab import SPECIAL_TOKENS
 from ..errors import UserError
 from ..settings import ModelSettings, TrainSettings
+from .args import CellCut
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import SINGLE, RankSlices, World, all_sum, init_world, loss_weight
 from .graphed import GraphedSteps, capturable_adamw
@@ -596,6 +597,11 @@ def write_history(history: list[dict], path: Path) -> None:
     _write_atomic(path, frame.dropna(axis=1, how="all").to_csv(sep="\t", index=False))
 
 
+def _cut(settings: TrainSettings) -> CellCut:
+    """How training cut its cells, recorded in the checkpoint for the stages that follow."""
+    return CellCut(settings.max_seq_len, settings.seed)
+
+
 # --- entry points -----------------------------------------------------------------------
 
 
@@ -611,9 +617,9 @@ def pretrain(
 
     The model's vocabulary is `data_vocab` of the data's genes; it is saved as the
     checkpoint's vocab.json (map genes through it, not through `var["token_id"]`).
-    Writes `out_dir/checkpoint/` (best epoch by val masked MSE), `out_dir/history.tsv` and
-    `out_dir/spikes_over_training.tsv`; returns the checkpoint folder. `state_file` defaults
-    to `out_dir/train_state.pt`.
+    Writes `out_dir/checkpoint/` (best epoch by val masked MSE, the cells' cut in args.json),
+    `out_dir/history.tsv` and `out_dir/spikes_over_training.tsv`; returns the checkpoint
+    folder. `state_file` defaults to `out_dir/train_state.pt`.
     """
     settings, out_dir = train_settings, Path(out_dir)
     if settings.mask_ratio <= 0:
@@ -667,7 +673,7 @@ def pretrain(
         )
     folder = out_dir / "checkpoint"
     if world.main:
-        save_checkpoint(model, config, vocab, folder)
+        save_checkpoint(model, config, vocab, folder, extra_args=_cut(settings).to_args())
         write_history(result.history, out_dir / "history.tsv")
         _write_spikes(monitor, out_dir)
         state_file.unlink(missing_ok=True)
@@ -684,9 +690,9 @@ def finetune(
 ) -> dict:
     """Cell-type classification from a checkpoint folder; returns the test metrics.
 
-    Writes `out_dir/checkpoint/` (best epoch by val cross-entropy, classes in args.json),
-    `out_dir/history.tsv`, `out_dir/spikes_over_training.tsv` and `out_dir/metrics.json`
-    (test donors). `state_file` defaults to `out_dir/train_state.pt`.
+    Writes `out_dir/checkpoint/` (best epoch by val cross-entropy, classes and the cells' cut
+    in args.json), `out_dir/history.tsv`, `out_dir/spikes_over_training.tsv` and
+    `out_dir/metrics.json` (test donors). `state_file` defaults to `out_dir/train_state.pt`.
     """
     settings, out_dir = train_settings, Path(out_dir)
     if settings.mlm_weight > 0 and settings.mask_ratio <= 0:
@@ -761,7 +767,11 @@ def finetune(
             config,
             vocab,
             out_dir / "checkpoint",
-            extra_args={"classes": classes, "finetuned_from": str(init_checkpoint)},
+            extra_args={
+                "classes": classes,
+                "finetuned_from": str(init_checkpoint),
+                **_cut(settings).to_args(),
+            },
         )
         write_history(result.history, out_dir / "history.tsv")
         _write_spikes(monitor, out_dir)
