@@ -124,6 +124,16 @@ def test_absent_sections_and_keys_take_their_defaults():
     assert validate_config(CONFIG)["ablate"]["n_null"] == 59
 
 
+@pytest.mark.parametrize("path", ["channels", "genes"])
+def test_null_weights_beyond_the_confirmations_draws_are_refused(path):
+    config = {"ablate": {"n_null": 19}, "channels": {"n_null": 19}, "genes": {"n_null": 19}}
+    config[path] = {"n_null": 20}
+    with pytest.raises(UserError, match=rf"config {path}.n_null: 20 null weights.*draws 19"):
+        stage_settings(config)
+    config[path] = {"n_null": 19}
+    stage_settings(config)
+
+
 def test_genes_of_interest_are_the_curated_core_genes():
     curated = read_gmt(GENE_SETS_DIR / "alzheimers_curated.gmt")["AD_CORE_GENES"]
     assert sorted(GENES_OF_INTEREST) == sorted(curated)

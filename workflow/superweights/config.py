@@ -79,12 +79,18 @@ def section(config: dict, path: str) -> dict:
     return config
 
 
+NULLS_FROM_ABLATE = ("channels", "genes")
+"""Sections whose null weights are the first `n_null` of the confirmation's draws."""
+
+
 def stage_settings(config: dict) -> dict[str, object]:
     """Each stage's settings, built from its config section by the library's constructors.
 
     The constructors check what the schema cannot (e.g. a top-k fraction of 0 in
-    `ablate.topk_sweep`), so a value the code would reject fails here, before any job runs.
-    Raises a one-line UserError naming the section.
+    `ablate.topk_sweep`), so a value the code would reject fails here, before any job runs,
+    and so does an `n_null` of `channels` or `genes` beyond `ablate.n_null` (they take the
+    first `n_null` of the confirmation's null draws). Raises a one-line UserError naming the
+    section.
     """
     built = {}
     for path, settings_class in SECTIONS.items():
@@ -92,6 +98,14 @@ def stage_settings(config: dict) -> dict[str, object]:
             built[path] = settings_class(**section(config, path))
         except UserError as err:
             raise UserError(f"config {path.replace('/', '.')}: {err}") from None
+    drawn = built["ablate"].n_null
+    for path in NULLS_FROM_ABLATE:
+        if built[path].n_null > drawn:
+            raise UserError(
+                f"config {path}.n_null: {built[path].n_null} null weights, but the confirmation "
+                f"draws {drawn} (ablate.n_null) and {path} takes the first n_null of them; "
+                f"lower {path}.n_null or raise ablate.n_null"
+            )
     return built
 
 
