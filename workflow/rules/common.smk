@@ -5,6 +5,7 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
+# Torch-free imports: the workflow is parsed without torch, gseapy or scanpy.
 from superweights.config import (
     dataset_configs,
     drop_deprecated,
