@@ -15,18 +15,19 @@ stage() {  # stage NAME COMMAND...: run it, print its wall time
     "$@" > "$work/$name.log" 2>&1 || { tail -5 "$work/$name.log"; exit 1; }
     awk -v n="$name" -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%-12s %8.1f s\n", n, b - a }'
 }
-long=(--max-seq-len 1200 --batch-size 32)
+long=(--max-seq-len 1200 --batch-size 32)  # later stages cut cells as the checkpoint records:
+batch=(--batch-size 32)                    # 1,200 (fine-tuned; the random base records none)
 stage checkpoint python3 benchmarks/make_checkpoint.py --out "$work/base" --layers "$layers" --d-model "$d"
 stage demo-data "${sw[@]}" demo-data --out "$work/raw.h5ad" --n-cells "$cells" --n-donors 28
 stage preprocess "${sw[@]}" preprocess "$work/raw.h5ad" --out "$work/tok.h5ad" --vocab "$work/base" --n-hvg 1200
 stage finetune "${sw[@]}" finetune "$work/tok.h5ad" --init "$work/base" --out-dir "$work/ft" \
     --epochs "$epochs" --lr 0.0001 --weight-decay 0.0 --warmup-fraction 0.0 --mask-ratio 0.0 "${long[@]}"
-stage probe "${sw[@]}" probe --checkpoint "$work/ft/checkpoint" --data "$work/tok.h5ad" --out "$work/probe" "${long[@]}"
+stage probe "${sw[@]}" probe --checkpoint "$work/ft/checkpoint" --data "$work/tok.h5ad" --out "$work/probe" "${batch[@]}"
 stage ablate "${sw[@]}" ablate --checkpoint "$work/ft/checkpoint" --data "$work/tok.h5ad" \
-    --candidates "$work/probe/candidates.tsv" --out "$work/ablate" --max-cells "$evals" "${long[@]}"
+    --candidates "$work/probe/candidates.tsv" --out "$work/ablate" --max-cells "$evals" "${batch[@]}"
 stage cells "${sw[@]}" cells --cells "$work/ablate/cells.h5ad" --data "$work/tok.h5ad" --out "$work/cells"
-stage probe_base "${sw[@]}" probe --checkpoint "$work/base" --data "$work/tok.h5ad" --out "$work/base_probe" "${long[@]}"
+stage probe_base "${sw[@]}" probe --checkpoint "$work/base" --data "$work/tok.h5ad" --out "$work/base_probe" "${batch[@]}"
 stage confirm_base "${sw[@]}" confirm --checkpoint "$work/base" --data "$work/tok.h5ad" \
     --candidates "$work/base_probe/candidates.tsv" --out "$work/base_confirm" \
-    --score masked-expression --max-cells "$evals" "${long[@]}"
+    --score masked-expression --max-cells "$evals" "${batch[@]}"
 python3 -c "import json,sys; m=json.load(open('$work/ft/metrics.json')); print('test cells', m['n_cells'], 'accuracy', round(m['accuracy'], 3))"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from superweights.config import validate_config
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
 from superweights.model.tokens import split_datasets
 from superweights.model.train import ModelSettings, TrainSettings, make_loader
@@ -289,7 +290,8 @@ def random_model(args: dict, n_cls: int = 0, seed: int = 0) -> ScGPTModel:
 
 DATASET = "demo"
 CHROMIUM = Path("/usr/bin/chromium")
-CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+CONFIG = validate_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+"""The demo config as the report gets it: defaults filled in."""
 FIGURES = (
     "preprocess/qc.png", "finetune/confusion.png", "finetune/training_curve.png",
     "probe/layer_spikes.png", "probe/cell_spikes.png", "ablate/forest.png",

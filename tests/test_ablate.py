@@ -21,6 +21,7 @@ from superweights.ablate import (
 from superweights.ablate_plots import FIGURE_FILES, write_figures
 from superweights.editing import read_candidates
 from superweights.errors import UserError
+from superweights.model.args import CellCut
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTModel
 from superweights.model.tokens import split_datasets
@@ -187,11 +188,12 @@ def test_without_accepted_candidates_the_strongest_spikes_are_tested(setup):
 
 def test_ablate_from_checkpoint_and_tokenised_data(setup, tmp_path):
     model = setup["model"]
-    folder = save_checkpoint(model, model.config, VOCAB, tmp_path / "checkpoint")
+    folder = save_checkpoint(model, model.config, VOCAB, tmp_path / "checkpoint",
+                             extra_args=CellCut(max_seq_len=17).to_args())  # fmt: skip
     table = tmp_path / "candidates.tsv"
     setup["cands"].iloc[:1].drop(columns="accepted").to_csv(table, sep="\t", index=False)
     settings = AblateSettings(
-        n_null=19, n_boot=50, scales=(0.0,), max_cells=64, batch_size=32, max_seq_len=17,
+        n_null=19, n_boot=50, scales=(0.0,), max_cells=64, batch_size=32,
         strata_columns=("Braak", "no such column"),
     )  # fmt: skip
     out = ablate(setup["adata"], folder, table, settings, device="cpu", selection_splits=("val",))
@@ -236,8 +238,10 @@ def test_confirm_cli_on_a_classifier_and_on_a_checkpoint_without_one(setup, tmp_
     table = tmp_path / "candidates.tsv"
     setup["cands"].iloc[:1].to_csv(table, sep="\t", index=False)
     common = ["--data", str(data), "--candidates", str(table), "--n-null", "19",
-              "--n-boot", "50", "--max-seq-len", "17", "--max-cells", "96"]  # fmt: skip
-    classifier = save_checkpoint(model, model.config, VOCAB, tmp_path / "classifier")
+              "--n-boot", "50", "--max-cells", "96"]  # fmt: skip
+    cut = CellCut(max_seq_len=17).to_args()
+    classifier = save_checkpoint(model, model.config, VOCAB, tmp_path / "classifier",
+                                 extra_args=cut)  # fmt: skip
     assert (
         main(["confirm", "--checkpoint", str(classifier), "--out", str(tmp_path / "a"), *common])
         == 0
@@ -250,7 +254,7 @@ def test_confirm_cli_on_a_classifier_and_on_a_checkpoint_without_one(setup, tmp_
     quantize = ["quantize", "--checkpoint", str(classifier), "--data", str(data),
                 "--super-weights", str(tmp_path / "a" / "confirmed.tsv"), "--out",
                 str(tmp_path / "q"), "--bits", "4", "--block-sizes", "64", "--clip-values",
-                "3", "--no-w8a8", "--max-seq-len", "17"]  # fmt: skip
+                "3", "--no-w8a8"]  # fmt: skip
     assert main(quantize) == 0
     quantized = pd.read_csv(tmp_path / "q" / "quantize.tsv", sep="\t")
     assert (tmp_path / "q" / "quantize.png").is_file() and len(quantized) > 1
@@ -259,7 +263,7 @@ def test_confirm_cli_on_a_classifier_and_on_a_checkpoint_without_one(setup, tmp_
     base.load_state_dict(
         {k: v for k, v in model.state_dict().items() if not k.startswith("cls_decoder")}
     )
-    folder = save_checkpoint(base, base.config, VOCAB, tmp_path / "base")
+    folder = save_checkpoint(base, base.config, VOCAB, tmp_path / "base", extra_args=cut)
     assert (
         main(["confirm", "--checkpoint", str(folder), "--out", str(tmp_path / "b"), *common]) == 0
     )

@@ -6,9 +6,17 @@ import logging
 import pytest
 import torch
 
-from helpers import CHECKPOINT_VOCAB, flash_names, random_model, released_args, write_folder
+from helpers import (
+    CHECKPOINT_VOCAB,
+    HUMAN_ARGS,
+    flash_names,
+    random_model,
+    released_args,
+    write_folder,
+)
 from superweights.errors import UserError
 from superweights.model import checkpoint
+from superweights.model.args import CellCut, cell_cut
 from superweights.model.checkpoint import load_checkpoint, save_checkpoint
 from superweights.model.scgpt import ScGPTModel
 
@@ -113,6 +121,24 @@ def test_save_round_trip_safetensors_and_pt(tmp_path):
     (folder / "model.safetensors").unlink()
     model, _, _ = load_checkpoint(folder)
     assert_same_outputs(model, trained)
+
+
+def test_cells_are_cut_as_args_json_records(tmp_path, caplog):
+    """A released args.json has scGPT's max_seq_len and no seed; one with neither gets
+    `CellCut()` (1,200 and seed 0, logged as defaults); ours records both."""
+    caplog.set_level(logging.INFO, logger="superweights.model.args")
+    for name in ("scGPT_human", "scGPT_brain"):
+        args = json.loads(HUMAN_ARGS.with_name(f"{name}.args.json").read_text())
+        released = write_folder(tmp_path / name, args, {})
+        assert cell_cut(released) == CellCut(args["max_seq_len"], 0) == CellCut(1200, 0)
+    assert "subsample_seed not in" in caplog.text
+    bare = write_folder(tmp_path / "bare", {"embsize": 512}, {})
+    assert cell_cut(bare) == CellCut() == CellCut(max_seq_len=1200, seed=0)
+    assert "max_seq_len, subsample_seed not in" in caplog.text
+    model = random_model(released_args())
+    ours = save_checkpoint(model, model.config, CHECKPOINT_VOCAB, tmp_path / "ours",
+                           extra_args=CellCut(64, 5).to_args())  # fmt: skip
+    assert cell_cut(ours) == CellCut(64, 5) and "as trained" in caplog.text
 
 
 def test_save_replaces_existing_folder_only_when_complete(tmp_path, monkeypatch):

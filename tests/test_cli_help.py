@@ -48,6 +48,20 @@ def test_settings_help_is_the_schema_description():
     assert action.help == " ".join(described.split())
 
 
+def test_a_deprecated_option_is_accepted_with_one_line_of_warning(capsys):
+    from superweights.settings import ProbeSettings
+
+    parser = stage_parsers()[1]["probe"]
+    base = ["--checkpoint", "c", "--data", "d", "--out", "o"]
+    assert "--max-seq-len" not in parser.format_help()
+    settings = cli.settings_from(parser.parse_args([*base, "--max-seq-len", "64"]), ProbeSettings)
+    assert settings == ProbeSettings()
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: --max-seq-len is deprecated: Ignored, and refused from")
+    cli.settings_from(parser.parse_args(base), ProbeSettings)
+    assert capsys.readouterr().err == ""
+
+
 def test_default_config_is_the_repository_demo_config():
     import yaml
 

@@ -1,5 +1,7 @@
-"""The config schema holds each key's default and description; the library agrees with it."""
+"""The config schema holds each key's default and description once; the library's settings
+read theirs from it, and the demo config sets only what differs."""
 
+import ast
 import dataclasses
 import subprocess
 import sys
@@ -8,21 +10,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+import superweights
+from superweights import settings
 from superweights.config import (
     config_readme,
+    drop_deprecated,
     load_schema,
     section,
-    settings_classes,
     stage_settings,
+    validate_config,
 )
-from superweights.enrich import RESOURCE_DIR, read_gmt
 from superweights.errors import UserError
-from superweights.genes import GENES_OF_INTEREST
+from superweights.genes import GENE_SETS_DIR, GENES_OF_INTEREST, read_gmt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema()
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-SETTINGS = settings_classes()
+SETTINGS = settings.SECTIONS
 
 
 def schema_of(path: str) -> dict:
@@ -52,31 +56,86 @@ def leaf_keys(spec: dict, path: str = ""):
 @pytest.mark.parametrize("path", [p for p in SCHEMA["properties"] if p != "datasets"])
 def test_every_key_has_a_default_and_a_description(path):
     spec = schema_of(path)
-    assert spec.get("description"), path
+    assert spec.get("description") and SCHEMA["properties"][path]["default"] == {}, path
     for key, sub in leaf_keys(spec, f"{path}/"):
-        assert "default" in sub and sub.get("description"), f"{key} lacks a default or description"
+        assert sub.get("description"), f"{key} lacks a description"
+        assert "default" in sub or sub.get("deprecated"), f"{key} lacks a default"
 
 
 @pytest.mark.parametrize("path", list(SETTINGS))
-def test_schema_defaults_are_the_library_defaults(path):
+def test_settings_take_their_defaults_and_descriptions_from_the_schema(path):
     spec = schema_of(path)["properties"]
     fields = {f.name: f for f in dataclasses.fields(SETTINGS[path])}
-    assert set(spec) == set(fields), path
+    assert set(fields) == {k for k, sub in spec.items() if not sub.get("deprecated")}, path
+    built = SETTINGS[path]()
     for name, f in fields.items():
-        default, expected = spec[name]["default"], library_default(f)
-        if (path, name) == ("gene_sets", "resource_dir"):  # config: relative to the repository
-            default, expected = (ROOT / default).resolve(), Path(str(expected)).resolve()
-        assert default == expected, f"{path}.{name}: schema {default!r}, library {expected!r}"
+        default = spec[name]["default"]
+        assert library_default(f) == default, f"{path}.{name}"
+        assert f.metadata["description"] == " ".join(spec[name]["description"].split())
+        value = getattr(built, name)
+        if (path, name) == ("gene_sets", "resource_dir"):  # null: the shipped folder
+            default = str(GENE_SETS_DIR)
+        assert (list(value) if isinstance(value, tuple) else value) == default, f"{path}.{name}"
 
 
-@pytest.mark.parametrize("path", ["demo", "seaad", "rosmap", "local", "download"])
-def test_demo_config_keeps_the_defaults_of_the_sources(path):
-    defaults = {key: sub["default"] for key, sub in leaf_keys(schema_of(path))}
-    assert section(CONFIG, path) == defaults
+def test_no_setting_default_is_written_in_code():
+    """Settings classes live in `settings` only, and state no default of a config key."""
+    package = Path(superweights.__file__).parent
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Settings"):
+                assert path.name == "settings.py", f"{node.name} in {path}"
+    classes = {c.__name__: c for c in vars(settings).values() if hasattr(c, "section")}
+    tree = ast.parse(Path(settings.__file__).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in classes:
+            keys = schema_of(classes[node.name].section)["properties"]
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and item.value is not None:
+                    assert item.target.id not in keys, f"{node.name}.{item.target.id}"
+
+
+def test_demo_config_sets_only_what_differs_from_the_defaults():
+    for key, sub in leaf_keys(SCHEMA):
+        path, _, name = key.rpartition("/")
+        if path and name in section(CONFIG, path):
+            assert section(CONFIG, path)[name] != sub["default"], f"{key} is the default"
+    assert CONFIG["finetune"]["max_seq_len"] == 128
+    assert all("max_seq_len" not in section(CONFIG, p) for p in ("probe", "ablate", "quantize"))
+
+
+def test_a_deprecated_key_is_dropped_with_one_line_of_warning():
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["probe"] = {"max_seq_len": 256, "cells_per_type": 3}
+    config["datasets"][0]["channels"] = {"max_seq_len": 64}
+    validate_config(config)  # accepted by the schema
+    warning = drop_deprecated(config)
+    assert warning.startswith("warning: deprecated config key(s) probe.max_seq_len, ")
+    assert "datasets[demo].channels.max_seq_len" in warning and "\n" not in warning
+    assert config["probe"] == {"cells_per_type": 3} and config["datasets"][0]["channels"] == {}
+    assert stage_settings(validate_config(config))["probe"].cells_per_type == 3
+    assert drop_deprecated(config) == ""
+
+
+def test_absent_sections_and_keys_take_their_defaults():
+    filled = validate_config({"datasets": [{"name": "demo", "source": "demo"}]})
+    assert filled["finetune"]["max_seq_len"] == 192 and filled["model"]["architecture"]["do_mvc"]
+    assert filled["gene_sets"]["resource_dir"] is None and filled["seaad"]["n_donors"] == 4
+    assert validate_config(CONFIG)["ablate"]["n_null"] == 59
+
+
+@pytest.mark.parametrize("path", ["channels", "genes"])
+def test_null_weights_beyond_the_confirmations_draws_are_refused(path):
+    config = {"ablate": {"n_null": 19}, "channels": {"n_null": 19}, "genes": {"n_null": 19}}
+    config[path] = {"n_null": 20}
+    with pytest.raises(UserError, match=rf"config {path}.n_null: 20 null weights.*draws 19"):
+        stage_settings(config)
+    config[path] = {"n_null": 19}
+    stage_settings(config)
 
 
 def test_genes_of_interest_are_the_curated_core_genes():
-    curated = read_gmt(RESOURCE_DIR / "alzheimers_curated.gmt")["AD_CORE_GENES"]
+    curated = read_gmt(GENE_SETS_DIR / "alzheimers_curated.gmt")["AD_CORE_GENES"]
     assert sorted(GENES_OF_INTEREST) == sorted(curated)
     assert schema_of("preprocess")["properties"]["genes_of_interest"]["default"] == list(
         GENES_OF_INTEREST
@@ -88,13 +147,15 @@ def test_config_readme_is_generated_from_the_schema():
     assert readme == config_readme(), "run: python -m superweights.config > config/README.md"
     assert "- `cells_per_type` (`50`): Cells probed per cell type." in readme
     assert "## `pretrain` and `finetune`\n" in readme and "## `pretrain`\n" not in readme
+    assert "- `architecture`: The model pretrained here." in readme
     assert "  - `d_model` (`64`): Width." in readme  # model.architecture, nested
+    assert "- `max_seq_len` (deprecated): Ignored, and refused from the next release" in readme
 
 
 def test_demo_config_builds_every_stage_settings():
     built = stage_settings(CONFIG)
     assert set(built) == set(SETTINGS)
-    assert built["probe"].cells_per_type == CONFIG["probe"]["cells_per_type"]
+    assert built["ablate"].n_null == CONFIG["ablate"]["n_null"]
 
 
 @pytest.mark.parametrize(
@@ -107,7 +168,7 @@ def test_demo_config_builds_every_stage_settings():
 )
 def test_a_value_the_library_rejects_names_its_section(path, key, value, message):
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    config[path][key] = value
+    config.setdefault(path, {})[key] = value
     with pytest.raises(UserError) as err:
         stage_settings(config)
     assert str(err.value).startswith(message) and key in str(err.value)

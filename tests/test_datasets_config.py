@@ -11,7 +11,8 @@ from superweights.config import dataset_configs, validate_config
 from superweights.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+CONFIG = validate_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+"""The demo config with its defaults filled in, as Snakemake's validation fills them."""
 
 
 def with_datasets(*entries) -> dict:

@@ -13,9 +13,10 @@ from scipy.stats import binom, hypergeom, kstest
 from statsmodels.stats.multitest import multipletests
 
 from superweights import enrich
-from superweights.enrich import EnrichSettings, GeneSetSettings, read_gmt
+from superweights.enrich import EnrichSettings, GeneSetSettings
 from superweights.enrich_plots import plot_candidate, plot_candidates
 from superweights.errors import UserError
+from superweights.genes import GENE_SETS_DIR, read_gmt
 
 GENES = [f"GENE{i}" for i in range(1500)]
 
@@ -97,10 +98,10 @@ def test_read_gmt_missing_file(tmp_path):
 
 
 def test_shipped_curated_sets():
-    curated = read_gmt(enrich.RESOURCE_DIR / "alzheimers_curated.gmt")
+    curated = read_gmt(GENE_SETS_DIR / "alzheimers_curated.gmt")
     assert curated["AD_CORE_GENES"] == ["APP", "MAPT", "APOE", "TREM2", "PSEN1", "PSEN2"]
     assert "TYROBP" in curated["DAM_MICROGLIA_UP_KEREN_SHAUL_2017"]
-    gwas = read_gmt(enrich.RESOURCE_DIR / "bellenguez2022_gwas.gmt")
+    gwas = read_gmt(GENE_SETS_DIR / "bellenguez2022_gwas.gmt")
     (genes,) = gwas.values()
     assert len(genes) >= 75 and {"APOE", "BIN1", "TREM2", "SORL1", "PLCG2"} <= set(genes)
 

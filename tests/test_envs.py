@@ -3,7 +3,9 @@
 Every rule has an env file; the env lists exactly the distributions that its rules' code
 imports (the rule script, or the `superweights` CLI stage of a shell rule, and every
 `superweights` module these reach, walked through their imports), each pinned to the
-version in constraints.txt.
+version in constraints.txt. Snakemake's own environment parses the workflow without the
+heavy packages: `workflow/rules/common.smk` reaches only `PARSE_IMPORTS`, and a dry run
+succeeds where torch, gseapy and scanpy cannot be imported.
 """
 
 import argparse
@@ -35,6 +37,9 @@ PACKAGE = "superweights"
 NOT_IMPORTED = {"python", "pip", "scikit-misc"}
 """Env entries that are not Python imports: the interpreter, pip, and scikit-misc (the loess
 that scanpy's seurat_v3 HVG flavour loads)."""
+PARSE_IMPORTS = {"snakemake", "jsonschema", "yaml", "numpy", "pandas"}
+"""What parsing the workflow imports (Snakefile and common.smk, with the library they reach)."""
+HEAVY = ("torch", "gseapy", "scanpy")
 
 
 def normalise(name: str) -> str:
@@ -274,3 +279,34 @@ def test_cli_rules_run_the_env_python_under_conda(workflow):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("usage: superweights") == 2
+
+
+def smk_imports(path: Path) -> set[str]:
+    """What a Snakemake file's top-level Python import statements import."""
+    statements = re.findall(r"^(?:from|import) [^\n(]*(?:\([^)]*\))?.*$", path.read_text(), re.M)
+    return imported_modules(import_nodes(ast.parse("\n".join(statements))))
+
+
+def test_parsing_the_workflow_imports_only_light_packages():
+    files = [ROOT / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]
+    found = third_party_imports(set().union(*map(smk_imports, files)))
+    assert found == PARSE_IMPORTS
+
+
+def test_the_workflow_is_parsed_without_torch_gseapy_or_scanpy(tmp_path):
+    """A dry run of the demo in a Python where the heavy packages cannot be imported."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in HEAVY)
+    )
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{LIBRARY}"}
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
+    assert check.returncode != 0, "sitecustomize did not block torch"
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--snakefile", ROOT / "Snakefile",
+         "--directory", tmp_path / "work", "--cores", "1"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "results/demo/report.html" in result.stdout

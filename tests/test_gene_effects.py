@@ -21,12 +21,15 @@ from superweights import gene_effects_base as geb
 from superweights.channels import Channel, select_channels, with_nulls
 from superweights.editing import zeroed
 from superweights.errors import UserError
+from superweights.model.args import CellCut
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
 from superweights.scores import MaskedExpressionScore
 
 GENES = [f"G{i}" for i in range(20)]
 VOCAB = {g: i for i, g in enumerate(GENES)} | {"<pad>": 20, "<cls>": 21, "<eoc>": 22}
+CUT = CellCut(max_seq_len=16)
+"""How the test checkpoints record that their cells were cut."""
 PLANTED, FREQUENT = "G5", "G0"
 MODULE = "transformer_encoder.layers.0.linear2"
 ROW, COL, WEIGHT = 3, 7, 12.0
@@ -317,7 +320,6 @@ def test_p_values_are_calibrated_on_a_model_without_a_gene_specific_weight():
         ({"split": "all"}, "split"),
         ({"max_genes": -1}, "max_genes"),
         ({"n_null": 1}, "n_null"),
-        ({"max_seq_len": 1}, "max_seq_len"),
     ],
 )
 def test_settings_are_checked(change, message):
@@ -335,7 +337,7 @@ def test_chosen_tokens_are_the_most_expressed():
 def test_end_to_end_from_checkpoint_and_tokenised_data(tmp_path):
     model = planted_model()
     model.config.n_cls = N_CLS
-    save_checkpoint(model, model.config, VOCAB, tmp_path / "ckpt")
+    save_checkpoint(model, model.config, VOCAB, tmp_path / "ckpt", extra_args=CUT.to_args())
     cells = make_cells(30)
     bins = np.zeros((30, len(GENES)), dtype=np.float32)
     for i, (genes, vals) in enumerate(cells):
@@ -352,7 +354,7 @@ def test_end_to_end_from_checkpoint_and_tokenised_data(tmp_path):
     drawn = pd.DataFrame({"candidate": "planted", "kind": ["magnitude"] * 4 + ["contribution"],
                           "row": [0, 1, 2, 4, 5], "col": [1, 2, 3, 4, 5]})  # fmt: skip
     drawn.to_csv(tmp_path / "nulls.tsv", sep="\t", index=False)
-    settings = ge.GeneEffectSettings(max_cells=20, max_genes=0, n_null=3, max_seq_len=16)
+    settings = ge.GeneEffectSettings(max_cells=20, max_genes=0, n_null=3)
     result = ge.gene_effects(adata, tmp_path / "ckpt", candidates(), settings,
                              nulls=tmp_path / "nulls.tsv", device="cpu")  # fmt: skip
     assert result.summary["n_cells"] == 20 and result.summary["n_donors"] == 4
@@ -506,7 +508,7 @@ def test_base_end_to_end_from_a_checkpoint_without_a_classifier(tmp_path):
     model, _ = planted_expression()
     model.config.n_cls = 0  # a pretrained checkpoint: no classifier head
     del model.cls_decoder
-    save_checkpoint(model, model.config, VOCAB, tmp_path / "ckpt")
+    save_checkpoint(model, model.config, VOCAB, tmp_path / "ckpt", extra_args=CUT.to_args())
     cells = make_cells(60)
     bins = np.zeros((60, len(GENES)), dtype=np.float32)
     for i, (genes, vals) in enumerate(cells):
@@ -522,7 +524,7 @@ def test_base_end_to_end_from_a_checkpoint_without_a_classifier(tmp_path):
                           "row": [0, 1, 2, 4, 5], "col": [1, 2, 3, 4, 5]})  # fmt: skip
     drawn.to_csv(tmp_path / "nulls.tsv", sep="\t", index=False)
     table = candidates().assign(confirmed=False, effect=0.1)
-    settings = ge.GeneEffectSettings(max_cells=50, n_null=3, max_seq_len=16, min_cells=2)
+    settings = ge.GeneEffectSettings(max_cells=50, n_null=3, min_cells=2)
     result = geb.base_gene_effects(adata, tmp_path / "ckpt", table, settings,
                                    nulls=tmp_path / "nulls.tsv", n_unconfirmed=1,
                                    mask_ratio=0.5, device="cpu")  # fmt: skip

@@ -11,12 +11,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "workflow" / "superweights"
 
 LAYERS = {
     # lowest first; a module imports modules of its own layer or of lower ones only
-    "plumbing": ("__init__", "errors", "outputs", "genes", "rule_io"),
+    "plumbing": ("__init__", "errors", "settings", "config", "outputs", "genes", "rule_io"),
     "core": ("probe", "confirm", "editing"),  # model-agnostic: plumbing only
     "data": ("data",),
     "model": ("model",),  # spike tracking runs the core probe during training
     "stages": (),  # every module not named here; scores runs the model, so it is one
-    "top": ("cli", "config", "report", "captions"),  # config builds every stage's settings
+    "top": ("cli", "report", "captions"),
 }
 RANK = {layer: rank for rank, layer in enumerate(LAYERS)}
 

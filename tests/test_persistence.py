@@ -9,6 +9,7 @@ import torch
 
 from helpers import PLANTED, ROW, VOCAB, K, planted_model, tokenised, train
 from superweights.ablate import AblateSettings
+from superweights.model.args import CellCut
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTModel
 from superweights.persistence import persistence
@@ -29,8 +30,9 @@ def test_a_weight_kept_through_fine_tuning_persists_and_a_shrunk_one_is_lost(tmp
     with torch.no_grad():
         base.transformer_encoder.layers[1].linear2.weight[2, 3] = 3.0
         tuned.transformer_encoder.layers[1].linear2.weight[2, 3] = 0.3
-    base_dir = save_checkpoint(base, base.config, VOCAB, tmp_path / "base")
-    tuned_dir = save_checkpoint(tuned, tuned.config, VOCAB, tmp_path / "tuned")
+    cut = CellCut(max_seq_len=17).to_args()
+    base_dir = save_checkpoint(base, base.config, VOCAB, tmp_path / "base", extra_args=cut)
+    tuned_dir = save_checkpoint(tuned, tuned.config, VOCAB, tmp_path / "tuned", extra_args=cut)
     base_confirmed = pd.DataFrame(
         {"module": [PLANTED, other], "row": [ROW, 2], "col": [K, 3], "weight": [24.0, 3.0],
          "confirmed": [True, True]}
@@ -41,7 +43,7 @@ def test_a_weight_kept_through_fine_tuning_persists_and_a_shrunk_one_is_lost(tmp
     )  # fmt: skip
     base_probe = base_confirmed.assign(accepted=[True, True])
     tuned_probe = tuned_confirmed.assign(accepted=[True])
-    settings = AblateSettings(n_boot=50, max_seq_len=17, batch_size=64, max_cells=200)
+    settings = AblateSettings(n_boot=50, batch_size=64, max_cells=200)
     table = persistence(adata, base_dir, tuned_dir, base_confirmed, tuned_confirmed, settings,
                         base_candidates=base_probe, finetuned_candidates=tuned_probe)  # fmt: skip
     rows = table.set_index("candidate")

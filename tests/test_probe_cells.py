@@ -9,7 +9,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from superweights import probe_cells
 from superweights.errors import UserError
+from superweights.model.args import CellCut
 from superweights.model.checkpoint import save_checkpoint
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
 from superweights.probe_cells import (
@@ -185,6 +187,35 @@ def test_probe_checkpoint_loads_the_folder(tokenised, vocab, tmp_path):
     expected = probe_scgpt(model, tokenised, vocab, settings)
     pd.testing.assert_frame_equal(result.candidates, expected.candidates)
     assert result.candidates[["layer", "row", "col"]].values.tolist() == [[LAYER, ROW, COL]]
+
+
+def test_the_probe_cuts_cells_as_the_checkpoint_records(tokenised, vocab, tmp_path, monkeypatch):
+    """A checkpoint saved with max_seq_len 6 (and its seed): every probed cell is cut to 6
+    tokens with that seed; without a recorded cut, to `CellCut()`'s 1,200 (not at all here)."""
+    model = tiny_model(vocab)
+    cut = CellCut(max_seq_len=6, seed=3)
+    folder = save_checkpoint(
+        model, model.config, vocab, tmp_path / "ckpt", extra_args=cut.to_args()
+    )
+    widths, real = [], probe_cells.cell_batches
+
+    def recording(*args, **kwargs):
+        batches = real(*args, **kwargs)
+        widths.extend(b["gene_ids"].shape[1] for b in batches)
+        return batches
+
+    monkeypatch.setattr(probe_cells, "cell_batches", recording)
+    settings = ProbeSettings(cells_per_type=4, n_strongest=1, batch_size=1)
+    result = probe_checkpoint(tokenised, folder, settings, device="cpu")
+    assert set(widths) == {6}
+    pd.testing.assert_frame_equal(
+        result.cells, probe_scgpt(model, tokenised, vocab, settings, cut).cells
+    )
+    other_seed = probe_scgpt(model, tokenised, vocab, settings, CellCut(6, seed=4)).cells
+    assert not result.cells["output_gene"].equals(other_seed["output_gene"])
+    widths.clear()
+    probe_scgpt(model, tokenised, vocab, settings)
+    assert max(widths) > 6
 
 
 def test_sample_respects_cells_per_type_and_splits(tokenised):

@@ -184,7 +184,6 @@ def test_constant_blocks_are_exact_and_block_sizes_beyond_the_tensor_are_one_blo
         (dict(w8a8_weights="row"), "w8a8_weights"),
         (dict(activation_scale="channel"), "activation_scale"),
         (dict(batch_size=0), "batch_size"),
-        (dict(max_seq_len=1), "max_seq_len"),
     ],
 )
 def test_bad_settings_are_user_errors(settings, message):

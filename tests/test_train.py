@@ -12,6 +12,7 @@ import torch
 from helpers import TRAIN_CLASSES, TRAIN_MODEL, TRAIN_SETTINGS, die_in_epoch_2, training_cells
 from superweights.errors import UserError
 from superweights.model import train
+from superweights.model.args import CellCut, cell_cut
 from superweights.model.checkpoint import load_checkpoint, read_state_dict
 from superweights.model.train import (
     TrainSettings,
@@ -58,6 +59,7 @@ def test_pretrain_writes_checkpoint_and_history(pretrained, data):
     ]  # fmt: skip
     model, config, vocab = load_checkpoint(pretrained)
     assert config.n_cls == 0 and config.d_model == 32 and config.do_mvc
+    assert cell_cut(pretrained) == CellCut(TRAIN_SETTINGS.max_seq_len, TRAIN_SETTINGS.seed)
     # the vocabulary holds the data's genes and the special tokens, nothing else
     assert set(vocab) == set(data.var_names) | {"<pad>", "<cls>", "<eoc>"}
     assert vocab["<pad>"] == len(vocab) - 3
@@ -89,7 +91,11 @@ def test_finetune_writes_outputs_with_sane_metrics(finetuned, data):
     assert best == history["val_loss"].min()
     model, config, _ = load_checkpoint(out / "checkpoint")
     assert config.n_cls == 3
-    assert json.loads((out / "checkpoint" / "args.json").read_text())["classes"] == TRAIN_CLASSES
+    args = json.loads((out / "checkpoint" / "args.json").read_text())
+    assert args["classes"] == TRAIN_CLASSES
+    # later stages cut cells as fine-tuning did
+    assert args["max_seq_len"] == TRAIN_SETTINGS.max_seq_len
+    assert args["subsample_seed"] == TRAIN_SETTINGS.seed
 
 
 CPU_ONLY = pytest.mark.skipif(

@@ -5,9 +5,15 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
-from superweights.config import dataset_configs, stage_settings, validate_config
+# Torch-free imports: the workflow is parsed without torch, gseapy or scanpy.
+from superweights.config import (
+    dataset_configs,
+    drop_deprecated,
+    stage_settings,
+    validate_config,
+)
 from superweights.errors import UserError
-from superweights.model.checkpoint import read_args_and_vocab
+from superweights.model.args import read_args_and_vocab
 from superweights.rule_io import USER_ERROR_EXIT
 
 min_version("9.0")
@@ -17,7 +23,11 @@ def check_settings():
     """Stop now, before any job, on a value the schema or a stage's settings reject: one
     line, exit 2. The library's constructors check what the schema cannot (e.g. a top-k
     fraction of 0); Snakemake's own validation then fills in the schema's defaults.
+    Deprecated keys are dropped with a one-line warning.
     """
+    warning = drop_deprecated(config)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         validate_config(config)
         stage_settings(config)
@@ -119,9 +129,13 @@ def checkpoint_vocab(wildcards):
 
 
 def gene_set_settings():
-    """Gene-set settings with the shipped resource folder resolved against the workflow."""
+    """Gene-set settings with a configured resource folder resolved against the workflow
+    (none: the shipped one)."""
     settings = dict(config["gene_sets"])
-    settings["resource_dir"] = os.path.join(workflow.basedir, settings["resource_dir"])
+    if settings["resource_dir"]:
+        settings["resource_dir"] = os.path.join(
+            workflow.basedir, settings["resource_dir"]
+        )
     return settings
 
 

@@ -28,6 +28,5 @@ rule quantize:
         gpu=1,
     params:
         settings=config["quantize"],
-        seed=config["finetune"]["seed"],
     script:
         "../scripts/quantize.py"

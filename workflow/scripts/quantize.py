@@ -6,5 +6,4 @@ with rule_log(snakemake):
         snakemake.input,
         snakemake.output,
         quantize.QuantizeSettings(**snakemake.params.settings),
-        seed=snakemake.params.seed,
     )

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -40,20 +40,19 @@ from scipy import optimize, stats
 from torch import Tensor
 
 from .confirm import (
-    PAPER_TOPK_FRACTION,
     Confirmation,
-    ConfirmSettings,
     candidate_id,
     confirm_super_weights,
 )
-from .data.preprocess import SPLITS, class_names, read_tokenised
+from .data.preprocess import class_names, read_tokenised
 from .editing import WeightEdit, check_candidate, edited_weights, layer_of, read_candidates
 from .errors import UserError
 from .model.checkpoint import checkpoint_config, read_args_and_vocab
 from .model.finetuned import load_test_cells
 from .model.scgpt import ScGPTModel
 from .outputs import cell_key, named_paths, write_h5ad, write_json, write_tsv
-from .scores import PRECISIONS, CellTypeScore, MaskedExpressionScore
+from .scores import CellTypeScore, MaskedExpressionScore
+from .settings import AblateSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,70 +64,6 @@ SCORES = {
     "masked-expression": "masked-expression log-likelihood per cell",
 }
 """What each score of a confirmation measures, as the summaries state it."""
-
-
-@dataclass
-class AblateSettings:
-    """Cells, null, thresholds and extra tables of the pruning test.
-
-    `n_null`, `alpha`, `min_effect`, `band`, `topk_fraction`, `topk_sweep`, `min_recovery`,
-    `n_boot`: see `ConfirmSettings`. `n_strongest`: candidates tested when the probe accepted none.
-    `split`: cells evaluated (never those the probe selected on, by default). `min_donors`:
-    strata with fewer test donors are reported as too few, not compared. `scales`: the
-    factors of the scaling sweep. `n_permutations`: donor permutations of the stage trend test.
-    `expression_trained`: the expression decoder was trained
-    with the encoder (fine-tuning `mlm_weight` > 0), so expression effects mean something.
-    `precision`: how the stacked null draws run (`scores.PRECISIONS`; "fp32" is the
-    reference, "tf32x3" keeps fp32 accuracy on GPU tensor cores).
-    """
-
-    n_null: int = 99
-    alpha: float = 0.05
-    min_effect: float = 0.01
-    band: float = 2.0
-    topk_fraction: float = PAPER_TOPK_FRACTION
-    topk_sweep: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
-    min_recovery: float = 0.5
-    n_boot: int = 1000
-    n_strongest: int = 3
-    split: str = "test"
-    min_donors: int = 6
-    n_permutations: int = 9999
-    scales: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0)
-    strata_columns: tuple[str, ...] = ("Overall AD neuropathological Change", "Braak")
-    expression_trained: bool = False
-    mask_ratio: float = 0.15
-    max_cells: int = 1000
-    batch_size: int = 32
-    max_seq_len: int = 256
-    precision: str = "fp32"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
-        self.topk_sweep = tuple(float(f) for f in self.topk_sweep)
-        self.scales = tuple(float(s) for s in self.scales)
-        self.strata_columns = tuple(self.strata_columns)
-        self.confirm_settings()  # checks the shared keys
-        if self.n_strongest < 1 or self.min_donors < 2 or self.n_permutations < 99:
-            raise UserError(
-                f"ablate needs n_strongest >= 1, min_donors >= 2 and n_permutations >= 99 "
-                f"(got {self.n_strongest}, {self.min_donors}, {self.n_permutations})"
-            )
-        if self.split not in SPLITS:
-            raise UserError(f"ablate split {self.split!r} is not one of {list(SPLITS)}")
-        if not self.scales or not all(math.isfinite(s) for s in self.scales):
-            raise UserError(f"scales must be a non-empty list of numbers, got {self.scales}")
-        if not 0 < self.mask_ratio < 1:
-            raise UserError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.max_cells < 1 or self.batch_size < 1 or self.max_seq_len < 2:
-            raise UserError("max_cells and batch_size must be >= 1, max_seq_len >= 2")
-
-    def confirm_settings(self) -> ConfirmSettings:
-        """The confirmation core's settings: every field of ConfirmSettings this stage has."""
-        shared = [f.name for f in fields(ConfirmSettings) if hasattr(self, f.name)]
-        return ConfirmSettings(**{name: getattr(self, name) for name in shared})
 
 
 @dataclass
@@ -519,7 +454,6 @@ def ablate(
         tokenised,
         checkpoint,
         batch_size=settings.batch_size,
-        max_seq_len=settings.max_seq_len,
         seed=settings.seed,
         max_cells=settings.max_cells,
         device=device,
@@ -574,9 +508,8 @@ def confirm_checkpoint(
         raise UserError(f"score must be auto, cell-type or masked-expression, not {score!r}")
     labelled = score == "cell-type"
     cells = load_test_cells(
-        tokenised, checkpoint, batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
-        seed=settings.seed, max_cells=settings.max_cells, device=device, split=settings.split,
-        labelled=labelled,
+        tokenised, checkpoint, batch_size=settings.batch_size, seed=settings.seed,
+        max_cells=settings.max_cells, device=device, split=settings.split, labelled=labelled,
     )  # fmt: skip
     batches = cells.batches
     scorer = (

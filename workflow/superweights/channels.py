@@ -55,17 +55,18 @@ from torch import Tensor, nn
 from .confirm import null_positions
 from .data.preprocess import read_tokenised
 from .editing import check_candidate, evaluation, layer_of, read_table, zeroed
-from .enrich import RESOURCE_DIR, read_gmt
 from .errors import UserError
-from .genes import GENES_OF_INTEREST
+from .genes import GENE_SETS_DIR, GENES_OF_INTEREST, read_gmt
+from .model.args import cell_cut
 from .model.cells import cell_batches, sample_rows
 from .model.checkpoint import load_checkpoint, pick_device
 from .model.scgpt import ScGPTModel
 from .outputs import named_paths, write_json, write_tsv
+from .settings import ChannelSettings
 
 log = logging.getLogger(__name__)
 
-GWAS_GMT = RESOURCE_DIR / "bellenguez2022_gwas.gmt"
+GWAS_GMT = GENE_SETS_DIR / "bellenguez2022_gwas.gmt"
 ALL, CELL_TYPE, CLS = "all", "cell type", "<cls>"
 OUTPUT_TABLES = ("genes", "genes_of_interest", "cls", "channels", "null_genes")
 OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
@@ -93,51 +94,6 @@ def default_genes_of_interest() -> tuple[str, ...]:
     """`GENES_OF_INTEREST`, then the Bellenguez et al. 2022 GWAS genes."""
     gwas = [g for genes in read_gmt(GWAS_GMT).values() for g in genes]
     return tuple(dict.fromkeys([*GENES_OF_INTEREST, *gwas]))
-
-
-@dataclass
-class ChannelSettings:
-    """Cells, strata, null and candidates of the channel map.
-
-    `splits`: obs["split"] values whose cells are used (empty: all cells), at most
-    `max_cells` of them (a seeded sample). `strata_columns`: obs columns averaged per level
-    besides the cell type. `n_unconfirmed`: strongest unconfirmed candidates mapped too
-    (flagged `confirmed = False`, exploratory). `n_null`, `band`: the null weights of the
-    z-scores. `min_cells`: cells a gene needs to be ranked (>= 2: its standard error must
-    exist). `genes_of_interest`: None = `default_genes_of_interest()`. `n_permutations`:
-    within donor × cell type permutations of the cell map's gene–effect association.
-    """
-
-    splits: tuple[str, ...] = ("test",)
-    strata_columns: tuple[str, ...] = ("Overall AD neuropathological Change",)
-    genes_of_interest: tuple[str, ...] | None = None
-    n_unconfirmed: int = 0
-    n_null: int = 50
-    band: float = 2.0
-    min_cells: int = 10
-    max_cells: int = 2000
-    batch_size: int = 32
-    max_seq_len: int = 256
-    n_permutations: int = 999
-    seed: int = 0
-
-    def __post_init__(self):
-        self.splits, self.strata_columns = tuple(self.splits), tuple(self.strata_columns)
-        if self.n_permutations < 99:
-            raise UserError(f"n_permutations must be >= 99, got {self.n_permutations}")
-        if self.genes_of_interest is not None:
-            self.genes_of_interest = tuple(self.genes_of_interest)
-        if self.n_unconfirmed < 0 or self.min_cells < 2:
-            raise UserError(
-                f"n_unconfirmed must be >= 0 and min_cells >= 2 (a gene's standard error needs "
-                f"2 cells); got {self.n_unconfirmed}, {self.min_cells}"
-            )
-        if self.n_null < 2 or self.band <= 1:
-            raise UserError(
-                f"n_null must be >= 2 (a null sd) and band > 1; got {self.n_null}, {self.band}"
-            )
-        if self.max_cells < 1 or self.batch_size < 1 or self.max_seq_len < 2:
-            raise UserError("max_cells and batch_size must be >= 1, max_seq_len >= 2")
 
 
 @dataclass
@@ -566,17 +522,19 @@ def map_channels(
     device: str | torch.device | None = None,
     nulls: pd.DataFrame | str | Path | None = None,
 ) -> ChannelResult:
-    """Map the candidates' channels to genes on (up to `max_cells`) cells of `splits`, with
-    the confirmation's null draws when `nulls` (ablate's nulls.tsv) is given."""
+    """Map the candidates' channels to genes on (up to `max_cells`) cells of `splits`, cut
+    as the checkpoint's training cut them, with the confirmation's null draws when `nulls`
+    (ablate's nulls.tsv) is given."""
     adata = read_tokenised(tokenised)
     device = torch.device(device) if device else pick_device()
     model, config, vocab = load_checkpoint(checkpoint, device=device)
     channels = select_channels(model, candidates, settings.n_unconfirmed)
     split = adata.obs["split"].astype(str).to_numpy()
     rows = sample_rows(split, settings.splits, settings.max_cells, settings.seed)
+    cut = cell_cut(checkpoint)
     batches = cell_batches(
         adata, vocab, rows, pad_token_id=config.pad_token_id, batch_size=settings.batch_size,
-        max_seq_len=settings.max_seq_len, seed=settings.seed, labelled=False, device=device,
+        max_seq_len=cut.max_seq_len, seed=cut.seed, labelled=False, device=device,
     )  # fmt: skip
     log.info("channel map: %d candidate(s) on %d cells", len(channels), rows.size)
     obs = adata.obs.iloc[rows]

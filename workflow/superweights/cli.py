@@ -4,7 +4,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from importlib.resources import files
 from pathlib import Path
 
 import yaml
@@ -13,6 +12,7 @@ from . import __version__
 from .errors import UserError
 from .outputs import all_or_nothing, check_writable
 from .rule_io import USER_ERROR_EXIT, setup_logging
+from .settings import deprecated, section_schema
 
 REPO_CONFIG = Path("config/config.yaml")
 """The repository's demo config, used by `fetch` and `report` when run from the repository."""
@@ -28,25 +28,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def schema_help(settings_class) -> dict[str, str]:
-    """Each field's description in config.schema.yaml, from the section of `settings_class`.
-
-    The section is the one whose keys hold every field of the dataclass. The packaged schema
-    is read as YAML here, not through `config.load_schema`, whose module imports jsonschema:
-    rule environments run this parser without it.
-    """
-    schema = yaml.safe_load((files(__package__) / "config.schema.yaml").read_text())
-    fields = {f.name for f in dataclasses.fields(settings_class)}
-    todo = [*schema["properties"].values(), *schema["definitions"].values()]
-    while todo:
-        spec = todo.pop(0)
-        keys = spec.get("properties", {})
-        if fields <= set(keys):
-            return {
-                name: " ".join(prop["description"].split()).replace("%", "%%")
-                for name, prop in keys.items()
-            }
-        todo += keys.values()
-    raise LookupError(f"config.schema.yaml has no section for {settings_class.__name__}")
+    """Each field's description, as the config schema states it (`settings.from_schema`)."""
+    return {
+        f.name: f.metadata["description"].replace("%", "%%")
+        for f in dataclasses.fields(settings_class)
+        if "description" in f.metadata
+    }
 
 
 def settings_arguments(parser: argparse.ArgumentParser, settings_class) -> None:
@@ -56,19 +43,34 @@ def settings_arguments(parser: argparse.ArgumentParser, settings_class) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         kwargs = {"default": default, "help": helps.get(f.name)}
+        listed = "array" in f.metadata.get("schema", {}).get("type", [])
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif isinstance(default, list | tuple) or default is None:
+        elif isinstance(default, list | tuple) or (default is None and listed):
             item = type(default[0]) if default else str
             parser.add_argument(flag, nargs="*", type=item, metavar="X", **kwargs)
         elif isinstance(default, dict):
             parser.add_argument(flag, type=json.loads, metavar="JSON", **kwargs)
         else:
-            parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kwargs)
+            kind = str if default is None else type(default)
+            parser.add_argument(flag, type=kind, metavar=f.name.upper(), **kwargs)
+    for key in deprecated_keys(settings_class):
+        parser.add_argument("--" + key.replace("_", "-"), dest=f"deprecated_{key}",
+                            help=argparse.SUPPRESS)  # fmt: skip
+
+
+def deprecated_keys(settings_class) -> dict[str, str]:
+    """The deprecated keys of a settings class's config section, each with its description."""
+    keys = section_schema(settings_class.section)["properties"]
+    return {k: " ".join(s["description"].split()) for k, s in keys.items() if deprecated(s)}
 
 
 def settings_from(args: argparse.Namespace, settings_class):
-    """Build a settings dataclass from parsed arguments."""
+    """Build a settings dataclass from parsed arguments; a deprecated option given is ignored
+    with a one-line warning."""
+    for key, reason in deprecated_keys(settings_class).items():
+        if getattr(args, f"deprecated_{key}", None) is not None:
+            print(f"warning: --{key.replace('_', '-')} is deprecated: {reason}", file=sys.stderr)
     names = [f.name for f in dataclasses.fields(settings_class)]
     return settings_class(**{n: getattr(args, n) for n in names})
 
@@ -94,33 +96,24 @@ def cmd_demo_data(args) -> None:
 
 
 def load_config(path: Path) -> dict:
-    """Read and validate a workflow config file."""
-    from .config import validate_config
+    """Read and validate a workflow config file, absent keys at their defaults; a deprecated
+    key is dropped with a one-line warning."""
+    from .config import drop_deprecated, validate_config
 
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    return validate_config(yaml.safe_load(path.read_text()))
+    config = yaml.safe_load(path.read_text()) or {}
+    warning = drop_deprecated(config)
+    if warning:
+        print(warning, file=sys.stderr)
+    return validate_config(config)
 
 
 def default_config() -> dict:
-    """The demo config from the packaged schema's defaults (what config/config.yaml holds)."""
-    from .config import load_schema, validate_config
+    """The demo dataset with every setting at the packaged schema's default."""
+    from .config import validate_config
 
-    schema = load_schema()
-
-    def defaults(spec: dict):
-        if "default" in spec:
-            return spec["default"]
-        if "$ref" in spec:
-            spec = schema["definitions"][spec["$ref"].rsplit("/", 1)[1]]
-        if spec.get("type") == "object" and "properties" in spec:
-            values = {key: defaults(sub) for key, sub in spec["properties"].items()}
-            return {key: value for key, value in values.items() if value is not None}
-        return None
-
-    config = defaults(schema)
-    config["datasets"] = [{"name": "demo", "source": "demo"}]
-    return validate_config(config)
+    return validate_config({"datasets": [{"name": "demo", "source": "demo"}]})
 
 
 def config_for(args) -> dict:
@@ -254,7 +247,7 @@ def cmd_quantize(args) -> None:
 
     inputs = by_name(args, "data", "checkpoint", "super_weights")
     settings = settings_from(args, quantize.QuantizeSettings)
-    quantize.run(inputs, args.out, settings, seed=args.finetune_seed)
+    quantize.run(inputs, args.out, settings)
     print(f"wrote quantize.tsv, contrasts.tsv and quantize.png to {args.out}")
 
 
@@ -294,13 +287,19 @@ def model_stage(sub, name: str, help_text: str, checkpoint="fine-tuned checkpoin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .ablate import AblateSettings
-    from .channels import ChannelSettings
-    from .data.preprocess import PreprocessSettings
-    from .enrich import EnrichSettings, GeneSetSettings
-    from .model.train import ModelSettings, TrainSettings
-    from .probe_cells import ProbeSettings
-    from .quantize import QuantizeSettings
+    from .settings import (
+        AblateSettings,
+        ChannelSettings,
+        DemoSettings,
+        EnrichSettings,
+        GeneEffectSettings,
+        GeneSetSettings,
+        ModelSettings,
+        PreprocessSettings,
+        ProbeSettings,
+        QuantizeSettings,
+        TrainSettings,
+    )
 
     parser = argparse.ArgumentParser(
         prog="superweights",
@@ -312,10 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="write the embedded SEA-AD-shaped demo h5ad")
     p.add_argument("--out", required=True, help="output .h5ad (or folder with --rosmap)")
-    p.add_argument("--n-cells", type=int, default=8000, help="cells")
-    p.add_argument("--n-genes", type=int, default=2400, help="genes")
-    p.add_argument("--n-donors", type=int, default=60, help="donors (at least 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+    settings_arguments(p, DemoSettings)
     p.add_argument("--rosmap", action="store_true", help="write the ROSMAP-shaped folder instead")
     p.set_defaults(func=cmd_demo_data)
 
@@ -394,8 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
     settings_arguments(p, ChannelSettings)
     p.set_defaults(func=cmd_map)
 
-    from .gene_effects import GeneEffectSettings
-
     p = model_stage(sub, "genes", "causal gene effects of the super weights (gene-token ablation)")
     p.add_argument("--candidates", required=True, help="ablate's confirmed.tsv")
     p.add_argument("--nulls", help="ablate's nulls.tsv: use the confirmation's null draws")
@@ -442,7 +436,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = model_stage(sub, "quantize", "weight and W8A8 quantization with super-weight holdout")
     p.add_argument("--super-weights", required=True, help="ablate's confirmed.tsv")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--finetune-seed", type=int, default=0, help="fine-tuning's seed (genes kept)")
     settings_arguments(p, QuantizeSettings)
     p.set_defaults(func=cmd_quantize)
 

@@ -1,20 +1,21 @@
 """The workflow config: its schema (config.schema.yaml, packaged), validation, stage settings.
 
-The schema holds every key's type, default and description; `config/README.md` is generated
-from it (`python -m superweights.config > config/README.md`).
+The schema holds every key's type, default and description, which the library's settings
+(`settings`) read; `config/README.md` is generated from it
+(`python -m superweights.config > config/README.md`).
 """
 
+import copy
 import sys
 import textwrap
-from importlib.resources import files
 from itertools import groupby
 
 import jsonschema
 import yaml
 
 from .errors import UserError
+from .settings import SCHEMA_PATH, SECTIONS, deprecated, section_schema
 
-SCHEMA_PATH = files(__package__) / "config.schema.yaml"
 WIDTH = 96
 
 
@@ -22,40 +23,53 @@ def load_schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
+def _fill_defaults(validator, properties, instance, schema):
+    """jsonschema's `properties`, after setting each absent key that has a default."""
+    if isinstance(instance, dict):
+        for key, spec in properties.items():
+            if "default" in spec:
+                instance.setdefault(key, copy.deepcopy(spec["default"]))
+    yield from jsonschema.Draft202012Validator.VALIDATORS["properties"](
+        validator, properties, instance, schema
+    )
+
+
+Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {"properties": _fill_defaults}
+)
+
+
 def validate_config(config: dict) -> dict:
-    """Return the config if it matches the schema, else raise a one-line UserError."""
-    try:
-        jsonschema.validate(config, load_schema())
-    except jsonschema.ValidationError as err:
-        where = "/".join(str(p) for p in err.absolute_path) or "top level"
-        raise UserError(f"config error at {where}: {err.message}") from None
+    """A copy of the config with every absent key at its default (as Snakemake's `validate`
+    fills them), if it matches the schema; else a one-line UserError."""
+    config = copy.deepcopy(config)
+    error = jsonschema.exceptions.best_match(Validator(load_schema()).iter_errors(config))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "top level"
+        raise UserError(f"config error at {where}: {error.message}")
     return config
 
 
-def settings_classes() -> dict[str, type]:
-    """The settings dataclass of each config section that configures a library stage."""
-    from .ablate import AblateSettings
-    from .channels import ChannelSettings
-    from .data.preprocess import PreprocessSettings
-    from .enrich import EnrichSettings, GeneSetSettings
-    from .gene_effects import GeneEffectSettings
-    from .model.train import ModelSettings, TrainSettings
-    from .probe_cells import ProbeSettings
-    from .quantize import QuantizeSettings
-
-    return {
-        "preprocess": PreprocessSettings,
-        "model/architecture": ModelSettings,
-        "pretrain": TrainSettings,
-        "finetune": TrainSettings,
-        "probe": ProbeSettings,
-        "ablate": AblateSettings,
-        "channels": ChannelSettings,
-        "genes": GeneEffectSettings,
-        "gene_sets": GeneSetSettings,
-        "enrich": EnrichSettings,
-        "quantize": QuantizeSettings,
-    }
+def drop_deprecated(config: dict) -> str:
+    """Remove the deprecated keys from `config` and its datasets' overrides, in place; the
+    one-line warning that names them and says why, or "" when there were none."""
+    found, reasons = [], []
+    sections = [(config, "")] + [
+        (entry, f"datasets[{entry.get('name')}].") for entry in config.get("datasets") or []
+    ]
+    for owner, where in sections:
+        for path in SECTIONS:
+            values = section(owner, path)
+            for key, spec in section_schema(path)["properties"].items():
+                if deprecated(spec) and key in values:
+                    del values[key]
+                    found.append(f"{where}{path.replace('/', '.')}.{key}")
+                    reasons.append(" ".join(spec["description"].split()))
+    if not found:
+        return ""
+    return f"warning: deprecated config key(s) {', '.join(found)}: " + " ".join(
+        dict.fromkeys(reasons)
+    )
 
 
 def section(config: dict, path: str) -> dict:
@@ -65,19 +79,33 @@ def section(config: dict, path: str) -> dict:
     return config
 
 
+NULLS_FROM_ABLATE = ("channels", "genes")
+"""Sections whose null weights are the first `n_null` of the confirmation's draws."""
+
+
 def stage_settings(config: dict) -> dict[str, object]:
     """Each stage's settings, built from its config section by the library's constructors.
 
     The constructors check what the schema cannot (e.g. a top-k fraction of 0 in
-    `ablate.topk_sweep`), so a value the code would reject fails here, before any job runs.
-    Raises a one-line UserError naming the section.
+    `ablate.topk_sweep`), so a value the code would reject fails here, before any job runs,
+    and so does an `n_null` of `channels` or `genes` beyond `ablate.n_null` (they take the
+    first `n_null` of the confirmation's null draws). Raises a one-line UserError naming the
+    section.
     """
     built = {}
-    for path, settings_class in settings_classes().items():
+    for path, settings_class in SECTIONS.items():
         try:
             built[path] = settings_class(**section(config, path))
         except UserError as err:
             raise UserError(f"config {path.replace('/', '.')}: {err}") from None
+    drawn = built["ablate"].n_null
+    for path in NULLS_FROM_ABLATE:
+        if built[path].n_null > drawn:
+            raise UserError(
+                f"config {path}.n_null: {built[path].n_null} null weights, but the confirmation "
+                f"draws {drawn} (ablate.n_null) and {path} takes the first n_null of them; "
+                f"lower {path}.n_null or raise ablate.n_null"
+            )
     return built
 
 
@@ -101,7 +129,7 @@ def dataset_configs(config: dict) -> dict[str, dict]:
             if key in entry:
                 own[key] = {**config.get(key, {}), **entry[key]}
         try:
-            validate_config(own)
+            own = validate_config(own)
             stage_settings(own)
         except UserError as err:
             raise UserError(f"dataset {entry['name']}: {err}") from None
@@ -127,7 +155,11 @@ def _paragraphs(text: str, indent: str = "") -> list[str]:
 def _keys(schema: dict, indent: str = "") -> list[str]:
     lines = []
     for key, spec in schema.get("properties", {}).items():
-        default = f" ({_value(spec['default'])})" if "default" in spec else ""
+        default = ""
+        if deprecated(spec):
+            default = " (deprecated)"
+        elif "default" in spec and "properties" not in spec:
+            default = f" ({_value(spec['default'])})"
         item = f"{indent}- `{key}`{default}: {spec['description']}"
         lines.append(textwrap.fill(item, WIDTH, subsequent_indent=indent + "  "))
         lines += _keys(spec, indent + "  ")

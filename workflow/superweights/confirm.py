@@ -60,11 +60,9 @@ from .editing import (
     read_candidates,
 )
 from .errors import UserError
+from .settings import ConfirmSettings
 
 log = logging.getLogger(__name__)
-
-PAPER_TOPK_FRACTION = 7000 / 6.74e9
-"""Yu et al. 2024, Table 1: about 7,000 outlier weights of Llama-7B's 6.74 B parameters."""
 
 TIERS = ("super weight", "important weight", "not confirmed")
 """Verdict tiers, strongest first (see the module docstring)."""
@@ -81,63 +79,6 @@ NULL_KINDS = ("magnitude", "contribution")
 """The `kind` column of the null-draws table."""
 
 Score = Callable[[nn.Module], Tensor]
-
-
-@dataclass
-class ConfirmSettings:
-    """Null size, decision thresholds and resampling of `confirm_super_weights`.
-
-    `n_null`: magnitude-matched null weights per candidate; `alpha`: BH level;
-    `min_effect`: smallest mean score drop that counts (score units, e.g. nats per cell);
-    `band`: null weights have |w| (contribution-matched ones: their largest term) within a
-    factor `band` of the candidate's; `topk_fraction`: the top-k control that decides;
-    `topk_sweep`: further fractions, shown only; `min_recovery`: the share of the effect
-    that restoring the super activation must recover for the `super weight` tier; `n_boot`:
-    bootstrap resamples of the effect's CI (level `ci`); `seed`: every random draw.
-    """
-
-    n_null: int = 99
-    alpha: float = 0.05
-    min_effect: float = 0.01
-    band: float = 2.0
-    topk_fraction: float = PAPER_TOPK_FRACTION
-    topk_sweep: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
-    min_recovery: float = 0.5
-    n_boot: int = 1000
-    ci: float = 0.95
-    seed: int = 0
-
-    def __post_init__(self):
-        self.topk_sweep = tuple(float(f) for f in self.topk_sweep)
-        if self.n_null < 1 or self.n_boot < 1:
-            raise UserError(f"n_null and n_boot must be >= 1 (got {self.n_null}, {self.n_boot})")
-        if not 0 < self.alpha < 1 or not 0 < self.ci < 1:
-            raise UserError(f"alpha and ci must be in (0, 1) (got {self.alpha}, {self.ci})")
-        if self.band <= 1 or self.min_effect < 0:
-            raise UserError(f"band must be > 1 and min_effect >= 0 (got {self.band})")
-        fractions = (self.topk_fraction, *self.topk_sweep)
-        if not all(0 < f < 1 for f in fractions):
-            raise UserError(f"top-k fractions must be in (0, 1), got {list(fractions)}")
-        if not 0 <= self.min_recovery <= 1:
-            raise UserError(f"min_recovery must be in [0, 1], got {self.min_recovery}")
-
-    def power_warning(self, n_candidates: int) -> str:
-        """Why no candidate can reach alpha after correction with this null, or ''."""
-        smallest = 1 / (self.n_null + 1)
-        if not n_candidates or n_candidates * smallest <= self.alpha:
-            return ""
-        who = (
-            "no candidate can reach it"
-            if smallest > self.alpha
-            else f"a lone significant candidate cannot reach it after Benjamini-Hochberg over "
-            f"{n_candidates} candidates"
-        )
-        return (
-            f"n_null {self.n_null} is too small for alpha {self.alpha:g}: the smallest "
-            f"reachable p is 1/{self.n_null + 1} and, with {n_candidates} candidate(s), the "
-            f"smallest reachable q is {min(1.0, n_candidates * smallest):.3g}, so {who}; use "
-            f"n_null >= {math.ceil(n_candidates / self.alpha) - 1}"
-        )
 
 
 @dataclass

@@ -46,7 +46,6 @@ import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 
 import blitzgsea.enrichr
@@ -57,15 +56,15 @@ import requests
 from scipy.stats import false_discovery_control, mannwhitneyu
 
 from .errors import UserError
+from .genes import read_gmt
 from .outputs import named_paths, write_json, write_tsv
+from .settings import EnrichSettings, GeneSetSettings
 
 log = logging.getLogger(__name__)
 
 GeneSets = dict[str, dict[str, list[str]]]
 """Gene-set libraries: library name -> set name -> genes."""
 
-RESOURCE_DIR = files(__package__) / "gene_sets"
-PACKAGED_LIBRARIES = ("GO_Biological_Process_2023", "KEGG_2021_Human")
 AD_LIBRARIES = ("alzheimers_curated", "bellenguez2022_gwas")
 AD_PATTERN = re.compile(r"alzheimer|amyloid|\btau\b|tauopath|microglia|tyrobp", re.IGNORECASE)
 ENRICHR_HOST = ("maayanlab.cloud", 443)
@@ -79,7 +78,6 @@ P_FDR = {"prerank": ("NOM p-val", "FDR q-val"), "ora": ("P-value", "Adjusted P-v
 CALL_COLUMNS = ["direction", "q_all_tests", "call"]
 """Added to gseapy's columns: direction, BH (or BY) q over every test of the ranking, call."""
 ENRICHED, DEPLETED, NOT_SIGNIFICANT = "enriched", "depleted", "not significant"
-FDR_METHODS = {"bh": "Benjamini-Hochberg", "by": "Benjamini-Yekutieli"}
 OUTPUT_FILES = ("prerank.tsv", "ora.tsv", "ad_terms.tsv")
 EXPLORATORY = "exploratory (weight not confirmed by pruning)"
 HIT_COLUMNS = [
@@ -104,129 +102,7 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 
 
-@dataclass
-class GeneSetSettings:
-    """Which libraries to load.
-
-    `packaged`: blitzgsea library names; `resource_dir`: folder whose `*.gmt` files are
-    loaded ("" for none); `gmt_files`: more GMT paths; `enrichr`: Enrichr library names,
-    downloaded (needs network) for `organism`.
-    """
-
-    packaged: tuple[str, ...] = PACKAGED_LIBRARIES
-    resource_dir: str = str(RESOURCE_DIR)
-    gmt_files: tuple[str, ...] = ()
-    enrichr: tuple[str, ...] = ()
-    organism: str = "Human"
-
-    def __post_init__(self):
-        self.packaged, self.gmt_files = tuple(self.packaged), tuple(self.gmt_files)
-        self.enrichr = tuple(self.enrichr)
-
-
-@dataclass
-class EnrichSettings:
-    """Enrichment tests.
-
-    `method`: gseapy prerank's "multilevel" (adaptive, fgsea-style p-values; ~5 s for all
-    GO BP sets on 8,000 genes, 2 cores) or "permutation" (gene-set permutations; 1.5-2 min).
-    Sets are kept when `min_size` <= genes in the ranking <= `max_size`; `library_min_size`
-    lowers the minimum for small curated libraries. `ora_top_n`: top-ranked genes tested
-    for over-representation against all ranked genes. `fdr_method`: "bh" or "by", over
-    every test of a ranking; `fdr_threshold`: the q at or below which a set is called.
-    `max_tied`: largest fraction of genes whose score equals another gene's that a ranking
-    may have and still be tested. `n_null_rankings`: null-weight rankings enriched alike
-    per candidate (0: none). `ad_test_sets`: the AD genes of the competitive test, as
-    library names ("alzheimers_curated": all its sets) or "library:set"; `ad_test_level`:
-    the p at or below which the null rankings' competitive tests are counted.
-    """
-
-    method: str = "multilevel"
-    permutation_num: int = 1000
-    min_size: int = 15
-    max_size: int = 500
-    library_min_size: dict[str, int] = field(
-        default_factory=lambda: {name: 3 for name in AD_LIBRARIES}
-    )
-    ora_top_n: int = 100
-    fdr_method: str = "bh"
-    fdr_threshold: float = 0.05
-    max_tied: float = 0.05
-    n_null_rankings: int = 20
-    ad_test_sets: tuple[str, ...] = AD_LIBRARIES
-    ad_test_level: float = 0.05
-    threads: int = 2
-    seed: int = 0
-
-    def __post_init__(self):
-        self.ad_test_sets = tuple(self.ad_test_sets)
-        if self.fdr_method not in FDR_METHODS:
-            raise UserError(f"fdr_method must be bh or by, not {self.fdr_method!r}")
-        if self.n_null_rankings < 0:
-            raise UserError(f"n_null_rankings must be >= 0, not {self.n_null_rankings}")
-        if not self.ad_test_sets:
-            raise UserError("ad_test_sets must name at least one gene-set library or set")
-        if not 0 < self.ad_test_level < 1:
-            raise UserError(f"ad_test_level must be in (0, 1), not {self.ad_test_level}")
-        if self.method not in ("multilevel", "permutation"):
-            raise UserError(
-                f"enrichment method must be multilevel or permutation, not {self.method!r}"
-            )
-        sizes = [self.min_size, *self.library_min_size.values()]
-        if min(sizes) < 1 or self.max_size < max(sizes):
-            raise UserError(
-                f"gene-set sizes need 1 <= min_size <= max_size "
-                f"(got minimum sizes {sizes}, max_size {self.max_size})"
-            )
-        if self.permutation_num < 1 or self.ora_top_n < 1 or self.threads < 1:
-            raise UserError("permutation_num, ora_top_n and threads must be >= 1")
-        if not 0 < self.fdr_threshold <= 1:
-            raise UserError(f"fdr_threshold must be in (0, 1], not {self.fdr_threshold}")
-        if not 0 <= self.max_tied < 1:
-            raise UserError(f"max_tied must be in [0, 1), not {self.max_tied}")
-
-    def min_size_of(self, library: str) -> int:
-        return self.library_min_size.get(library, self.min_size)
-
-
 # --- gene-set libraries -----------------------------------------------------------------
-
-
-def read_gmt(path: str | Path) -> dict[str, list[str]]:
-    """Sets of a GMT file (name, description, genes; tab-separated); `#` lines are skipped.
-
-    A line without a name, description and at least one gene, a repeated set name and a
-    file without sets are UserErrors naming the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"gene-set file {path} does not exist")
-    sets: dict[str, list[str]] = {}
-    first_seen: dict[str, int] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"gene-set file {path} is not UTF-8 text") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        fields = line.split("\t")
-        name = fields[0].strip()
-        genes = list(dict.fromkeys(g.strip() for g in fields[2:] if g.strip()))
-        if len(fields) < 3 or not name or not genes:
-            raise UserError(
-                f"{path}:{number}: a GMT line needs a set name, a description and at least one "
-                "gene, separated by tabs"
-            )
-        if name in sets:
-            raise UserError(
-                f"{path}:{number}: gene set {name!r} appears again "
-                f"(first on line {first_seen[name]})"
-            )
-        sets[name], first_seen[name] = genes, number
-    if not sets:
-        raise UserError(f"gene-set file {path} holds no gene sets")
-    return sets
 
 
 def packaged_library(name: str) -> dict[str, list[str]]:

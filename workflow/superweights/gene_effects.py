@@ -60,6 +60,7 @@ from .model.finetuned import load_test_cells
 from .model.scgpt import ScGPTModel
 from .outputs import named_paths, write_json, write_tsv
 from .scores import CellTypeScore
+from .settings import GeneEffectSettings
 
 log = logging.getLogger(__name__)
 
@@ -80,44 +81,6 @@ METHOD = (
     "exact gene-token ablation: each cell run whole and without each of its max_genes most "
     "expressed gene tokens, copies stacked in one batch"
 )
-
-
-@dataclass
-class GeneEffectSettings:
-    """Cells, genes, null and batching of the causal gene effects.
-
-    `split`: the obs["split"] whose cells are used, at most `max_cells` of them (seeded);
-    `max_genes`: gene tokens ablated per cell, its most expressed ones (0 = all); `n_null`:
-    magnitude-matched null weights per candidate (the confirmation's draws first); `band`:
-    their |w| band where they are drawn here; `min_cells`: cells a gene needs to be ranked;
-    `batch_size`: cell copies per forward pass.
-    """
-
-    split: str = "test"
-    max_cells: int = 500
-    max_genes: int = 32
-    n_null: int = 50
-    band: float = 2.0
-    min_cells: int = 10
-    batch_size: int = 64
-    max_seq_len: int = 128
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.split not in ("train", "val", "test"):
-            raise UserError(f"genes split must be train, val or test, not {self.split!r}")
-        if self.max_cells < 1 or self.max_genes < 0 or self.batch_size < 1:
-            raise UserError(
-                f"max_cells and batch_size must be >= 1 and max_genes >= 0 (0 = all); got "
-                f"{self.max_cells}, {self.batch_size}, {self.max_genes}"
-            )
-        if self.n_null < 2 or self.band <= 1 or self.min_cells < 1:
-            raise UserError(
-                f"n_null must be >= 2 (a null sd), band > 1 and min_cells >= 1; got "
-                f"{self.n_null}, {self.band}, {self.min_cells}"
-            )
-        if self.max_seq_len < 2:
-            raise UserError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
 
 
 @dataclass
@@ -484,8 +447,8 @@ def gene_effects(
     `max_cells`) cells of `settings.split`, against the confirmation's null draws (`nulls`:
     ablate's nulls.tsv) where given."""
     test = load_test_cells(
-        tokenised, checkpoint, batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
-        seed=settings.seed, max_cells=settings.max_cells, device=device, split=settings.split,
+        tokenised, checkpoint, batch_size=settings.batch_size, seed=settings.seed,
+        max_cells=settings.max_cells, device=device, split=settings.split,
     )  # fmt: skip
     channels = select_channels(test.model, candidates, n_unconfirmed)
     drawn = None

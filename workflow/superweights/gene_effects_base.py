@@ -216,9 +216,8 @@ def base_gene_effects(
     if not isinstance(table, pd.DataFrame):
         table = pd.read_csv(table, sep="\t")
     cells = load_test_cells(
-        tokenised, checkpoint, batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
-        seed=settings.seed, max_cells=settings.max_cells, device=device, split=settings.split,
-        labelled=False,
+        tokenised, checkpoint, batch_size=settings.batch_size, seed=settings.seed,
+        max_cells=settings.max_cells, device=device, split=settings.split, labelled=False,
     )  # fmt: skip
     if table.empty:
         log.warning("the base confirmation has no candidate: nothing to rank")

@@ -81,9 +81,8 @@ def persistence(
     union = pd.concat([t[["module", "row", "col"]] for t in tables.values()], ignore_index=True)
     union = union.drop_duplicates(ignore_index=True)
     massive = {"base": _accepted(base_candidates), "finetuned": _accepted(finetuned_candidates)}
-    cells = dict(batch_size=settings.batch_size, max_seq_len=settings.max_seq_len,
-                 seed=settings.seed, max_cells=settings.max_cells, device=device,
-                 split=settings.split)  # fmt: skip
+    cells = dict(batch_size=settings.batch_size, seed=settings.seed, max_cells=settings.max_cells,
+                 device=device, split=settings.split)  # fmt: skip
     base = load_test_cells(tokenised, base_checkpoint, labelled=False, **cells)
     tuned = load_test_cells(tokenised, finetuned_checkpoint, labelled=True, **cells)
     effects = {

@@ -27,14 +27,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .data.preprocess import SPLITS, read_tokenised
+from .data.preprocess import read_tokenised
 from .editing import evaluation, layer_of, zeroed
 from .errors import UserError
+from .model.args import CellCut, cell_cut
 from .model.cells import cell_batches
 from .model.checkpoint import load_checkpoint, pick_device
 from .model.scgpt import ScGPTModel
 from .outputs import named_paths, write_json, write_tsv
 from .probe import ProbeResult, down_projections, find_super_weights, layernorm_outliers
+from .settings import SPLITS, ProbeSettings
 
 TOP_GENES = 5
 SECONDARY = "secondary candidate: LayerNorm gain outlier"
@@ -51,43 +53,6 @@ CELL_COLUMNS = [
 ]  # fmt: skip
 OUTPUT_TABLES = ("candidates", "layers", "layernorm", "cells")
 OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
-
-
-@dataclass
-class ProbeSettings:
-    """Which cells to probe and the probe's thresholds (see `find_super_weights`).
-
-    `splits`: splits to sample from (empty = all); `n_strongest`: rows of candidates.tsv
-    when fewer candidates were accepted; `ln_z`: robust z of LayerNorm gain outliers;
-    `max_seq_len`: genes per cell, subsampled with the training seed as in training.
-    """
-
-    cells_per_type: int = 50
-    splits: tuple[str, ...] = ("val",)
-    input_ratio: float = 10.0
-    output_ratio: float = 100.0
-    weight_ratio: float = 10.0
-    token_ratio: float = 10.0
-    min_abs: float = 0.0
-    contribution_min: float = 0.5
-    max_rounds: int = 10
-    residual: bool = True
-    n_strongest: int = 5
-    ln_z: float = 3.5
-    batch_size: int = 32
-    max_seq_len: int = 256
-    seed: int = 0
-
-    def __post_init__(self):
-        self.splits = tuple(self.splits)
-        unknown = [s for s in self.splits if s not in SPLITS]
-        if unknown:
-            raise UserError(f"probe splits {unknown} are not among {list(SPLITS)}")
-        if self.cells_per_type < 1 or self.batch_size < 1 or self.n_strongest < 0:
-            raise UserError(
-                f"probe needs cells_per_type, batch_size >= 1 and n_strongest >= 0 (got "
-                f"{self.cells_per_type}, {self.batch_size}, {self.n_strongest})"
-            )
 
 
 @dataclass
@@ -136,11 +101,11 @@ def sample_cells(obs: pd.DataFrame, settings: ProbeSettings) -> np.ndarray:
     return positions
 
 
-def _prepare(model, adata: ad.AnnData, vocab: dict[str, int], settings) -> _Cells:
+def _prepare(model, adata: ad.AnnData, vocab: dict[str, int], settings, cut: CellCut) -> _Cells:
     positions = sample_cells(adata.obs, settings)
     batches = cell_batches(
         adata, vocab, positions, pad_token_id=model.config.pad_token_id,
-        batch_size=settings.batch_size, max_seq_len=settings.max_seq_len, seed=settings.seed,
+        batch_size=settings.batch_size, max_seq_len=cut.max_seq_len, seed=cut.seed,
         labelled=False, device=next(model.parameters()).device,
     )  # fmt: skip
     obs = adata.obs.iloc[positions][["cell_type", "split"]].astype(str)
@@ -357,15 +322,21 @@ def _top(top_genes: str) -> str:
 
 
 def probe_scgpt(
-    model: ScGPTModel, adata: ad.AnnData, vocab: dict[str, int], settings: ProbeSettings
+    model: ScGPTModel,
+    adata: ad.AnnData,
+    vocab: dict[str, int],
+    settings: ProbeSettings,
+    cut: CellCut | None = None,
 ) -> ScgptProbe:
     """Probe `model` for super weights on a cell-type-stratified sample of `adata`'s cells.
 
-    `adata` is the tokenised AnnData (or its path); `vocab` the checkpoint's vocabulary.
-    The model's weights and train/eval modes are left as they were.
+    `adata` is the tokenised AnnData (or its path); `vocab` the checkpoint's vocabulary;
+    `cut` how cells become sequences (the checkpoint's, `args.cell_cut`; None: `CellCut()`,
+    as for a checkpoint that records none). The model's weights and train/eval modes are
+    left as they were.
     """
     adata = read_tokenised(adata)
-    cells = _prepare(model, adata, vocab, settings)
+    cells = _prepare(model, adata, vocab, settings, cut or CellCut())
     first = _cell_spikes(model, cells)
     _check_finite(first, cells, down_projections(model, "scgpt"))
 
@@ -418,10 +389,11 @@ def probe_checkpoint(
     settings: ProbeSettings,
     device: str | torch.device | None = None,
 ) -> ScgptProbe:
-    """Load a checkpoint folder and run `probe_scgpt` on the tokenised data."""
+    """Load a checkpoint folder and run `probe_scgpt` on the tokenised data, its cells cut
+    as the checkpoint's training cut them."""
     device = torch.device(device) if device else pick_device()
     model, _, vocab = load_checkpoint(checkpoint, device=device)
-    return probe_scgpt(model, tokenised, vocab, settings)
+    return probe_scgpt(model, tokenised, vocab, settings, cell_cut(checkpoint))
 
 
 def write_outputs(result: ScgptProbe, outputs) -> list[Path]:

@@ -40,7 +40,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,89 +57,15 @@ from .model.finetuned import load_test_cells
 from .model.train import classification_metrics
 from .outputs import named_paths, write_tsv
 from .quantize_table import ARMS, COLUMNS, CONTRAST_COLUMNS, CONTRASTS, MEASURES
+from .settings import QuantizeSettings, check_block_size, check_choice, check_clip
 
 log = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "transformer_encoder."
 HEAD_PREFIXES = ("decoder.", "cls_decoder.", "mvc_decoder.")
-CLIP_METHODS = ("zscore", "fraction")
 SUPER_WEIGHT_COLUMNS = ("module", "layer", "row", "col")
 
 Quantizer = Callable[[str, Tensor], tuple[Tensor, int]]
-
-
-@dataclass
-class QuantizeSettings:
-    """Settings of the quantization stage (defaults as in the config schema).
-
-    `bits`, `block_sizes` (elements per block, or "tensor"): the RTN grid. `clip`: how the
-    clip arms clamp outliers, "zscore" (beyond mean ± value · std of the tensor) or
-    "fraction" (the top `value` share of |w|), at each of `clip_values`; `clip_scope`:
-    clip every quantized tensor ("all") or only those holding a super weight ("super").
-    `include_heads`: also quantize the decoders. `w8a8_weights`: INT8 weight scales per
-    output "channel" or per "tensor"; `activation_scale`: activation absmax per "token" or
-    per "tensor"; `hold_out_residual`: the W8A8 holdout also keeps the super activation in
-    later layers' inputs. `batch_size`, `max_seq_len`: evaluation batches (use fine-tuning's
-    `max_seq_len` so that the unquantized row matches the fine-tuning metrics). `n_boot`:
-    donor bootstrap resamples of the arms' differences.
-    """
-
-    bits: list[int] = field(default_factory=lambda: [4, 3])
-    block_sizes: list[int | str] = field(
-        default_factory=lambda: [64, 256, 1024, 4096, 16384, 65536, "tensor"]
-    )
-    clip: str = "zscore"
-    clip_values: list[float] = field(default_factory=lambda: [3.0, 6.0])
-    clip_scope: str = "all"
-    include_heads: bool = False
-    w8a8: bool = True
-    w8a8_weights: str = "channel"
-    activation_scale: str = "tensor"
-    hold_out_residual: bool = True
-    batch_size: int = 32
-    max_seq_len: int = 128
-    n_boot: int = 1000
-
-    def __post_init__(self):
-        if self.n_boot < 1:
-            raise UserError(f"quantize n_boot must be >= 1, not {self.n_boot}")
-        if not self.bits or any(not isinstance(b, int) or not 2 <= b <= 8 for b in self.bits):
-            raise UserError(f"quantize bits must be integers from 2 to 8, not {self.bits}")
-        if not self.block_sizes:
-            raise UserError("quantize block_sizes is empty; give e.g. [64, 1024, 'tensor']")
-        for size in self.block_sizes:
-            _check_block(size)
-        if not self.clip_values:
-            raise UserError("quantize clip_values is empty; give e.g. [3.0, 6.0]")
-        for value in self.clip_values:
-            _check_clip(self.clip, value)
-        _check_choice("clip_scope", self.clip_scope, ("all", "super"))
-        _check_choice("w8a8_weights", self.w8a8_weights, ("channel", "tensor"))
-        _check_choice("activation_scale", self.activation_scale, ("token", "tensor"))
-        if self.batch_size < 1 or self.max_seq_len < 2:
-            raise UserError(
-                f"quantize needs batch_size >= 1 and max_seq_len >= 2, not "
-                f"{self.batch_size} and {self.max_seq_len}"
-            )
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"quantize {key} must be one of {choices}, not {value!r}")
-
-
-def _check_block(block_size) -> None:
-    if block_size == "tensor" or (isinstance(block_size, int) and block_size >= 1):
-        return
-    raise UserError(f"block size must be a positive integer or 'tensor', not {block_size!r}")
-
-
-def _check_clip(clip: str, clip_value: float) -> None:
-    _check_choice("clip", clip, CLIP_METHODS)
-    if clip == "zscore" and not clip_value > 0:
-        raise UserError(f"zscore clipping needs clip values > 0, not {clip_value}")
-    if clip == "fraction" and not 0 < clip_value < 1:
-        raise UserError(f"fraction clipping needs 0 < clip value < 1, not {clip_value}")
 
 
 # --- tensors ----------------------------------------------------------------------------
@@ -150,7 +76,7 @@ def quantize_dequantize(w: Tensor, bits: int, block_size: int | str = "tensor") 
 
     The last block of a tensor whose size `block_size` does not divide is shorter.
     """
-    _check_block(block_size)
+    check_block_size(block_size)
     flat = w.detach().reshape(-1).float()
     n = flat.numel()
     size = n if block_size == "tensor" else min(int(block_size), n)
@@ -166,7 +92,7 @@ def quantize_dequantize(w: Tensor, bits: int, block_size: int | str = "tensor") 
 def clip_outliers(w: Tensor, clip: str = "zscore", clip_value: float = 6.0) -> Tensor:
     """`w` with outliers clamped: beyond mean ± clip_value·std ("zscore"), or beyond the
     (1 - clip_value) quantile of |w| ("fraction")."""
-    _check_clip(clip, clip_value)
+    check_clip(clip, clip_value)
     x = w.detach().float()
     if clip == "zscore":
         mean, std = x.mean(), x.std()
@@ -192,7 +118,7 @@ def quantize_weight(
     "clip_restore" (and "clip_control", given the control's coordinates) puts the weights
     at `super_coords` [(row, col)] back unchanged.
     """
-    _check_choice("arm", arm, ARMS)
+    check_choice("arm", arm, ARMS)
     x = w.detach() if arm == "naive" else clip_outliers(w, clip, clip_value)
     q = quantize_dequantize(x, bits, block_size)
     if arm in ("clip_restore", "clip_control"):
@@ -686,41 +612,36 @@ def quantize_checkpoint(
     super_weights,
     settings: QuantizeSettings,
     *,
-    seed: int,
     device=None,
 ) -> Quantization:
     """`run_quantization` of a fine-tuned checkpoint on its dataset's test cells, clip
-    thresholds chosen on its validation cells, all cut to `settings.max_seq_len` genes with
-    fine-tuning's `seed` as fine-tuning cuts them; donors are the contrasts' groups."""
+    thresholds chosen on its validation cells, all cut as fine-tuning cut them (so that the
+    unquantized row equals the fine-tuning test metrics); donors are the contrasts' groups."""
     adata = read_tokenised(tokenised)
     test = load_test_cells(
-        adata,
-        checkpoint,
-        batch_size=settings.batch_size,
-        max_seq_len=settings.max_seq_len,
-        seed=seed,
-        device=device,
+        adata, checkpoint, batch_size=settings.batch_size, seed=settings.seed, device=device
     )
-    rows = sample_rows(adata.obs["split"].astype(str).to_numpy(), ["val"], None, seed)
+    rows = sample_rows(adata.obs["split"].astype(str).to_numpy(), ["val"], None, settings.seed)
     validation = cell_batches(
         adata, test.vocab, rows, pad_token_id=test.config.pad_token_id,
-        batch_size=settings.batch_size, max_seq_len=settings.max_seq_len, seed=seed,
+        batch_size=settings.batch_size, max_seq_len=test.cut.max_seq_len, seed=test.cut.seed,
         labelled=True, device=test.device,
     )  # fmt: skip
     return run_quantization(
         test.model, test.batches, test.classes, read_super_weights(super_weights), settings,
-        selection_batches=validation, donors=test.obs["donor"].astype(str).to_numpy(), seed=seed,
+        selection_batches=validation, donors=test.obs["donor"].astype(str).to_numpy(),
+        seed=settings.seed,
     )  # fmt: skip
 
 
-def run(inputs, outputs, settings: QuantizeSettings, *, seed: int) -> Quantization:
+def run(inputs, outputs, settings: QuantizeSettings) -> Quantization:
     """The quantization stage: `quantize_checkpoint` of `inputs["checkpoint"]` on
     `inputs["data"]`, holding out `inputs["super_weights"]`; write the tables
     (`write_outputs`) and the figure (`quantize_plots.write_figures`) to `outputs`."""
     from .quantize_plots import write_figures
 
     result = quantize_checkpoint(
-        inputs["data"], inputs["checkpoint"], inputs["super_weights"], settings, seed=seed
+        inputs["data"], inputs["checkpoint"], inputs["super_weights"], settings
     )
     write_outputs(result, outputs)
     write_figures(result.table, outputs)

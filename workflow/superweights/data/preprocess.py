@@ -22,7 +22,7 @@ from scratch builds its model on: `token_id` is then the gene's position.
 """
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import anndata as ad
@@ -32,48 +32,15 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..genes import GENES_OF_INTEREST
 from ..outputs import named_paths, write_h5ad, write_tsv
+from ..settings import SPLITS, PreprocessSettings
 from .h5ad_stream import check_counts, find_counts, open_h5ad, read_frame
 from .vocab import genes_vocab, load_vocab, mostly_ensembl, vocab_overlap
 
 log = logging.getLogger(__name__)
 
 QC_FLAG_COLUMN = "Used in analysis"
-SPLITS = ("train", "val", "test")
-HVG_FLAVORS = ("seurat_v3", "seurat")
 OUTPUT_FILES = {"h5ad": "tokenised.h5ad", "qc": "qc.tsv", "figure": "qc.png"}
-
-
-@dataclass
-class PreprocessSettings:
-    """Preprocessing settings; the names and defaults match config.yaml's `preprocess:`."""
-
-    label_column: str = "Subclass"
-    donor_column: str = "Donor ID"
-    counts_layer: str = "auto"
-    use_qc_flag: bool = True
-    min_genes: int = 200
-    max_mito_fraction: float = 0.2
-    n_hvg: int = 1200
-    hvg_flavor: str = "seurat_v3"
-    genes_of_interest: list[str] = field(default_factory=lambda: list(GENES_OF_INTEREST))
-    min_vocab_match: float = 0.5
-    n_bins: int = 51
-    max_cells_per_type: int = 1000
-    min_cells_per_type: int = 30
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    stratify_column: str = "Overall AD neuropathological Change"
-    min_test_donors: int = 3
-    chunk_size: int = 10000
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.hvg_flavor not in HVG_FLAVORS:
-            raise UserError(
-                f"hvg_flavor must be one of {list(HVG_FLAVORS)}, not {self.hvg_flavor!r}"
-            )
 
 
 def read_tokenised(tokenised: ad.AnnData | str | Path) -> ad.AnnData:

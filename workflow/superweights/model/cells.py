@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.preprocess import SPLITS
 from ..errors import UserError
+from ..settings import SPLITS
 from .tokens import Collate, split_datasets
 
 

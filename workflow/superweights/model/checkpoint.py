@@ -1,6 +1,7 @@
 """Read and write scGPT checkpoint folders, refusing any weight that does not fit.
 
-A folder holds `args.json` (scGPT's keys, plus our `n_cls` and `norm_scheme`),
+A folder holds `args.json` (scGPT's keys, plus our `n_cls`, `norm_scheme` and the cells' cut,
+`args.CellCut`),
 `vocab.json` (`{gene: id}`), and the weights as `model.safetensors` and/or `best_model.pt`
 (a plain state_dict). Released scGPT folders have only `best_model.pt`, saved with
 flash-attention names, which are mapped to PyTorch's.
@@ -34,14 +35,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..data.vocab import load_vocab
 from ..errors import UserError
 from ..outputs import apply_umask, make_temp_dir
+from .args import ARGS_FILE, VOCAB_FILE, read_args, read_args_and_vocab
 from .scgpt import ScGPTConfig, ScGPTModel
 
 log = logging.getLogger(__name__)
 
-ARGS_FILE, VOCAB_FILE = "args.json", "vocab.json"
 TORCH_FILE, SAFETENSORS_FILE = "best_model.pt", "model.safetensors"
 
 # flash-attn (released checkpoints) and upstream "_impl" names -> PyTorch names.
@@ -112,16 +112,6 @@ def load_checkpoint(
     return model.to(device).eval(), config, vocab
 
 
-def read_args_and_vocab(folder: Path) -> tuple[dict, dict[str, int]]:
-    """args.json and vocab.json of a checkpoint folder, checked."""
-    args = _read_args(folder)
-    vocab = load_vocab(folder / VOCAB_FILE)
-    pad_token = args.get("pad_token", "<pad>")
-    if pad_token not in vocab:
-        raise UserError(f"{folder / VOCAB_FILE} lacks the pad token {pad_token!r} of args.json")
-    return args, vocab
-
-
 def checkpoint_config(args: dict, vocab: dict[str, int], n_cls: int | None) -> ScGPTConfig:
     """The architecture of args.json; `n_cls` None keeps its classifier size (0 = none)."""
     return ScGPTConfig.from_args(
@@ -182,7 +172,7 @@ def check_classes(folder: str | Path, n_cls: int, classes: list[str]) -> None:
     Fine-tuned folders name their classes in args.json (`classes`); others are checked by
     their number of outputs only.
     """
-    saved = _read_args(Path(folder)).get("classes")
+    saved = read_args(Path(folder)).get("classes")
     if saved is not None and [str(c) for c in saved] != list(classes):
         saved = [str(c) for c in saved]
         unknown = sorted(set(classes) - set(saved))
@@ -355,21 +345,6 @@ def _may_stay_fresh(key: str, patterns: tuple[str, ...]) -> bool:
 def _summary(keys: list[str], limit: int = 4) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _read_args(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise UserError(f"checkpoint folder {folder} does not exist")
-    for name in (ARGS_FILE, VOCAB_FILE):
-        if not (folder / name).is_file():
-            raise UserError(f"checkpoint folder {folder} lacks {name}")
-    try:
-        args = json.loads((folder / ARGS_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{folder / ARGS_FILE} is not valid JSON: {err}") from None
-    if not isinstance(args, dict):
-        raise UserError(f"{folder / ARGS_FILE} must hold a JSON object")
-    return args
 
 
 def save_checkpoint(

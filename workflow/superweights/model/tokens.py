@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from ..data.preprocess import SPLITS
 from ..data.vocab import SPECIAL_TOKENS
 from ..errors import UserError
+from ..settings import SPLITS
 from .scgpt import Packing
 
 log = logging.getLogger(__name__)

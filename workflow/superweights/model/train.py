@@ -34,6 +34,8 @@ from tqdm import tqdm
 from ..data.preprocess import class_names, read_tokenised
 from ..errors import UserError
 from ..outputs import atomic_path, write_text
+from ..settings import ModelSettings, TrainSettings
+from .args import CellCut
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import SINGLE, RankSlices, World, all_sum, init_world, loss_weight
 from .graphed import GraphedSteps, capturable_adamw
@@ -49,69 +51,6 @@ HISTORY_COLUMNS = (
 )  # fmt: skip
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each waits for the GPU)
 GRAPH_BUCKET = 1024  # tokens: graphed batches are padded to a multiple (few shapes)
-
-
-@dataclass
-class ModelSettings:
-    """Architecture of a model pretrained here (post-LN like scGPT unless pre_norm).
-
-    `do_mvc`: also train scGPT's GEPC objective (masked values predicted from the `<cls>`
-    cell embedding), which teaches the cell embedding that fine-tuning starts from.
-    """
-
-    d_model: int = 64
-    nhead: int = 4
-    d_hid: int = 128
-    nlayers: int = 4
-    dropout: float = 0.0
-    pre_norm: bool = False
-    do_mvc: bool = True
-
-
-@dataclass
-class TrainSettings:
-    """Optimisation settings of one training run (pretraining or fine-tuning).
-
-    `mask_ratio`: share of each cell's genes whose value is masked for the expression
-    objective; `mlm_weight`: weight of that objective when fine-tuning (0 = off).
-    `patience`: epochs without a lower validation loss before stopping.
-    `spike_cells`: validation cells on which the probe's statistics are recorded over
-    training (0 = off); `spike_every`: steps between those passes besides the one before
-    training and the one after each epoch (0 = none). `cuda_graphs`: on a GPU, replay
-    fine-tuning steps from CUDA graphs (`graphed.GraphedSteps`; classifier objective alone,
-    one process), with the elementwise kernels fused (`ScGPTModel.fuse`).
-    """
-
-    epochs: int = 8
-    lr: float = 1e-3
-    batch_size: int = 16
-    max_seq_len: int = 192
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    patience: int = 3
-    mask_ratio: float = 0.4
-    mlm_weight: float = 0.0
-    seed: int = 0
-    num_workers: int = 0
-    spike_cells: int = 64
-    spike_every: int = 0
-    cuda_graphs: bool = True
-
-    def __post_init__(self):
-        if self.spike_cells < 0 or self.spike_every < 0:
-            raise UserError(
-                f"spike_cells and spike_every must be >= 0 (got {self.spike_cells}, "
-                f"{self.spike_every})"
-            )
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.lr <= 0:
-            raise UserError(
-                f"training needs epochs, batch_size, patience >= 1 and lr > 0 (got epochs="
-                f"{self.epochs}, batch_size={self.batch_size}, patience={self.patience}, "
-                f"lr={self.lr})"
-            )
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise UserError(f"warmup_fraction must be in [0, 1), not {self.warmup_fraction}")
 
 
 def _autocast(device: torch.device):
@@ -584,6 +523,11 @@ def write_history(history: list[dict], path: Path) -> None:
     write_text(path, frame.dropna(axis=1, how="all").to_csv(sep="\t", index=False))
 
 
+def _cut(settings: TrainSettings) -> CellCut:
+    """How training cut its cells, recorded in the checkpoint for the stages that follow."""
+    return CellCut(settings.max_seq_len, settings.seed)
+
+
 # --- entry points -----------------------------------------------------------------------
 
 
@@ -599,9 +543,9 @@ def pretrain(
 
     The model's vocabulary is `data_vocab` of the data's genes; it is saved as the
     checkpoint's vocab.json (map genes through it, not through `var["token_id"]`).
-    Writes `out_dir/checkpoint/` (best epoch by val masked MSE), `out_dir/history.tsv` and
-    `out_dir/spikes_over_training.tsv`; returns the checkpoint folder. `state_file` defaults
-    to `out_dir/train_state.pt`.
+    Writes `out_dir/checkpoint/` (best epoch by val masked MSE, the cells' cut in args.json),
+    `out_dir/history.tsv` and `out_dir/spikes_over_training.tsv`; returns the checkpoint
+    folder. `state_file` defaults to `out_dir/train_state.pt`.
     """
     settings, out_dir = train_settings, Path(out_dir)
     if settings.mask_ratio <= 0:
@@ -657,7 +601,7 @@ def pretrain(
         )
     folder = out_dir / "checkpoint"
     if world.main:
-        save_checkpoint(model, config, vocab, folder)
+        save_checkpoint(model, config, vocab, folder, extra_args=_cut(settings).to_args())
         write_history(result.history, out_dir / "history.tsv")
         _write_spikes(monitor, out_dir)
         state_file.unlink(missing_ok=True)
@@ -674,9 +618,9 @@ def finetune(
 ) -> dict:
     """Cell-type classification from a checkpoint folder; returns the test metrics.
 
-    Writes `out_dir/checkpoint/` (best epoch by val cross-entropy, classes in args.json),
-    `out_dir/history.tsv`, `out_dir/spikes_over_training.tsv` and `out_dir/metrics.json`
-    (test donors). `state_file` defaults to `out_dir/train_state.pt`.
+    Writes `out_dir/checkpoint/` (best epoch by val cross-entropy, classes and the cells' cut
+    in args.json), `out_dir/history.tsv`, `out_dir/spikes_over_training.tsv` and
+    `out_dir/metrics.json` (test donors). `state_file` defaults to `out_dir/train_state.pt`.
     """
     settings, out_dir = train_settings, Path(out_dir)
     if settings.mlm_weight > 0 and settings.mask_ratio <= 0:
@@ -753,7 +697,11 @@ def finetune(
             config,
             vocab,
             out_dir / "checkpoint",
-            extra_args={"classes": classes, "finetuned_from": str(init_checkpoint)},
+            extra_args={
+                "classes": classes,
+                "finetuned_from": str(init_checkpoint),
+                **_cut(settings).to_args(),
+            },
         )
         write_history(result.history, out_dir / "history.tsv")
         _write_spikes(monitor, out_dir)
