@@ -20,7 +20,9 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
     """Sets of a GMT file (name, description, genes; tab-separated); `#` lines are skipped.
 
     A line without a name, description and at least one gene, a repeated set name and a
-    file without sets are UserErrors naming the file and line.
+    file without sets are UserErrors naming the file and line. (`gseapy.read_gmt` would skip
+    the malformed line, let the repeated name replace the earlier set and keep repeated genes
+    without a word, so the sets tested could differ from the file's.)
     """
     path = Path(path)
     if not path.is_file():
