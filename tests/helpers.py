@@ -462,6 +462,13 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "top_ad_library": ["KEGG_2021_Human"], "top_ad_NES": [1.9], "top_ad_FDR": [0.03],
         "reason": [""], "n_tests_total": [240],
     })  # fmt: skip
+    _write_tsv(root, "base/enrich/summary.tsv", {
+        "candidate": ["L0[3,7]"], "confirmed": [True], "status": ["confirmed"],
+        "ranking": ["causal"], "folder": ["L0_3_7_causal"], "n_genes": [28], "n_sets": [120],
+        "n_tests": [240], "n_significant": [0], "n_ad_significant": [0], "n_enriched": [0],
+        "n_depleted": [0], "n_ad_enriched": [0], "top_term": ["base model top term"],
+        "reason": [""], "n_tests_total": [240],
+    })  # fmt: skip
     _write_tsv(root, "enrich/L1_12_40/prerank.tsv", {
         "library": ["GO_BP", "KEGG_2021_Human"],
         "Term": ["astrocyte differentiation (GO:0048708)", "Alzheimer disease"],

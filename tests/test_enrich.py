@@ -595,6 +595,26 @@ def test_the_causal_ranking_is_enriched_first_as_the_primary_one(tmp_path, ad_se
         assert (tmp_path / folder / "prerank.tsv").is_file()
 
 
+def test_the_starting_models_causal_ranking_is_enriched_by_its_expr_z(tmp_path, ad_sets):
+    """gene_effects_base's tables rank by `expr_z` (masked-expression effects): enriched alone,
+    against its null weights' expr_z rankings; a table with both statistics is refused."""
+    base = _causal_table("L0[2,9]", True, _ad_ranking(3, "top")).rename(
+        columns={"logp_z": "expr_z", "act_z": "expr_effect"}
+    )
+    nulls = _null_causal_table("L0[2,9]", "random", 3).drop(columns="act_z")
+    nulls = nulls.rename(columns={"logp_z": "expr_z"})
+    summary = enrich.enrich_candidates(None, ad_sets, ad_settings(n_null_rankings=3), tmp_path,
+                                       causal=base, null_causal=nulls)  # fmt: skip
+    assert summary["ranking"].tolist() == ["causal"]
+    row = summary.iloc[0]
+    assert row["ad_hit"] and row["top_ad_term"] == "AD_TOY" and row["n_null_rankings"] == 3
+    expected = enrich.ad_test(_ad_ranking(41, "random"), AD_GENES)["ad_test_p"]
+    table = pd.read_csv(tmp_path / "null_rankings.tsv", sep="\t")
+    assert table.loc[1, "ad_test_p"] == pytest.approx(expected)
+    with pytest.raises(UserError, match="exactly one of the columns"):
+        enrich.ranking_from_causal(base.assign(logp_z=0.0), "L0[2,9]")
+
+
 def test_a_candidate_without_causally_ranked_genes_keeps_its_other_rankings(tmp_path, ad_sets):
     """An empty causal ranking is a row with its reason; a candidate only in the causal
     table gets only its causal ranking."""

@@ -149,6 +149,7 @@ def test_sections_show_the_stage_outputs(results):
     pathways = section(page, "pathways")
     assert "astrocyte differentiation (GO:0048708)" in pathways
     assert "ORA TERM amyloid clearance" in pathways and "Alzheimer disease" in pathways
+    assert "Starting model: causal ranking" in pathways and "base model top term" in pathways
     quantization = section(page, "quantization")
     assert CAPTIONS["quantize_figure"] in quantization
     assert "1024×1024 (27.55 → 45.40)" in quantization  # the paper's finding ...

@@ -24,6 +24,7 @@ STAGE_OUTPUTS = [
     "persistence/persistence.tsv",
     "channels/genes_of_interest.tsv",
     "enrich/summary.tsv",
+    "base/enrich/summary.tsv",
     "quantize/quantize.tsv",
     "report.html",
 ]

@@ -58,3 +58,17 @@ rule enrich:
         settings=config["enrich"],
     script:
         "../scripts/enrich.py"
+
+
+# The starting model's causal ranking (masked-expression effects, expr_z) against the same
+# libraries; no token- or cell-level ranking exists for it.
+use rule enrich as enrich_base with:
+    input:
+        causal="results/{dataset}/base/genes/genes_causal.tsv",
+        null_causal="results/{dataset}/base/genes/null_gene_effects.tsv",
+    output:
+        enrich=directory("results/{dataset}/base/enrich"),
+    log:
+        "results/{dataset}/logs/enrich_base.log",
+    benchmark:
+        "results/{dataset}/benchmarks/enrich_base.tsv"

@@ -33,6 +33,7 @@ rule report:
         genes_of_interest="results/{dataset}/channels/genes_of_interest.tsv",
         cls="results/{dataset}/channels/cls.tsv",
         enrich="results/{dataset}/enrich",
+        base_enrich="results/{dataset}/base/enrich",
         quantize="results/{dataset}/quantize/quantize.tsv",
         quantize_contrasts="results/{dataset}/quantize/contrasts.tsv",
         quantize_figure="results/{dataset}/quantize/quantize.png",

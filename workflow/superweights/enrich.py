@@ -467,18 +467,32 @@ def ranking_from_association(association: pd.DataFrame, candidate: str) -> pd.Se
     return rows.set_index("gene")["z"].astype(float)
 
 
-CAUSAL_STATISTIC = "logp_z"
-"""The causal ranking's statistic, in genes_causal.tsv and null_gene_effects.tsv."""
+CAUSAL_STATISTICS = ("logp_z", "expr_z")
+"""The causal ranking's statistic in genes_causal.tsv and null_gene_effects.tsv: the cell-type
+log-likelihood's (a fine-tuned classifier) or the masked-expression objective's (a starting
+checkpoint, gene_effects_base)."""
+
+
+def causal_statistic(table: pd.DataFrame) -> str:
+    """The `CAUSAL_STATISTICS` column a causal gene table carries."""
+    found = [c for c in CAUSAL_STATISTICS if c in table.columns]
+    if len(found) != 1:
+        raise UserError(
+            f"a causal gene table needs exactly one of the columns {list(CAUSAL_STATISTICS)}, "
+            f"found {found}; rerun gene_effects"
+        )
+    return found[0]
 
 
 def ranking_from_causal(genes_causal: pd.DataFrame, candidate: str) -> pd.Series:
-    """A candidate's causal gene z-scores (`logp_z` of gene_effects' genes_causal.tsv); empty
-    where it ranked no gene."""
-    missing = [c for c in ("candidate", "gene", CAUSAL_STATISTIC) if c not in genes_causal]
+    """A candidate's causal gene z-scores (`causal_statistic` of gene_effects' or
+    gene_effects_base's genes_causal.tsv); empty where it ranked no gene."""
+    statistic = causal_statistic(genes_causal)
+    missing = [c for c in ("candidate", "gene") if c not in genes_causal]
     if missing:
         raise UserError(f"the causal gene table lacks column(s) {missing}; rerun gene_effects")
     rows = genes_causal[genes_causal["candidate"] == candidate]
-    return rows.set_index("gene")[CAUSAL_STATISTIC].astype(float)
+    return rows.set_index("gene")[statistic].astype(float)
 
 
 RANKINGS = ("causal", "token", "cell")
@@ -526,9 +540,9 @@ def null_rankings(
     null_genes: pd.DataFrame, candidate: str, n: int, column: str = "z"
 ) -> list[tuple[dict, pd.Series]]:
     """The first `n` null weights' rankings of a candidate from channels' null_genes.tsv
-    (`column` "z") or gene_effects' null_gene_effects.tsv (`column` "logp_z") (candidate,
-    null, gene, `column`; null_row, null_col when present), as ({null, null_row, null_col},
-    `column` per gene)."""
+    (`column` "z") or gene_effects' null_gene_effects.tsv (`column` a `CAUSAL_STATISTICS`)
+    (candidate, null, gene, `column`; null_row, null_col when present), as ({null, null_row,
+    null_col}, `column` per gene)."""
     needed = ("candidate", "null", "gene", column)
     missing = [c for c in needed if c not in null_genes.columns]
     if missing:
@@ -590,12 +604,13 @@ def enrich_candidates(
     causal: pd.DataFrame | None = None,
     null_causal: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Enrich every candidate of `causal` (gene_effects' genes_causal.tsv, `logp_z`: the
-    primary ranking) and of the channel map's gene table `genes` (its "all" stratum: the
-    token-level ranking) and, with `association` (`cell_map`'s table), the same candidates'
-    cell-level z-scores; with `null_causal` (null_gene_effects.tsv) and `null_genes`
-    (channels' null_genes.tsv), the first `n_null_rankings` null weights' rankings of each
-    candidate alike, beside its causal and token-level rankings.
+    """Enrich every candidate of `causal` (gene_effects' or gene_effects_base's
+    genes_causal.tsv, its `causal_statistic`: the primary ranking) and of the channel map's
+    gene table `genes` (its "all" stratum: the token-level ranking) and, with `association`
+    (`cell_map`'s table), the same candidates' cell-level z-scores; with `null_causal`
+    (null_gene_effects.tsv) and `null_genes` (channels' null_genes.tsv), the first
+    `n_null_rankings` null weights' rankings of each candidate alike, beside its causal and
+    token-level rankings.
 
     Writes `<out_dir>/<candidate_dirname>[_causal|_cell]/{prerank,ora,ad_terms}.tsv` and
     `gsea_curves.json` (what `enrich_plots` draws), `<out_dir>/null_rankings.tsv`
@@ -611,7 +626,9 @@ def enrich_candidates(
     carry the exploratory status in a first column.
     """
     ad_genes = ad_test_genes(gene_sets, settings.ad_test_sets)
-    null_tables = {"causal": (null_causal, CAUSAL_STATISTIC), "token": (null_genes, "z")}
+    null_tables = {"token": (null_genes, "z")}
+    if null_causal is not None:
+        null_tables["causal"] = (null_causal, causal_statistic(null_causal))
     tables = [t for t in (causal, genes) if t is not None]
     rows, null_rows = [], []
     for candidate in dict.fromkeys(c for t in tables for c in t["candidate"]):

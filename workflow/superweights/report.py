@@ -62,6 +62,7 @@ INPUT_FILES = {
     "genes_of_interest": "channels/genes_of_interest.tsv",
     "cls": "channels/cls.tsv",
     "enrich": "enrich",
+    "base_enrich": "base/enrich",
     "quantize": "quantize/quantize.tsv",
     "quantize_contrasts": "quantize/contrasts.tsv",
     "quantize_figure": "quantize/quantize.png",
@@ -814,6 +815,11 @@ def pathways_section(res: Results) -> tuple[Section, list[dict], pd.DataFrame | 
     if summary is not None and not summary.empty:
         sec.tables["summary"] = make_table(
             summary, ENRICH_SUMMARY_COLUMNS, res.label("enrich/summary.tsv")
+        )
+    base = res.tsv("base_enrich/summary.tsv")
+    if base is not None and not base.empty:
+        sec.tables["base_summary"] = make_table(
+            base, ENRICH_SUMMARY_COLUMNS, res.label("base_enrich/summary.tsv")
         )
     names = {}
     if summary is not None and {"folder", "candidate"} <= set(summary.columns):
