@@ -661,8 +661,10 @@ def test_null_gene_table_needs_its_columns():
     with pytest.raises(UserError, match=r"lacks column\(s\) \['logp_z'\]"):
         enrich.null_rankings(pd.DataFrame(columns=["candidate", "null", "gene", "z"]),
                              "L1[5,3]", 5, "logp_z")  # fmt: skip
-    with pytest.raises(UserError, match=r"causal gene table lacks column\(s\) \['logp_z'\]"):
+    with pytest.raises(UserError, match=r"exactly one of the columns \['logp_z', 'expr_z'\]"):
         enrich.ranking_from_causal(pd.DataFrame(columns=["candidate", "gene"]), "L1[5,3]")
+    with pytest.raises(UserError, match=r"causal gene table lacks column\(s\) \['gene'\]"):
+        enrich.ranking_from_causal(pd.DataFrame(columns=["candidate", "logp_z"]), "L1[5,3]")
 
 
 @pytest.mark.parametrize(
