@@ -29,16 +29,6 @@ CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 SETTINGS = settings.SECTIONS
 
 
-def schema_of(path: str) -> dict:
-    """The schema of the config section at `path` ("model/architecture"), references followed."""
-    spec = SCHEMA
-    for key in path.split("/"):
-        spec = spec["properties"][key]
-        if "$ref" in spec:
-            spec = SCHEMA["definitions"][spec["$ref"].rsplit("/", 1)[1]]
-    return spec
-
-
 def library_default(f: dataclasses.Field):
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     return list(value) if isinstance(value, tuple) else value
@@ -55,7 +45,7 @@ def leaf_keys(spec: dict, path: str = ""):
 
 @pytest.mark.parametrize("path", [p for p in SCHEMA["properties"] if p != "datasets"])
 def test_every_key_has_a_default_and_a_description(path):
-    spec = schema_of(path)
+    spec = settings.section_schema(path)
     assert spec.get("description") and SCHEMA["properties"][path]["default"] == {}, path
     for key, sub in leaf_keys(spec, f"{path}/"):
         assert sub.get("description"), f"{key} lacks a description"
@@ -64,7 +54,7 @@ def test_every_key_has_a_default_and_a_description(path):
 
 @pytest.mark.parametrize("path", list(SETTINGS))
 def test_settings_take_their_defaults_and_descriptions_from_the_schema(path):
-    spec = schema_of(path)["properties"]
+    spec = settings.section_schema(path)["properties"]
     fields = {f.name: f for f in dataclasses.fields(SETTINGS[path])}
     assert set(fields) == {k for k, sub in spec.items() if not sub.get("deprecated")}, path
     built = SETTINGS[path]()
@@ -89,7 +79,7 @@ def test_no_setting_default_is_written_in_code():
     tree = ast.parse(Path(settings.__file__).read_text())
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name in classes:
-            keys = schema_of(classes[node.name].section)["properties"]
+            keys = settings.section_schema(classes[node.name].section)["properties"]
             for item in node.body:
                 if isinstance(item, ast.AnnAssign) and item.value is not None:
                     assert item.target.id not in keys, f"{node.name}.{item.target.id}"
@@ -137,9 +127,9 @@ def test_null_weights_beyond_the_confirmations_draws_are_refused(path):
 def test_genes_of_interest_are_the_curated_core_genes():
     curated = read_gmt(GENE_SETS_DIR / "alzheimers_curated.gmt")["AD_CORE_GENES"]
     assert sorted(GENES_OF_INTEREST) == sorted(curated)
-    assert schema_of("preprocess")["properties"]["genes_of_interest"]["default"] == list(
-        GENES_OF_INTEREST
-    )
+    assert settings.section_schema("preprocess")["properties"]["genes_of_interest"][
+        "default"
+    ] == list(GENES_OF_INTEREST)
 
 
 def test_config_readme_is_generated_from_the_schema():
