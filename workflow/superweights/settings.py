@@ -83,6 +83,13 @@ def choices(settings, name: str) -> list:
     return spec["enum"]
 
 
+def check_enum(settings, name: str) -> None:
+    """UserError unless field `name` of `settings` holds one of its `choices`."""
+    allowed, value = choices(settings, name), getattr(settings, name)
+    if value not in allowed:
+        raise UserError(f"{name} must be one of {allowed}, not {value!r}")
+
+
 @from_schema("demo")
 class DemoSettings:
     """The embedded demo data (`data.demo.write_demo_seaad`)."""
@@ -118,9 +125,7 @@ class PreprocessSettings:
     seed: int
 
     def __post_init__(self):
-        flavors = choices(self, "hvg_flavor")
-        if self.hvg_flavor not in flavors:
-            raise UserError(f"hvg_flavor must be one of {flavors}, not {self.hvg_flavor!r}")
+        check_enum(self, "hvg_flavor")
 
 
 @from_schema("model/architecture")
@@ -278,9 +283,7 @@ class AblateSettings:
     seed: int
 
     def __post_init__(self):
-        precisions = choices(self, "precision")
-        if self.precision not in precisions:
-            raise UserError(f"precision must be one of {precisions}, not {self.precision!r}")
+        check_enum(self, "precision")
         self.topk_sweep = tuple(float(f) for f in self.topk_sweep)
         self.scales = tuple(float(s) for s in self.scales)
         self.strata_columns = tuple(self.strata_columns)
