@@ -278,7 +278,8 @@ def test_spike_sits_on_the_planted_genes_tokens_only_and_draws_attention(planted
     assert on.any() and (~on).any()
     assert spike[on].quantile(0.05) > 20 * spike[~on].max()  # every planted-gene token spikes
     assert spike[on].median() == pytest.approx(abs(plant.spike), rel=0.2)
-    assert share.mean() > 0.8  # <cls> attends to the sinks
+    fraction = on.float().mean()  # the planted genes' share of the tokens
+    assert share.mean() > 0.4 and share.mean() > 4 * fraction  # <cls> attends to the sinks
 
 
 # --- after fine-tuning ----------------------------------------------------------------

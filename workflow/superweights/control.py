@@ -72,13 +72,13 @@ from scipy.special import gammaln
 from torch import Tensor
 
 from .confirm import candidate_id
+from .data.preprocess import read_tokenised
 from .editing import evaluation, read_table
 from .enrich import AD_LIBRARIES, AD_PATTERN, GeneSets
 from .errors import UserError
 from .model.cells import cell_batches, sample_rows
 from .model.checkpoint import load_checkpoint, save_checkpoint
 from .model.scgpt import ScGPTModel
-from .model.train import read_tokenised
 from .outputs import write_json
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,8 @@ class ControlSettings:
     gain: float = 2.0
     input_ratio: float = 20.0
     spike_scale: float = 10.0
-    sink_logit: float = 6.0
-    sink_bias: float = 1.0
+    sink_logit: float = 3.0
+    sink_bias: float = 2.0
     min_sink_z: float = 4.0
     sinks: bool = True
     layers: tuple[int, ...] = ()
