@@ -4,11 +4,13 @@ For each seed, a gene set is chosen (`choose_gene_set`) and a super weight plant
 starting checkpoint (`plant_super_weight`); the copy is fine-tuned with the config's
 recipe, probed and confirmed with the config's settings (`probe_checkpoint`, `ablate`: the
 pipeline's own numbers), and scored (`score_control`). `--variant spike-only` plants steps
-1-3 alone (no sink keys), the construction that failed in issue 26. `--baseline` also
-confirms the planted coordinates in the model fine-tuned from the unplanted start (the
-same recipe), where they are ordinary weights. Everything goes to --out: per run the
-planted checkpoint, the fine-tuned one, the probe's and confirmation's tables, and
-`score.json`; `study.json` collects the scores.
+1-3 alone (no sinks), the construction that failed in issue 26. `--baseline CHECKPOINT`
+also confirms the planted coordinates in the user's model (fine-tuned from the unplanted
+start with the same recipe), where they are ordinary weights. Each run also gets
+`describe.json`: accuracy, log-likelihood and `<cls>`'s attention on the sinks with the
+weight kept and pruned (`--describe RUN...` computes it for finished runs only).
+Everything goes to --out: per run the planted checkpoint, the fine-tuned one, the probe's
+and confirmation's tables, and `score.json`; `study.json` collects the scores.
 
     PYTHONPATH=workflow python benchmarks/control_study.py \\
         --tokenised results/demo/preprocess/tokenised.h5ad \\
@@ -33,14 +35,19 @@ from superweights.control import (
     ControlSettings,
     choose_gene_set,
     plant_super_weight,
+    read_planted,
     score_control,
+    sink_attention,
 )
+from superweights.editing import evaluation, zeroed
 from superweights.enrich import load_gene_sets
-from superweights.model.checkpoint import read_args_and_vocab
+from superweights.model.checkpoint import load_checkpoint, read_args_and_vocab
+from superweights.model.finetuned import load_test_cells
 from superweights.model.train import finetune, read_tokenised
 from superweights.outputs import write_json
 from superweights.probe_cells import probe_checkpoint
 from superweights.probe_cells import write_outputs as write_probe
+from superweights.scores import CellTypeScore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,23 +94,51 @@ def run(args, settings, adata, libraries, seed: int, variant: str) -> dict:
               "epochs_run": metrics["epochs_run"], "sinks": [s.layer for s in planted.sinks],
               "sink_attention": [s.attention for s in planted.sinks], **timing}  # fmt: skip
     if args.baseline:
-        score["baseline"] = baseline(args, settings, adata, planted, train)
+        score["baseline"] = baseline(adata, settings, planted, args.baseline)
+    score["describe"] = describe(out, adata, settings)
     write_json(out / "score.json", score)
     logging.info("%s seed %d: %s", variant, seed, score["statement"])
     return score
 
 
-def baseline(args, settings, adata, planted, train) -> dict:
-    """The planted coordinates in the model fine-tuned from the unplanted start."""
-    out = args.out / "baseline"
-    checkpoint = out / "finetune" / "checkpoint"
-    if not checkpoint.is_dir():
-        finetune(adata, out / "finetune", train, args.start)
-    frame = planted.to_frame()
-    table = confirm_checkpoint(adata, checkpoint, frame, settings["ablate"]).table
+def baseline(adata, settings, planted, checkpoint) -> dict:
+    """The planted coordinates pruned in a model fine-tuned from the unplanted start."""
+    table = confirm_checkpoint(adata, checkpoint, planted.to_frame(), settings["ablate"]).table
     row = table.iloc[0]
-    keys = ("weight", "effect", "null_mean", "null_q95", "p_value", "tier")
+    keys = ("weight", "effect", "ci_low", "ci_high", "null_mean", "null_q95", "p_value", "tier")
     return {k: row[k].item() if hasattr(row[k], "item") else row[k] for k in keys}
+
+
+def describe(out: Path, adata, settings) -> dict:
+    """Accuracy and mean log p(true type) of the fine-tuned control with the planted weight
+    kept and pruned, and `<cls>`'s attention on the planted genes in each sink layer, in the
+    planted checkpoint and the fine-tuned one (kept and pruned), on the confirmation's cells."""
+    planted = read_planted(out / "plant")
+    ablate_settings = settings["ablate"]
+    test = load_test_cells(
+        adata, out / "finetune" / "checkpoint", batch_size=ablate_settings.batch_size,
+        max_seq_len=ablate_settings.max_seq_len, seed=ablate_settings.seed,
+        max_cells=ablate_settings.max_cells, split=ablate_settings.split,
+    )  # fmt: skip
+    score = CellTypeScore(test.model, test.batches)
+    labels = torch.cat([b["labels"] for b in test.batches]).numpy()
+    start, _, _ = load_checkpoint(out / "plant" / "checkpoint")
+    result = {"n_cells": len(labels)}
+    with evaluation(test.model), evaluation(start):
+        for name, edits in (("kept", []), ("pruned", [(planted.module, planted.row, planted.col)])):
+            with zeroed(test.model, edits):
+                logp = score.log_probs(test.model)
+                result[name] = {
+                    "accuracy": float((logp.argmax(1) == labels).mean()),
+                    "log_likelihood": float(logp[np.arange(len(labels)), labels].mean()),
+                    "attention": sink_attention(test.model, test.batches, planted),
+                }  # fmt: skip
+        result["planted_attention"] = sink_attention(start, test.batches, planted)
+    ids = torch.tensor(planted.token_ids)
+    holds = torch.cat([torch.isin(b["gene_ids"], ids).any(1) for b in test.batches])
+    result["cells_with_planted_token"] = float(holds.float().mean())
+    write_json(out / "describe.json", result)
+    return result
 
 
 def main() -> None:
@@ -118,7 +153,19 @@ def main() -> None:
     p.add_argument("--max-train-cells", type=int, default=0, help="0: all")
     p.add_argument("--n-null", type=int, default=0, help="confirmation nulls (0: config's)")
     p.add_argument("--control", default="{}", help="ControlSettings overrides as JSON")
-    p.add_argument("--baseline", action="store_true")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="fine-tuned unplanted checkpoint to prune "
+        "the planted coordinates in (the user's model)",
+    )
+    p.add_argument(
+        "--describe",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="only describe these finished runs (folders with plant/, finetune/)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -133,6 +180,15 @@ def main() -> None:
     gene_sets = settings["gene_sets"]
     if gene_sets.resource_dir and not Path(gene_sets.resource_dir).is_absolute():
         gene_sets.resource_dir = str(ROOT / gene_sets.resource_dir)
+    if args.describe:
+        for out in args.describe:
+            found = describe(out, adata, settings)
+            if args.baseline:
+                found["baseline"] = baseline(adata, settings, read_planted(out / "plant"),
+                                             args.baseline)  # fmt: skip
+                write_json(out / "describe.json", found)
+            logging.info("%s: %s", out, found)
+        return
     libraries = load_gene_sets(gene_sets)
     scores = []
     for variant in args.variant:

@@ -299,7 +299,7 @@ def set_genes(
 def _expressed(adata: ad.AnnData) -> sp.csr_matrix:
     """Cells x genes, True where a gene is a token of the cell (non-zero bin)."""
     bins = adata.layers["X_binned"] if "X_binned" in adata.layers else adata.X
-    matrix = sp.csr_matrix(bins, dtype=np.float32)
+    matrix = sp.csr_matrix(bins, dtype=np.float32, copy=True)  # never sort the caller's
     matrix.eliminate_zeros()
     return (matrix > 0).astype(np.float32).tocsr()
 
@@ -703,6 +703,16 @@ def _unit_values(model, batches, marks: _Marks, layer, row, col) -> tuple[Tensor
     block = model.transformer_encoder.layers[layer]
     u = _captured(model, batches, block.linear2)[marks.planted, col]
     return u, u * block.linear2.weight[row, col]
+
+
+def sink_attention(model: ScGPTModel, batches, planted: PlantedWeight) -> list[float]:
+    """Per sink layer of `planted`, the mean share of `<cls>`'s attention (over heads) on
+    the planted genes' tokens, over the cells of `batches` that hold one: does a model
+    (the planted start, the fine-tuned control, with the weight kept or pruned) still
+    attend to the sinks?"""
+    marks = _Marks(batches, planted.token_ids)
+    with evaluation(model):
+        return [_cls_attention(model, batches, marks, sink.layer) for sink in planted.sinks]
 
 
 def _median_input(model, batches, marks: _Marks, layer: int) -> float:
