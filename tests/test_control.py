@@ -14,10 +14,12 @@ import torch
 
 from superweights.confirm import ConfirmSettings, confirm_super_weights
 from superweights.control import (
+    GENE_SETS_FILE,
     PLANTED_FILE,
     ControlSettings,
     choose_gene_set,
     gene_set_table,
+    plant_control,
     plant_super_weight,
     read_planted,
     score_control,
@@ -246,6 +248,15 @@ def test_planting_is_deterministic(tmp_path, start, cells, planted):
     again = plant_super_weight(start, tmp_path, plant.genes, 3, cells, gene_set=plant.gene_set,
                                settings=SETTINGS)  # fmt: skip
     assert again == plant
+
+
+def test_plant_control_writes_the_table_the_plant_and_its_record(tmp_path, start, cells):
+    plant = plant_control(cells, start, tmp_path, LIBRARIES, 4, SETTINGS)
+    table = pd.read_csv(tmp_path / GENE_SETS_FILE, sep="\t")
+    assert len(table) == 8 and table["eligible"].sum() == 2 and table["reason"].notna().sum() == 6
+    assert (plant.gene_set, plant.genes) == choose_gene_set(LIBRARIES, cells, 4, SETTINGS)
+    assert read_planted(tmp_path / PLANTED_FILE) == plant
+    load_checkpoint(tmp_path / "checkpoint")
 
 
 def spikes_and_attention(model, plant, batches):

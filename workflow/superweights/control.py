@@ -77,13 +77,14 @@ from .editing import evaluation, read_table
 from .enrich import AD_LIBRARIES, AD_PATTERN, GeneSets
 from .errors import UserError
 from .model.cells import cell_batches, sample_rows
-from .model.checkpoint import load_checkpoint, save_checkpoint
+from .model.checkpoint import load_checkpoint, read_args_and_vocab, save_checkpoint
 from .model.scgpt import ScGPTModel
-from .outputs import write_json
+from .outputs import write_json, write_tsv
 
 log = logging.getLogger(__name__)
 
 PLANTED_FILE = "planted.json"
+GENE_SETS_FILE = "gene_sets.tsv"
 CHECKPOINT_DIR = "checkpoint"
 AD_NAME = re.compile(
     AD_PATTERN.pattern
@@ -257,13 +258,15 @@ def choose_gene_set(
     seed: int,
     settings: ControlSettings | None = None,
     vocab: Mapping[str, int] | None = None,
+    table: pd.DataFrame | None = None,
 ) -> tuple[str, list[str]]:
     """("library:set", the set's expressed genes in the data) drawn with `seed` among the
-    eligible sets of `gene_set_table`, in a fixed order (library, set name); UserError
-    when none is eligible."""
+    eligible sets of `gene_set_table` (`table`, computed when not given), in a fixed order
+    (library, set name); UserError when none is eligible."""
     settings = settings or ControlSettings()
     adata = read_tokenised(adata)
-    table = gene_set_table(libraries, adata, settings, vocab)
+    if table is None:
+        table = gene_set_table(libraries, adata, settings, vocab)
     eligible = table[table["eligible"]].sort_values(["library", "set"], ignore_index=True)
     if eligible.empty:
         raise UserError(
@@ -527,6 +530,29 @@ def plant_super_weight(
         gene_set or "the given genes", len(token_ids), [s.layer for s in sinks],
     )  # fmt: skip
     return planted
+
+
+def plant_control(
+    tokenised: ad.AnnData | str | Path,
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    libraries: GeneSets,
+    seed: int,
+    settings: ControlSettings | None = None,
+) -> PlantedWeight:
+    """The control's planting stage in one call: every gene set's eligibility to
+    `out_dir/gene_sets.tsv` (`gene_set_table`, with reasons), a set drawn with `seed`
+    (`choose_gene_set`), and the planted checkpoint and `planted.json`
+    (`plant_super_weight`, the same seed)."""
+    settings = settings or ControlSettings()
+    adata = read_tokenised(tokenised)
+    vocab = read_args_and_vocab(Path(checkpoint_dir))[1]
+    table = gene_set_table(libraries, adata, settings, vocab)
+    write_tsv(Path(out_dir) / GENE_SETS_FILE, table)
+    name, genes = choose_gene_set(libraries, adata, seed, settings, vocab, table)
+    return plant_super_weight(
+        checkpoint_dir, out_dir, genes, seed, adata, gene_set=name, settings=settings
+    )
 
 
 def _unit_direction(rng: np.random.Generator, size: int) -> Tensor:
