@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 
@@ -41,6 +42,8 @@ from superweights.control import (
 )
 from superweights.editing import evaluation, zeroed
 from superweights.enrich import load_gene_sets
+from superweights.gene_effects import gene_effects
+from superweights.gene_effects import write_outputs as write_genes
 from superweights.model.checkpoint import load_checkpoint, read_args_and_vocab
 from superweights.model.finetuned import load_test_cells
 from superweights.model.train import finetune, read_tokenised
@@ -96,6 +99,8 @@ def run(args, settings, adata, libraries, seed: int, variant: str) -> dict:
     if args.baseline:
         score["baseline"] = baseline(adata, settings, planted, args.baseline)
     score["describe"] = describe(out, adata, settings)
+    if args.genes:
+        score["genes"] = gene_part(out, adata, settings)
     write_json(out / "score.json", score)
     logging.info("%s seed %d: %s", variant, seed, score["statement"])
     return score
@@ -141,6 +146,20 @@ def describe(out: Path, adata, settings) -> dict:
     return result
 
 
+def gene_part(out: Path, adata, settings) -> dict | None:
+    """The causal gene ranking of the control's confirmed weights (`gene_effects`, the
+    config's `genes:` settings, ablate's null draws) and the planted genes' ranks in it."""
+    confirmed = pd.read_csv(out / "ablate" / "confirmed.tsv", sep="\t")
+    if not confirmed["confirmed"].any():
+        return None
+    result = gene_effects(adata, out / "finetune" / "checkpoint", confirmed, settings["genes"],
+                          nulls=out / "ablate" / "nulls.tsv")  # fmt: skip
+    write_genes(result, out / "genes")
+    planted = read_planted(out / "plant")
+    return score_control(planted, out / "probe" / "candidates.tsv", confirmed,
+                         gene_ranking=result.genes_causal)["genes"]  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenised", required=True)
@@ -166,6 +185,7 @@ def main() -> None:
         default=[],
         help="only describe these finished runs (folders with plant/, finetune/)",
     )
+    p.add_argument("--genes", action="store_true", help="also rank the genes (gene_effects)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -183,6 +203,9 @@ def main() -> None:
     if args.describe:
         for out in args.describe:
             found = describe(out, adata, settings)
+            if args.genes:
+                found["genes"] = gene_part(out, adata, settings)
+                write_json(out / "describe.json", found)
             if args.baseline:
                 found["baseline"] = baseline(adata, settings, read_planted(out / "plant"),
                                              args.baseline)  # fmt: skip

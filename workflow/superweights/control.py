@@ -864,8 +864,8 @@ def _gene_part(planted: PlantedWeight, ranking) -> dict | None:
     part = {
         "n_ranked": len(table),
         "n_planted_ranked": int(is_planted.sum()),
-        "ranks": dict(zip(table["gene"][is_planted].astype(str), ranks[is_planted].astype(int),
-                          strict=True)),
+        "ranks": {str(g): int(r) for g, r in zip(table["gene"][is_planted], ranks[is_planted],
+                                                strict=True)},
         "best_rank": int(ranks[is_planted].min()) if is_planted.any() else None,
         "median_rank": float(np.median(ranks[is_planted])) if is_planted.any() else None,
         "auc": None,
