@@ -110,18 +110,20 @@ class ControlSettings:
     library set of at most `max_set_size` genes; `min_coverage`: share of cells with at
     least one planted gene among their `max_seq_len` tokens; `min_type_eta2`: share of the
     variance of planted tokens per cell explained by cell type.
-    Planting: `gain` (gene-embedding direction, times each row's norm), `input_ratio`
-    (unit `col`'s median on planted-gene tokens over the median non-zero input of the
-    layer's down-projection; the probe asks for 10), `spike_scale` (the spike over the median
-    residual norm at the layer), `sink_logit` (nats by which sink tokens lead the typical
-    token in each wired head), `sink_bias` (norm of the sinks' attention output, a fixed
-    vector, over the median norm of the attention's input; 0: keys only), `min_sink_z` (a
-    later layer is wired while the sink tokens' channel `row` stands that many SDs above
-    the other tokens'; `sinks` False plants steps 1-3 alone, a lone spike, for
-    comparison), `layers` (allowed
-    planted layers; empty: the first half, as super weights sit in early layers),
-    `calibration_cells` (train cells
-    used to place thresholds), `max_seq_len` and `batch_size` (as fine-tuning tokenises).
+
+    Planting: `gain` (the genes' shared direction, times each embedding row's norm);
+    `input_ratio` (unit `col`'s median on planted-gene tokens over the median non-zero
+    input of the layer's down-projection; the probe asks for 10); `spike_scale` (the spike
+    over the median residual norm at the layer); `sink_logit` (nats by which the sink
+    tokens lead the typical token in each wired head); `sink_bias` (norm of the sinks'
+    attention output, a fixed vector, over the median norm of the attention's input; 0:
+    keys only); `min_sink_z` (a later layer is wired while the sink tokens' channel `row`
+    stands that many SDs above the other tokens'); `sinks` (False: steps 1-3 alone, a lone
+    spike, for comparison); `layers` (allowed planted layers; empty: the first half, as
+    super weights sit in early layers); `calibration_cells` (train cells used to place
+    thresholds); `max_seq_len` and `batch_size` (as fine-tuning tokenises). The defaults
+    of `sink_logit` and `sink_bias` were measured on the demo (docs/control.md): stronger
+    sinks are switched off or absorbed by fine-tuning.
     """
 
     min_genes: int = 5
@@ -466,8 +468,8 @@ def plant_super_weight(
 ) -> PlantedWeight:
     """Copy the starting checkpoint with a super weight planted (module docstring).
 
-    The layer (among `settings.layers`, default every layer but the last), row, column and
-    the gene-embedding direction are drawn with `seed`; thresholds and scales are set on
+    The layer (among `settings.layers`, default the first half), row, column, the
+    directions and the sink dimensions are drawn with `seed`; thresholds and scales are set on
     `calibration_cells` train cells of `tokenised`, tokenised as fine-tuning does. Writes
     `out_dir/checkpoint/` (the project's checkpoint format, the source's args.json kept)
     and `out_dir/planted.json`; returns what was planted.
@@ -521,7 +523,7 @@ def plant_super_weight(
         sinks=sinks, settings=asdict(settings) | {"layers": list(settings.layers)},
     )  # fmt: skip
     out_dir = Path(out_dir)
-    args = json.loads((Path(checkpoint_dir) / "args.json").read_text())
+    args = read_args_and_vocab(Path(checkpoint_dir))[0]
     save_checkpoint(model, config, vocab, out_dir / CHECKPOINT_DIR, extra_args=args)
     write_json(out_dir / PLANTED_FILE, planted.to_json())
     log.info(
