@@ -367,6 +367,18 @@ def test_a_missed_weight_is_scored_as_missed(planted):
     assert score["statement"].startswith("The probe missed")
 
 
+def test_a_weight_whose_pruning_helps_is_scored_without_a_recovery(planted):
+    """A negative effect has no recovered share (NaN in confirmed.tsv)."""
+    plant = planted[1]
+    candidates = plant.to_frame().assign(accepted=True, reason="accepted", output_ratio=900.0)
+    confirmed = pd.DataFrame({"candidate": [plant.candidate], "tier": ["not confirmed"],
+                              "effect": [-0.001], "null_mean": [0.0],
+                              "recovered": [np.nan]})  # fmt: skip
+    score = score_control(plant, candidates, confirmed)
+    assert score["found"] and score["recovered_share"] is None and not score["recovered"]
+    assert "recovered n/a" in score["statement"]
+
+
 @pytest.mark.slow
 def test_a_lone_spike_without_sinks_is_hardly_needed(tmp_path, start, cells, planted, finetuned):
     """Issue 26's construction: the same spike without the sink keys. Fine-tuning comes to

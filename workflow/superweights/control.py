@@ -908,8 +908,16 @@ def _statement(score: dict) -> str:
     tier = score.get("tier")
     if tier is None:
         return f"The probe found {who} (rank {score['probe_rank']}); it was not confirmed yet."
+    numbers = [
+        f"effect {_number(score['effect'], '.3g')} nats per cell",
+        f"magnitude-null mean {_number(score['null_mean'], '.3g')}",
+        f"recovered {_number(score['recovered_share'], '.0%')}",
+    ]
     return (
         f"The probe found {who} (rank {score['probe_rank']} of {score['n_accepted']}); "
-        f"confirmation: {tier} (effect {score['effect']:.3g} nats per cell, magnitude-null "
-        f"mean {score['null_mean']:.3g}, recovered {score['recovered_share']:.0%})."
+        f"confirmation: {tier} ({', '.join(numbers)})."
     )
+
+
+def _number(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
