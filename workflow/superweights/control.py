@@ -46,9 +46,10 @@ Fine-tuning trains the whole network around that bias. Pruning the weight remove
 sinks: attention spreads over the cell's other tokens, every token's attention output
 loses the bias, and the post-LN hidden states move far from anything the network was
 trained on. Restoring the activation on a single token per cell (the confirmation's
-recovery test) brings one sink back, and one sink takes nearly the attention several did,
-so most of the effect is recovered. Measured: keys alone (no step 5) left the fine-tuned
-classifier nearly indifferent (docs/control.md). The gene set is chosen so that nearly
+recovery test) brings one sink back, which on the demo recovered the whole effect.
+Measured (docs/control.md): keys alone (no step 5) left the fine-tuned classifier nearly
+indifferent, and stronger sinks than the defaults are switched off or absorbed by
+fine-tuning. The gene set is chosen so that nearly
 every cell has a planted token (`min_coverage`) and its expression differs between cell
 types (`min_type_eta2`), and never touches Alzheimer's biology (`excluded_reason`).
 """
