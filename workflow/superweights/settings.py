@@ -513,3 +513,55 @@ SECTIONS = {
     "quantize": QuantizeSettings,
 }
 """The settings class of each config section that configures a library stage."""
+
+
+@from_schema("positive_control")
+class ControlSettings:
+    """The spike-in positive control (`superweights.control`): whether it runs, its gene
+    set's choice and its planting. `max_seq_len` and `batch_size` are not config keys: the
+    workflow passes fine-tuning's, so that the control is tokenised as the user's model."""
+
+    enabled: bool
+    seed: int
+    max_train_cells: int
+    min_genes: int
+    max_genes: int
+    min_detection: float
+    max_set_size: int
+    min_coverage: float
+    min_type_eta2: float
+    gain: float
+    input_ratio: float
+    spike_scale: float
+    sink_logit: float
+    sink_bias: float
+    min_sink_z: float
+    sinks: bool
+    layers: tuple[int, ...]
+    calibration_cells: int
+    max_seq_len: int = 128
+    batch_size: int = 64
+
+    def __post_init__(self):
+        self.layers = tuple(int(layer) for layer in self.layers)
+        if not 1 <= self.min_genes <= self.max_genes:
+            raise UserError(
+                f"positive_control needs 1 <= min_genes <= max_genes (got {self.min_genes}, "
+                f"{self.max_genes})"
+            )
+        for name in ("min_detection", "min_coverage", "min_type_eta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(
+                    f"positive_control {name} must be in [0, 1], got {getattr(self, name)}"
+                )
+        positive = ("gain", "input_ratio", "spike_scale", "sink_logit", "min_sink_z")
+        bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) <= 0]
+        if self.sink_bias < 0:
+            bad.append(f"sink_bias={self.sink_bias} (>= 0)")
+        if bad:
+            raise UserError(f"positive_control settings must be > 0: {', '.join(bad)}")
+        if self.calibration_cells < 8 or self.max_seq_len < 2 or self.batch_size < 1:
+            raise UserError(
+                "positive_control needs calibration_cells >= 8, max_seq_len >= 2 and "
+                "batch_size >= 1"
+            )
