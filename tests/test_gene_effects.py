@@ -7,6 +7,8 @@ channel ROW there. Layer 1's attention (random) carries it to `<cls>`, and the c
 reads it. FREQUENT is in every cell, PLANTED in half of them.
 """
 
+from dataclasses import replace
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from helpers import CHECKPOINT_VOCAB, flash_names, released_args, write_folder
 from superweights import gene_effects as ge
 from superweights import gene_effects_base as geb
 from superweights.channels import Channel, select_channels, with_nulls
@@ -23,6 +26,7 @@ from superweights.editing import zeroed
 from superweights.errors import UserError
 from superweights.model.args import CellCut
 from superweights.model.checkpoint import save_checkpoint
+from superweights.model.finetuned import load_test_cells
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
 from superweights.scores import MaskedExpressionScore
 
@@ -379,10 +383,14 @@ def test_nothing_to_rank_without_candidates():
 # --- (4) the base model: masked-expression objective ----------------------------------------
 #
 # The planted model's value encoder is silent, so its expression predictions do not depend on
-# the values: PLANTED's values are set near what the model predicts there with the weight
-# (noise of sd 0.05; pruning moves the prediction by about 0.14), so the weight helps to
-# predict them, as a trained weight would. With random values it would hurt, and the one-sided
-# ranking (genes the weight helps) would put PLANTED last.
+# the values: PLANTED's values are set beyond what the model predicts there with the weight, on
+# the side the weight moves the prediction (5 times the shift pruning undoes, about 0.14, plus
+# noise of sd 0.05), so the weight helps to predict them, as a trained weight that undershoots
+# would. With random values it would hurt, and the one-sided ranking (genes the weight helps)
+# would put PLANTED last. Values right at the prediction would make the benefit second order
+# (shift squared), smaller than the first-order shifts the weight causes in other genes'
+# predictions through layer 1; ranking by z hid that (the null weights cannot move PLANTED's
+# prediction at all, so its null sd was 1e-8), ranking by p then effect does not.
 
 
 def _predictions(model, batch) -> torch.Tensor:
@@ -400,7 +408,10 @@ def planted_expression(n: int = 80):
     for b in batches:
         planted = b["gene_ids"] == VOCAB[PLANTED]
         noise = 0.05 * torch.randn(b["values"].shape, generator=generator)
-        b["values"] = torch.where(planted, _predictions(model, b) + noise, b["values"])
+        predicted = _predictions(model, b)
+        with zeroed(model, [(MODULE, ROW, COL)]):
+            shift = predicted - _predictions(model, b)
+        b["values"] = torch.where(planted, predicted + 5 * shift + noise, b["values"])
     return model, batches
 
 
@@ -539,3 +550,193 @@ def test_base_end_to_end_from_a_checkpoint_without_a_classifier(tmp_path):
     empty = geb.base_gene_effects(adata, tmp_path / "ckpt", table.iloc[:0], settings,
                                   device="cpu")  # fmt: skip
     assert empty.genes_causal.empty and empty.summary["candidates"] == []
+
+
+# --- (5) specificity: a gene-fed weight against a weight spread over every gene -------------
+
+
+def test_specificity_is_the_share_of_the_effect_mass():
+    shares = ge.specificity(np.array([3.0, -1.0, 0.0]))
+    assert shares.tolist() == [0.75, -0.25, 0.0]
+    assert np.isnan(ge.specificity(np.zeros(2))).all()
+
+
+def test_a_spread_weight_gives_every_gene_low_specificity_and_a_gene_fed_one_its_gene_high(planted):
+    """The planted weight's unit fires on PLANTED's token only; the spread one's unit fires
+    on every token alike (constant input), so removing any one gene moves its effect a little.
+    Both pass the null for many genes; specificity tells them apart."""
+    _, _, fed = planted
+    genes = fed.genes_causal.set_index("gene")
+    assert genes.loc[PLANTED, "specificity"] > 0.3, genes["specificity"]
+    assert genes.drop(PLANTED)["specificity"].abs().max() < 0.1
+    model = random_model(0)
+    unit = model.transformer_encoder.layers[0]
+    with torch.no_grad():
+        unit.linear1.weight[COL] = 0.0
+        unit.linear1.bias[COL] = 1.0
+        unit.linear2.weight[ROW, COL] = WEIGHT
+    batches = make_batches(make_cells(40))
+    channels = select_channels(model, candidates(), n_unconfirmed=0)
+    settings = ge.GeneEffectSettings(max_genes=0, n_null=19, min_cells=3)
+    spread = ge.causal_gene_effects(model, batches, channels, VOCAB, settings, donors_of(40))
+    table = spread.genes_causal
+    n = len(table)
+    assert n >= 15 and (table["logp_p_null"] <= 0.05).sum() >= 5  # many genes pass the null
+    # no gene carries much of it (the top one, 0.24 of 20 genes, less than PLANTED's 0.42)
+    assert table["specificity"].abs().max() < 0.3, table["specificity"]
+    assert table["specificity"].abs().max() < genes.loc[PLANTED, "specificity"]
+    assert table["specificity"].abs().sum() == pytest.approx(1.0)
+
+
+# --- (6) done when: a released-format checkpoint with a planted gene-fed weight -------------
+#
+# A released scGPT folder in small (args.json of the whole-human model, post-LN, value encoder
+# and attention on; vocab.json; best_model.pt with flash-attention names, no classifier): gene
+# RELEASED_GENE's embedding points along a random direction; up-projection unit R_COL of layer 0
+# reads the mean direction of that gene's layer-0 MLP inputs (values shown or masked), with a
+# threshold between its tokens and every other token, so W[R_ROW, R_COL] writes a massive
+# activation on its token only. The starting model uses it to predict the gene's expression (a
+# decoder unit reads channel R_ROW; the gene's value is what the model predicts with the weight);
+# the fine-tuned classifier is that model with a head trained on training cells, in which the
+# gene marks one cell type. The weight is not confirmed: both rankings map it as exploratory.
+
+RELEASED_GENE, R_ROW, R_COL = "GENE7", 4, 9
+R_MODULE = "transformer_encoder.layers.0.linear2"
+R_POOL = [f"GENE{i}" for i in range(40)]
+R_CLASSES = ["astro", "micro", "neuron"]
+
+
+def _released_data(n: int = 120) -> ad.AnnData:
+    """Half test cells (6 donors), half training; RELEASED_GENE at bin 20 in every astro cell."""
+    rng = np.random.default_rng(0)
+    bins = np.zeros((n, len(R_POOL)), np.float32)
+    others = [i for i, g in enumerate(R_POOL) if g != RELEASED_GENE]
+    for i in range(n):
+        bins[i, rng.choice(others, 10, replace=False)] = rng.integers(1, 51, 10)
+        if i % 3 == 0:
+            bins[i, R_POOL.index(RELEASED_GENE)] = 20
+    split = np.where(np.arange(n) < n // 2, "test", "train")
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical([R_CLASSES[i % 3] for i in range(n)], categories=R_CLASSES),
+         "split": split,
+         "donor": [("D" if s == "test" else "T") + str(i // 3 % 6) for i, s in enumerate(split)]},
+        index=[f"c{i}" for i in range(n)],
+    )  # fmt: skip
+    return ad.AnnData(sp.csr_matrix(bins), obs=obs, var=pd.DataFrame(index=R_POOL))
+
+
+def _save_released(model: ScGPTModel, folder, args: dict):
+    return write_folder(folder, args, flash_names(model.state_dict()))
+
+
+def _token_states(model, batches, where: str, masked: bool):
+    """(states [tokens, D], gene ids [tokens]) of every real token, at `where`: "mlp" (layer 0's
+    MLP input) or "out" (the encoder output); `masked`: every value set to the mask value."""
+    seen, handle = [], None
+    if where == "mlp":
+        layer = model.transformer_encoder.layers[0].linear1
+        handle = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    states, ids = [], []
+    with torch.no_grad():
+        for b in batches:
+            real = ~b["padding_mask"]
+            values = torch.where(real, torch.tensor(-1.0), b["values"]) if masked else b["values"]
+            out = model(b["gene_ids"], values, b["padding_mask"], heads=["expr"])
+            states.append((seen.pop() if handle else out["hidden"])[real])
+            ids.append(b["gene_ids"][real])
+    if handle:
+        handle.remove()
+    return torch.cat(states), torch.cat(ids)
+
+
+def _plant_released(model: ScGPTModel, batches) -> None:
+    gene = CHECKPOINT_VOCAB[RELEASED_GENE]
+    layer0, fc = model.transformer_encoder.layers[0], model.decoder.fc
+    with torch.no_grad():
+        model.encoder.embedding.weight[gene] = torch.randn(
+            model.config.d_model, generator=torch.Generator().manual_seed(5)
+        )
+        shown, masked = (_token_states(model, batches, "mlp", m) for m in (False, True))
+        states, ids = torch.cat([shown[0], masked[0]]), torch.cat([shown[1], masked[1]])
+        own = ids == gene
+        direction = states[own].mean(0) - states[~own].mean(0)
+        direction /= direction.norm()
+        low, high = (states[own] @ direction).min(), (states[~own] @ direction).max()
+        assert low > high
+        layer0.linear1.weight[R_COL] = 4 * direction
+        layer0.linear1.bias[R_COL] = -2 * (low + high)
+        layer0.linear2.weight[R_ROW, R_COL] = 20.0
+        # the expression decoder: unit 0 reads channel R_ROW, firing on the gene's token only
+        states, ids = _token_states(model, batches, "out", masked=True)
+        own = ids == gene
+        low, high = states[own, R_ROW].min(), states[~own, R_ROW].max()
+        assert low > high
+        fc[0].weight[0], fc[0].bias[0] = 0.0, -(low + high) / 2
+        fc[0].weight[0, R_ROW] = 1.0
+        fc[2].weight[0], fc[2].weight[:, 0], fc[2].bias[0] = 0.0, 0.0, 0.0
+        fc[2].weight[0, 0] = 1.0
+        fc[4].weight[0, 0] = 20.0 / float(states[own, R_ROW].mean() + (low + high) / 2)
+        predicted = torch.cat([
+            model(b["gene_ids"], torch.where(~b["padding_mask"], torch.tensor(-1.0), b["values"]),
+                  b["padding_mask"], heads=["expr"])["expr"][b["gene_ids"] == gene]
+            for b in batches
+        ])  # fmt: skip
+        fc[4].bias += 20.0 - predicted.mean()  # the gene's value (bin 20) with the weight
+
+
+def _train_head(model: ScGPTModel, batches, steps: int = 100) -> None:
+    optimizer = torch.optim.Adam(model.cls_decoder.parameters(), lr=1e-2)
+    for _ in range(steps):
+        for b in batches:
+            with torch.no_grad():
+                cells = model(b["gene_ids"], b["values"], b["padding_mask"], cells_only=True)
+            loss = F.cross_entropy(model.cls_decoder(cells["cell_emb"]), b["labels"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+
+
+def test_released_checkpoint_with_a_gene_fed_weight_ranks_its_gene_first_in_both_models(tmp_path):
+    args = released_args(embsize=32, nheads=2, d_hid=64, nlayers=2, max_seq_len=24)
+    data = _released_data()
+    data.write_h5ad(tmp_path / "data.h5ad")
+    torch.manual_seed(0)
+    config = ScGPTConfig.from_args(args, ntoken=len(CHECKPOINT_VOCAB), n_cls=0,
+                                   pad_token_id=CHECKPOINT_VOCAB["<pad>"])  # fmt: skip
+    base = ScGPTModel(config).eval()
+    scratch = _save_released(base, tmp_path / "scratch", args)
+    cells = load_test_cells(data, scratch, batch_size=64, seed=0, device="cpu", labelled=False)
+    _plant_released(base, cells.batches)
+    released = _save_released(base, tmp_path / "released", args)
+    tuned_args = {**args, "n_cls": len(R_CLASSES), "classes": R_CLASSES}
+    tuned = ScGPTModel(replace(config, n_cls=len(R_CLASSES))).eval()
+    tuned.load_state_dict(base.state_dict(), strict=False)
+    scratch = _save_released(tuned, tmp_path / "scratch_tuned", tuned_args)
+    train = load_test_cells(data, scratch, batch_size=60, seed=0, device="cpu", split="train")
+    _train_head(tuned, train.batches)
+    finetuned = _save_released(tuned, tmp_path / "finetuned", tuned_args)
+    table = pd.DataFrame([{"candidate": "planted", "module": R_MODULE, "layer": 0, "row": R_ROW,
+                           "col": R_COL, "weight": 20.0, "confirmed": False}])  # fmt: skip
+    settings = ge.GeneEffectSettings(max_genes=0, n_null=19, min_cells=3)
+    inputs = {"data": tmp_path / "data.h5ad", "candidates": table}
+    results = {
+        "logp": ge.run(inputs | {"checkpoint": finetuned}, tmp_path / "genes", settings,
+                       n_unconfirmed=1),
+        "expr": geb.run(inputs | {"checkpoint": released}, tmp_path / "base_genes", settings,
+                        n_unconfirmed=1, mask_ratio=0.5),
+    }  # fmt: skip
+    for measure, result in results.items():
+        genes = result.genes_causal
+        assert not genes["confirmed"].any()  # exploratory
+        top = genes.iloc[0]
+        assert top["gene"] == RELEASED_GENE, genes.head()
+        assert top[f"{measure}_p_null"] == pytest.approx(1 / 20) and top["n_donors"] >= 5
+        others = genes.iloc[1:]
+        assert top["specificity"] > 2 * others["specificity"].abs().max(), genes.head()
+    # the classifier: many genes pass the null, as a strong weight makes them; z would have
+    # ranked the gene lower, its null sd being the widest (null weights act through it too)
+    logp = results["logp"].genes_causal
+    assert (logp["logp_p_null"] <= 0.05).sum() >= 10
+    assert logp["logp_z"].idxmax() != 0
+    assert logp.iloc[0]["act_z"] == logp["act_z"].max()

@@ -33,7 +33,25 @@ nulls.tsv, as `channels.with_nulls` reads them) on the same cells and copies, gi
     q = BH(p_null) over the ranked genes of the candidate (scipy.stats.false_discovery_control)
 
 A gene is ranked when it was evaluated in at least `min_cells` cells and its `logp` z is
-defined; rank 1 is the largest `logp_z` (ties by name). The null weights' own rankings
+defined. Rank 1 is the smallest `logp_p_null`; genes of equal p (at the floor 1/(n_null + 1)
+many do when the weight is strong) by the larger `logp_effect`, then by name. Not by z: z
+divides by each gene's own null sd, from n_null draws, and beyond the nulls' range it
+extrapolates a Gaussian; where null weights do next to nothing through a gene the sd is
+tiny and a minute effect gets an enormous z, while the gene that feeds the weight, through
+whose token the null weights act too, gets a wide null sd. On the planted released-format
+checkpoint of the tests, ordering by z put the feeding gene 6th (z 63, effect 5.7) behind
+genes whose effects were 0.3-0.8 (z 45-240), all at p = 1/20.
+
+z says whether a gene's effect is larger than null weights' effects through the same gene;
+a strong weight can make almost every gene pass that (removing any token shifts its effect a
+little). `specificity` says how much of the weight's gene effects the gene carries, compared
+with the other ranked genes of the same candidate on the same cells:
+
+    specificity(g) = effect(g) / sum_h |effect(h)|      (h: the candidate's ranked genes)
+
+of the ranking measure's `effect` (`logp_effect` here), so in [-1, 1]: 1 when g carries all
+of it, about 1/n_ranked for every gene when the effect is spread evenly over n_ranked genes,
+negative when removing g raises the weight's effect. The null weights' own rankings
 (`null_gene_effects.tsv`) score each null weight against the other n_null - 1 the same way,
 for calibrated enrichment downstream.
 """
@@ -70,7 +88,9 @@ the super activation. The ranking is by `logp`."""
 STAT_COLUMNS = ("effect", "se", "null_mean", "null_sd", "z", "p_null", "q")
 GENE_COLUMNS = ["candidate", "confirmed", "module", "layer", "row", "col", "gene", "n_cells",
                 "n_donors", *(f"{m}_{s}" for m in MEASURES for s in STAT_COLUMNS), "rank",
-                "percentile"]  # fmt: skip
+                "percentile", "specificity"]  # fmt: skip
+"""genes_causal.tsv; `specificity`: the gene's share of the candidate's `logp_effect` mass over
+its ranked genes (module docstring)."""
 NULL_COLUMNS = ["candidate", "confirmed", "null", "null_row", "null_col", "gene", "n_cells",
                 "n_donors", "logp_effect", "logp_z", "act_effect", "act_z"]  # fmt: skip
 """null_gene_effects.tsv: null weight `null` (1..n_null) scored like the candidate against
@@ -284,6 +304,14 @@ def null_scores(values: np.ndarray) -> dict[str, np.ndarray]:
     return {"z": z, "p_null": p, "null_mean": mean, "null_sd": sd}
 
 
+def specificity(effects: np.ndarray) -> np.ndarray:
+    """Each gene's share of the candidate's gene-effect mass: effect / sum |effect| over the
+    ranked genes (module docstring); NaN where every effect is 0."""
+    effects = np.asarray(effects, dtype=np.float64)
+    mass = np.abs(effects).sum()
+    return effects / mass if mass > 0 else np.full(len(effects), np.nan)
+
+
 def _bh(p: np.ndarray) -> np.ndarray:
     return stats.false_discovery_control(p, method="bh") if len(p) else p
 
@@ -312,7 +340,8 @@ def rank_genes(
 
     `values`: per measure, effects [1 + n_null, pairs] (row 0: the candidate, then its null
     weights in `channel.nulls` order) of the (cell, gene id) pairs `cells`, `genes`; the
-    first measure ranks. Donor means, null scores and BH q as the module docstring says;
+    first measure ranks and gives `specificity`. Donor means, null scores and BH q as the
+    module docstring says;
     returns (`gene_columns` rows by rank, `null_columns` rows of each null weight scored
     against the others on the same ranked genes).
     """
@@ -332,10 +361,12 @@ def rank_genes(
     frame = frame[keep].assign(**{f"{m}_q": np.nan for m in measures})
     for measure in measures:
         frame[f"{measure}_q"] = _bh(frame[f"{measure}_p_null"].to_numpy())
-    frame = frame.sort_values([f"{first}_z", "gene"], ascending=[False, True], kind="stable")
+    frame = frame.sort_values([f"{first}_p_null", f"{first}_effect", "gene"],
+                              ascending=[True, False, True], kind="stable")  # fmt: skip
     n = len(frame)
     frame["rank"] = np.arange(1, n + 1)
     frame["percentile"] = 100.0 * (n - frame["rank"]) / (n - 1) if n > 1 else 100.0
+    frame["specificity"] = specificity(frame[f"{first}_effect"].to_numpy())
     where = {"candidate": name, "confirmed": channel.confirmed, "module": channel.module,
              "layer": channel.layer, "row": channel.row, "col": channel.col}  # fmt: skip
     ranked = frame.assign(**where)[list(gene_columns)].reset_index(drop=True)

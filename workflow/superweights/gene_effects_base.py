@@ -25,7 +25,10 @@ the mean of the donor means, with `n_cells` (cells where g was masked), `n_donor
 The candidate's magnitude-matched null weights (the base confirmation's `kind == "magnitude"`
 draws, `channels.with_nulls`) are scored on the same cells and the same masks, and z, the
 one-sided empirical p, BH q, the rank and the null weights' own rankings follow exactly as in
-`gene_effects` (`gene_effects.rank_genes`); rank 1 is the largest `expr_z`.
+`gene_effects` (`gene_effects.rank_genes`); rank 1 is the smallest `expr_p_null`, ties by
+the larger `expr_effect`. `specificity` is the gene's share of the candidate's expression-effect
+mass, `expr_effect(g) / sum_h |expr_effect(h)|` over its ranked genes (as `gene_effects`
+defines it).
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ MEASURES = ("expr",)
 STAT_COLUMNS = ("effect", "se", "null_mean", "null_sd", "z", "p_null", "q")
 GENE_COLUMNS = ["candidate", "confirmed", "module", "layer", "row", "col", "gene", "n_cells",
                 "n_donors", *(f"{m}_{s}" for m in MEASURES for s in STAT_COLUMNS), "rank",
-                "percentile"]  # fmt: skip
-"""genes_causal.tsv of the base model; `n_cells`: cells in which the gene was masked."""
+                "percentile", "specificity"]  # fmt: skip
+"""genes_causal.tsv of the base model; `n_cells`: cells in which the gene was masked;
+`specificity`: the gene's share of the candidate's `expr_effect` mass over its ranked genes."""
 NULL_COLUMNS = ["candidate", "confirmed", "null", "null_row", "null_col", "gene", "n_cells",
                 "n_donors", "expr_effect", "expr_z"]  # fmt: skip
 """null_gene_effects.tsv of the base model: each null weight scored against the others."""

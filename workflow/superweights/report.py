@@ -195,6 +195,7 @@ LABELS = {
     "logp_z": "z (Δ log p)",
     "logp_p_null": "p (Δ log p, null)",
     "logp_q": "q (Δ log p)",
+    "specificity": "share of the gene effects",
     "act_effect": "super activation going with the gene",
     "act_z": "z (activation)",
     "act_q": "q (activation)",
@@ -707,9 +708,9 @@ def _interest_frames(goi: pd.DataFrame | None, core: tuple[str, ...], associatio
 
 
 CAUSAL_COLUMNS = ["rank", "gene", "n_cells", "n_donors", "logp_effect", "logp_z", "logp_p_null",
-                  "logp_q", "act_effect", "act_z", "act_q"]  # fmt: skip
+                  "logp_q", "specificity", "act_effect", "act_z", "act_q"]  # fmt: skip
 BASE_CAUSAL_COLUMNS = ["rank", "gene", "n_cells", "n_donors", "expr_effect", "expr_z",
-                       "expr_p_null", "expr_q"]  # fmt: skip
+                       "expr_p_null", "expr_q", "specificity"]  # fmt: skip
 
 
 def genes_section(res: Results, core: tuple[str, ...]) -> tuple[Section, pd.DataFrame | None]:
