@@ -21,7 +21,7 @@ long=(--max-seq-len 1200 --batch-size 32)  # later stages cut cells as the check
 batch=(--batch-size 32)                    # 1,200 (fine-tuned; the random base records none)
 stage checkpoint python3 benchmarks/make_checkpoint.py --out "$work/base" --layers "$layers" --d-model "$d"
 stage demo-data "${sw[@]}" demo-data --out "$work/raw.h5ad" --n-cells "$cells" --n-donors 28
-stage preprocess "${sw[@]}" preprocess "$work/raw.h5ad" --out "$work/tok.h5ad" --vocab "$work/base" --n-hvg 1200 \
+stage preprocess "${sw[@]}" preprocess "$work/raw.h5ad" --out "$work/tok.h5ad" --vocab "$work/base" --n-hvg 1200 --max-cells-per-type "$cells" \
     --hvg-flavor seurat
 stage finetune "${sw[@]}" finetune "$work/tok.h5ad" --init "$work/base" --out-dir "$work/ft" \
     --epochs "$epochs" --lr 0.0001 --weight-decay 0.0 --warmup-fraction 0.0 --mask-ratio 0.0 "${long[@]}"
