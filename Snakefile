@@ -15,6 +15,7 @@ include: "workflow/rules/cells.smk"
 include: "workflow/rules/persistence.smk"
 include: "workflow/rules/genes.smk"
 include: "workflow/rules/enrich.smk"
+include: "workflow/rules/control.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/report.smk"
 

@@ -30,10 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_CONFIG = ROOT / "tests" / "data" / "small_workflow.yaml"
 
 
-def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run the workflow on the small test config in `workdir`."""
+def run_snakemake(
+    workdir: Path, *args: str, config: Path = SMALL_CONFIG
+) -> subprocess.CompletedProcess:
+    """Run the workflow on the small test config (or `config`) in `workdir`."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
-    cmd += ["--directory", str(workdir), "--configfile", str(SMALL_CONFIG), *args]
+    cmd += ["--directory", str(workdir), "--configfile", str(config), *args]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -315,6 +317,23 @@ def _write_json(root: Path, rel: str, obj: dict) -> None:
     path.write_text(json.dumps(obj))
 
 
+CONTROL_SCORE = {
+    "candidate": "L1[5,36]", "gene_set": "GO_BP:control set (GO:0000001)", "n_genes": 7,
+    "found": True, "probe_rank": 1, "n_accepted": 2, "probe_reason": "accepted",
+    "tier": "super weight", "effect": 0.1234, "ci_low": 0.0567, "ci_high": 0.2012,
+    "null_mean": 1.2e-6, "p_value": 1 / 60, "q_value": 1 / 60, "p_contribution": 1 / 60,
+    "q_contribution": 1 / 60, "recovered_share": 0.97,
+    "genes": {"n_ranked": 40, "n_planted_ranked": 2, "ranks": {"CTRLA": 12, "CTRLB": 30},
+              "best_rank": 12, "median_rank": 21.0, "auc": 0.45,
+              "act_ranks": {"CTRLA": 1, "CTRLB": 2}, "act_best_rank": 1,
+              "act_median_rank": 1.5, "act_auc": 1.0},
+    "enrichment": {"tested": True, "call": "enriched", "q_all_tests": 0.0123},
+    "recovered": True, "traced": True, "enriched": True, "passed": True, "failed_at": None,
+    "trace_auc": 0.9,
+}  # fmt: skip
+"""A positive control's score.json that passed every check (`control.score_control`)."""
+
+
 def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
     """A small, consistent set of stage outputs: 3 cell types, 2 probe rows, 1 confirmed."""
     root = results / DATASET
@@ -462,6 +481,7 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
         "top_ad_library": ["KEGG_2021_Human"], "top_ad_NES": [1.9], "top_ad_FDR": [0.03],
         "reason": [""], "n_tests_total": [240],
     })  # fmt: skip
+    _write_json(root, "control/score.json", CONTROL_SCORE)
     _write_tsv(root, "base/enrich/summary.tsv", {
         "candidate": ["L0[3,7]"], "confirmed": [True], "status": ["confirmed"],
         "ranking": ["causal"], "folder": ["L0_3_7_causal"], "n_genes": [28], "n_sets": [120],

@@ -13,6 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from superweights.channels import select_channels
 from superweights.confirm import ConfirmSettings, confirm_super_weights
 from superweights.control import (
     GENE_SETS_FILE,
@@ -21,17 +22,20 @@ from superweights.control import (
     gene_set_table,
     plant_control,
     plant_super_weight,
+    planted_candidates,
     read_planted,
     score_control,
 )
 from superweights.errors import UserError
+from superweights.gene_effects import causal_gene_effects
 from superweights.model.checkpoint import load_checkpoint, save_checkpoint
 from superweights.model.finetuned import load_test_cells
 from superweights.model.scgpt import ScGPTConfig, ScGPTModel
 from superweights.model.train import TrainSettings, finetune
 from superweights.probe_cells import ProbeSettings, probe_scgpt
+from superweights.report import control_statement
 from superweights.scores import CellTypeScore
-from superweights.settings import ControlSettings
+from superweights.settings import ControlSettings, GeneEffectSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -355,6 +359,46 @@ def test_the_probe_finds_the_planted_weight_and_the_score_says_so(finetuned, pla
     genes = score_control(plant, probe.candidates, gene_ranking=ranking)["genes"]
     assert genes["best_rank"] == 2 and genes["n_planted_ranked"] == len(plant.genes)
     assert genes["auc"] == 0.0  # every planted gene ranks below MARK0
+
+
+def test_the_gene_stage_traces_the_control_and_a_broken_one_does_not(finetuned, planted):
+    """The causal gene stage ranks the planted genes first by the super activation (not by
+    Δ log p: a cell holds 2-3 planted tokens, and removing one leaves the others as sinks);
+    the same stage with its gene names scrambled (a broken stage) does not, the control then
+    fails at `traced` and the report's statement says so."""
+    row, test = finetuned
+    plant = planted[1]
+    candidates = plant.to_frame().assign(accepted=True, reason="accepted", output_ratio=900.0)
+    confirmed = row.to_frame().T
+    channels = select_channels(test.model, confirmed, 0)
+    settings = GeneEffectSettings(max_cells=60, max_genes=0, n_null=19, min_cells=3)
+
+    def score(vocab):
+        ranking = causal_gene_effects(test.model, test.batches, channels, vocab, settings,
+                                      test.obs).genes_causal  # fmt: skip
+        return score_control(plant, candidates, confirmed, ranking)
+
+    good = score(test.vocab)
+    assert good["recovered"] and good["traced"] and good["genes"]["act_best_rank"] == 1
+    assert good["genes"]["act_auc"] >= 0.9 and good["failed_at"] == "enriched"  # not run
+    ids = np.random.default_rng(0).permutation(list(test.vocab.values()))
+    broken = score(dict(zip(test.vocab, ids.tolist(), strict=True)))
+    assert broken["recovered"] and not broken["traced"] and broken["failed_at"] == "traced"
+    assert "The control failed: its genes did not lead the causal ranking" in control_statement(
+        broken, not_run=False
+    )
+
+
+def test_the_control_confirms_the_planted_weight_whether_or_not_the_probe_listed_it(planted):
+    plant = planted[1]
+    listed = pd.DataFrame({"module": [plant.module, plant.module], "layer": plant.layer,
+                           "row": [plant.row, plant.row], "col": [(plant.col + 1) % 64, plant.col],
+                           "accepted": [True, True], "weight": [1.0, 2.0]})  # fmt: skip
+    mine = planted_candidates(plant, listed)
+    assert len(mine) == 1 and mine["col"].item() == plant.col and mine["weight"].item() == 2.0
+    missed = planted_candidates(plant, listed.head(1))
+    assert missed[["layer", "row", "col"]].values.tolist() == [[plant.layer, plant.row, plant.col]]
+    assert not missed["accepted"].item()
 
 
 def test_a_missed_weight_is_scored_as_missed(planted):

@@ -22,6 +22,7 @@ from docutils.core import publish_parts  # noqa: E402
 from helpers import (  # noqa: E402
     CHROMIUM,
     CONFIG,
+    CONTROL_SCORE,
     DATASET,
     FIGURES,
     ROOT,
@@ -31,10 +32,17 @@ from helpers import (  # noqa: E402
 )
 from superweights.captions import CAPTIONS  # noqa: E402
 from superweights.errors import UserError  # noqa: E402
-from superweights.report import INPUT_FILES, REQUIRED, build_report, fmt, make_table  # noqa: E402
+from superweights.report import (  # noqa: E402
+    INPUT_FILES,
+    OPTIONAL_INPUTS,
+    REQUIRED,
+    build_report,
+    fmt,
+    make_table,
+)
 
 SECTIONS = ("summary", "data", "probe", "pruning", "cells", "genes", "pathways", "quantization",
-            "methods")  # fmt: skip
+            "control", "methods")  # fmt: skip
 RULES = ROOT / "workflow" / "rules"
 SHOWN_BY_SNAKEMAKE = re.compile(r'report\(\s*"results/\{dataset\}/([^"]+)",\s*caption="([^"]+)"')
 
@@ -326,7 +334,10 @@ def test_report_reads_only_its_named_inputs(results):
 
 def test_report_rule_lists_the_files_the_report_reads():
     block = (RULES / "report.smk").read_text().split("input:")[1].split("output:")[0]
-    assert dict(re.findall(r'(\w+)="results/\{dataset\}/([^"]+)",', block)) == INPUT_FILES
+    fixed = {k: v for k, v in INPUT_FILES.items() if k not in OPTIONAL_INPUTS}
+    assert dict(re.findall(r'(\w+)="results/\{dataset\}/([^"]+)",', block)) == fixed
+    for name in OPTIONAL_INPUTS:  # a function giving the path, or nothing where not run
+        assert re.search(rf"\n\s+{name}=\w+,\n", block), name
 
 
 def snakemake_caption(rst: Path, dataset: str) -> str:
@@ -415,3 +426,37 @@ def test_report_layout_at_1280_pixels(results, tmp_path):
     assert layout["window"] == 1280 and layout["page"] <= layout["viewport"]
     assert len(layout["figures"]) >= 14 and min(layout["figures"]) >= 800
     assert max(layout["tables"]) <= layout["viewport"]
+
+
+def test_the_summary_states_the_positive_control_beside_a_null_result(results):
+    no_super_weight = {"tier": "not confirmed", "confirmed": False}
+    table = pd.read_csv(results / DATASET / "ablate/confirmed.tsv", sep="\t")
+    table.assign(**no_super_weight).to_csv(results / DATASET / "ablate/confirmed.tsv", sep="\t")
+    page = build(results)
+    headline = re.search(r'<p class="headline[^"]*">(.*?)</p>', page, re.S)[1]
+    assert headline.startswith("No super weight")
+    assert (
+        "A planted super weight (Δ log p 0.123 nats per cell) was found and confirmed, " in headline
+    )
+    assert "traced to its genes and its gene set enriched" in headline
+    summary = section(page, "summary")
+    assert "L1[5,36]" in summary and "0.0567 to 0.201" in summary and "AUC 1)" in summary
+    assert "Sensitivity shown" in summary and "q over all tests 0.0123" in summary
+    genes = section(page, "control")
+    assert "CTRLA" in genes and "rank by super activation" in genes
+
+
+def test_a_failed_control_says_where_and_what_it_means(results):
+    failed = CONTROL_SCORE | {"traced": False, "enriched": False, "passed": False,
+                              "failed_at": "traced"}  # fmt: skip
+    (results / DATASET / "control/score.json").write_text(json.dumps(failed))
+    summary = section(build(results), "summary")
+    assert "The control failed: its genes did not lead the causal ranking by the super " in summary
+    assert "(AUC &lt; 0.9)" in summary
+    missed = CONTROL_SCORE | {"found": False, "recovered": False, "traced": False,
+                              "enriched": False, "passed": False, "failed_at": "found",
+                              "probe_reason": "input ratio 3 < 10"}  # fmt: skip
+    (results / DATASET / "control/score.json").write_text(json.dumps(missed))
+    assert "was missed by the probe (input ratio 3 &lt; 10)" in section(build(results), "summary")
+    (results / DATASET / "control/score.json").unlink()
+    assert "The control&#39;s score is missing" in section(build(results), "summary")

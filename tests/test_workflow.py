@@ -1,10 +1,13 @@
 """The whole pipeline end to end on a small demo (local run shared with the SLURM test)."""
 
 import json
+import shutil
 
 import anndata as ad
 import pandas as pd
 import pytest
+
+from helpers import SMALL_CONFIG, run_snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +71,57 @@ def test_outputs_are_consistent_across_stages(small_run):
 
 def test_report_has_every_section(small_run):
     html = (small_run / "report.html").read_text()
-    for section in ("summary", "data", "probe", "pruning", "genes", "pathways", "quantization"):
+    sections = (
+        "summary",
+        "data",
+        "probe",
+        "pruning",
+        "genes",
+        "pathways",
+        "quantization",
+        "control",
+    )
+    for section in sections:
         assert f'id="{section}' in html, section
     assert "data:image/png;base64," in html
+
+    # the small config turns the control off, and the page says what that means
+    assert "Not run (positive_control.enabled is false)" in html
+
+
+@pytest.fixture(scope="module")
+def control_run(small_run, tmp_path_factory):
+    """The small run, copied, with the positive control turned on: only the control's rules
+    and the report run again."""
+    workdir = tmp_path_factory.mktemp("control_run")
+    shutil.copytree(small_run.parents[1], workdir, dirs_exist_ok=True, symlinks=True)
+    config = workdir / "control.yaml"
+    off, on = "{enabled: false}", "{enabled: true, min_coverage: 0.5}"  # the small data's genes
+    assert off in SMALL_CONFIG.read_text()
+    config.write_text(SMALL_CONFIG.read_text().replace(off, on))
+    result = run_snakemake(workdir, "--cores", "2", config=config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir / "results" / "small"
+
+
+def test_control_runs_the_same_stages_on_the_planted_model(control_run):
+    control = control_run / "control"
+    planted = json.loads((control / "plant/planted.json").read_text())
+    score = json.loads((control / "score.json").read_text())
+    assert score["candidate"] == planted["candidate"]
+    # the control's confirmation tests the planted weight alone, with both nulls and a tier
+    confirmed = pd.read_csv(control / "ablate/confirmed.tsv", sep="\t")
+    assert confirmed["candidate"].tolist() == [planted["candidate"]]
+    assert {"tier", "p_contribution", "recovered"} <= set(confirmed.columns)
+    assert score["tier"] == confirmed["tier"].iloc[0]
+    # the probe's own table says whether it found it, as the score does
+    candidates = pd.read_csv(control / "probe/candidates.tsv", sep="\t")
+    at = candidates[["layer", "row", "col"]].eq([planted[k] for k in ("layer", "row", "col")])
+    mine = candidates[at.all(axis=1)]
+    assert score["found"] == bool(len(mine) and mine["accepted"].iloc[0])
+    # the user's own results are untouched: no control rule writes outside control/
+    user = (control_run / "ablate/confirmed.tsv").stat().st_mtime
+    assert user < (control / "score.json").stat().st_mtime
+    html = (control_run / "report.html").read_text()
+    assert planted["candidate"] in html and "Positive control" in html
+    assert "Not run (positive_control.enabled is false)" not in html

@@ -178,3 +178,25 @@ def ablate_settings(wildcards):
     return DATASET_CONFIGS[wildcards.dataset]["ablate"] | {
         "expression_trained": trained
     }
+
+
+# The positive control's outputs (workflow/rules/control.smk).
+CONTROL = "results/{dataset}/control"
+
+
+def control_paths(outputs, stage, folders=()):
+    """The named outputs of a rule (`rules.X.output`) moved from results/{dataset}/<stage>/
+    to the control's folder, not in Snakemake's report; `folders`: the names of the outputs
+    that are folders (`rules.X.output` does not keep the `directory` flag)."""
+    user = f"results/{{dataset}}/{stage}/"
+    moved = {}
+    for name, path in outputs.items():
+        new = f"{CONTROL}/{stage}/{str(path).removeprefix(user)}"
+        moved[name] = directory(new) if name in folders else new
+    return moved
+
+
+def control_score_input(wildcards):
+    """The control's score for the report, where the dataset runs the control."""
+    enabled = DATASET_CONFIGS[wildcards.dataset]["positive_control"]["enabled"]
+    return f"results/{wildcards.dataset}/control/score.json" if enabled else []

@@ -37,6 +37,7 @@ rule report:
         quantize="results/{dataset}/quantize/quantize.tsv",
         quantize_contrasts="results/{dataset}/quantize/contrasts.tsv",
         quantize_figure="results/{dataset}/quantize/quantize.png",
+        control=control_score_input,
     output:
         html=report(
             "results/{dataset}/report.html",

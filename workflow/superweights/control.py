@@ -75,13 +75,13 @@ from torch import Tensor
 from .confirm import candidate_id
 from .data.preprocess import read_tokenised
 from .editing import evaluation, read_table
-from .enrich import AD_LIBRARIES, AD_PATTERN, GeneSets
+from .enrich import AD_LIBRARIES, AD_PATTERN, GeneSets, candidate_dirname, load_gene_sets
 from .errors import UserError
 from .model.cells import cell_batches, sample_rows
 from .model.checkpoint import load_checkpoint, read_args_and_vocab, save_checkpoint
 from .model.scgpt import ScGPTModel
-from .outputs import write_json, write_tsv
-from .settings import ControlSettings
+from .outputs import named_paths, write_h5ad, write_json, write_tsv
+from .settings import ControlSettings, GeneSetSettings
 
 log = logging.getLogger(__name__)
 
@@ -716,6 +716,13 @@ def _cls_attention(model, batches, marks: _Marks, layer: int) -> float:
 # --- scoring --------------------------------------------------------------------------
 
 
+TRACE_AUC = 0.9
+"""Least AUC of the planted genes against the other ranked genes by the super activation
+(the chance that a planted gene ranks above another gene) for the control to count as
+traced to its genes."""
+CHECKS = ("found", "recovered", "traced", "enriched")
+
+
 def score_control(
     planted: PlantedWeight | str | Path,
     candidates,
@@ -729,8 +736,14 @@ def score_control(
     stage's confirmed.tsv; `gene_ranking`: gene_effects' genes_causal.tsv (or any table
     with candidate, gene and rank); `enrichment`: the planted candidate's prerank.tsv or
     ora.tsv (library, Term, q_all_tests, call). Missing tables give None for their part.
-    `recovered` is True when the probe accepted the planted weight and the confirmation
-    made it a super weight.
+
+    The control passes step by step (`CHECKS`): `found` (the probe accepted the planted
+    weight), `recovered` (found, and the confirmation made it a `super weight`), `traced`
+    (its genes lead the causal ranking's super-activation measure, `act`: AUC >=
+    `TRACE_AUC` against the other ranked genes; the Δ log p ranks are reported beside it,
+    see docs/control.md) and `enriched` (its gene set is called enriched in the causal
+    ranking's prerank); `passed` when all four hold, else `failed_at` names the first that
+    does not.
     """
     if not isinstance(planted, PlantedWeight):
         planted = read_planted(planted)
@@ -744,6 +757,12 @@ def score_control(
     out["genes"] = _gene_part(planted, gene_ranking)
     out["enrichment"] = _enrichment_part(planted, enrichment)
     out["recovered"] = bool(out["found"] and out.get("tier") == "super weight")
+    auc = (out["genes"] or {}).get("act_auc")
+    out["traced"] = bool(out["recovered"] and auc is not None and auc >= TRACE_AUC)
+    out["enriched"] = bool(out["traced"] and (out["enrichment"] or {}).get("call") == "enriched")
+    failed = [check for check in CHECKS if not out[check]]
+    out |= {"passed": not failed, "failed_at": failed[0] if failed else None,
+            "trace_auc": TRACE_AUC}  # fmt: skip
     out["statement"] = _statement(out)
     return out
 
@@ -791,27 +810,42 @@ def _confirm_part(planted: PlantedWeight, confirmed) -> dict:
 
 
 def _gene_part(planted: PlantedWeight, ranking) -> dict | None:
+    """The planted genes' ranks in the causal ranking (its `rank`: by the weight's Δ log p,
+    `logp`) and, where the table has them, by the super activation (`act`: p_null, then
+    the larger effect, as `gene_effects.rank_genes` orders), each with the AUC of the
+    planted genes against the other ranked genes."""
     if ranking is None:
         return None
     table = read_table(ranking, "gene ranking", ("gene", "rank"), "use genes_causal.tsv")
     if "candidate" in table.columns:
         table = table[table["candidate"] == planted.candidate]
-    table = table.dropna(subset=["rank"])
+    table = table.dropna(subset=["rank"]).reset_index(drop=True)
     mine = {g.upper() for g in planted.genes}
     is_planted = table["gene"].astype(str).str.upper().isin(mine).to_numpy()
-    ranks = table["rank"].to_numpy(dtype=float)
+    part = {"n_ranked": len(table), "n_planted_ranked": int(is_planted.sum())}
+    part |= _ranks(table["gene"], table["rank"].to_numpy(dtype=float), is_planted)
+    if {"act_p_null", "act_effect"} <= set(table.columns):
+        order = table.sort_values(["act_p_null", "act_effect", "gene"],
+                                  ascending=[True, False, True], kind="stable").index  # fmt: skip
+        act_rank = np.empty(len(table))
+        act_rank[order] = np.arange(1, len(table) + 1)
+        act = _ranks(table["gene"], act_rank, is_planted)
+        part |= {f"act_{key}": value for key, value in act.items()}
+    return part
+
+
+def _ranks(genes: pd.Series, ranks: np.ndarray, is_planted: np.ndarray) -> dict:
+    """The planted genes' ranks, best and median rank, and AUC against the other genes."""
+    mine = ranks[is_planted]
     part = {
-        "n_ranked": len(table),
-        "n_planted_ranked": int(is_planted.sum()),
-        "ranks": {str(g): int(r) for g, r in zip(table["gene"][is_planted], ranks[is_planted],
-                                                strict=True)},
-        "best_rank": int(ranks[is_planted].min()) if is_planted.any() else None,
-        "median_rank": float(np.median(ranks[is_planted])) if is_planted.any() else None,
+        "ranks": {str(g): int(r) for g, r in zip(genes[is_planted], mine, strict=True)},
+        "best_rank": int(mine.min()) if len(mine) else None,
+        "median_rank": float(np.median(mine)) if len(mine) else None,
         "auc": None,
-    }  # fmt: skip
-    if is_planted.any() and (~is_planted).any():
-        better = ranks[is_planted][:, None] < ranks[~is_planted][None, :]
-        ties = ranks[is_planted][:, None] == ranks[~is_planted][None, :]
+    }
+    if len(mine) and (~is_planted).any():
+        better = mine[:, None] < ranks[~is_planted][None, :]
+        ties = mine[:, None] == ranks[~is_planted][None, :]
         part["auc"] = float((better + 0.5 * ties).mean())
     return part
 
@@ -858,3 +892,84 @@ def _statement(score: dict) -> str:
 
 def _number(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+# --- the workflow's stages ------------------------------------------------------------
+
+PLANT_FILES = {"checkpoint": CHECKPOINT_DIR, "planted": PLANTED_FILE, "gene_sets": GENE_SETS_FILE,
+               "data": "tokenised.h5ad"}  # fmt: skip
+
+
+def training_sample(adata: ad.AnnData, max_train: int, seed: int) -> ad.AnnData:
+    """`adata` with at most `max_train` training cells and a quarter as many validation
+    cells (at least 32), drawn with `seed`, and every test cell (0: all cells)."""
+    if not max_train:
+        return adata
+    rng = np.random.default_rng([seed, 3])
+    split = adata.obs["split"].astype(str).to_numpy()
+    keep = [np.flatnonzero(split == "test")]
+    for name, n in (("train", max_train), ("val", max(max_train // 4, 32))):
+        rows = np.flatnonzero(split == name)
+        keep.append(rng.choice(rows, min(n, len(rows)), replace=False))
+    return adata[np.sort(np.concatenate(keep))].copy()
+
+
+def run_plant(inputs, outputs, settings: ControlSettings, *, gene_sets: GeneSetSettings):
+    """The control's planting stage: `plant_control` of `inputs["init"]` (the starting
+    checkpoint) on `inputs["data"]` with the libraries of `gene_sets`, into `outputs`' folder
+    (checkpoint/, planted.json, gene_sets.tsv), and the cells the control is fine-tuned and
+    evaluated on (`training_sample`: `settings.max_train_cells`) to `outputs["data"]`."""
+    paths = named_paths(outputs, PLANT_FILES)
+    adata = read_tokenised(inputs["data"])
+    planted = plant_control(adata, inputs["init"], paths["planted"].parent,
+                            load_gene_sets(gene_sets), settings)  # fmt: skip
+    sample = training_sample(adata, settings.max_train_cells, settings.seed)
+    sample.uns["positive_control"] = {"candidate": planted.candidate, "gene_set": planted.gene_set}
+    write_h5ad(sample, paths["data"])
+    log.info("control %s (%s, %d genes) planted; fine-tuned on %d of %d cells",
+             planted.candidate, planted.gene_set, len(planted.genes), sample.n_obs,
+             adata.n_obs)  # fmt: skip
+    return planted
+
+
+def planted_candidates(planted: PlantedWeight, candidates) -> pd.DataFrame:
+    """The probe's row of the planted weight (`candidates`: its candidates.tsv), or its
+    coordinates as a candidate the probe did not accept when the probe did not list it: what
+    the control's confirmation tests. Its other spikes are not what the control measures,
+    and confirming them would cost as much as the user's own confirmation."""
+    table = read_table(candidates, "candidates table", ("module", "row", "col", "accepted"),
+                       "use the probe's candidates.tsv")  # fmt: skip
+    mine = table[
+        (table["module"] == planted.module)
+        & (table["row"] == planted.row)
+        & (table["col"] == planted.col)
+    ]
+    return mine.head(1) if len(mine) else planted.to_frame().assign(accepted=False)
+
+
+def run_candidates(inputs, outputs) -> pd.DataFrame:
+    """`planted_candidates` of `inputs["planted"]` among `inputs["candidates"]`, written to
+    `outputs["candidates"]`."""
+    table = planted_candidates(read_planted(inputs["planted"]), inputs["candidates"])
+    write_tsv(named_paths(outputs, {"candidates": "planted_candidate.tsv"})["candidates"], table)
+    return table
+
+
+SCORE_INPUTS = ("planted", "candidates", "confirmed", "genes", "enrich")
+
+
+def run_score(inputs, outputs) -> dict:
+    """The control's score (`score_control`) from its stages' tables: `inputs["planted"]`,
+    the probe's `candidates`, the confirmation's `confirmed`, the causal ranking `genes`
+    and the enrichment folder `enrich` (the planted candidate's causal prerank), written to
+    `outputs["score"]` (a path or named outputs)."""
+    planted = read_planted(inputs["planted"])
+    enrichment = Path(inputs["enrich"]) / f"{candidate_dirname(planted.candidate)}_causal"
+    prerank = enrichment / "prerank.tsv"
+    score = score_control(
+        planted, inputs["candidates"], inputs["confirmed"], inputs["genes"],
+        prerank if prerank.exists() else None,
+    )  # fmt: skip
+    write_json(named_paths(outputs, {"score": "score.json"})["score"], score)
+    log.info("%s", score["statement"])
+    return score

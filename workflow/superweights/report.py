@@ -66,8 +66,11 @@ INPUT_FILES = {
     "quantize": "quantize/quantize.tsv",
     "quantize_contrasts": "quantize/contrasts.tsv",
     "quantize_figure": "quantize/quantize.png",
+    "control": "control/score.json",
 }
 """What the report reads: input name -> path under results/<dataset>/ (the report rule's inputs)."""
+OPTIONAL_INPUTS = ("control",)
+"""Inputs the report rule passes only where their stage runs (an empty input otherwise)."""
 REQUIRED = {"qc": "preprocess", "metrics": "finetune", "candidates": "probe", "confirmed": "ablate"}
 MAX_ROWS = 25
 MAX_TEXT = 90
@@ -366,11 +369,21 @@ class Results:
     """
 
     def __init__(self, inputs, dataset: str):
-        self.paths = named_paths(inputs, INPUT_FILES)
+        files = INPUT_FILES
+        if not isinstance(inputs, str | os.PathLike):
+            given = {k for k, v in inputs.items() if not (isinstance(v, list) and not v)}
+            self.not_run = {k for k in OPTIONAL_INPUTS if k not in given}
+            files = {k: v for k, v in INPUT_FILES.items() if k not in self.not_run}
+            inputs = {k: v for k, v in inputs.items() if k in given}
+        else:
+            self.not_run = set()
+        self.paths = named_paths(inputs, files)
         self.dataset = dataset
 
     def path(self, key: str) -> Path:
         name, _, inside = key.partition("/")
+        if name in self.not_run:
+            return Path(os.devnull)  # never a file: read as missing
         return self.paths[name] / inside if inside else self.paths[name]
 
     def label(self, key: str) -> str:
@@ -1111,6 +1124,136 @@ def pathway_statement(summary: pd.DataFrame | None, n_folders: int, fdr: float) 
     return statement
 
 
+CONTROL_FAILURES = {
+    "found": "the probe did not accept it",
+    "recovered": "the confirmation did not make it a super weight",
+    "traced": "its genes did not lead the causal ranking by the super activation "
+    "(AUC < {trace_auc})",
+    "enriched": "its gene set was not called enriched",
+}
+
+
+def control_statement(score: dict | None, not_run: bool) -> str:
+    """The positive control in a few sentences: what was planted, what each stage made of
+    it, and whether the run could have found a super weight of that size."""
+    if score is None:
+        if not_run:
+            return (
+                "Not run (positive_control.enabled is false), so this run cannot show that it "
+                "could have found a super weight."
+            )
+        return "The control's score is missing (control/score.json)."
+    genes = score.get("genes") or {}
+    enrichment = score.get("enrichment") or {}
+    what = (
+        f"A super weight planted in the starting model at {score['candidate']}, driven by the "
+        f"tokens of {_plural(score['n_genes'], 'gene')} of {score['gene_set']}, and fine-tuned "
+        "with the same recipe"
+    )
+    if not score["found"]:
+        return f"{what} was missed by the probe ({score.get('probe_reason') or 'not listed'})."
+    parts = [f"{what} was found by the probe (rank {score['probe_rank']} of "
+             f"{score['n_accepted']} accepted)"]  # fmt: skip
+    if score.get("tier"):
+        parts.append(
+            f"the confirmation's tier is “{score['tier']}”: Δ log p {fmt(score['effect'])} nats "
+            f"per cell (95% CI {fmt(score['ci_low'])} to {fmt(score['ci_high'])}) against a "
+            f"magnitude-null mean of {fmt(score['null_mean'])} (p {fmt(score['p_value'])}, q "
+            f"{fmt(score['q_value'])}); restoring its activation recovers "
+            f"{fmt(score['recovered_share'])} of the effect"
+        )
+    if genes.get("n_planted_ranked"):
+        parts.append(
+            f"{genes['n_planted_ranked']} of its genes are among the {genes['n_ranked']} genes "
+            "of the causal gene ranking: by the super activation (which genes make it) at best "
+            f"rank {genes.get('act_best_rank')} and median rank "
+            f"{fmt(genes.get('act_median_rank'))} (AUC {fmt(genes.get('act_auc'))}), by Δ log p "
+            f"(which genes the weight's effect needs) at median rank "
+            f"{fmt(genes['median_rank'])} (AUC {fmt(genes['auc'])})"
+        )
+    elif genes and genes["n_ranked"]:
+        parts.append(f"none of its genes is among the {genes['n_ranked']} causally ranked genes")
+    elif genes:
+        parts.append(
+            "the causal gene stage ranked no gene for it (it maps confirmed weights, and "
+            "`channels.n_unconfirmed` others)"
+        )
+    if enrichment.get("tested"):
+        parts.append(
+            f"its gene set is {enrichment.get('call') or 'not called'} in that ranking (q over "
+            f"all tests {fmt(enrichment.get('q_all_tests'))})"
+        )
+    elif enrichment:
+        parts.append("its gene set was not tested (too few of its genes ranked)")
+    if score["passed"]:
+        verdict = (
+            "Sensitivity shown: the chain finds a planted super weight of this size and "
+            "traces it to its genes."
+        )
+    else:
+        failure = CONTROL_FAILURES[score["failed_at"]].format(**score)
+        verdict = (
+            f"The control failed: {failure}, so a null result here does not show that no "
+            "super weight exists."
+        )
+    return "; ".join(parts) + ". " + verdict
+
+
+def control_headline(score: dict | None) -> str:
+    """What the positive control says of a null result, for the headline."""
+    if score is None:
+        return "No positive control was run."
+    if not score["recovered"]:
+        failure = CONTROL_FAILURES[score["failed_at"]].format(**score)
+        return (
+            f"The positive control failed ({failure}): this null result is not evidence of absence."
+        )
+    reached = "found and confirmed"
+    if score["traced"]:
+        reached += ", traced to its genes"
+    if score["enriched"]:
+        reached += " and its gene set enriched"
+    return (
+        f"A planted super weight (Δ log p {fmt(score.get('effect'))} nats per cell) was "
+        f"{reached} by the same stages (positive control)."
+    )
+
+
+def control_section(score: dict | None, not_run: bool) -> Section:
+    """The control's statement, its numbers and the planted genes' causal ranks."""
+    sec = Section(text={"statement": control_statement(score, not_run)})
+    if score is None:
+        return sec
+    enrichment = score.get("enrichment") or {}
+    genes = score.get("genes") or {}
+    sec.tables["score"] = key_value_table([
+        ("planted weight", score["candidate"]),
+        ("gene set", score["gene_set"]),
+        ("probe rank (accepted candidates)", score["probe_rank"]),
+        ("tier", score.get("tier")),
+        ("Δ log p (nats per cell)", score.get("effect")),
+        ("95% CI", f"{fmt(score.get('ci_low'))} to {fmt(score.get('ci_high'))}"),
+        ("magnitude-null mean", score.get("null_mean")),
+        ("p / q (magnitude null)", f"{fmt(score.get('p_value'))} / {fmt(score.get('q_value'))}"),
+        ("p / q (contribution null)",
+         f"{fmt(score.get('p_contribution'))} / {fmt(score.get('q_contribution'))}"),
+        ("share recovered by restoring the activation", score.get("recovered_share")),
+        ("planted genes' AUC, ranked by the super activation", genes.get("act_auc")),
+        ("planted genes' AUC, ranked by Δ log p", genes.get("auc")),
+        ("planted set: enrichment call", enrichment.get("call")),
+        ("planted set: q over all tests", enrichment.get("q_all_tests")),
+        ("passed", score["passed"]),
+    ])  # fmt: skip
+    ranks = genes.get("ranks") or {}
+    if ranks:
+        frame = pd.DataFrame({"gene": list(ranks), "rank by Δ log p": list(ranks.values())})
+        frame["rank by super activation"] = frame["gene"].map(genes.get("act_ranks") or {})
+        frame["of"] = genes["n_ranked"]
+        frame = frame.sort_values(["rank by super activation", "rank by Δ log p"])
+        sec.tables["genes"] = make_table(frame, max_rows=len(frame))
+    return sec
+
+
 def _block_text(block) -> str:
     return "one block per matrix" if str(block) == "tensor" else f"blocks of {block}"
 
@@ -1210,12 +1353,15 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
     source = sources.get(dataset) or "unknown source"
     metrics = facts["metrics"]
     found = super_weight_statements(cands, confirmed)
+    control = res.json("control")
     fdr = config.get("enrich", {}).get("fdr_threshold", 0.05)
     here = Path(out_path).resolve().parent
+    any_found = confirmed is not None and bool(
+        (confirmed.get("tier", pd.Series()) == "super weight").any()
+    )
     summary = {
-        "headline": found[0],
-        "found": confirmed is not None
-        and bool((confirmed.get("tier", pd.Series()) == "super weight").any()),
+        "headline": found[0] if any_found else f"{found[0]} {control_headline(control)}",
+        "found": any_found,
         "facts": [
             ("Super weights", " ".join(found[1:]),
              res.links(here, "confirmed", "candidates")),
@@ -1241,6 +1387,8 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
              res.links(here, "enrich/summary.tsv")),
             ("Quantization", quantize_statement(quantize_table, contrasts),
              res.links(here, "quantize", "quantize_contrasts")),
+            ("Positive control", control_statement(control, "control" in res.not_run),
+             res.links(here, "control")),
         ],
     }  # fmt: skip
     html = (
@@ -1259,6 +1407,7 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
             cells=cells,
             pathways=pathways,
             enrich_candidates=candidates,
+            control=control_section(control, "control" in res.not_run),
             quantize=quantize,
             cfg=config,
             top_genes=TOP_GENES,

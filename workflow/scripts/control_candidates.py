@@ -1,0 +1,5 @@
+from superweights import control
+from superweights.rule_io import rule_log
+
+with rule_log(snakemake):
+    control.run_candidates(snakemake.input, snakemake.output)
