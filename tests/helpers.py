@@ -82,17 +82,23 @@ def synthetic_tokenised(genes: list[str], n_cells: int = 600, seed: int = 0) -> 
     for i, label in enumerate(labels):
         bins[i, rng.choice(background, 20, replace=False)] = rng.integers(1, 40, 20)
         bins[i, label * 6 : label * 6 + 6] = rng.integers(40, 51, 6)
-    donors = np.arange(n_cells) % 5
+    obs = donor_split_obs(labels, TRAIN_CLASSES)
+    return ad.AnnData(X=sp.csr_matrix(bins), obs=obs, var=pd.DataFrame(index=genes))
+
+
+def donor_split_obs(labels: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Tokenised obs of cells labelled `labels` (indices into `classes`): cell `i` from donor
+    `d{i % 5}`, donors d0-d2 training, d3 validation, d4 test."""
+    donors = np.arange(len(labels)) % 5
     split = np.array(["train", "train", "train", "val", "test"])[donors]
-    obs = pd.DataFrame(
+    return pd.DataFrame(
         {
-            "cell_type": pd.Categorical(np.array(TRAIN_CLASSES)[labels], categories=TRAIN_CLASSES),
+            "cell_type": pd.Categorical(np.array(classes)[labels], categories=classes),
             "donor": [f"d{d}" for d in donors],
             "split": pd.Categorical(split, categories=["train", "val", "test"]),
         },
-        index=[f"c{i}" for i in range(n_cells)],
+        index=[f"c{i}" for i in range(len(labels))],
     )
-    return ad.AnnData(X=sp.csr_matrix(bins), obs=obs, var=pd.DataFrame(index=genes))
 
 
 def training_cells(vocab) -> ad.AnnData:

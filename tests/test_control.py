@@ -13,6 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from helpers import donor_split_obs
 from superweights.channels import select_channels
 from superweights.confirm import ConfirmSettings, confirm_super_weights
 from superweights.control import (
@@ -90,16 +91,7 @@ def toy_cells(n_cells: int = 900, seed: int = 0) -> ad.AnnData:
                 1, 51, on.sum()
             )
         bins[i, column["APP"]] = rng.integers(1, 51)
-    donors = np.arange(n_cells) % 5
-    split = np.array(["train", "train", "train", "val", "test"])[donors]
-    obs = pd.DataFrame(
-        {
-            "cell_type": pd.Categorical(np.array(CLASSES)[labels], categories=CLASSES),
-            "donor": [f"d{d}" for d in donors],
-            "split": pd.Categorical(split, categories=["train", "val", "test"]),
-        },
-        index=[f"c{i}" for i in range(n_cells)],
-    )
+    obs = donor_split_obs(labels, CLASSES)
     matrix = sp.csr_matrix(bins)
     return ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=GENES), layers={"X_binned": matrix})
 
