@@ -7,9 +7,11 @@ gene token `g` of that cell (its `max_genes` most expressed ones), the cell is r
 and once more with `g`'s token removed (the token is taken out and the cell re-padded at the
 end; scGPT has no positions, so this is the cell without the gene). Two measures:
 
-- `act`, the super activation: `a(x) = max_t |y_t[row]|`, the module's output channel `row`
-  at the copy's spike token (the token where its magnitude peaks, `<cls>` included, as
-  `confirm._spike_places` picks it), with the weight in place;
+- `act`, the super activation: `a(x) = sum_t |y_t[row]|`, the magnitude of the module's
+  output channel `row` summed over the copy's real tokens (`<cls>` included), with the
+  weight in place: a massive activation dominates it; where several tokens carry one (as
+  attention-sink tokens can), each counts, so that removing any of them shows, where the
+  largest |y_t[row]| would not move while another remains;
   `act_effect(c, g) = a(c) - a(c without g)`;
 - `logp`, the weight's effect on the classifier: `D(x) = log p(true type | x) -
   log p(true type | x, w = 0)`, the per-cell drop of log p when the weight is pruned;
@@ -198,7 +200,7 @@ def copy_batches(batches, max_genes: int, batch_size: int, pad_token_id: int, pa
 
 
 class _Activations:
-    """Forward hooks keeping, while `active`, per channel: max_t |y_t[r]| of the module's
+    """Forward hooks keeping, while `active`, per channel: sum_t |y_t[r]| of the module's
     output over each sequence's real tokens [1 + n_null, B], for the candidate's row and each
     null's row, on the one batch of `score`."""
 
@@ -222,7 +224,7 @@ class _Activations:
             if packing is not None:
                 channels = packing.unpack(channels)
             pad = self.score.padding_masks[0].bool()[..., None]
-            self.values[name] = channels.abs().masked_fill(pad, -1.0).amax(dim=1).T.cpu()
+            self.values[name] = channels.abs().masked_fill(pad, 0.0).sum(dim=1).T.cpu()
 
         return hook
 
