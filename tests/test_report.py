@@ -451,12 +451,17 @@ def test_a_failed_control_says_where_and_what_it_means(results):
                               "failed_at": "traced"}  # fmt: skip
     (results / DATASET / "control/score.json").write_text(json.dumps(failed))
     summary = section(build(results), "summary")
-    assert "The control failed: its genes did not lead the causal ranking by the super " in summary
+    assert (
+        "Detection shown (a planted super weight of this size is found and confirmed), the "
+        in summary
+    )
+    assert "gene level not: its genes did not lead the causal ranking by the super " in summary
     assert "(AUC &lt; 0.9)" in summary
     missed = CONTROL_SCORE | {"found": False, "recovered": False, "traced": False,
                               "enriched": False, "passed": False, "failed_at": "found",
                               "probe_reason": "input ratio 3 < 10"}  # fmt: skip
     (results / DATASET / "control/score.json").write_text(json.dumps(missed))
-    assert "was missed by the probe (input ratio 3 &lt; 10)" in section(build(results), "summary")
+    summary = section(build(results), "summary")
+    assert "was missed by the probe (input ratio 3 &lt; 10)" in summary
     (results / DATASET / "control/score.json").unlink()
     assert "The control&#39;s score is missing" in section(build(results), "summary")

@@ -1185,17 +1185,19 @@ def control_statement(score: dict | None, not_run: bool) -> str:
         )
     elif enrichment:
         parts.append("its gene set was not tested (too few of its genes ranked)")
-    if score["passed"]:
-        verdict = (
-            "Sensitivity shown: the chain finds a planted super weight of this size and "
-            "traces it to its genes."
-        )
-    else:
+    verdict = "Sensitivity shown: the chain finds a planted super weight of this size, traces "
+    verdict += "it to its genes and calls its gene set enriched."
+    if not score["passed"]:
         failure = CONTROL_FAILURES[score["failed_at"]].format(**score)
-        verdict = (
-            f"The control failed: {failure}, so a null result here does not show that no "
-            "super weight exists."
-        )
+        verdict = {
+            "found": f"The control failed: {failure}, so a null result here does not show "
+            "that no super weight exists.",
+            "recovered": f"The control failed: {failure}, so a null result here does not show "
+            "that no super weight exists.",
+            "traced": "Detection shown (a planted super weight of this size is found and "
+            f"confirmed), the gene level not: {failure}.",
+            "enriched": f"Detection and the gene level shown, the pathway level not: {failure}.",
+        }[score["failed_at"]]
     return "; ".join(parts) + ". " + verdict
 
 
@@ -1354,6 +1356,9 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
     metrics = facts["metrics"]
     found = super_weight_statements(cands, confirmed)
     control = res.json("control")
+    control_off = "control" in res.not_run or not config.get("positive_control", {}).get(
+        "enabled", True
+    )
     fdr = config.get("enrich", {}).get("fdr_threshold", 0.05)
     here = Path(out_path).resolve().parent
     any_found = confirmed is not None and bool(
@@ -1387,7 +1392,7 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
              res.links(here, "enrich/summary.tsv")),
             ("Quantization", quantize_statement(quantize_table, contrasts),
              res.links(here, "quantize", "quantize_contrasts")),
-            ("Positive control", control_statement(control, "control" in res.not_run),
+            ("Positive control", control_statement(control, control_off),
              res.links(here, "control")),
         ],
     }  # fmt: skip
@@ -1407,7 +1412,7 @@ def build_report(inputs, dataset: str, config: dict, out_path: Path) -> Path:
             cells=cells,
             pathways=pathways,
             enrich_candidates=candidates,
-            control=control_section(control, "control" in res.not_run),
+            control=control_section(control, control_off),
             quantize=quantize,
             cfg=config,
             top_genes=TOP_GENES,
