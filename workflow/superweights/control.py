@@ -209,9 +209,10 @@ def choose_gene_set(
     eligible = table[table["eligible"]].sort_values(["library", "set"], ignore_index=True)
     if eligible.empty:
         raise UserError(
-            f"no gene set of {len(table)} in {sorted(libraries)} can drive the control: "
-            f"relax control settings (min_genes {settings.min_genes}, min_coverage "
-            f"{settings.min_coverage:g}, min_type_eta2 {settings.min_type_eta2:g})"
+            f"no gene set of {len(table)} in {sorted(libraries)} can drive the positive "
+            f"control: relax positive_control (min_genes "
+            f"{settings.min_genes}, min_coverage {settings.min_coverage:g}, min_type_eta2 "
+            f"{settings.min_type_eta2:g}) or set positive_control.enabled to false"
         )
     pick = eligible.iloc[int(np.random.default_rng([seed, 1]).integers(len(eligible)))]
     genes = set_genes(libraries[pick["library"]][pick["set"]], adata, settings, vocab)
