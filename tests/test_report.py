@@ -435,9 +435,7 @@ def test_the_summary_states_the_positive_control_beside_a_null_result(results):
     page = build(results)
     headline = re.search(r'<p class="headline[^"]*">(.*?)</p>', page, re.S)[1]
     assert headline.startswith("No super weight")
-    assert (
-        "A planted super weight (Δ log p 0.123 nats per cell) was found and confirmed, " in headline
-    )
+    assert "A planted super weight (Δ log p 0.123 nats per cell) was found, confirmed, " in headline
     assert "traced to its genes and its gene set enriched" in headline
     summary = section(page, "summary")
     assert "L1[5,36]" in summary and "0.0567 to 0.201" in summary and "AUC 1)" in summary

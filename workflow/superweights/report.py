@@ -1160,7 +1160,7 @@ def control_statement(score: dict | None, not_run: bool) -> str:
             f"per cell (95% CI {fmt(score['ci_low'])} to {fmt(score['ci_high'])}) against a "
             f"magnitude-null mean of {fmt(score['null_mean'])} (p {fmt(score['p_value'])}, q "
             f"{fmt(score['q_value'])}); restoring its activation recovers "
-            f"{fmt(score['recovered_share'])} of the effect"
+            f"{_share(score['recovered_share'])} of the effect"
         )
     if genes.get("n_planted_ranked"):
         parts.append(
@@ -1189,6 +1189,8 @@ def control_statement(score: dict | None, not_run: bool) -> str:
     verdict += "it to its genes and calls its gene set enriched."
     if not score["passed"]:
         failure = CONTROL_FAILURES[score["failed_at"]].format(**score)
+        if score["failed_at"] == "enriched" and not enrichment.get("tested"):
+            failure = "its gene set could not be tested"
         verdict = {
             "found": f"The control failed: {failure}, so a null result here does not show "
             "that no super weight exists.",
@@ -1201,6 +1203,10 @@ def control_statement(score: dict | None, not_run: bool) -> str:
     return "; ".join(parts) + ". " + verdict
 
 
+def _share(value) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
 def control_headline(score: dict | None) -> str:
     """What the positive control says of a null result, for the headline."""
     if score is None:
@@ -1210,11 +1216,12 @@ def control_headline(score: dict | None) -> str:
         return (
             f"The positive control failed ({failure}): this null result is not evidence of absence."
         )
-    reached = "found and confirmed"
+    steps = ["found", "confirmed"]
     if score["traced"]:
-        reached += ", traced to its genes"
+        steps.append("traced to its genes")
     if score["enriched"]:
-        reached += " and its gene set enriched"
+        steps.append("its gene set enriched")
+    reached = ", ".join(steps[:-1]) + " and " + steps[-1]
     return (
         f"A planted super weight (Δ log p {fmt(score.get('effect'))} nats per cell) was "
         f"{reached} by the same stages (positive control)."
