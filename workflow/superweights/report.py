@@ -1249,7 +1249,8 @@ def control_section(score: dict | None, not_run: bool) -> Section:
         ("share recovered by restoring the activation", score.get("recovered_share")),
         ("planted genes' AUC, ranked by the super activation", genes.get("act_auc")),
         ("planted genes' AUC, ranked by Δ log p", genes.get("auc")),
-        ("planted set: enrichment call", enrichment.get("call")),
+        ("planted set: enrichment call",
+         enrichment.get("call") if enrichment.get("tested") else "not tested"),
         ("planted set: q over all tests", enrichment.get("q_all_tests")),
         ("passed", score["passed"]),
     ])  # fmt: skip
