@@ -149,6 +149,17 @@ def test_state_of_other_settings_is_not_resumed(tmp_path, monkeypatch, data, pre
     assert without_seconds(fresh) == without_seconds(reference)
 
 
+def test_a_diverged_training_stops_with_one_line_and_writes_no_checkpoint(
+    tmp_path, data, pretrained
+):
+    broken = data.copy()
+    broken.X = broken.X.astype(np.float32)
+    broken.X.data[:] = np.nan  # every expression value: the loss is NaN from the first step
+    with pytest.raises(UserError, match=r"finetune diverged: .* epoch 1 is nan"):
+        finetune(broken, tmp_path, TRAIN_SETTINGS, pretrained)
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "metrics.json").exists()
+
+
 def test_masked_expression_objective_while_finetuning(tmp_path, data, pretrained):
     settings = TrainSettings(**{**vars(TRAIN_SETTINGS), "epochs": 1, "mlm_weight": 0.5})
     metrics = finetune(data, tmp_path, settings, pretrained)

@@ -448,6 +448,11 @@ def _fit(
             if monitor is not None and step + 1 < steps and monitor.due(done):
                 monitor.record(model, done, done / steps)
         train_loss = float(torch.stack(losses).float().mean())  # waits for the last step
+        if not math.isfinite(train_loss):
+            raise UserError(
+                f"{name} diverged: the mean training loss of epoch {epoch + 1} is {train_loss}; "
+                "check the input for non-finite values or lower lr"
+            )
         row = {"epoch": epoch + 1, "train_loss": train_loss}
         if monitor is not None:
             monitor.record(model, (epoch + 1) * steps, float(epoch + 1))
