@@ -949,21 +949,18 @@ def planted_candidates(planted: PlantedWeight, candidates) -> pd.DataFrame:
 
 
 def run_candidates(inputs, outputs) -> pd.DataFrame:
-    """`planted_candidates` of `inputs["planted"]` among `inputs["candidates"]`, written to
-    `outputs["candidates"]`."""
+    """`planted_candidates` of `inputs["planted"]` among `inputs["candidates"]`, written as
+    planted_candidate.tsv into `outputs` (a folder, or named outputs with `candidates`)."""
     table = planted_candidates(read_planted(inputs["planted"]), inputs["candidates"])
     write_tsv(named_paths(outputs, {"candidates": "planted_candidate.tsv"})["candidates"], table)
     return table
 
 
-SCORE_INPUTS = ("planted", "candidates", "confirmed", "genes", "enrich")
-
-
 def run_score(inputs, outputs) -> dict:
     """The control's score (`score_control`) from its stages' tables: `inputs["planted"]`,
     the probe's `candidates`, the confirmation's `confirmed`, the causal ranking `genes`
-    and the enrichment folder `enrich` (the planted candidate's causal prerank), written to
-    `outputs["score"]` (a path or named outputs)."""
+    and the enrichment folder `enrich` (the planted candidate's causal prerank), written as
+    score.json into `outputs` (a folder, or named outputs with `score`)."""
     planted = read_planted(inputs["planted"])
     enrichment = Path(inputs["enrich"]) / f"{candidate_dirname(planted.candidate)}_causal"
     prerank = enrichment / "prerank.tsv"
