@@ -38,6 +38,7 @@ from superweights.control import (
     read_planted,
     score_control,
     sink_attention,
+    training_sample,
 )
 from superweights.data.preprocess import read_tokenised
 from superweights.editing import evaluation, zeroed
@@ -54,19 +55,6 @@ from superweights.scores import CellTypeScore
 from superweights.settings import ControlSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def subsample(adata, max_train: int, seed: int):
-    """At most `max_train` train cells and a quarter as many val cells (all test cells)."""
-    if not max_train:
-        return adata
-    rng = np.random.default_rng(seed)
-    split = adata.obs["split"].astype(str).to_numpy()
-    keep = np.flatnonzero(split == "test")
-    for name, n in (("train", max_train), ("val", max(max_train // 4, 32))):
-        rows = np.flatnonzero(split == name)
-        keep = np.concatenate([keep, np.sort(rng.choice(rows, min(n, len(rows)), False))])
-    return adata[np.sort(keep)].copy()
 
 
 def run(args, settings, adata, libraries, seed: int, variant: str) -> dict:
@@ -197,7 +185,7 @@ def main() -> None:
     if args.n_null:
         settings["ablate"] = replace(settings["ablate"], n_null=args.n_null)
     settings["finetune"] = replace(settings["finetune"], spike_cells=0)
-    adata = subsample(read_tokenised(args.tokenised), args.max_train_cells, 0)
+    adata = training_sample(read_tokenised(args.tokenised), args.max_train_cells, 0)
     gene_sets = settings["gene_sets"]
     if gene_sets.resource_dir and not Path(gene_sets.resource_dir).is_absolute():
         gene_sets.resource_dir = str(ROOT / gene_sets.resource_dir)
