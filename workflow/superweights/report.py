@@ -1133,6 +1133,14 @@ CONTROL_FAILURES = {
 }
 
 
+CONTROL_SHOWN = {
+    "traced": "Detection shown (a planted super weight of this size is found and confirmed), "
+    "the gene level not",
+    "enriched": "Detection and the gene level shown, the pathway level not",
+}
+"""What a control that failed at a later step still shows, by the step it failed at."""
+
+
 def control_statement(score: dict | None, not_run: bool) -> str:
     """The positive control in a few sentences: what was planted, what each stage made of
     it, and whether the run could have found a super weight of that size."""
@@ -1191,15 +1199,13 @@ def control_statement(score: dict | None, not_run: bool) -> str:
         failure = CONTROL_FAILURES[score["failed_at"]].format(**score)
         if score["failed_at"] == "enriched" and not enrichment.get("tested"):
             failure = "its gene set could not be tested"
-        verdict = {
-            "found": f"The control failed: {failure}, so a null result here does not show "
-            "that no super weight exists.",
-            "recovered": f"The control failed: {failure}, so a null result here does not show "
-            "that no super weight exists.",
-            "traced": "Detection shown (a planted super weight of this size is found and "
-            f"confirmed), the gene level not: {failure}.",
-            "enriched": f"Detection and the gene level shown, the pathway level not: {failure}.",
-        }[score["failed_at"]]
+        shown = CONTROL_SHOWN.get(score["failed_at"])
+        verdict = (
+            f"{shown}: {failure}."
+            if shown
+            else f"The control failed: {failure}, so a null result here does not show that no "
+            "super weight exists."
+        )
     return "; ".join(parts) + ". " + verdict
 
 
