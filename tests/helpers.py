@@ -329,9 +329,9 @@ CONTROL_SCORE = {
     "tier": "super weight", "effect": 0.1234, "ci_low": 0.0567, "ci_high": 0.2012,
     "null_mean": 1.2e-6, "p_value": 1 / 60, "q_value": 1 / 60, "p_contribution": 1 / 60,
     "q_contribution": 1 / 60, "recovered_share": 0.97,
-    "genes": {"n_ranked": 40, "n_planted_ranked": 2, "ranks": {"CTRLA": 12, "CTRLB": 30},
-              "best_rank": 12, "median_rank": 21.0, "auc": 0.45,
-              "act_ranks": {"CTRLA": 1, "CTRLB": 2}, "act_best_rank": 1,
+    "genes": {"n_ranked": 40, "n_planted_ranked": 2, "ranks": {"CTRLA": 1, "CTRLB": 3},
+              "best_rank": 1, "median_rank": 2.0, "auc": 0.97,
+              "act_ranks": {"CTRLA": 2, "CTRLB": 1}, "act_best_rank": 1,
               "act_median_rank": 1.5, "act_auc": 1.0},
     "enrichment": {"tested": True, "call": "enriched", "q_all_tests": 0.0123},
     "recovered": True, "traced": True, "enriched": True, "passed": True, "failed_at": None,
@@ -470,9 +470,10 @@ def write_results(results: Path, png: bytes, accepted: bool = True) -> Path:
     })  # fmt: skip
     _write_tsv(root, "genes/genes_causal.tsv", {
         "candidate": tested[0], "confirmed": accepted, "gene": ["CAUSALGENE", "APOE"],
-        "n_cells": [40, 35], "n_donors": [7, 7], "logp_effect": [0.8, 0.1], "logp_z": [9.1, 1.2],
-        "logp_p_null": [0.02, 0.3], "logp_q": [0.04, 0.3], "act_effect": [30.0, 1.0],
-        "act_z": [12.0, 0.5], "act_q": [0.04, 0.6], "rank": [1, 2],
+        "n_cells": [40, 35], "n_donors": [7, 7], "path_effect": [0.8, 0.1], "path_z": [9.1, 1.2],
+        "path_p_null": [0.02, 0.3], "path_q": [0.04, 0.3], "logp_effect": [0.5, 0.1],
+        "logp_q": [0.04, 0.3], "act_effect": [30.0, 1.0], "act_z": [12.0, 0.5],
+        "act_q": [0.04, 0.6], "rank": [1, 2],
     })  # fmt: skip
     _write_tsv(root, "enrich/summary.tsv", {
         "candidate": [tested[0]], "confirmed": [accepted],

@@ -48,7 +48,7 @@ GOOD_B = [f"GB{i}" for i in range(8)]
 FLAT = [f"FL{i}" for i in range(8)]  # the same in every type
 RARE = [f"RA{i}" for i in range(8)]  # hardly ever expressed
 AD_NAMED = [f"AN{i}" for i in range(8)]  # as good, but in an AD-named set
-GOOD_C = [f"GC{i}" for i in range(8)]  # as good, but only with an AD gene
+GOOD_C = [f"GC{i}" for i in range(8)]  # as good, in sets that also hold an AD gene
 GROUPS = {"GA": GOOD_A, "GB": GOOD_B, "FL": FLAT, "RA": RARE, "AN": AD_NAMED, "GC": GOOD_C}
 GENES = MARKERS + BACKGROUND + [g for genes in GROUPS.values() for g in genes] + ["APP"]
 PROFILE = {  # probability of expression per cell type
@@ -118,7 +118,7 @@ def start(tmp_path_factory):
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, start, cells):
     out = tmp_path_factory.mktemp("plant")
-    name, genes = choose_gene_set(LIBRARIES, cells, 0, SETTINGS)
+    name, genes = choose_gene_set(LIBRARIES, cells, 3, SETTINGS)  # "Good set B"
     return out, plant_super_weight(start, out, genes, 3, cells, gene_set=name, settings=SETTINGS)
 
 
@@ -133,11 +133,13 @@ def test_gene_set_table_gives_every_reason(cells):
     reasons = table["reason"]
     assert reasons["AD_CORE_GENES"].startswith("Alzheimer's library alzheimers_curated;")
     assert "Alzheimer" in reasons["Amyloid-beta clearance (GO:0000003)"]
-    assert "AD gene(s) APP" in reasons["Good genes with an AD gene"]
-    assert "AD gene(s) AN0" in reasons["Good genes with a gene of an AD-named set"]
-    assert table["eligible"].sum() == 2
+    with_ad = ["Good genes with an AD gene", "Good genes with a gene of an AD-named set"]
+    assert table.loc[with_ad, "eligible"].all()  # their AD gene is left out, not planted
+    assert table.loc[with_ad, "n_ad_genes"].tolist() == [1, 1]
+    assert table.loc[with_ad, "n_expressed"].tolist() == [8, 8]
+    assert table["eligible"].sum() == 4
     assert "cell-type eta2" in reasons["Flat set"]
-    assert "0 expressed genes" in reasons["Rare set"]
+    assert "0 expressed non-AD genes" in reasons["Rare set"]
     assert not table.loc[["Flat set", "Rare set"], "eligible"].any()
 
 
@@ -163,10 +165,14 @@ def test_gene_set_choice_is_seeded_and_only_among_eligible_sets(cells):
     assert {name for name, _ in picks} == {
         "TOY_LIBRARY:Good set A",
         "TOY_LIBRARY:Good set B (GO:0000002)",
+        "TOY_LIBRARY:Good genes with an AD gene",
+        "TOY_LIBRARY:Good genes with a gene of an AD-named set",
     }
     assert choose_gene_set(LIBRARIES, cells, 5, SETTINGS) == picks[5]
-    genes = dict(picks)["TOY_LIBRARY:Good set A"]
-    assert genes == GOOD_A
+    genes = dict(picks)
+    assert genes["TOY_LIBRARY:Good set A"] == GOOD_A
+    assert genes["TOY_LIBRARY:Good genes with an AD gene"] == GOOD_C  # never APP
+    assert genes["TOY_LIBRARY:Good genes with a gene of an AD-named set"] == GOOD_C  # nor AN0
 
 
 def test_no_eligible_set_is_a_user_error(cells):
@@ -234,7 +240,7 @@ def test_planted_json_records_coordinates_and_genes(planted, cells):
     out, plant = planted
     data = json.loads((out / PLANTED_FILE).read_text())
     assert data["candidate"] == f"L{plant.layer}[{plant.row},{plant.col}]"
-    name, genes = choose_gene_set(LIBRARIES, cells, 0, SETTINGS)
+    name, genes = choose_gene_set(LIBRARIES, cells, 3, SETTINGS)
     assert data["gene_set"] == name and data["genes"] == genes
     assert data["seed"] == 3 and data["module"].endswith(f"layers.{plant.layer}.linear2")
     assert read_planted(out) == plant
@@ -250,7 +256,7 @@ def test_planting_is_deterministic(tmp_path, start, cells, planted):
 def test_plant_control_writes_the_table_the_plant_and_its_record(tmp_path, start, cells):
     plant = plant_control(cells, start, tmp_path, LIBRARIES, replace(SETTINGS, seed=4))
     table = pd.read_csv(tmp_path / GENE_SETS_FILE, sep="\t")
-    assert len(table) == 8 and table["eligible"].sum() == 2 and table["reason"].notna().sum() == 6
+    assert len(table) == 8 and table["eligible"].sum() == 4 and table["reason"].notna().sum() == 4
     assert (plant.gene_set, plant.genes) == choose_gene_set(LIBRARIES, cells, 4, SETTINGS)
     assert read_planted(tmp_path / PLANTED_FILE) == plant
     load_checkpoint(tmp_path / "checkpoint")
@@ -371,8 +377,8 @@ def test_the_gene_stage_traces_the_control_and_a_broken_one_does_not(finetuned, 
         return score_control(plant, candidates, confirmed, ranking)
 
     good = score(test.vocab)
-    assert good["recovered"] and good["traced"] and good["genes"]["act_best_rank"] == 1
-    assert good["genes"]["act_auc"] >= 0.9 and good["failed_at"] == "enriched"  # not run
+    assert good["recovered"] and good["traced"] and good["genes"]["best_rank"] == 1
+    assert good["genes"]["auc"] >= 0.9 and good["failed_at"] == "enriched"  # not run
     ids = np.random.default_rng(0).permutation(list(test.vocab.values()))
     broken = score(dict(zip(test.vocab, ids.tolist(), strict=True)))
     assert broken["recovered"] and not broken["traced"] and broken["failed_at"] == "traced"

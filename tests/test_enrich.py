@@ -551,21 +551,21 @@ def test_null_rankings_that_hit_ad_sets_are_counted(tmp_path, ad_sets):
 
 
 def _causal_table(candidate: str, confirmed: bool, ranking: pd.Series) -> pd.DataFrame:
-    """gene_effects' genes_causal.tsv for one candidate: the ranking as `logp_z`; `act_z`
+    """gene_effects' genes_causal.tsv for one candidate: the ranking as `path_z`; `act_z`
     reversed, so that ranking by it would show."""
     return pd.DataFrame({"candidate": candidate, "confirmed": confirmed, "gene": ranking.index,
-                         "n_cells": 10, "logp_z": ranking.to_numpy(),
+                         "n_cells": 10, "path_z": ranking.to_numpy(),
                          "act_z": -ranking.to_numpy()})  # fmt: skip
 
 
 def _null_causal_table(candidate: str, where: str, n: int, seed: int = 40) -> pd.DataFrame:
-    """null_gene_effects.tsv: the null weights' rankings as `logp_z` (no `z` column)."""
+    """null_gene_effects.tsv: the null weights' rankings as `path_z` (no `z` column)."""
     table = _null_table(candidate, where, n, seed)
-    return table.rename(columns={"z": "logp_z"}).assign(act_z=0.0)
+    return table.rename(columns={"z": "path_z"}).assign(act_z=0.0)
 
 
 def test_the_causal_ranking_is_enriched_first_as_the_primary_one(tmp_path, ad_sets):
-    """Causal (logp_z, nulls from null_gene_effects.tsv), then token (z, nulls from
+    """Causal (path_z, nulls from null_gene_effects.tsv), then token (z, nulls from
     null_genes.tsv), then cell; each with its own null rankings, every test counted."""
     causal = _causal_table("L1[5,3]", True, _ad_ranking(3, "top"))
     null_causal = _null_causal_table("L1[5,3]", "random", 4)
@@ -580,7 +580,7 @@ def test_the_causal_ranking_is_enriched_first_as_the_primary_one(tmp_path, ad_se
     assert summary.loc[0, "role"] == "primary"
     assert summary["folder"].tolist() == ["L1_5_3_causal", "L1_5_3", "L1_5_3_cell"]
     causal_row, token_row = summary.iloc[0], summary.iloc[1]
-    assert causal_row["ad_hit"] and causal_row["top_ad_term"] == "AD_TOY"  # logp_z, not act_z
+    assert causal_row["ad_hit"] and causal_row["top_ad_term"] == "AD_TOY"  # path_z, not act_z
     assert causal_row["ad_test_p"] < 1e-6 and causal_row["ad_test_p_null"] == pytest.approx(1 / 5)
     assert causal_row["n_null_rankings"] == 4 and token_row["n_null_rankings"] == 3
     assert summary.loc[2, "n_null_rankings"] == 0
@@ -588,7 +588,7 @@ def test_the_causal_ranking_is_enriched_first_as_the_primary_one(tmp_path, ad_se
     assert (summary["n_tests_total"] == 3 * 2 * 22).all()
     table = pd.read_csv(tmp_path / "null_rankings.tsv", sep="\t")
     assert table["ranking"].tolist() == ["causal"] * 5 + ["token"] * 4 + ["cell"]
-    # the causal null rankings are null_gene_effects' logp_z, each its own ranking
+    # the causal null rankings are null_gene_effects' path_z, each its own ranking
     expected = enrich.ad_test(_ad_ranking(41, "random"), AD_GENES)["ad_test_p"]
     assert table.loc[1, "ad_test_p"] == pytest.approx(expected)
     for folder in ("L1_5_3_causal", "L1_5_3", "L1_5_3_cell"):
@@ -599,10 +599,10 @@ def test_the_starting_models_causal_ranking_is_enriched_by_its_expr_z(tmp_path, 
     """gene_effects_base's tables rank by `expr_z` (masked-expression effects): enriched alone,
     against its null weights' expr_z rankings; a table with both statistics is refused."""
     base = _causal_table("L0[2,9]", True, _ad_ranking(3, "top")).rename(
-        columns={"logp_z": "expr_z", "act_z": "expr_effect"}
+        columns={"path_z": "expr_z", "act_z": "expr_effect"}
     )
     nulls = _null_causal_table("L0[2,9]", "random", 3).drop(columns="act_z")
-    nulls = nulls.rename(columns={"logp_z": "expr_z"})
+    nulls = nulls.rename(columns={"path_z": "expr_z"})
     summary = enrich.enrich_candidates(None, ad_sets, ad_settings(n_null_rankings=3), tmp_path,
                                        causal=base, null_causal=nulls)  # fmt: skip
     assert summary["ranking"].tolist() == ["causal"]
@@ -612,7 +612,7 @@ def test_the_starting_models_causal_ranking_is_enriched_by_its_expr_z(tmp_path, 
     table = pd.read_csv(tmp_path / "null_rankings.tsv", sep="\t")
     assert table.loc[1, "ad_test_p"] == pytest.approx(expected)
     with pytest.raises(UserError, match="exactly one of the columns"):
-        enrich.ranking_from_causal(base.assign(logp_z=0.0), "L0[2,9]")
+        enrich.ranking_from_causal(base.assign(path_z=0.0), "L0[2,9]")
 
 
 def test_a_candidate_without_causally_ranked_genes_keeps_its_other_rankings(tmp_path, ad_sets):
@@ -655,16 +655,51 @@ def test_ad_test_sets_must_be_loaded(ad_sets):
         enrich.ad_test_genes(ad_sets, ["toy:AD"])
 
 
+def test_causal_scores_become_centred_ranks():
+    z = pd.Series([5.0, np.nan, -1.0, 2e6, 5.0], index=list("abcde"))
+    ranks = enrich.centred_ranks(z)
+    assert ranks.drop("b").tolist() == [0.0, -0.375, 0.375, 0.0]  # (rank - 2.5) / 4
+    assert np.isnan(ranks["b"])
+    table = pd.DataFrame({"candidate": "c", "gene": list("abcde"), "path_z": z.to_numpy()})
+    assert enrich.ranking_from_causal(table, "c").equals(ranks)
+
+
+def test_one_enormous_causal_z_does_not_decide_the_enrichment():
+    """A set with 9 of its 16 genes at the top of 341 is enriched. Scored by raw z (the values
+    of the demo's control: tiny null sds give z up to 2e6), the running sum steps by |z|: a
+    random set holding the top gene reaches a larger ES than the set itself, whose other
+    genes include one of z -10.75, and the set's p is that of holding the top gene (about
+    16/341)."""
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(341)]
+    z = pd.Series(rng.normal(scale=0.4, size=341), index=genes)
+    z.iloc[:9] = [2.19e6, 3.0e5, 3.8e4, 3.6e4, 2.6e4, 1.6e4, 5.6e3, 2.7e3, 1.9e3]
+    z.iloc[-1] = -10.75
+    planted = genes[:9] + [genes[-1]] + list(rng.choice(genes[9:-1], 6, replace=False))
+    sets = {"planted": planted}
+    for i in range(20):
+        sets[f"random{i}"] = list(rng.choice(genes, 16, replace=False))
+    settings = toy_settings(min_size=15)
+    table = pd.DataFrame({"candidate": "c", "gene": genes, "path_z": z.to_numpy()})
+
+    def p_of(ranking):
+        result = enrich.prerank(ranking, {"toy": sets}, settings).table.set_index("Term")
+        return result.loc["planted", "NOM p-val"]
+
+    assert p_of(enrich.ranking_from_causal(table, "c")) < 1e-4
+    assert p_of(z) > 0.01
+
+
 def test_null_gene_table_needs_its_columns():
     with pytest.raises(UserError, match=r"lacks column\(s\) \['null'\]"):
         enrich.null_rankings(pd.DataFrame(columns=["candidate", "gene", "z"]), "L1[5,3]", 5)
-    with pytest.raises(UserError, match=r"lacks column\(s\) \['logp_z'\]"):
+    with pytest.raises(UserError, match=r"lacks column\(s\) \['path_z'\]"):
         enrich.null_rankings(pd.DataFrame(columns=["candidate", "null", "gene", "z"]),
-                             "L1[5,3]", 5, "logp_z")  # fmt: skip
-    with pytest.raises(UserError, match=r"exactly one of the columns \['logp_z', 'expr_z'\]"):
+                             "L1[5,3]", 5, "path_z")  # fmt: skip
+    with pytest.raises(UserError, match=r"exactly one of the columns \['path_z', 'expr_z'\]"):
         enrich.ranking_from_causal(pd.DataFrame(columns=["candidate", "gene"]), "L1[5,3]")
     with pytest.raises(UserError, match=r"causal gene table lacks column\(s\) \['gene'\]"):
-        enrich.ranking_from_causal(pd.DataFrame(columns=["candidate", "logp_z"]), "L1[5,3]")
+        enrich.ranking_from_causal(pd.DataFrame(columns=["candidate", "path_z"]), "L1[5,3]")
 
 
 @pytest.mark.parametrize(

@@ -96,7 +96,7 @@ def control_run(small_run, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("control_run")
     shutil.copytree(small_run.parents[1], workdir, dirs_exist_ok=True, symlinks=True)
     config = workdir / "control.yaml"
-    off, on = "{enabled: false}", "{enabled: true, min_coverage: 0.5}"  # the small data's genes
+    off, on = "{enabled: false}", "{enabled: true, min_coverage: 0.5, min_genes: 5}"  # small data
     assert off in SMALL_CONFIG.read_text()
     config.write_text(SMALL_CONFIG.read_text().replace(off, on))
     result = run_snakemake(workdir, "--cores", "2", config=config)

@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--null-genes", help="null_genes.tsv from map: its null weights' rankings")
     p.add_argument("--causal", help="genes_causal.tsv from genes: the primary, causal ranking"
-                                    " (logp_z)")  # fmt: skip
+                                    " (path_z)")  # fmt: skip
     p.add_argument("--null-causal", help="null_gene_effects.tsv from genes: the causal"
                                          " ranking's null weights' rankings")  # fmt: skip
     p.add_argument("--association", help="association.tsv from cells: enrich it too")

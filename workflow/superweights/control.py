@@ -98,7 +98,7 @@ AD_NAME = re.compile(
 APOE, presenilin, TREM2, tangles, neurodegeneration, dementia, secretases and prions)."""
 
 SET_COLUMNS = [
-    "library", "set", "size", "n_genes", "n_expressed", "coverage", "tokens_per_cell",
+    "library", "set", "size", "n_genes", "n_ad_genes", "n_expressed", "coverage", "tokens_per_cell",
     "type_eta2", "eligible", "reason",
 ]  # fmt: skip
 
@@ -106,23 +106,21 @@ SET_COLUMNS = [
 # --- the gene set ---------------------------------------------------------------------
 
 
-def excluded_reason(library: str, name: str, genes: Sequence[str], ad_genes: set[str]) -> str:
-    """Why a set may not drive the control ('' when it may): an Alzheimer's library, a name
-    that speaks of AD biology (`AD_NAME`), or an AD gene among `genes` (its genes in the
-    data; `ad_genes`: `ad_gene_pool`, every gene of an AD library or AD-named set)."""
+def excluded_reason(library: str, name: str) -> str:
+    """Why a set may not drive the control ('' when it may): an Alzheimer's library or a
+    name that speaks of AD biology (`AD_NAME`). Its AD genes are never planted
+    (`ad_gene_pool`), so a set that holds some may still drive the control with the rest."""
     if library in AD_LIBRARIES:
         return f"Alzheimer's library {library}"
     if AD_NAME.search(name):
         return "name speaks of Alzheimer's disease biology"
-    shared = sorted({g.upper() for g in genes} & ad_genes)
-    if shared:
-        return f"holds AD gene(s) {', '.join(shared[:5])}"
     return ""
 
 
 def ad_gene_pool(libraries: GeneSets) -> set[str]:
     """Every gene (upper case) of an Alzheimer's library or of a set whose name speaks of AD
-    biology (`AD_NAME`) in `libraries`: the genes a control may not plant."""
+    biology (`AD_NAME`) in `libraries`: the genes a control never plants, so that it cannot
+    light up an AD term or the AD competitive test."""
     return {
         gene.upper()
         for library, sets in libraries.items()
@@ -142,11 +140,13 @@ def gene_set_table(
     drive the control (`eligible`) and, if not, every reason (`reason`).
 
     Genes count when the data holds them (case-insensitively) and `vocab` (if given) knows
-    them. `coverage` is the expected share of cells with at least one of the set's genes
-    among their tokens (a cell's `max_seq_len` - 1 tokens are drawn from its expressed
-    genes without replacement), `tokens_per_cell` the expected number of such tokens, and
-    `type_eta2` the share of the variance of expressed set genes per cell explained by
-    `obs["cell_type"]`.
+    them; `n_expressed` counts those detected in `min_detection` of cells that are not AD
+    genes (`ad_gene_pool`; `n_ad_genes` of the set's genes in the data are), the genes the
+    control would plant, over which the statistics run. `coverage` is the expected share of
+    cells with at least one of the set's genes among their tokens (a cell's `max_seq_len` - 1
+    tokens are drawn from its expressed genes without replacement), `tokens_per_cell` the
+    expected number of such tokens, and `type_eta2` the share of the variance of expressed
+    set genes per cell explained by `obs["cell_type"]`.
     """
     settings = settings or ControlSettings()
     expressed = _expressed(adata)
@@ -161,11 +161,13 @@ def gene_set_table(
     for library, sets in libraries.items():
         for name, genes in sets.items():
             columns = sorted({column[g.upper()] for g in genes if g.upper() in column})
-            kept = [c for c in columns if detection[c] >= settings.min_detection]
-            found = [str(adata.var_names[c]) for c in columns]
+            ad_columns = {c for c in columns if str(adata.var_names[c]).upper() in ad_genes}
+            kept = [c for c in columns if c not in ad_columns]
+            kept = [c for c in kept if detection[c] >= settings.min_detection]
             rows.append({"library": library, "set": name, "size": len(set(genes)),
-                         "n_genes": len(columns), "n_expressed": len(kept),
-                         "excluded": excluded_reason(library, name, found, ad_genes)})  # fmt: skip
+                         "n_genes": len(columns), "n_ad_genes": len(ad_columns),
+                         "n_expressed": len(kept),
+                         "excluded": excluded_reason(library, name)})  # fmt: skip
             members.append(kept)
     stats = _set_statistics(expressed, members, per_cell, labels, settings.max_seq_len - 1)
     for row, stat in zip(rows, stats, strict=True):
@@ -175,7 +177,7 @@ def gene_set_table(
             reasons.append(f"{row['size']} genes > max_set_size {settings.max_set_size}")
         if not settings.min_genes <= row["n_expressed"] <= settings.max_genes:
             reasons.append(
-                f"{row['n_expressed']} expressed genes in the data, not in "
+                f"{row['n_expressed']} expressed non-AD genes in the data, not in "
                 f"[{settings.min_genes}, {settings.max_genes}]"
             )
         if row["coverage"] < settings.min_coverage:
@@ -199,7 +201,7 @@ def choose_gene_set(
     vocab: Mapping[str, int] | None = None,
     table: pd.DataFrame | None = None,
 ) -> tuple[str, list[str]]:
-    """("library:set", the set's expressed genes in the data) drawn with `seed` among the
+    """("library:set", the set's expressed non-AD genes in the data) drawn with `seed` among the
     eligible sets of `gene_set_table` (`table`, computed when not given), in a fixed order
     (library, set name); UserError when none is eligible."""
     settings = settings or ControlSettings()
@@ -215,7 +217,8 @@ def choose_gene_set(
             f"{settings.min_type_eta2:g}) or set positive_control.enabled to false"
         )
     pick = eligible.iloc[int(np.random.default_rng([seed, 1]).integers(len(eligible)))]
-    genes = set_genes(libraries[pick["library"]][pick["set"]], adata, settings, vocab)
+    genes = set_genes(libraries[pick["library"]][pick["set"]], adata, settings, vocab,
+                      ad_gene_pool(libraries))  # fmt: skip
     log.info("control gene set %s:%s (%d genes; %d eligible sets)",
              pick["library"], pick["set"], len(genes), len(eligible))  # fmt: skip
     return f"{pick['library']}:{pick['set']}", genes
@@ -226,10 +229,11 @@ def set_genes(
     adata: ad.AnnData,
     settings: ControlSettings,
     vocab: Mapping[str, int] | None = None,
+    ad_genes: set[str] = frozenset(),
 ) -> list[str]:
-    """The genes of a set that are expressed in `adata` (and in `vocab`), as the data
-    spells them, in data order."""
-    wanted = {g.upper() for g in genes}
+    """The genes of a set that are expressed in `adata` (and in `vocab`) and are not AD
+    genes (`ad_genes`, upper case), as the data spells them, in data order."""
+    wanted = {g.upper() for g in genes} - set(ad_genes)
     detection = np.asarray(_expressed(adata).mean(axis=0)).ravel()
     return [
         str(g)
@@ -758,7 +762,7 @@ def score_control(
     out["genes"] = _gene_part(planted, gene_ranking)
     out["enrichment"] = _enrichment_part(planted, enrichment)
     out["recovered"] = bool(out["found"] and out.get("tier") == "super weight")
-    auc = (out["genes"] or {}).get("act_auc")
+    auc = (out["genes"] or {}).get("auc")
     out["traced"] = bool(out["recovered"] and auc is not None and auc >= TRACE_AUC)
     out["enriched"] = bool(out["traced"] and (out["enrichment"] or {}).get("call") == "enriched")
     failed = [check for check in CHECKS if not out[check]]
@@ -811,10 +815,10 @@ def _confirm_part(planted: PlantedWeight, confirmed) -> dict:
 
 
 def _gene_part(planted: PlantedWeight, ranking) -> dict | None:
-    """The planted genes' ranks in the causal ranking (its `rank`: by the weight's Δ log p,
-    `logp`) and, where the table has them, by the super activation (`act`: p_null, then
-    the larger effect, as `gene_effects.rank_genes` orders), each with the AUC of the
-    planted genes against the other ranked genes."""
+    """The planted genes' ranks in the causal ranking (its `rank`: by the weight's Δ log p
+    through each gene's token, `path`) and, where the table has them, by the super
+    activation (`act`: p_null, then the larger effect, as `gene_effects.rank_genes` orders),
+    each with the AUC of the planted genes against the other ranked genes."""
     if ranking is None:
         return None
     table = read_table(ranking, "gene ranking", ("gene", "rank"), "use genes_causal.tsv")

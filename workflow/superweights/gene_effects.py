@@ -1,27 +1,35 @@
-"""Causal gene effects of a super weight in the fine-tuned classifier, by exact gene-token ablation.
+"""Causal gene effects of a super weight in the fine-tuned classifier, by exact interventions.
 
 The token-level map (`channels`) scores where the weight's input unit fires; this stage asks
 what the weight *does* through each gene. For a candidate `w = W[row, col]` of a
 down-projection (`transformer_encoder.layers.l.linear2`), each evaluated cell `c` and each
-gene token `g` of that cell (its `max_genes` most expressed ones), the cell is run as it is
-and once more with `g`'s token removed (the token is taken out and the cell re-padded at the
-end; scGPT has no positions, so this is the cell without the gene). Two measures:
+gene token `g` of that cell (its `max_genes` most expressed ones), with `D(x) = log p(true
+type | x) - log p(true type | x, w = 0)` the per-cell drop of log p when the weight is pruned,
+three measures:
 
+- `path` (the ranking's), the weight's effect through g's token: the weight adds
+  `u_t[col] * w` to unit `row` of every token t; keeping that term at g's token only and
+  pruning it at every other token, `path_effect(c, g) = log p(true type | c, w at g only) -
+  log p(true type | c, w = 0)`. The cell itself is not changed. Where several tokens carry
+  the weight's action and any one of them suffices (spikes on several genes' tokens, each an
+  attention sink), each of them shows the whole effect, where removing one (`logp`) shows
+  none; where g's unit is off (`u_t[col] = 0`, a ReLU) the effect is exactly 0;
+- `logp`, the part of the weight's effect that needs g: g's token is removed (taken out and
+  the cell re-padded at the end; scGPT has no positions, so this is the cell without the
+  gene) and `logp_effect(c, g) = D(c) - D(c without g)`; it also sees genes that act
+  upstream of the weight (through attention into the spike token), which `path` does not;
 - `act`, the super activation: `a(x) = sum_t |y_t[row]|`, the magnitude of the module's
-  output channel `row` summed over the copy's real tokens (`<cls>` included), with the
-  weight in place: a massive activation dominates it; where several tokens carry one (as
-  attention-sink tokens can), each counts, so that removing any of them shows, where the
-  largest |y_t[row]| would not move while another remains;
-  `act_effect(c, g) = a(c) - a(c without g)`;
-- `logp`, the weight's effect on the classifier: `D(x) = log p(true type | x) -
-  log p(true type | x, w = 0)`, the per-cell drop of log p when the weight is pruned;
-  `logp_effect(c, g) = D(c) - D(c without g)`, the part of the weight's effect that needs g.
+  output channel `row` summed over the real tokens (`<cls>` included), with the weight in
+  place; `act_effect(c, g) = a(c) - a(c without g)`: where several tokens carry a massive
+  activation, each counts.
 
-Exact ablation, no gradients: every copy of a cell (the cell, then the cell without each
-chosen gene) is stacked in the batch dimension and run in one pass; removing a token at
-layer 0 changes every layer, so no prefix is shared between copies, but within a copy the
-pruned runs share layers 0..l (`CellTypeScore.zeroed_scores`: layer l once, then every
-pruned weight as its own stacked copy from layer l + 1 on).
+Exact, no gradients. `path`: layer l runs once per cell, and each (weight, token) condition
+is one copy of the cell from layer l + 1 on (`CellTypeScore.path_effects`). `logp` and `act`:
+every copy of a cell (the cell, then the cell without each chosen gene) is stacked in the
+batch dimension and run in one pass; removing a token at layer 0 changes every layer, so no
+prefix is shared between copies, but within a copy the pruned runs share layers 0..l
+(`CellTypeScore.zeroed_scores`: layer l once, then every pruned weight as its own stacked
+copy from layer l + 1 on).
 
 Per donor, a gene's effect is the mean over the donor's cells in which it was evaluated;
 per gene, the mean of the donor means (`effect`, with `n_donors`, `n_cells` and `se`, the
@@ -34,26 +42,26 @@ nulls.tsv, as `channels.with_nulls` reads them) on the same cells and copies, gi
     p_null = (1 + #{j: effect^(j) >= effect}) / (n_null + 1)     (one-sided: g carries the effect)
     q = BH(p_null) over the ranked genes of the candidate (scipy.stats.false_discovery_control)
 
-A gene is ranked when it was evaluated in at least `min_cells` cells and its `logp` z is
-defined. Rank 1 is the smallest `logp_p_null`; genes of equal p (at the floor 1/(n_null + 1)
-many do when the weight is strong) by the larger `logp_effect`, then by name. Not by z: z
+A gene is ranked when it was evaluated in at least `min_cells` cells and its `path` z is
+defined. Rank 1 is the smallest `path_p_null`; genes of equal p (at the floor 1/(n_null + 1)
+many do when the weight is strong) by the larger `path_effect`, then by name. Not by z: z
 divides by each gene's own null sd, from n_null draws, and beyond the nulls' range it
 extrapolates a Gaussian; where null weights do next to nothing through a gene the sd is
 tiny and a minute effect gets an enormous z, while the gene that feeds the weight, through
 whose token the null weights act too, gets a wide null sd. On the planted released-format
-checkpoint of the tests, ordering by z put the feeding gene 6th (z 63, effect 5.7) behind
-genes whose effects were 0.3-0.8 (z 45-240), all at p = 1/20.
+checkpoint of the tests, ordering the `logp` effects by z put the feeding gene 6th (z 63,
+effect 5.7) behind genes whose effects were 0.3-0.8 (z 45-240), all at p = 1/20.
 
 z says whether a gene's effect is larger than null weights' effects through the same gene;
-a strong weight can make almost every gene pass that (removing any token shifts its effect a
-little). `specificity` says how much of the weight's gene effects the gene carries, compared
-with the other ranked genes of the same candidate on the same cells:
+a strong weight can make almost every gene pass that. `specificity` says how much of the
+weight's gene effects the gene carries, compared with the other ranked genes of the same
+candidate on the same cells:
 
     specificity(g) = effect(g) / sum_h |effect(h)|      (h: the candidate's ranked genes)
 
-of the ranking measure's `effect` (`logp_effect` here), so in [-1, 1]: 1 when g carries all
+of the ranking measure's `effect` (`path_effect` here), so in [-1, 1]: 1 when g carries all
 of it, about 1/n_ranked for every gene when the effect is spread evenly over n_ranked genes,
-negative when removing g raises the weight's effect. The null weights' own rankings
+negative when the weight's action at g raises log p. The null weights' own rankings
 (`null_gene_effects.tsv`) score each null weight against the other n_null - 1 the same way,
 for calibrated enrichment downstream.
 """
@@ -84,24 +92,27 @@ from .settings import GeneEffectSettings
 
 log = logging.getLogger(__name__)
 
-MEASURES = ("logp", "act")
-"""`logp`: the weight's Δ log p(true type) carried by the gene; `act`: the gene's share of
-the super activation. The ranking is by `logp`."""
+MEASURES = ("path", "logp", "act")
+"""`path`: the weight's Δ log p(true type) through the gene's token; `logp`: the part of it
+that needs the gene; `act`: the gene's share of the super activation. The ranking is by
+`path`."""
 STAT_COLUMNS = ("effect", "se", "null_mean", "null_sd", "z", "p_null", "q")
 GENE_COLUMNS = ["candidate", "confirmed", "module", "layer", "row", "col", "gene", "n_cells",
                 "n_donors", *(f"{m}_{s}" for m in MEASURES for s in STAT_COLUMNS), "rank",
                 "percentile", "specificity"]  # fmt: skip
-"""genes_causal.tsv; `specificity`: the gene's share of the candidate's `logp_effect` mass over
+"""genes_causal.tsv; `specificity`: the gene's share of the candidate's `path_effect` mass over
 its ranked genes (module docstring)."""
 NULL_COLUMNS = ["candidate", "confirmed", "null", "null_row", "null_col", "gene", "n_cells",
-                "n_donors", "logp_effect", "logp_z", "act_effect", "act_z"]  # fmt: skip
+                "n_donors", "path_effect", "path_z", "logp_effect", "logp_z", "act_effect",
+                "act_z"]  # fmt: skip
 """null_gene_effects.tsv: null weight `null` (1..n_null) scored like the candidate against
-the other null weights, on the candidate's ranked genes, by `logp_z` within each null."""
+the other null weights, on the candidate's ranked genes, by `path_z` within each null."""
 OUTPUT_TABLES = ("genes_causal", "null_gene_effects")
 OUTPUT_FILES = {name: f"{name}.tsv" for name in OUTPUT_TABLES} | {"summary": "summary.json"}
 METHOD = (
-    "exact gene-token ablation: each cell run whole and without each of its max_genes most "
-    "expressed gene tokens, copies stacked in one batch"
+    "exact interventions: the weight kept at one gene token and pruned at the others (path); "
+    "each cell run whole and without each of its max_genes most expressed gene tokens, copies "
+    "stacked in one batch (logp, act)"
 )
 
 
@@ -116,11 +127,13 @@ class GeneEffectResult:
 
 @dataclass
 class TokenEffects:
-    """Per (cell, ablated gene) pair: `cell` (index into the cells), `gene` (token id) and,
-    per channel, `logp` and `act` effects [1 + n_null, pairs] (row 0: the candidate)."""
+    """Per (cell, chosen gene) pair: `cell` (index into the cells), `gene` (token id) and,
+    per channel, `path`, `logp` and `act` effects [1 + n_null, pairs] (row 0: the
+    candidate)."""
 
     cell: np.ndarray
     gene: np.ndarray
+    path: dict[str, np.ndarray]
     logp: dict[str, np.ndarray]
     act: dict[str, np.ndarray]
 
@@ -268,13 +281,33 @@ def token_effects(
     whole = np.flatnonzero(genes < 0)  # each copy's whole cell: its cell's first copy
     whole = whole[np.searchsorted(whole, np.arange(len(genes)), side="right") - 1]
     pair = np.flatnonzero(genes >= 0)
-    effects = {}
+    effects = {"path": path_effects(model, batches, channels, max_genes)}
     for name, per_batch in (("logp", drops), ("act", peaks)):
         effects[name] = {}
         for c in channels:
             values = np.concatenate(per_batch[c.candidate], axis=1)
             effects[name][c.candidate] = values[:, whole[pair]] - values[:, pair]
-    return TokenEffects(cells[pair], genes[pair], effects["logp"], effects["act"])
+    return TokenEffects(cells[pair], genes[pair], effects["path"], effects["logp"],
+                        effects["act"])  # fmt: skip
+
+
+def path_effects(model: ScGPTModel, batches, channels: Sequence[Channel], max_genes: int):
+    """Per channel, the `path` effects [1 + n_null, pairs] (module docstring) of the cells of
+    `batches` at their chosen gene tokens, pairs in `copy_batches`' order (cell by cell,
+    tokens in position order)."""
+    chosen = [chosen_tokens(b["values"][i], b["padding_mask"][i], max_genes)
+              for b in batches for i in range(len(b["gene_ids"]))]  # fmt: skip
+    width = max((len(t) for t in chosen), default=0)
+    tokens = torch.full((len(chosen), max(width, 1)), -1, dtype=torch.long)
+    for i, t in enumerate(chosen):
+        tokens[i, : len(t)] = t.cpu()
+    valid = (tokens >= 0).numpy()
+    score = CellTypeScore(model, list(batches), packed=False)
+    out = {}
+    for c in channels:
+        effects = score.path_effects(model, c.module, [(c.row, c.col), *c.nulls], tokens)
+        out[c.candidate] = effects.numpy()[:, valid]
+    return out
 
 
 # --- aggregation and scores ---------------------------------------------------------------
@@ -435,7 +468,7 @@ def causal_gene_effects(
         channels,
         lambda c: score_genes(effects, c, donors, lambda i: id_to_gene.get(i, str(i)),
                               settings.min_cells),
-        ("logp", "act"),
+        MEASURES,
     )  # fmt: skip
     summary = {
         "method": METHOD,

@@ -194,6 +194,10 @@ LABELS = {
     "expr_z": "z (expression)",
     "expr_p_null": "p (expression, null)",
     "expr_q": "q (expression)",
+    "path_effect": "Δ log p(true type) through the gene's token",
+    "path_z": "z (through the token)",
+    "path_p_null": "p (through the token, null)",
+    "path_q": "q (through the token)",
     "logp_effect": "drop in log p(true type) going with the gene",
     "logp_z": "z (Δ log p)",
     "logp_p_null": "p (Δ log p, null)",
@@ -720,8 +724,9 @@ def _interest_frames(goi: pd.DataFrame | None, core: tuple[str, ...], associatio
     return core_rows, others
 
 
-CAUSAL_COLUMNS = ["rank", "gene", "n_cells", "n_donors", "logp_effect", "logp_z", "logp_p_null",
-                  "logp_q", "specificity", "act_effect", "act_z", "act_q"]  # fmt: skip
+CAUSAL_COLUMNS = ["rank", "gene", "n_cells", "n_donors", "path_effect", "path_z", "path_p_null",
+                  "path_q", "specificity", "logp_effect", "logp_q", "act_effect",
+                  "act_q"]  # fmt: skip
 BASE_CAUSAL_COLUMNS = ["rank", "gene", "n_cells", "n_donors", "expr_effect", "expr_z",
                        "expr_p_null", "expr_q", "specificity"]  # fmt: skip
 
@@ -1072,8 +1077,8 @@ RANKING_NAMES = {"causal": "causal", "token": "token-level", "cell": "cell-level
 
 
 def _ranking_name(row) -> str:
-    """A candidate with its ranking: causal (gene-token ablation, the primary one),
-    token-level (where the unit fires) or cell-level (association)."""
+    """A candidate with its ranking: causal (the weight's effect through each gene, the
+    primary one), token-level (where the unit fires) or cell-level (association)."""
     ranking = str(getattr(row, "ranking", "token"))
     return f"{row.candidate} ({RANKING_NAMES.get(ranking, ranking)})"
 
@@ -1173,11 +1178,10 @@ def control_statement(score: dict | None, not_run: bool) -> str:
     if genes.get("n_planted_ranked"):
         parts.append(
             f"{genes['n_planted_ranked']} of its genes are among the {genes['n_ranked']} genes "
-            "of the causal gene ranking: by the super activation (which genes make it) at best "
-            f"rank {genes.get('act_best_rank')} and median rank "
-            f"{fmt(genes.get('act_median_rank'))} (AUC {fmt(genes.get('act_auc'))}), by Δ log p "
-            f"(which genes the weight's effect needs) at median rank "
-            f"{fmt(genes['median_rank'])} (AUC {fmt(genes['auc'])})"
+            "of the causal gene ranking (the weight's Δ log p through each gene's token) at best "
+            f"rank {genes.get('best_rank')} and median rank {fmt(genes['median_rank'])} (AUC "
+            f"{fmt(genes['auc'])}); by the super activation (which genes make it) at median rank "
+            f"{fmt(genes.get('act_median_rank'))} (AUC {fmt(genes.get('act_auc'))})"
         )
     elif genes and genes["n_ranked"]:
         parts.append(f"none of its genes is among the {genes['n_ranked']} causally ranked genes")
@@ -1253,8 +1257,8 @@ def control_section(score: dict | None, not_run: bool) -> Section:
         ("p / q (contribution null)",
          f"{fmt(score.get('p_contribution'))} / {fmt(score.get('q_contribution'))}"),
         ("share recovered by restoring the activation", score.get("recovered_share")),
+        ("planted genes' AUC in the causal ranking", genes.get("auc")),
         ("planted genes' AUC, ranked by the super activation", genes.get("act_auc")),
-        ("planted genes' AUC, ranked by Δ log p", genes.get("auc")),
         ("planted set: enrichment call",
          enrichment.get("call") if enrichment.get("tested") else "not tested"),
         ("planted set: q over all tests", enrichment.get("q_all_tests")),
@@ -1262,10 +1266,10 @@ def control_section(score: dict | None, not_run: bool) -> Section:
     ])  # fmt: skip
     ranks = genes.get("ranks") or {}
     if ranks:
-        frame = pd.DataFrame({"gene": list(ranks), "rank by Δ log p": list(ranks.values())})
+        frame = pd.DataFrame({"gene": list(ranks), "causal rank": list(ranks.values())})
         frame["rank by super activation"] = frame["gene"].map(genes.get("act_ranks") or {})
         frame["of"] = genes["n_ranked"]
-        frame = frame.sort_values(["rank by super activation", "rank by Δ log p"])
+        frame = frame.sort_values(["causal rank", "rank by super activation"])
         sec.tables["genes"] = make_table(frame, max_rows=len(frame))
     return sec
 

@@ -166,6 +166,56 @@ class _CellScore(ABC):
             out.append(torch.cat(parts))
         return torch.cat(out, dim=1).double().cpu()
 
+    @torch.no_grad()
+    def path_effects(
+        self, model: ScGPTModel, module: str, positions: Sequence[tuple[int, int]], tokens: Tensor
+    ) -> Tensor:
+        """Each weight's effect through one token: [len(positions), cells, S], for weight
+        (row, col) of the down-projection `module` and slot s of cell c, the score with the
+        weight kept at token ``tokens[c, s]`` only (pruned at every other token of the cell)
+        minus the score with it pruned everywhere (`zeroed_scores`). `tokens`: [cells, S]
+        positions, -1 where a cell has no slot s (effect 0).
+
+        The weight adds ``u[t, col] * W[row, col]`` to unit row of token t, so each condition
+        is one copy of one cell from layer l + 1 on; where that term is 0 at the kept token
+        (linear2's input passed through a ReLU: the unit is off there) the two runs are the
+        same and the effect is exactly 0, so only tokens where the unit fires are run.
+        Padded batches only (the score made with ``packed=False``)."""
+        if any(p is not None for p in self.packings):
+            raise ValueError("path_effects needs padded batches: make the score with packed=False")
+        layer = int(DOWN_PROJECTION.match(module)[1])
+        block = model.transformer_encoder.layers[layer]
+        weight = block.linear2.weight
+        rows = torch.tensor([int(r) for r, _ in positions], device=weight.device)
+        cols = torch.tensor([int(c) for _, c in positions], device=weight.device)
+        pruned = self.zeroed_scores(model, module, positions)
+        budget = TOKENS_PER_FORWARD.get(weight.device.type, DEFAULT_TOKENS_PER_FORWARD)
+        effects = torch.zeros((len(positions), *tokens.shape), dtype=torch.float64)
+        start = 0
+        for i, batch in enumerate(self.batches):
+            residual, u = self._layer_residual(model, i, layer)
+            n_cells, width = residual.shape[:2]
+            slots = tokens[start : start + n_cells].to(weight.device)
+            terms = u[:, :, cols] * weight[rows, cols]  # [B, L, weights]
+            kept = terms.gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, len(rows)))
+            runs = ((kept != 0) & (slots >= 0)[..., None]).nonzero()  # (cell, slot, weight)
+            for s in range(0, len(runs), max(1, budget // width)):
+                cell, slot, j = runs[s : s + max(1, budget // width)].unbind(1)
+                n = torch.arange(len(cell), device=weight.device)
+                delta = terms[cell, :, j]  # [n, L]
+                delta[n, slots[cell, slot]] = 0.0
+                copies = residual[cell]
+                copies[n[:, None], torch.arange(width, device=weight.device), rows[j][:, None]] -= (
+                    delta
+                )
+                hidden = block.finish(copies)
+                sub = {key: value[cell] for key, value in batch.items()}
+                scores = self.per_cell(model, hidden, layer + 1, sub, None).double().cpu()
+                cell, slot, j = cell.cpu(), slot.cpu(), j.cpu()
+                effects[j, start + cell, slot] = scores - pruned[j, start + cell]
+            start += n_cells
+        return effects
+
     def _stack_packing(self, i: int) -> Packing | None:
         """The packing of batch i's stacked copies in reduced precision: the score's own, or
         packed on a CUDA GPU (bf16: FlashAttention; tf32, tf32x3: see `_Fp32Kernels`)."""
