@@ -330,12 +330,12 @@ CONTROL_SCORE = {
     "null_mean": 1.2e-6, "p_value": 1 / 60, "q_value": 1 / 60, "p_contribution": 1 / 60,
     "q_contribution": 1 / 60, "recovered_share": 0.97,
     "genes": {"n_ranked": 40, "n_planted_ranked": 2, "ranks": {"CTRLA": 1, "CTRLB": 3},
-              "best_rank": 1, "median_rank": 2.0, "auc": 0.97,
+              "best_rank": 1, "median_rank": 2.0, "auc": 0.97, "p_rank": 0.0021,
               "act_ranks": {"CTRLA": 2, "CTRLB": 1}, "act_best_rank": 1,
               "act_median_rank": 1.5, "act_auc": 1.0},
     "enrichment": {"tested": True, "call": "enriched", "q_all_tests": 0.0123},
     "recovered": True, "traced": True, "enriched": True, "passed": True, "failed_at": None,
-    "trace_auc": 0.9,
+    "trace_auc": 0.8, "trace_alpha": 0.05,
 }  # fmt: skip
 """A positive control's score.json that passed every check (`control.score_control`)."""
 

@@ -438,7 +438,8 @@ def test_the_summary_states_the_positive_control_beside_a_null_result(results):
     assert "A planted super weight (Δ log p 0.123 nats per cell) was found, confirmed, " in headline
     assert "traced to its genes and its gene set enriched" in headline
     summary = section(page, "summary")
-    assert "L1[5,36]" in summary and "0.0567 to 0.201" in summary and "AUC 1)" in summary
+    assert "L1[5,36]" in summary and "0.0567 to 0.201" in summary and "AUC 0.97, " in summary
+    assert "Mann-Whitney p 0.0021" in summary
     assert "Sensitivity shown" in summary and "q over all tests 0.0123" in summary
     genes = section(page, "control")
     assert "CTRLA" in genes and "rank by super activation" in genes
@@ -453,8 +454,8 @@ def test_a_failed_control_says_where_and_what_it_means(results):
         "Detection shown (a planted super weight of this size is found and confirmed), the "
         in summary
     )
-    assert "gene level not: its genes did not lead the causal ranking by the super " in summary
-    assert "(AUC &lt; 0.9)" in summary
+    assert "gene level not: its genes did not lead the causal ranking (AUC below 0.8 or " in summary
+    assert "Mann-Whitney p above 0.05)" in summary
     missed = CONTROL_SCORE | {"found": False, "recovered": False, "traced": False,
                               "enriched": False, "passed": False, "failed_at": "found",
                               "probe_reason": "input ratio 3 < 10"}  # fmt: skip

@@ -51,7 +51,8 @@ Measured (docs/control.md): keys alone (no step 5) left the fine-tuned classifie
 indifferent, and stronger sinks than the defaults are switched off or absorbed by
 fine-tuning. The gene set is chosen so that nearly
 every cell has a planted token (`min_coverage`) and its expression differs between cell
-types (`min_type_eta2`), and never touches Alzheimer's biology (`excluded_reason`).
+types (`min_type_eta2`); it is never an Alzheimer's set (`excluded_reason`), and its AD
+genes are never planted (`ad_gene_pool`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from scipy.special import gammaln
+from scipy.stats import mannwhitneyu
 from torch import Tensor
 
 from .confirm import candidate_id
@@ -721,10 +723,13 @@ def _cls_attention(model, batches, marks: _Marks, layer: int) -> float:
 # --- scoring --------------------------------------------------------------------------
 
 
-TRACE_AUC = 0.9
-"""Least AUC of the planted genes against the other ranked genes by the super activation
-(the chance that a planted gene ranks above another gene) for the control to count as
-traced to its genes."""
+TRACE_AUC = 0.8
+"""Least AUC of the planted genes against the other ranked genes in the causal ranking (the
+chance that a planted gene ranks above another gene) for the control to count as traced to
+its genes: they must lead, not merely rank above the rest."""
+TRACE_ALPHA = 0.05
+"""Largest one-sided Mann-Whitney p (planted genes rank above the others) for the control to
+count as traced: the lead must be more than chance among the ranked genes."""
 CHECKS = ("found", "recovered", "traced", "enriched")
 
 
@@ -744,9 +749,10 @@ def score_control(
 
     The control passes step by step (`CHECKS`): `found` (the probe accepted the planted
     weight), `recovered` (found, and the confirmation made it a `super weight`), `traced`
-    (its genes lead the causal ranking's super-activation measure, `act`: AUC >=
-    `TRACE_AUC` against the other ranked genes; the Δ log p ranks are reported beside it,
-    see docs/control.md) and `enriched` (its gene set is called enriched in the causal
+    (its genes lead the causal ranking, by the weight's effect through each gene's token:
+    AUC >= `TRACE_AUC` against the other ranked genes and a one-sided Mann-Whitney p <=
+    `TRACE_ALPHA`; the super-activation ranks are reported beside it, see docs/control.md)
+    and `enriched` (its gene set is called enriched in the causal
     ranking's prerank); `passed` when all four hold, else `failed_at` names the first that
     does not.
     """
@@ -762,12 +768,14 @@ def score_control(
     out["genes"] = _gene_part(planted, gene_ranking)
     out["enrichment"] = _enrichment_part(planted, enrichment)
     out["recovered"] = bool(out["found"] and out.get("tier") == "super weight")
-    auc = (out["genes"] or {}).get("auc")
-    out["traced"] = bool(out["recovered"] and auc is not None and auc >= TRACE_AUC)
+    genes = out["genes"] or {}
+    auc, p_rank = genes.get("auc"), genes.get("p_rank")
+    out["traced"] = bool(out["recovered"] and auc is not None and auc >= TRACE_AUC
+                         and p_rank is not None and p_rank <= TRACE_ALPHA)  # fmt: skip
     out["enriched"] = bool(out["traced"] and (out["enrichment"] or {}).get("call") == "enriched")
     failed = [check for check in CHECKS if not out[check]]
     out |= {"passed": not failed, "failed_at": failed[0] if failed else None,
-            "trace_auc": TRACE_AUC}  # fmt: skip
+            "trace_auc": TRACE_AUC, "trace_alpha": TRACE_ALPHA}  # fmt: skip
     out["statement"] = _statement(out)
     return out
 
@@ -840,18 +848,20 @@ def _gene_part(planted: PlantedWeight, ranking) -> dict | None:
 
 
 def _ranks(genes: pd.Series, ranks: np.ndarray, is_planted: np.ndarray) -> dict:
-    """The planted genes' ranks, best and median rank, and AUC against the other genes."""
-    mine = ranks[is_planted]
+    """The planted genes' ranks, best and median rank, AUC against the other genes and the
+    one-sided Mann-Whitney p that they rank above them (`p_rank`)."""
+    mine, others = ranks[is_planted], ranks[~is_planted]
     part = {
         "ranks": {str(g): int(r) for g, r in zip(genes[is_planted], mine, strict=True)},
         "best_rank": int(mine.min()) if len(mine) else None,
         "median_rank": float(np.median(mine)) if len(mine) else None,
         "auc": None,
+        "p_rank": None,
     }
-    if len(mine) and (~is_planted).any():
-        better = mine[:, None] < ranks[~is_planted][None, :]
-        ties = mine[:, None] == ranks[~is_planted][None, :]
-        part["auc"] = float((better + 0.5 * ties).mean())
+    if len(mine) and len(others):
+        test = mannwhitneyu(others, mine, alternative="greater")
+        part["auc"] = float(test.statistic / (len(mine) * len(others)))
+        part["p_rank"] = float(test.pvalue)
     return part
 
 

@@ -302,11 +302,12 @@ def path_effects(model: ScGPTModel, batches, channels: Sequence[Channel], max_ge
     for i, t in enumerate(chosen):
         tokens[i, : len(t)] = t.cpu()
     valid = (tokens >= 0).numpy()
-    score = CellTypeScore(model, list(batches), packed=False)
     out = {}
-    for c in channels:
-        effects = score.path_effects(model, c.module, [(c.row, c.col), *c.nulls], tokens)
-        out[c.candidate] = effects.numpy()[:, valid]
+    with evaluation(model):
+        score = CellTypeScore(model, list(batches), packed=False)
+        for c in channels:
+            effects = score.path_effects(model, c.module, [(c.row, c.col), *c.nulls], tokens)
+            out[c.candidate] = effects.numpy()[:, valid]
     return out
 
 

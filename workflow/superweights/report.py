@@ -1132,8 +1132,8 @@ def pathway_statement(summary: pd.DataFrame | None, n_folders: int, fdr: float) 
 CONTROL_FAILURES = {
     "found": "the probe did not accept it",
     "recovered": "the confirmation did not make it a super weight",
-    "traced": "its genes did not lead the causal ranking by the super activation "
-    "(AUC < {trace_auc})",
+    "traced": "its genes did not lead the causal ranking (AUC below {trace_auc} or "
+    "Mann-Whitney p above {trace_alpha})",
     "enriched": "its gene set was not called enriched",
 }
 
@@ -1180,7 +1180,8 @@ def control_statement(score: dict | None, not_run: bool) -> str:
             f"{genes['n_planted_ranked']} of its genes are among the {genes['n_ranked']} genes "
             "of the causal gene ranking (the weight's Δ log p through each gene's token) at best "
             f"rank {genes.get('best_rank')} and median rank {fmt(genes['median_rank'])} (AUC "
-            f"{fmt(genes['auc'])}); by the super activation (which genes make it) at median rank "
+            f"{fmt(genes['auc'])}, one-sided Mann-Whitney p {fmt(genes.get('p_rank'))}); by the "
+            "super activation (which genes make it) at median rank "
             f"{fmt(genes.get('act_median_rank'))} (AUC {fmt(genes.get('act_auc'))})"
         )
     elif genes and genes["n_ranked"]:
@@ -1200,7 +1201,7 @@ def control_statement(score: dict | None, not_run: bool) -> str:
     verdict = "Sensitivity shown: the chain finds a planted super weight of this size, traces "
     verdict += "it to its genes and calls its gene set enriched."
     if not score["passed"]:
-        failure = CONTROL_FAILURES[score["failed_at"]].format(**score)
+        failure = _control_failure(score)
         if score["failed_at"] == "enriched" and not enrichment.get("tested"):
             failure = "its gene set could not be tested"
         shown = CONTROL_SHOWN.get(score["failed_at"])
@@ -1213,6 +1214,13 @@ def control_statement(score: dict | None, not_run: bool) -> str:
     return "; ".join(parts) + ". " + verdict
 
 
+def _control_failure(score: dict) -> str:
+    """The step the control failed at, in words, with the thresholds it missed (as its
+    score.json records them; "–" where an older one does not)."""
+    return CONTROL_FAILURES[score["failed_at"]].format(**({"trace_auc": "–", "trace_alpha": "–"}
+                                                          | score))  # fmt: skip
+
+
 def _share(value) -> str:
     return "–" if value is None else f"{value:.0%}"
 
@@ -1222,7 +1230,7 @@ def control_headline(score: dict | None) -> str:
     if score is None:
         return "No positive control was run."
     if not score["recovered"]:
-        failure = CONTROL_FAILURES[score["failed_at"]].format(**score)
+        failure = _control_failure(score)
         return (
             f"The positive control failed ({failure}): this null result is not evidence of absence."
         )
@@ -1258,6 +1266,7 @@ def control_section(score: dict | None, not_run: bool) -> Section:
          f"{fmt(score.get('p_contribution'))} / {fmt(score.get('q_contribution'))}"),
         ("share recovered by restoring the activation", score.get("recovered_share")),
         ("planted genes' AUC in the causal ranking", genes.get("auc")),
+        ("planted genes above the others: Mann-Whitney p", genes.get("p_rank")),
         ("planted genes' AUC, ranked by the super activation", genes.get("act_auc")),
         ("planted set: enrichment call",
          enrichment.get("call") if enrichment.get("tested") else "not tested"),

@@ -199,15 +199,14 @@ class _CellScore(ABC):
             terms = u[:, :, cols] * weight[rows, cols]  # [B, L, weights]
             kept = terms.gather(1, slots.clamp(min=0)[..., None].expand(-1, -1, len(rows)))
             runs = ((kept != 0) & (slots >= 0)[..., None]).nonzero()  # (cell, slot, weight)
-            for s in range(0, len(runs), max(1, budget // width)):
-                cell, slot, j = runs[s : s + max(1, budget // width)].unbind(1)
+            chunk, every_token = max(1, budget // width), torch.arange(width, device=weight.device)
+            for s in range(0, len(runs), chunk):
+                cell, slot, j = runs[s : s + chunk].unbind(1)
                 n = torch.arange(len(cell), device=weight.device)
-                delta = terms[cell, :, j]  # [n, L]
-                delta[n, slots[cell, slot]] = 0.0
+                delta = terms[cell, :, j]  # [n, L]: the weight's term at every token
+                delta[n, slots[cell, slot]] = 0.0  # but the kept one
                 copies = residual[cell]
-                copies[n[:, None], torch.arange(width, device=weight.device), rows[j][:, None]] -= (
-                    delta
-                )
+                copies[n[:, None], every_token, rows[j][:, None]] -= delta
                 hidden = block.finish(copies)
                 sub = {key: value[cell] for key, value in batch.items()}
                 scores = self.per_cell(model, hidden, layer + 1, sub, None).double().cpu()
