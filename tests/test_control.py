@@ -17,6 +17,7 @@ from helpers import donor_split_obs
 from superweights.channels import select_channels
 from superweights.confirm import ConfirmSettings, confirm_super_weights
 from superweights.control import (
+    CHECKS,
     GENE_SETS_FILE,
     PLANTED_FILE,
     choose_gene_set,
@@ -387,6 +388,22 @@ def test_the_gene_stage_traces_the_control_and_a_broken_one_does_not(finetuned, 
     assert "the gene level not: its genes did not lead the causal ranking" in control_statement(
         broken, not_run=False
     )
+
+
+def test_the_planted_genes_ranks_in_the_cell_level_association_are_reported(planted):
+    plant = planted[1]
+    others = [f"OTHER{i}" for i in range(20)]
+    genes = [plant.genes[0], *others[:10], *plant.genes[1:3], *others[10:]]
+    association = pd.DataFrame({"candidate": plant.candidate, "gene": genes,
+                                "rank": np.arange(1, len(genes) + 1)})  # fmt: skip
+    candidates = plant.to_frame().assign(accepted=True)
+    score = score_control(plant, candidates, association=association)
+    part = score["association"]
+    assert part["n_ranked"] == 23 and part["n_planted_ranked"] == 3
+    assert part["ranks"] == {plant.genes[0]: 1, plant.genes[1]: 12, plant.genes[2]: 13}
+    assert part["auc"] == pytest.approx((20 + 10 + 10) / 60)
+    assert score_control(plant, candidates)["association"] is None
+    assert "association" not in CHECKS  # descriptive
 
 
 def test_the_control_confirms_the_planted_weight_whether_or_not_the_probe_listed_it(planted):

@@ -119,6 +119,10 @@ def test_control_runs_the_same_stages_on_the_planted_model(control_run):
     at = candidates[["layer", "row", "col"]].eq([planted[k] for k in ("layer", "row", "col")])
     mine = candidates[at.all(axis=1)]
     assert score["found"] == bool(len(mine) and mine["accepted"].iloc[0])
+    # the cell-level association of the planted weight, its planted genes' ranks in the score
+    association = pd.read_csv(control / "cells/association.tsv", sep="\t")
+    assert set(association["candidate"]) <= {planted["candidate"]}
+    assert score["association"]["n_ranked"] == len(association)
     # the user's own results are untouched: no control rule writes outside control/
     user = (control_run / "ablate/confirmed.tsv").stat().st_mtime
     assert user < (control / "score.json").stat().st_mtime

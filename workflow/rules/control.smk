@@ -102,6 +102,18 @@ use rule gene_effects as control_gene_effects with:
         "results/{dataset}/benchmarks/control_gene_effects.tsv"
 
 
+use rule cell_map as control_cell_map with:
+    input:
+        cells=f"{CONTROL}/ablate/cells.h5ad",
+        data=f"{CONTROL}/tokenised.h5ad",
+    output:
+        **control_paths(rules.cell_map.output, "cells"),
+    log:
+        "results/{dataset}/logs/control_cell_map.log",
+    benchmark:
+        "results/{dataset}/benchmarks/control_cell_map.tsv"
+
+
 # The control's causal ranking only: the token- and cell-level rankings are descriptive.
 use rule enrich as control_enrich with:
     input:
@@ -121,6 +133,7 @@ rule control_score:
         candidates=f"{CONTROL}/probe/candidates.tsv",
         confirmed=f"{CONTROL}/ablate/confirmed.tsv",
         genes=f"{CONTROL}/genes/genes_causal.tsv",
+        association=f"{CONTROL}/cells/association.tsv",
         enrich=f"{CONTROL}/enrich",
     output:
         score=f"{CONTROL}/score.json",

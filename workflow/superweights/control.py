@@ -739,13 +739,18 @@ def score_control(
     confirmed=None,
     gene_ranking=None,
     enrichment=None,
+    association=None,
 ) -> dict:
     """What the pipeline made of the planted weight, from its own tables.
 
     `candidates`: the probe's candidates.tsv (DataFrame or path); `confirmed`: the ablate
     stage's confirmed.tsv; `gene_ranking`: gene_effects' genes_causal.tsv (or any table
     with candidate, gene and rank); `enrichment`: the planted candidate's prerank.tsv or
-    ora.tsv (library, Term, q_all_tests, call). Missing tables give None for their part.
+    ora.tsv (library, Term, q_all_tests, call); `association`: the cells stage's
+    association.tsv (candidate, gene, rank), the planted genes' ranks in it, descriptive
+    (not a check: every cell holds a sink, so the weight's per-cell effect need not follow
+    how much of the planted genes a cell expresses). Missing tables give None for their
+    part.
 
     The control passes step by step (`CHECKS`): `found` (the probe accepted the planted
     weight), `recovered` (found, and the confirmation made it a `super weight`), `traced`
@@ -766,6 +771,7 @@ def score_control(
     )
     out |= _confirm_part(planted, confirmed)
     out["genes"] = _gene_part(planted, gene_ranking)
+    out["association"] = _association_part(planted, association)
     out["enrichment"] = _enrichment_part(planted, enrichment)
     out["recovered"] = bool(out["found"] and out.get("tier") == "super weight")
     genes = out["genes"] or {}
@@ -845,6 +851,20 @@ def _gene_part(planted: PlantedWeight, ranking) -> dict | None:
         act = _ranks(table["gene"], act_rank, is_planted)
         part |= {f"act_{key}": value for key, value in act.items()}
     return part
+
+
+def _association_part(planted: PlantedWeight, association) -> dict | None:
+    """The planted genes' ranks in the cell-level association of the planted weight (its
+    `rank`: by z, high = cells that depend more on the weight express the gene more)."""
+    if association is None:
+        return None
+    table = read_table(association, "association table", ("candidate", "gene", "rank"),
+                       "use the cells stage's association.tsv")  # fmt: skip
+    table = table[table["candidate"] == planted.candidate].dropna(subset=["rank"])
+    mine = {g.upper() for g in planted.genes}
+    is_planted = table["gene"].astype(str).str.upper().isin(mine).to_numpy()
+    part = {"n_ranked": len(table), "n_planted_ranked": int(is_planted.sum())}
+    return part | _ranks(table["gene"], table["rank"].to_numpy(dtype=float), is_planted)
 
 
 def _ranks(genes: pd.Series, ranks: np.ndarray, is_planted: np.ndarray) -> dict:
@@ -972,15 +992,16 @@ def run_candidates(inputs, outputs) -> pd.DataFrame:
 
 def run_score(inputs, outputs) -> dict:
     """The control's score (`score_control`) from its stages' tables: `inputs["planted"]`,
-    the probe's `candidates`, the confirmation's `confirmed`, the causal ranking `genes`
-    and the enrichment folder `enrich` (the planted candidate's causal prerank), written as
-    score.json into `outputs` (a folder, or named outputs with `score`)."""
+    the probe's `candidates`, the confirmation's `confirmed`, the causal ranking `genes`,
+    the enrichment folder `enrich` (the planted candidate's causal prerank) and, where given,
+    the cells stage's `association`, written as score.json into `outputs` (a folder, or
+    named outputs with `score`)."""
     planted = read_planted(inputs["planted"])
     enrichment = Path(inputs["enrich"]) / f"{candidate_dirname(planted.candidate)}_causal"
     prerank = enrichment / "prerank.tsv"
     score = score_control(
         planted, inputs["candidates"], inputs["confirmed"], inputs["genes"],
-        prerank if prerank.exists() else None,
+        prerank if prerank.exists() else None, inputs.get("association"),
     )  # fmt: skip
     write_json(named_paths(outputs, {"score": "score.json"})["score"], score)
     log.info("%s", score["statement"])

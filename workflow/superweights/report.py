@@ -1247,7 +1247,8 @@ def control_headline(score: dict | None) -> str:
 
 
 def control_section(score: dict | None, not_run: bool) -> Section:
-    """The control's statement, its numbers and the planted genes' causal ranks."""
+    """The control's statement, its numbers and the planted genes' causal (and cell-level
+    association) ranks."""
     sec = Section(text={"statement": control_statement(score, not_run)})
     if score is None:
         return sec
@@ -1267,6 +1268,8 @@ def control_section(score: dict | None, not_run: bool) -> Section:
         ("share recovered by restoring the activation", score.get("recovered_share")),
         ("planted genes' AUC in the causal ranking", genes.get("auc")),
         ("planted genes above the others: Mann-Whitney p", genes.get("p_rank")),
+        ("planted genes' AUC in the cell-level association (descriptive)",
+         (score.get("association") or {}).get("auc")),
         ("planted genes' AUC, ranked by the super activation", genes.get("act_auc")),
         ("planted set: enrichment call",
          enrichment.get("call") if enrichment.get("tested") else "not tested"),
@@ -1278,6 +1281,10 @@ def control_section(score: dict | None, not_run: bool) -> Section:
         frame = pd.DataFrame({"gene": list(ranks), "causal rank": list(ranks.values())})
         frame["rank by super activation"] = frame["gene"].map(genes.get("act_ranks") or {})
         frame["of"] = genes["n_ranked"]
+        association = score.get("association") or {}
+        if association.get("ranks"):
+            frame["association rank"] = frame["gene"].map(association["ranks"])
+            frame["of (association)"] = association["n_ranked"]
         frame = frame.sort_values(["causal rank", "rank by super activation"])
         sec.tables["genes"] = make_table(frame, max_rows=len(frame))
     return sec
