@@ -836,13 +836,7 @@ def _gene_part(planted: PlantedWeight, ranking) -> dict | None:
     if ranking is None:
         return None
     table = read_table(ranking, "gene ranking", ("gene", "rank"), "use genes_causal.tsv")
-    if "candidate" in table.columns:
-        table = table[table["candidate"] == planted.candidate]
-    table = table.dropna(subset=["rank"]).reset_index(drop=True)
-    mine = {g.upper() for g in planted.genes}
-    is_planted = table["gene"].astype(str).str.upper().isin(mine).to_numpy()
-    part = {"n_ranked": len(table), "n_planted_ranked": int(is_planted.sum())}
-    part |= _ranks(table["gene"], table["rank"].to_numpy(dtype=float), is_planted)
+    table, is_planted, part = _planted_ranks(planted, table)
     if {"act_p_null", "act_effect"} <= set(table.columns):
         order = table.sort_values(["act_p_null", "act_effect", "gene"],
                                   ascending=[True, False, True], kind="stable").index  # fmt: skip
@@ -860,11 +854,20 @@ def _association_part(planted: PlantedWeight, association) -> dict | None:
         return None
     table = read_table(association, "association table", ("candidate", "gene", "rank"),
                        "use the cells stage's association.tsv")  # fmt: skip
-    table = table[table["candidate"] == planted.candidate].dropna(subset=["rank"])
+    return _planted_ranks(planted, table)[2]
+
+
+def _planted_ranks(planted: PlantedWeight, table: pd.DataFrame):
+    """(the planted candidate's ranked rows of a gene table with `rank`, which of them are
+    planted genes, their counts with `_ranks` of the table's `rank`)."""
+    if "candidate" in table.columns:
+        table = table[table["candidate"] == planted.candidate]
+    table = table.dropna(subset=["rank"]).reset_index(drop=True)
     mine = {g.upper() for g in planted.genes}
     is_planted = table["gene"].astype(str).str.upper().isin(mine).to_numpy()
     part = {"n_ranked": len(table), "n_planted_ranked": int(is_planted.sum())}
-    return part | _ranks(table["gene"], table["rank"].to_numpy(dtype=float), is_planted)
+    part |= _ranks(table["gene"], table["rank"].to_numpy(dtype=float), is_planted)
+    return table, is_planted, part
 
 
 def _ranks(genes: pd.Series, ranks: np.ndarray, is_planted: np.ndarray) -> dict:
