@@ -79,6 +79,7 @@ from .data.preprocess import read_tokenised
 from .editing import evaluation, read_table
 from .enrich import AD_LIBRARIES, AD_PATTERN, GeneSets, candidate_dirname, load_gene_sets
 from .errors import UserError
+from .gene_effects import by_rank
 from .model.cells import cell_batches, sample_rows
 from .model.checkpoint import load_checkpoint, read_args_and_vocab, save_checkpoint
 from .model.scgpt import ScGPTModel
@@ -538,14 +539,12 @@ def _captured(model: ScGPTModel, batches, module, output: bool = False) -> Tenso
         handle = module.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
     else:
         handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-    was_training = model.training
-    model.eval()
     try:
-        for b in batches:
-            model(b["gene_ids"], b["values"], b["padding_mask"])
+        with evaluation(model):
+            for b in batches:
+                model(b["gene_ids"], b["values"], b["padding_mask"])
     finally:
         handle.remove()
-        model.train(was_training)
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
 
 
@@ -831,15 +830,14 @@ def _confirm_part(planted: PlantedWeight, confirmed) -> dict:
 def _gene_part(planted: PlantedWeight, ranking) -> dict | None:
     """The planted genes' ranks in the causal ranking (its `rank`: by the weight's Δ log p
     through each gene's token, `path`) and, where the table has them, by the super
-    activation (`act`: p_null, then the larger effect, as `gene_effects.rank_genes` orders),
+    activation (`act`, in `gene_effects.by_rank` order),
     each with the AUC of the planted genes against the other ranked genes."""
     if ranking is None:
         return None
     table = read_table(ranking, "gene ranking", ("gene", "rank"), "use genes_causal.tsv")
     table, is_planted, part = _planted_ranks(planted, table)
     if {"act_p_null", "act_effect"} <= set(table.columns):
-        order = table.sort_values(["act_p_null", "act_effect", "gene"],
-                                  ascending=[True, False, True], kind="stable").index  # fmt: skip
+        order = by_rank(table, "act").index
         act_rank = np.empty(len(table))
         act_rank[order] = np.arange(1, len(table) + 1)
         act = _ranks(table["gene"], act_rank, is_planted)

@@ -361,6 +361,13 @@ def score_genes(effects: TokenEffects, channel: Channel, donors: np.ndarray, gen
                       min_cells, GENE_COLUMNS, NULL_COLUMNS)  # fmt: skip
 
 
+def by_rank(frame: pd.DataFrame, measure: str) -> pd.DataFrame:
+    """Gene rows in ranking order by `measure`: the smallest `<measure>_p_null` first, then
+    the larger `<measure>_effect`, then the gene's name (module docstring)."""
+    return frame.sort_values([f"{measure}_p_null", f"{measure}_effect", "gene"],
+                             ascending=[True, False, True], kind="stable")  # fmt: skip
+
+
 def rank_genes(
     values: Mapping[str, np.ndarray],
     cells: np.ndarray,
@@ -397,8 +404,7 @@ def rank_genes(
     frame = frame[keep].assign(**{f"{m}_q": np.nan for m in measures})
     for measure in measures:
         frame[f"{measure}_q"] = _bh(frame[f"{measure}_p_null"].to_numpy())
-    frame = frame.sort_values([f"{first}_p_null", f"{first}_effect", "gene"],
-                              ascending=[True, False, True], kind="stable")  # fmt: skip
+    frame = by_rank(frame, first)
     n = len(frame)
     frame["rank"] = np.arange(1, n + 1)
     frame["percentile"] = 100.0 * (n - frame["rank"]) / (n - 1) if n > 1 else 100.0
